@@ -1,0 +1,116 @@
+//! Command-line interface. Flag names are a contract with our users.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use ringblk::size::parse_size;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringblk",
+    version,
+    about = "vhost-user-blk storage daemon on io_uring"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve a disk image to a VM over a vhost-user-blk socket.
+    ///
+    /// With neither --image nor --null, an image file `ringblk.img` (1 GiB,
+    /// sparse) is created in the current directory, or reused if it exists.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Detect from the image's contents.
+    Auto,
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// O_DIRECT, bypassing the host page cache (buffered where unsupported).
+    None,
+    /// Buffered through the host page cache.
+    Writeback,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// vhost-user socket path the VM connects to.
+    #[arg(long, value_name = "PATH", default_value = "ringblk.sock")]
+    pub socket: PathBuf,
+
+    /// Disk image (file or block device) to serve.
+    #[arg(long, value_name = "PATH", conflicts_with = "null")]
+    pub image: Option<PathBuf>,
+
+    /// Image format.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto, requires = "image")]
+    pub format: FormatArg,
+
+    /// Serve a disk of SIZE bytes with no storage behind it (reads return
+    /// zeros, writes are dropped): a benchmark baseline. Suffixes K, M, G, T.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub null: Option<u64>,
+
+    /// Number of virtqueues; each runs on its own iothread and io_uring.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Virtqueue size the VM should use (power of two, 2..=32768); also sets
+    /// the advertised segment limit (queue size - 2).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Export read-only: the guest sees a read-only disk and writes fail.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Host page cache use for the image file.
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
+
+    /// Serial number the guest sees (up to 20 bytes).
+    #[arg(long, value_name = "STR", default_value = "ringblk", value_parser = parse_serial)]
+    pub serial: String,
+
+    /// Logical block size the guest sees.
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Export name (used in logs and, later, on the control socket).
+    #[arg(long, value_name = "NAME", default_value = "vda")]
+    pub id: String,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(2..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "queue size must be a power of two from 2 to 32768, not {n}"
+        ));
+    }
+    Ok(n as u16)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!("logical block size must be 512 or 4096, not {s}")),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err(format!("serial '{s}' is longer than 20 bytes"));
+    }
+    Ok(s.to_string())
+}

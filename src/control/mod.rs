@@ -1,0 +1,1 @@
+//! The QMP control socket (operator commands); arrives with the control-socket issue.

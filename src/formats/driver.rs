@@ -1,0 +1,42 @@
+//! The driver trait every format and protocol driver implements.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::uring::IoVec;
+
+/// A request in flight on the current iothread.
+pub type IoFuture<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + 'a>>;
+
+/// The I/O interface shared by drivers and by the graph's nodes.
+///
+/// Offsets and lengths are bytes; callers (the BlockBackend) have already
+/// checked them against `size()`. Futures run on the caller's iothread and
+/// submit to that thread's ring.
+pub trait BlockIo: Send + Sync {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a>;
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a>;
+    /// Make every completed write durable.
+    fn flush(&self) -> IoFuture<'_>;
+    /// Hint that a range is unused; its contents become unspecified.
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_>;
+    /// Make a range read as zeros; `may_unmap` allows freeing its storage.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_>;
+}
+
+/// A child a format driver reads through (in the graph: a child edge's node).
+pub type ChildRef = Arc<dyn BlockIo>;
+
+/// A driver instance: the thing a graph node wraps.
+pub trait BlockDriver: BlockIo {
+    /// The driver's name as QMP reports it (`file`, `null-co`, `raw`).
+    fn driver_name(&self) -> &'static str;
+    fn is_read_only(&self) -> bool;
+    /// Flush synchronously and release resources; called once, on the
+    /// control thread, when the node's last reference goes away.
+    fn close(&self) -> io::Result<()>;
+}

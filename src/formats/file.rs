@@ -1,0 +1,310 @@
+//! `file`: a host file or block device, read and written with io_uring on the
+//! calling iothread's ring.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::driver::{BlockDriver, BlockIo, IoFuture};
+use super::OpenError;
+use crate::uring::{ops, AlignedBuf, IoVec};
+
+/// How the host page cache is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// O_DIRECT: bypass the host page cache (falls back where unsupported).
+    None,
+    /// Buffered I/O through the host page cache.
+    Writeback,
+}
+
+/// Alignment used for bounce buffers when the kernel rejects a direct
+/// transfer whose alignment we could not know in advance.
+const SAFE_DIRECT_ALIGN: usize = 4096;
+/// Chunk size for writing explicit zeros when the filesystem cannot.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+pub struct FileDriver {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    direct: bool,
+    /// Memory alignment O_DIRECT needs (1 when buffered).
+    mem_align: usize,
+    size: u64,
+    zero_range_ok: AtomicBool,
+    punch_hole_ok: AtomicBool,
+}
+
+fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// (memory alignment, offset alignment) for O_DIRECT, if the kernel says.
+fn direct_io_alignment(file: &File) -> Option<(usize, usize)> {
+    // SAFETY: statx fills the zero-initialised struct; we pass a valid fd and
+    // an empty path with AT_EMPTY_PATH.
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let r = libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        );
+        if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_mem_align == 0 {
+            return None;
+        }
+        Some((
+            stx.stx_dio_mem_align as usize,
+            stx.stx_dio_offset_align as usize,
+        ))
+    }
+}
+
+impl FileDriver {
+    /// Open `path`. With `CacheMode::None`, O_DIRECT is used where the
+    /// filesystem supports it for `block_size`-aligned requests; otherwise the
+    /// file is opened buffered and a line is logged.
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        cache: CacheMode,
+        block_size: usize,
+    ) -> Result<Self, OpenError> {
+        let io_err = |source| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut direct = cache == CacheMode::None;
+        let mut file = match open_file(path, read_only, direct) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                log::info!(
+                    "{}: O_DIRECT is not supported here; using the host page cache",
+                    path.display()
+                );
+                direct = false;
+                open_file(path, read_only, false).map_err(io_err)?
+            }
+            r => r.map_err(io_err)?,
+        };
+        let mut mem_align = 1;
+        if direct {
+            let (mem, offset) = direct_io_alignment(&file).unwrap_or((512, 512));
+            if offset > block_size {
+                log::info!(
+                    "{}: O_DIRECT needs {offset}-byte aligned offsets, the export uses {block_size}; using the host page cache",
+                    path.display()
+                );
+                direct = false;
+                file = open_file(path, read_only, false).map_err(io_err)?;
+            } else {
+                mem_align = mem;
+            }
+        }
+        let meta = file.metadata().map_err(io_err)?;
+        let size = if meta.file_type().is_block_device() {
+            // SAFETY: lseek on a valid fd.
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+            if end < 0 {
+                return Err(io_err(io::Error::last_os_error()));
+            }
+            end as u64
+        } else if meta.is_file() {
+            meta.len()
+        } else {
+            return Err(OpenError::Invalid {
+                path: path.to_path_buf(),
+                reason: "not a regular file or block device".into(),
+            });
+        };
+        Ok(FileDriver {
+            file,
+            path: path.to_path_buf(),
+            read_only,
+            direct,
+            mem_align,
+            size,
+            zero_range_ok: AtomicBool::new(true),
+            punch_hole_ok: AtomicBool::new(true),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when the file is open with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn read_only_error(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{}: opened read-only", self.path.display()),
+        )
+    }
+
+    async fn do_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        if !self.direct || buf.is_aligned(self.mem_align) {
+            match ops::readv(self.fd(), buf, offset).await {
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
+                r => return r,
+            }
+        }
+        // O_DIRECT with guest buffers the kernel will not take: bounce.
+        let bounce = Arc::new(AlignedBuf::zeroed(
+            buf.len(),
+            SAFE_DIRECT_ALIGN.max(self.mem_align),
+        ));
+        ops::readv(self.fd(), &IoVec::from_buf(bounce.clone()), offset).await?;
+        buf.copy_from(bounce.as_slice());
+        Ok(())
+    }
+
+    async fn do_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        if self.read_only {
+            return Err(self.read_only_error());
+        }
+        if !self.direct || buf.is_aligned(self.mem_align) {
+            match ops::writev(self.fd(), buf, offset).await {
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
+                r => return r,
+            }
+        }
+        let mut bounce = AlignedBuf::zeroed(buf.len(), SAFE_DIRECT_ALIGN.max(self.mem_align));
+        buf.copy_to(bounce.as_mut_slice());
+        ops::writev(self.fd(), &IoVec::from_buf(Arc::new(bounce)), offset).await
+    }
+
+    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if !self.punch_hole_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match ops::fallocate(self.fd(), mode, offset, len).await {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => {
+                self.punch_hole_ok.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if !self.zero_range_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match ops::fallocate(self.fd(), mode, offset, len).await {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => {
+                self.zero_range_ok.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = len.min(ZERO_CHUNK) as usize;
+        let zeros = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(chunk, SAFE_DIRECT_ALIGN)));
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(chunk as u64) as usize;
+            ops::writev(self.fd(), &zeros.slice(0, n), offset + done).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn do_write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(self.read_only_error());
+        }
+        if may_unmap && self.punch_hole(offset, len).await? {
+            return Ok(());
+        }
+        if self.zero_range(offset, len).await? {
+            return Ok(());
+        }
+        self.write_zero_buffers(offset, len).await
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
+    )
+}
+
+impl BlockIo for FileDriver {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        Box::pin(self.do_read(offset, buf))
+    }
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        Box::pin(self.do_write(offset, buf))
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            if self.read_only {
+                return Ok(());
+            }
+            ops::fsync(self.fd(), true).await
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if self.read_only {
+                return Err(self.read_only_error());
+            }
+            // Discard is advisory: where holes are unsupported it does nothing.
+            self.punch_hole(offset, len).await.map(|_| ())
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
+        Box::pin(self.do_write_zeroes(offset, len, may_unmap))
+    }
+}
+
+impl BlockDriver for FileDriver {
+    fn driver_name(&self) -> &'static str {
+        "file"
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    fn close(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // SAFETY: fdatasync on a valid fd.
+        if unsafe { libc::fdatasync(self.fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+//! Block drivers: protocol drivers that touch storage (`file`, `null`) and
+//! format drivers that interpret a child (`raw`). All I/O is async on the
+//! calling iothread's ring.
+
+mod driver;
+pub mod file;
+pub mod null;
+pub mod raw;
+
+pub use driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
+pub use file::{CacheMode, FileDriver};
+pub use null::NullDriver;
+pub use raw::RawDriver;
+
+use std::path::PathBuf;
+
+/// Why a driver could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}

@@ -1,0 +1,55 @@
+//! `null`: no storage at all. Reads return zeros, writes are dropped. The
+//! baseline for measuring the data path (QEMU's null-co).
+
+use std::io;
+
+use super::driver::{BlockDriver, BlockIo, IoFuture};
+use crate::uring::IoVec;
+
+pub struct NullDriver {
+    size: u64,
+}
+
+impl NullDriver {
+    pub fn new(size: u64) -> Self {
+        NullDriver { size }
+    }
+}
+
+fn ready<'a>() -> IoFuture<'a> {
+    Box::pin(std::future::ready(Ok(())))
+}
+
+impl BlockIo for NullDriver {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read<'a>(&'a self, _offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        buf.fill_zero();
+        ready()
+    }
+    fn write<'a>(&'a self, _offset: u64, _buf: &'a IoVec) -> IoFuture<'a> {
+        ready()
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        ready()
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_> {
+        ready()
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> IoFuture<'_> {
+        ready()
+    }
+}
+
+impl BlockDriver for NullDriver {
+    fn driver_name(&self) -> &'static str {
+        "null-co"
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! ringblk: start-up, signals, shutdown.
+
+mod cli;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use cli::{CacheArg, Cli, Command, FormatArg, ServeArgs};
+use ringblk::formats::CacheMode;
+use ringblk::graph::{open_image, open_null, BlockBackend, ImageFormat, ImageOptions, Node};
+use ringblk::uring::IoThread;
+use ringblk::vhost::blk::config::BlkGeometry;
+use ringblk::vhost::blk::export::BlkExport;
+use ringblk::vhost::blk::queue::ExportState;
+use ringblk::vhost::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
+use ringblk::vhost::server::VhostServer;
+
+const DEFAULT_IMAGE: &str = "ringblk.img";
+const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
+/// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringblk: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Block SIGINT and SIGTERM in every thread; the main thread takes them
+/// with sigwait so shutdown runs in ordinary code.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask with it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: sigwait with a valid set and out-parameter.
+    while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
+    sig
+}
+
+/// The default image: created sparse on first use, reused afterwards.
+fn default_image() -> Result<PathBuf, String> {
+    let path = PathBuf::from(DEFAULT_IMAGE);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(f) => {
+            f.set_len(DEFAULT_IMAGE_SIZE)
+                .map_err(|e| format!("{DEFAULT_IMAGE}: {e}"))?;
+            println!(
+                "ringblk: no --image given; created {} (1 GiB, sparse, raw)",
+                absolute(&path).display()
+            );
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            println!(
+                "ringblk: no --image given; using the existing {}",
+                absolute(&path).display()
+            );
+        }
+        Err(e) => return Err(format!("cannot create {DEFAULT_IMAGE}: {e}")),
+    }
+    Ok(path)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
+    if let Some(size) = args.null {
+        if size % args.logical_block_size as u64 != 0 {
+            return Err(format!(
+                "--null size must be a multiple of {}",
+                args.logical_block_size
+            ));
+        }
+        return Ok((open_null(size), format!("null disk of {size} bytes")));
+    }
+    let path = match &args.image {
+        Some(p) => p.clone(),
+        None => default_image()?,
+    };
+    let opts = ImageOptions {
+        path: path.clone(),
+        format: match args.format {
+            FormatArg::Auto => ImageFormat::Auto,
+            FormatArg::Raw => ImageFormat::Raw,
+        },
+        read_only: args.read_only,
+        cache: match args.cache {
+            CacheArg::None => CacheMode::None,
+            CacheArg::Writeback => CacheMode::Writeback,
+        },
+        block_size: args.logical_block_size as usize,
+    };
+    let node = open_image(&opts).map_err(|e| e.to_string())?;
+    Ok((node, absolute(&path).display().to_string()))
+}
+
+fn print_attach_help(sock: &Path, args: &ServeArgs) {
+    let sock = absolute(sock);
+    let s = sock.display();
+    let (n, q) = (args.num_queues, args.queue_size);
+    println!("ringblk: attach QEMU with:");
+    println!(
+        "  qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \\\n    -chardev socket,id=ringblk0,path={s} -device vhost-user-blk-pci,chardev=ringblk0,num-queues={n},queue-size={q} ..."
+    );
+    println!("ringblk: or cloud-hypervisor with:");
+    println!("  cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket={s},num_queues={n},queue_size={q} ...");
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let signals = block_shutdown_signals();
+    let (root, what) = open_root(&args)?;
+    let backend = BlockBackend::new(&args.id, root, args.read_only);
+    let bs = args.logical_block_size as u64;
+    if backend.size() < bs {
+        return Err(format!("{what}: smaller than one {bs}-byte block"));
+    }
+
+    let mut iothreads = Vec::new();
+    for i in 0..args.num_queues {
+        iothreads.push(
+            IoThread::start(&format!("iothread{i}"))
+                .map_err(|e| format!("cannot start iothread: {e}"))?,
+        );
+    }
+    let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+    serial[..args.serial.len()].copy_from_slice(args.serial.as_bytes());
+    let geometry = BlkGeometry {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        limits: Limits {
+            block_size: args.logical_block_size,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_segments: 1,
+            serial,
+        },
+    };
+    let state = Arc::new(ExportState {
+        backend: backend.clone(),
+        limits: geometry.limits.clone(),
+        writeback: AtomicBool::new(true),
+        max_descs: geometry.seg_max() as usize + 2,
+    });
+    let export = Arc::new(BlkExport {
+        id: args.id.clone(),
+        geometry,
+        state,
+        iothreads: iothreads.iter().map(|t| t.handle()).collect(),
+    });
+    let server = VhostServer::bind(&args.socket, export).map_err(|e| e.to_string())?;
+    let stopper = server.stopper().map_err(|e| e.to_string())?;
+
+    println!(
+        "ringblk: listening on {} (export {}, {what}, {} bytes, {} queue(s){})",
+        absolute(&args.socket).display(),
+        args.id,
+        backend.size(),
+        args.num_queues,
+        if args.read_only { ", read-only" } else { "" }
+    );
+    print_attach_help(&args.socket, &args);
+    let _ = std::io::stdout().flush();
+
+    let server_thread = std::thread::Builder::new()
+        .name("vhost".into())
+        .spawn(move || server.serve())
+        .map_err(|e| e.to_string())?;
+
+    let sig = wait_for_signal(&signals);
+    log::info!("signal {sig} received, shutting down");
+
+    // 1. Stop the export: the frontend is disconnected once its queues have
+    //    finished their in-flight requests.
+    let _ = stopper.write(1);
+    if server_thread.join().is_err() {
+        log::error!("vhost thread panicked");
+    }
+    // 2. Flush what the guest wrote, then detach and close the tree.
+    let b = backend.clone();
+    if let Err(e) = iothreads[0]
+        .handle()
+        .block_on(move || async move { b.flush().await })
+    {
+        log::error!("final flush failed: {e}");
+    }
+    drop(backend.eject());
+    for t in iothreads {
+        t.stop();
+    }
+    log::info!("shut down cleanly");
+    Ok(())
+}

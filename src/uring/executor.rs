@@ -1,0 +1,283 @@
+//! A single-threaded executor per iothread: the Rust counterpart of QEMU's
+//! coroutines. Tasks are `async` blocks polled on the thread that owns them;
+//! wakers from other threads post to the owner's message eventfd.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use io_uring::{opcode, types};
+
+use super::reactor::{Reactor, MESSAGE_TOKEN};
+
+type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
+pub(super) type Job = Box<dyn FnOnce() + Send>;
+
+pub(super) enum Message {
+    Wake(usize),
+    Run(Job),
+}
+
+/// The part of an iothread other threads may touch.
+pub(super) struct Remote {
+    queue: Mutex<Vec<Message>>,
+    notified: AtomicBool,
+    eventfd: OwnedFd,
+}
+
+impl Remote {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Remote {
+            queue: Mutex::new(Vec::new()),
+            notified: AtomicBool::new(false),
+            // SAFETY: fd was just created and is owned by nobody else.
+            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub(super) fn post(&self, msg: Message) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(msg);
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            let r = unsafe {
+                libc::write(
+                    self.eventfd.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
+            };
+            if r != 8 {
+                log::error!("iothread message eventfd write failed");
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<Message> {
+        self.notified.store(false, Ordering::Release);
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+struct TaskWaker {
+    id: usize,
+    remote: Arc<Remote>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let local = try_with_runtime(|rt| {
+            if Arc::ptr_eq(&rt.remote, &self.remote) {
+                rt.ready.borrow_mut().push_back(self.id);
+                true
+            } else {
+                false
+            }
+        });
+        if local != Some(true) {
+            self.remote.post(Message::Wake(self.id));
+        }
+    }
+}
+
+pub(super) struct Runtime {
+    pub(super) reactor: Reactor,
+    tasks: RefCell<Vec<Option<LocalTask>>>,
+    wakers: RefCell<Vec<Waker>>,
+    free_tasks: RefCell<Vec<usize>>,
+    live_tasks: Cell<usize>,
+    ready: RefCell<VecDeque<usize>>,
+    turn_end: RefCell<Vec<Box<dyn FnOnce()>>>,
+    pub(super) remote: Arc<Remote>,
+    stop: Cell<bool>,
+    message_buf: *mut u64,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Runtime>>> = const { RefCell::new(None) };
+}
+
+fn try_with_runtime<R>(f: impl FnOnce(&Runtime) -> R) -> Option<R> {
+    let rt = CURRENT.with(|c| c.borrow().clone())?;
+    Some(f(&rt))
+}
+
+fn with_runtime<R>(f: impl FnOnce(&Runtime) -> R) -> R {
+    try_with_runtime(f).expect("not on an iothread")
+}
+
+pub(super) fn with_reactor<R>(f: impl FnOnce(&Reactor) -> R) -> R {
+    with_runtime(|rt| f(&rt.reactor))
+}
+
+pub(super) fn try_with_reactor<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
+    try_with_runtime(|rt| f(&rt.reactor))
+}
+
+/// Run `fut` as a task on the current iothread. Panics off an iothread.
+pub fn spawn(fut: impl Future<Output = ()> + 'static) {
+    with_runtime(|rt| rt.spawn(Box::pin(fut)))
+}
+
+/// Like [`spawn`], but hands the future back when not on an iothread.
+pub fn try_spawn_local<F: Future<Output = ()> + 'static>(fut: F) -> Result<(), F> {
+    match CURRENT.with(|c| c.borrow().clone()) {
+        Some(rt) => {
+            rt.spawn(Box::pin(fut));
+            Ok(())
+        }
+        None => Err(fut),
+    }
+}
+
+/// Run `f` once, after the tasks made ready in this loop turn have run and
+/// before the thread sleeps: used to batch guest notifications.
+pub fn on_turn_end(f: impl FnOnce() + 'static) {
+    with_runtime(|rt| rt.turn_end.borrow_mut().push(Box::new(f)))
+}
+
+impl Runtime {
+    pub(super) fn new(entries: u32) -> io::Result<Rc<Self>> {
+        let rt = Rc::new(Runtime {
+            reactor: Reactor::new(entries)?,
+            tasks: RefCell::new(Vec::new()),
+            wakers: RefCell::new(Vec::new()),
+            free_tasks: RefCell::new(Vec::new()),
+            live_tasks: Cell::new(0),
+            ready: RefCell::new(VecDeque::new()),
+            turn_end: RefCell::new(Vec::new()),
+            remote: Arc::new(Remote::new()?),
+            stop: Cell::new(false),
+            // The kernel may still own this buffer when the ring is torn
+            // down, so it is deliberately never freed (8 bytes per iothread).
+            message_buf: Box::into_raw(Box::new(0u64)),
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(rt.clone()));
+        Ok(rt)
+    }
+
+    fn spawn(&self, fut: LocalTask) {
+        let id = match self.free_tasks.borrow_mut().pop() {
+            Some(id) => {
+                self.tasks.borrow_mut()[id] = Some(fut);
+                id
+            }
+            None => {
+                let mut tasks = self.tasks.borrow_mut();
+                tasks.push(Some(fut));
+                let id = tasks.len() - 1;
+                self.wakers
+                    .borrow_mut()
+                    .push(Waker::from(Arc::new(TaskWaker {
+                        id,
+                        remote: self.remote.clone(),
+                    })));
+                id
+            }
+        };
+        self.live_tasks.set(self.live_tasks.get() + 1);
+        self.ready.borrow_mut().push_back(id);
+    }
+
+    fn poll_task(&self, id: usize) {
+        // Take the future out so it can spawn or wake while being polled.
+        let Some(mut fut) = self.tasks.borrow_mut().get_mut(id).and_then(Option::take) else {
+            return; // spurious wake of a finished task
+        };
+        let waker = self.wakers.borrow()[id].clone();
+        let mut cx = Context::from_waker(&waker);
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(()) => {
+                self.free_tasks.borrow_mut().push(id);
+                self.live_tasks.set(self.live_tasks.get() - 1);
+            }
+            Poll::Pending => self.tasks.borrow_mut()[id] = Some(fut),
+        }
+    }
+
+    fn arm_message_read(&self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.remote.eventfd.as_raw_fd()),
+            self.message_buf as *mut u8,
+            8,
+        )
+        .build()
+        .user_data(MESSAGE_TOKEN);
+        self.reactor.push_raw(entry);
+    }
+
+    fn handle_messages(&self) {
+        for msg in self.remote.take() {
+            match msg {
+                Message::Wake(id) => self.ready.borrow_mut().push_back(id),
+                Message::Run(job) => job(),
+            }
+        }
+    }
+
+    pub(super) fn request_stop(&self) {
+        self.stop.set(true);
+    }
+
+    /// The event loop: run ready tasks, run turn-end hooks, submit and sleep.
+    /// Returns once a stop was requested and every task has finished.
+    pub(super) fn run(&self) {
+        self.arm_message_read();
+        loop {
+            loop {
+                let next = self.ready.borrow_mut().pop_front();
+                match next {
+                    Some(id) => self.poll_task(id),
+                    None => break,
+                }
+            }
+            let hooks = std::mem::take(&mut *self.turn_end.borrow_mut());
+            for h in hooks {
+                h();
+            }
+            if !self.ready.borrow().is_empty() {
+                continue;
+            }
+            if self.stop.get() && self.live_tasks.get() == 0 {
+                break;
+            }
+            self.reactor.submit_and_wait(1);
+            let mut got_message = false;
+            self.reactor.reap(|res| {
+                if res < 0 && res != -libc::EINTR {
+                    log::error!("iothread message eventfd read failed: {res}");
+                }
+                got_message = true;
+            });
+            if got_message {
+                self.arm_message_read();
+                self.handle_messages();
+            }
+        }
+        self.reactor.leak_pending();
+        CURRENT.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+pub(super) fn request_stop_current() {
+    with_runtime(|rt| rt.request_stop())
+}

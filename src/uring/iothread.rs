@@ -1,0 +1,113 @@
+//! Iothreads: an OS thread running one [`Runtime`] until told to stop.
+
+use std::io;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use super::executor::{Message, Remote, Runtime};
+
+/// Ring size per iothread; enough for a 1024-entry virtqueue plus our own ops.
+const RING_ENTRIES: u32 = 2048;
+
+/// A handle other threads use to run work on an iothread.
+#[derive(Clone)]
+pub struct IoThreadHandle {
+    remote: Arc<Remote>,
+    name: Arc<str>,
+}
+
+impl IoThreadHandle {
+    /// Run `f` on the iothread (it may spawn tasks there). Does not wait.
+    pub fn run(&self, f: impl FnOnce() + Send + 'static) {
+        self.remote.post(Message::Run(Box::new(f)));
+    }
+
+    /// Run `f` on the iothread and wait for its result.
+    pub fn call<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.run(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv().expect("iothread exited while running a call")
+    }
+
+    /// Create a future on the iothread with `make`, run it there to
+    /// completion, and return its output. For the control thread's own I/O.
+    pub fn block_on<R, F>(&self, make: impl FnOnce() -> F + Send + 'static) -> R
+    where
+        R: Send + 'static,
+        F: std::future::Future<Output = R> + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.run(move || {
+            let fut = make();
+            super::spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+        });
+        rx.recv().expect("iothread exited while running a future")
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// An owned iothread; stopping waits for its tasks to finish.
+pub struct IoThread {
+    handle: IoThreadHandle,
+    join: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    pub fn start(name: &str) -> io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let join = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || match Runtime::new(RING_ENTRIES) {
+                Ok(rt) => {
+                    let _ = tx.send(Ok(rt.remote.clone()));
+                    rt.run();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })?;
+        let remote = rx
+            .recv()
+            .map_err(|_| io::Error::other("iothread died during start-up"))??;
+        Ok(IoThread {
+            handle: IoThreadHandle {
+                remote,
+                name: name.into(),
+            },
+            join: Some(join),
+        })
+    }
+
+    pub fn handle(&self) -> IoThreadHandle {
+        self.handle.clone()
+    }
+
+    /// Ask the loop to exit once all its tasks are done, and wait for it.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(join) = self.join.take() {
+            self.handle.run(|| {
+                super::executor::request_stop_current();
+            });
+            if join.join().is_err() {
+                log::error!("iothread {} panicked", self.handle.name);
+            }
+        }
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}

@@ -1,0 +1,15 @@
+//! The AioContext: one io_uring ring plus a small single-threaded executor per
+//! iothread. Everything an iothread waits for (kicks, file I/O, messages from
+//! other threads) arrives as a completion on its ring; the ring is the only
+//! place the thread sleeps.
+
+mod executor;
+mod iothread;
+mod iovec;
+pub mod ops;
+mod reactor;
+
+pub use executor::{on_turn_end, spawn, try_spawn_local};
+pub use iothread::{IoThread, IoThreadHandle};
+pub use iovec::{AlignedBuf, IoVec};
+pub use reactor::in_iothread;

@@ -1,0 +1,229 @@
+//! The ring itself: submission of SQEs and the slots that remember who waits
+//! for which completion.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{squeue, IoUring};
+
+use super::executor;
+
+/// user_data of the read on the iothread's message eventfd.
+pub(super) const MESSAGE_TOKEN: u64 = u64::MAX;
+
+enum SlotState {
+    Free,
+    Waiting(Option<Waker>),
+    Done(i32),
+    /// The future was dropped before its completion arrived; the slot keeps
+    /// the operation's buffers alive until the kernel is done with them.
+    Abandoned,
+}
+
+struct Slot {
+    state: SlotState,
+    keep: Option<Box<dyn Any>>,
+}
+
+pub(super) struct Reactor {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<usize>>,
+}
+
+impl Reactor {
+    pub(super) fn new(entries: u32) -> io::Result<Self> {
+        // Single issuer + deferred task run keeps completion work on this
+        // thread, run when we enter the ring to wait; older kernels lack them.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
+            .or_else(|_| IoUring::new(entries))?;
+        Ok(Reactor {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Vec::with_capacity(entries as usize)),
+            free: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Queue one SQE; it goes to the kernel with the rest of this loop turn's.
+    pub(super) fn push(&self, entry: &squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        loop {
+            // SAFETY: every buffer an entry points to is owned by its slot
+            // (`keep`) or by the runtime, and outlives the completion.
+            if unsafe { ring.submission().push(entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand what we have to the kernel now.
+            if let Err(e) = ring.submit() {
+                log::error!("io_uring submit failed while queue full: {e}");
+            }
+        }
+    }
+
+    /// Start an operation whose buffers are owned by `keep`.
+    pub(super) fn start(&self, entry: squeue::Entry, keep: Option<Box<dyn Any>>) -> Op {
+        let idx = {
+            let mut slots = self.slots.borrow_mut();
+            match self.free.borrow_mut().pop() {
+                Some(i) => {
+                    slots[i] = Slot {
+                        state: SlotState::Waiting(None),
+                        keep,
+                    };
+                    i
+                }
+                None => {
+                    slots.push(Slot {
+                        state: SlotState::Waiting(None),
+                        keep,
+                    });
+                    slots.len() - 1
+                }
+            }
+        };
+        self.push(&entry.user_data(idx as u64));
+        Op { idx, done: false }
+    }
+
+    /// Submit everything queued and sleep until at least `want` completions.
+    pub(super) fn submit_and_wait(&self, want: usize) {
+        let ring = self.ring.borrow();
+        match ring.submit_and_wait(want) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => log::error!("io_uring_enter failed: {e}"),
+        }
+    }
+
+    /// Hand every available completion to its waiter; the message eventfd's
+    /// completion goes to `on_message`.
+    pub(super) fn reap(&self, mut on_message: impl FnMut(i32)) {
+        let mut wakers: Vec<Waker> = Vec::new();
+        loop {
+            let mut message = None;
+            {
+                let mut ring = self.ring.borrow_mut();
+                let mut slots = self.slots.borrow_mut();
+                for cqe in ring.completion() {
+                    let ud = cqe.user_data();
+                    if ud == MESSAGE_TOKEN {
+                        message = Some(cqe.result());
+                        continue;
+                    }
+                    let Some(slot) = slots.get_mut(ud as usize) else {
+                        log::error!("completion for unknown slot {ud}");
+                        continue;
+                    };
+                    match std::mem::replace(&mut slot.state, SlotState::Done(cqe.result())) {
+                        SlotState::Waiting(Some(w)) => wakers.push(w),
+                        SlotState::Waiting(None) => {}
+                        SlotState::Abandoned => {
+                            slot.state = SlotState::Free;
+                            slot.keep = None;
+                            self.free.borrow_mut().push(ud as usize);
+                        }
+                        SlotState::Done(_) | SlotState::Free => {
+                            log::error!("unexpected completion for slot {ud}")
+                        }
+                    }
+                }
+            }
+            for w in wakers.drain(..) {
+                w.wake();
+            }
+            match message {
+                Some(res) => on_message(res),
+                None => break,
+            }
+        }
+    }
+
+    /// Drop the buffers of operations still owned by the kernel without
+    /// freeing them: called when the ring goes away with requests pending.
+    pub(super) fn leak_pending(&self) {
+        for slot in self.slots.borrow_mut().iter_mut() {
+            if !matches!(slot.state, SlotState::Free | SlotState::Done(_)) {
+                if let Some(k) = slot.keep.take() {
+                    std::mem::forget(k);
+                }
+            }
+        }
+    }
+
+    pub(super) fn push_raw(&self, entry: squeue::Entry) {
+        self.push(&entry)
+    }
+}
+
+/// A pending io_uring operation; resolves to the CQE's result (>= 0 or -errno).
+pub struct Op {
+    idx: usize,
+    done: bool,
+}
+
+impl Future for Op {
+    type Output = i32;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        let idx = self.idx;
+        let res = executor::with_reactor(|r| {
+            let mut slots = r.slots.borrow_mut();
+            let slot = &mut slots[idx];
+            match &mut slot.state {
+                SlotState::Done(res) => {
+                    let res = *res;
+                    slot.state = SlotState::Free;
+                    slot.keep = None;
+                    r.free.borrow_mut().push(idx);
+                    Poll::Ready(res)
+                }
+                SlotState::Waiting(w) => {
+                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *w = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                SlotState::Abandoned | SlotState::Free => Poll::Ready(-libc::ECANCELED),
+            }
+        });
+        if res.is_ready() {
+            self.done = true;
+        }
+        res
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let idx = self.idx;
+        executor::try_with_reactor(|r| {
+            let mut slots = r.slots.borrow_mut();
+            let slot = &mut slots[idx];
+            if let SlotState::Done(_) = slot.state {
+                slot.state = SlotState::Free;
+                slot.keep = None;
+                r.free.borrow_mut().push(idx);
+            } else {
+                slot.state = SlotState::Abandoned;
+            }
+        });
+    }
+}
+
+/// True when called on an iothread (inside its runtime).
+pub fn in_iothread() -> bool {
+    executor::try_with_reactor(|_| ()).is_some()
+}

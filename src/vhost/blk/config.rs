@@ -1,0 +1,99 @@
+//! The virtio-blk device: feature bits and configuration space layout.
+
+use super::request::{Limits, SECTOR_SIZE};
+
+pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 2;
+pub const VIRTIO_BLK_F_RO: u64 = 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 6;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 9;
+pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 10;
+pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 11;
+pub const VIRTIO_BLK_F_MQ: u64 = 12;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 14;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+pub const VIRTIO_F_VERSION_1: u64 = 32;
+
+/// Byte offset of `writeback` in struct virtio_blk_config.
+pub const CONFIG_WRITEBACK_OFFSET: usize = 32;
+/// Size of struct virtio_blk_config up to and including write_zeroes_may_unmap
+/// and its padding (the fields we implement).
+pub const CONFIG_LEN: usize = 60;
+
+/// Largest single data segment we advertise (size_max).
+pub const SIZE_MAX: u32 = 1 << 20;
+
+/// Static properties of an exported disk.
+#[derive(Clone, Debug)]
+pub struct BlkGeometry {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    pub limits: Limits,
+}
+
+impl BlkGeometry {
+    /// Segments per request the guest may use: the queue minus header and
+    /// status descriptors.
+    pub fn seg_max(&self) -> u32 {
+        (self.queue_size as u32).saturating_sub(2).max(1)
+    }
+
+    pub fn features(&self) -> u64 {
+        let mut f = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+        ]
+        .iter()
+        .fold(0u64, |acc, bit| acc | 1 << bit);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    /// struct virtio_blk_config for a disk of `capacity` bytes.
+    pub fn config_space(&self, capacity: u64, writeback: bool) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        let put = |c: &mut [u8; CONFIG_LEN], off: usize, bytes: &[u8]| {
+            c[off..off + bytes.len()].copy_from_slice(bytes)
+        };
+        let bs = self.limits.block_size;
+        put(&mut c, 0, &(capacity / SECTOR_SIZE).to_le_bytes());
+        put(&mut c, 8, &SIZE_MAX.to_le_bytes());
+        put(&mut c, 12, &self.seg_max().to_le_bytes());
+        // geometry (16..20) left zero: guests compute their own.
+        put(&mut c, 20, &bs.to_le_bytes());
+        // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
+        c[24] = 0;
+        c[25] = 0;
+        put(&mut c, 26, &1u16.to_le_bytes());
+        put(&mut c, 28, &0u32.to_le_bytes());
+        c[CONFIG_WRITEBACK_OFFSET] = writeback as u8;
+        put(&mut c, 34, &self.num_queues.to_le_bytes());
+        let sectors_per_block = bs / SECTOR_SIZE as u32;
+        put(&mut c, 36, &self.limits.max_discard_sectors.to_le_bytes());
+        put(&mut c, 40, &self.limits.max_segments.to_le_bytes());
+        put(&mut c, 44, &sectors_per_block.to_le_bytes());
+        put(
+            &mut c,
+            48,
+            &self.limits.max_write_zeroes_sectors.to_le_bytes(),
+        );
+        put(&mut c, 52, &self.limits.max_segments.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}

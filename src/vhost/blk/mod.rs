@@ -1,0 +1,7 @@
+//! virtio-blk over vhost-user: chains, requests, queues, config space.
+
+pub mod chain;
+pub mod config;
+pub mod export;
+pub mod queue;
+pub mod request;

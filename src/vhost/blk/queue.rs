@@ -1,0 +1,361 @@
+//! One virtqueue served on its iothread: pop chains on kicks, run each
+//! request as a task, put completions on the used ring and notify the guest
+//! once per loop turn.
+
+use std::cell::{Cell, RefCell};
+use std::fs::File;
+use std::future::poll_fn;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Poll, Waker};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::chain;
+use super::request::{self, Limits, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::graph::BlockBackend;
+use crate::uring::{self, ops};
+use crate::vhost::memory::SharedMemory;
+use crate::vhost::ratelimit::LogLimiter;
+
+/// Everything a queue needs to start, gathered by the vhost session.
+pub struct QueueSetup {
+    pub index: u16,
+    pub size: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub event_idx: bool,
+    pub indirect: bool,
+    pub kick: Arc<File>,
+    pub call: Arc<CallFd>,
+}
+
+/// The guest's interrupt eventfd. The frontend may replace it while the
+/// queue runs (QEMU does when it reprograms MSI-X), hence the lock.
+#[derive(Default)]
+pub struct CallFd(Mutex<Option<File>>);
+
+impl CallFd {
+    pub fn set(&self, fd: Option<File>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+    }
+
+    /// Signal the guest; false if the write failed.
+    fn signal(&self) -> bool {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(f) = guard.as_ref() else { return true };
+        let one: u64 = 1;
+        // SAFETY: 8-byte write from a valid u64 to the call eventfd.
+        let r = unsafe { libc::write(f.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        r == 8
+    }
+}
+
+/// Shared between the vhost thread and the queue's task.
+pub struct QueueControl {
+    stop: AtomicBool,
+    kick: Arc<File>,
+    /// Set by the task when it has stopped: the next avail index.
+    stopped: Mutex<Option<u16>>,
+    stopped_cv: Condvar,
+}
+
+impl QueueControl {
+    /// Ask the queue to stop popping, wait until its requests completed, and
+    /// return the next avail index (for GET_VRING_BASE).
+    pub fn stop_and_wait(&self) -> u16 {
+        self.stop.store(true, Ordering::Release);
+        // Wake the task if it sleeps on the kick eventfd.
+        let one: u64 = 1;
+        // SAFETY: 8-byte write from a valid u64 to an eventfd we hold.
+        unsafe {
+            libc::write(
+                self.kick.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(idx) = *stopped {
+                return idx;
+            }
+            stopped = self
+                .stopped_cv
+                .wait(stopped)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Per-export settings the queue reads while running.
+pub struct ExportState {
+    pub backend: Arc<BlockBackend>,
+    pub limits: Limits,
+    /// The guest's write cache setting (CONFIG_WCE): false = write-through.
+    pub writeback: AtomicBool,
+    /// Longest chain accepted (direct or indirect).
+    pub max_descs: usize,
+}
+
+struct Worker {
+    index: u16,
+    queue: RefCell<Queue>,
+    shared_mem: Arc<SharedMemory>,
+    mem: RefCell<(u64, Arc<GuestMemoryMmap>)>,
+    indirect: bool,
+    kick: Arc<File>,
+    call: Arc<CallFd>,
+    control: Arc<QueueControl>,
+    export: Arc<ExportState>,
+    in_flight: Cell<usize>,
+    idle: RefCell<Option<Waker>>,
+    signal_scheduled: Cell<bool>,
+    /// The guest broke the ring (e.g. avail index beyond the queue size);
+    /// nothing more is popped until the ring is set up again.
+    broken: Cell<bool>,
+    log: LogLimiter,
+}
+
+/// Build the queue on the calling (vhost) thread and start it on `thread`.
+pub fn start(
+    setup: QueueSetup,
+    shared_mem: Arc<SharedMemory>,
+    export: Arc<ExportState>,
+    thread: &uring::IoThreadHandle,
+) -> Result<Arc<QueueControl>, String> {
+    let mut q = Queue::new(setup.size).map_err(|e| format!("queue {}: {e}", setup.index))?;
+    q.set_size(setup.size);
+    q.try_set_desc_table_address(GuestAddress(setup.desc_table))
+        .and_then(|_| q.try_set_avail_ring_address(GuestAddress(setup.avail_ring)))
+        .and_then(|_| q.try_set_used_ring_address(GuestAddress(setup.used_ring)))
+        .map_err(|e| format!("queue {}: bad ring address: {e}", setup.index))?;
+    q.set_event_idx(setup.event_idx);
+    q.set_next_avail(setup.next_avail);
+    let (gen, mem) = shared_mem.load();
+    // The used index lives in guest memory; resume from it.
+    let used = q
+        .used_idx(&*mem, Ordering::Acquire)
+        .map_err(|e| format!("queue {}: used ring not in guest memory: {e}", setup.index))?;
+    q.set_next_used(used.0);
+    q.set_ready(true);
+    if !q.is_valid(&*mem) {
+        return Err(format!(
+            "queue {}: rings are not inside guest memory",
+            setup.index
+        ));
+    }
+    let control = Arc::new(QueueControl {
+        stop: AtomicBool::new(false),
+        kick: setup.kick.clone(),
+        stopped: Mutex::new(None),
+        stopped_cv: Condvar::new(),
+    });
+    let ctl = control.clone();
+    let (index, indirect, kick, call) = (setup.index, setup.indirect, setup.kick, setup.call);
+    thread.run(move || {
+        let worker = Rc::new(Worker {
+            index,
+            queue: RefCell::new(q),
+            shared_mem,
+            mem: RefCell::new((gen, mem)),
+            indirect,
+            kick,
+            call,
+            control: ctl,
+            export,
+            in_flight: Cell::new(0),
+            idle: RefCell::new(None),
+            signal_scheduled: Cell::new(false),
+            broken: Cell::new(false),
+            log: LogLimiter::default(),
+        });
+        uring::spawn(worker.run());
+    });
+    Ok(control)
+}
+
+impl Worker {
+    fn memory(&self) -> Arc<GuestMemoryMmap> {
+        let gen = self.shared_mem.generation();
+        let mut cur = self.mem.borrow_mut();
+        if cur.0 != gen {
+            *cur = self.shared_mem.load();
+        }
+        cur.1.clone()
+    }
+
+    async fn run(self: Rc<Self>) {
+        log::debug!("queue {} started", self.index);
+        while !self.control.stop.load(Ordering::Acquire) {
+            self.process_avail();
+            if let Err(e) = ops::read_eventfd(self.kick.as_raw_fd()).await {
+                log::error!(
+                    "queue {}: kick eventfd failed: {e}; stopping the queue",
+                    self.index
+                );
+                break;
+            }
+        }
+        // Let every request finish before reporting where we stopped.
+        poll_fn(|cx| {
+            if self.in_flight.get() == 0 {
+                Poll::Ready(())
+            } else {
+                *self.idle.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        self.signal_guest();
+        let next_avail = self.queue.borrow().next_avail();
+        log::debug!("queue {} stopped at avail index {next_avail}", self.index);
+        *self
+            .control
+            .stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(next_avail);
+        self.control.stopped_cv.notify_all();
+    }
+
+    /// Pop every available chain and start a task for each.
+    fn process_avail(self: &Rc<Self>) {
+        if self.broken.get() {
+            return;
+        }
+        let mem = self.memory();
+        let mut heads = Vec::new();
+        loop {
+            let mut q = self.queue.borrow_mut();
+            let event_idx = q.event_idx_enabled();
+            if event_idx {
+                let _ = q.disable_notification(&*mem);
+            }
+            match q.iter(&*mem) {
+                Ok(iter) => heads.extend(iter.map(|c| c.head_index())),
+                Err(e) => {
+                    log::error!(
+                        "queue {}: {e}; the queue stops until it is set up again",
+                        self.index
+                    );
+                    self.broken.set(true);
+                    return;
+                }
+            }
+            let more = event_idx && matches!(q.enable_notification(&*mem), Ok(true));
+            drop(q);
+            for head in heads.drain(..) {
+                self.in_flight.set(self.in_flight.get() + 1);
+                uring::spawn(self.clone().handle(mem.clone(), head));
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+
+    async fn handle(self: Rc<Self>, mem: Arc<GuestMemoryMmap>, head: u16) {
+        let (table, size) = {
+            let q = self.queue.borrow();
+            (GuestAddress(q.desc_table()), q.size())
+        };
+        let max = self.export.max_descs.max(size as usize);
+        let used_len = match chain::walk(&mem, table, size, head, self.indirect, max) {
+            Err(e) => {
+                if self.log.allow("bad descriptor chain") {
+                    log::warn!("queue {}: descriptor chain {head}: {e}", self.index);
+                }
+                0
+            }
+            Ok(chain) => {
+                let mut req = request::parse(&mem, &chain, &self.export.limits);
+                let action = std::mem::replace(&mut req.action, Ok(Op::Flush));
+                let status = match action {
+                    Err(reject) => {
+                        if self.log.allow("rejected request") {
+                            log::warn!("queue {}: request {head}: {}", self.index, reject.reason);
+                        }
+                        reject.status
+                    }
+                    Ok(op) => self.execute(op).await,
+                };
+                if !req.has_status() && self.log.allow("missing status") {
+                    log::warn!(
+                        "queue {}: request {head} has no usable status byte",
+                        self.index
+                    );
+                }
+                req.finish(status)
+            }
+        };
+        self.complete(head, used_len);
+    }
+
+    async fn execute(&self, op: Op) -> u8 {
+        let b = &self.export.backend;
+        let name = op.name();
+        let r = match &op {
+            Op::Read { offset, data } => b.read(*offset, data).await,
+            Op::Write { offset, data } => {
+                let r = b.write(*offset, data).await;
+                if r.is_ok() && !self.export.writeback.load(Ordering::Relaxed) {
+                    b.flush().await
+                } else {
+                    r
+                }
+            }
+            Op::Flush => b.flush().await,
+            Op::GetId { data } => {
+                data.copy_from(&self.export.limits.serial);
+                Ok(())
+            }
+            Op::Discard { offset, len } => b.discard(*offset, *len).await,
+            Op::WriteZeroes { offset, len, unmap } => b.write_zeroes(*offset, *len, *unmap).await,
+        };
+        match r {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                if self.log.allow("request failed") {
+                    log::warn!("queue {}: {name} failed: {e}", self.index);
+                }
+                VIRTIO_BLK_S_IOERR
+            }
+        }
+    }
+
+    fn complete(self: &Rc<Self>, head: u16, len: u32) {
+        let mem = self.memory();
+        if let Err(e) = self.queue.borrow_mut().add_used(&*mem, head, len) {
+            log::error!("queue {}: cannot add to used ring: {e}", self.index);
+        }
+        self.in_flight.set(self.in_flight.get() - 1);
+        if self.in_flight.get() == 0 {
+            if let Some(w) = self.idle.borrow_mut().take() {
+                w.wake();
+            }
+        }
+        // One notification per loop turn, however many completions it had.
+        if !self.signal_scheduled.replace(true) {
+            let me = self.clone();
+            uring::on_turn_end(move || me.signal_guest());
+        }
+    }
+
+    fn signal_guest(&self) {
+        self.signal_scheduled.set(false);
+        let mem = self.memory();
+        let needed = self
+            .queue
+            .borrow_mut()
+            .needs_notification(&*mem)
+            .unwrap_or(true);
+        if needed && !self.call.signal() && self.log.allow("call eventfd") {
+            log::warn!("queue {}: call eventfd write failed", self.index);
+        }
+    }
+}

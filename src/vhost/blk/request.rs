@@ -1,0 +1,295 @@
+//! Turning a descriptor chain into a virtio-blk request, validating every
+//! guest-supplied field on the way.
+
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::chain::{Buffer, Chain};
+use crate::uring::IoVec;
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// virtio-blk sectors are always 512 bytes, whatever the block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the serial returned by GET_ID.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+const HEADER_LEN: usize = 16;
+const SEGMENT_LEN: usize = 16;
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// What the device accepts, as advertised in its config space.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub block_size: u32,
+    pub max_discard_sectors: u32,
+    pub max_write_zeroes_sectors: u32,
+    /// Segments per discard / write-zeroes request.
+    pub max_segments: u32,
+    pub serial: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+/// A validated operation ready for the BlockBackend.
+pub enum Op {
+    Read { offset: u64, data: IoVec },
+    Write { offset: u64, data: IoVec },
+    Flush,
+    GetId { data: IoVec },
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::Flush => "flush",
+            Op::GetId { .. } => "get-id",
+            Op::Discard { .. } => "discard",
+            Op::WriteZeroes { .. } => "write-zeroes",
+        }
+    }
+}
+
+/// Why a request is answered without reaching the backend.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u8,
+    pub reason: String,
+}
+
+fn ioerr(reason: impl Into<String>) -> Reject {
+    Reject {
+        status: VIRTIO_BLK_S_IOERR,
+        reason: reason.into(),
+    }
+}
+
+fn unsupp(reason: impl Into<String>) -> Reject {
+    Reject {
+        status: VIRTIO_BLK_S_UNSUPP,
+        reason: reason.into(),
+    }
+}
+
+/// A parsed request: where its status byte goes and what to do.
+pub struct Request {
+    mem: Arc<GuestMemoryMmap>,
+    status: Option<GuestAddress>,
+    /// Bytes the device writes into the chain besides the status byte.
+    pub data_written: u32,
+    pub action: Result<Op, Reject>,
+}
+
+impl Request {
+    /// True if the chain has somewhere to put the status byte.
+    pub fn has_status(&self) -> bool {
+        self.status.is_some()
+    }
+
+    /// Write the status byte; returns the used length for the used ring.
+    pub fn finish(&self, status: u8) -> u32 {
+        match self.status {
+            Some(addr) if self.mem.write_obj(status, addr).is_ok() => {
+                if status == VIRTIO_BLK_S_OK {
+                    self.data_written + 1
+                } else {
+                    1
+                }
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// The buffers covering bytes `[skip, skip + len)` of a buffer stream.
+fn sub_buffers(bufs: &[Buffer], mut skip: u64, mut len: u64) -> Vec<Buffer> {
+    let mut out = Vec::new();
+    for b in bufs {
+        if len == 0 {
+            break;
+        }
+        if skip >= b.len as u64 {
+            skip -= b.len as u64;
+            continue;
+        }
+        let n = (b.len as u64 - skip).min(len);
+        out.push(Buffer {
+            addr: GuestAddress(b.addr.0.wrapping_add(skip)),
+            len: n as u32,
+        });
+        len -= n;
+        skip = 0;
+    }
+    out
+}
+
+fn stream_len(bufs: &[Buffer]) -> u64 {
+    bufs.iter().map(|b| b.len as u64).sum()
+}
+
+fn read_stream(
+    mem: &GuestMemoryMmap,
+    bufs: &[Buffer],
+    skip: u64,
+    out: &mut [u8],
+) -> Result<(), Reject> {
+    let mut off = 0usize;
+    for b in sub_buffers(bufs, skip, out.len() as u64) {
+        let n = b.len as usize;
+        mem.read_slice(&mut out[off..off + n], b.addr)
+            .map_err(|_| ioerr(format!("buffer at {:#x} is outside guest memory", b.addr.0)))?;
+        off += n;
+    }
+    if off != out.len() {
+        return Err(ioerr("chain too short"));
+    }
+    Ok(())
+}
+
+/// Translate guest buffers into host iovecs, refusing anything outside the
+/// guest's memory regions.
+pub fn to_iovec(mem: &Arc<GuestMemoryMmap>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
+    let mut iov = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        let bad = || {
+            ioerr(format!(
+                "buffer {:#x}+{} is outside guest memory",
+                b.addr.0, b.len
+            ))
+        };
+        for slice in GuestMemoryBackend::get_slices(&**mem, b.addr, b.len as usize) {
+            let slice = slice.map_err(|_| bad())?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
+        }
+    }
+    // SAFETY: every pointer was produced by the guest memory map for a range
+    // inside one mapped region, and `mem` (the keepalive) keeps the mappings.
+    Ok(unsafe { IoVec::from_raw(iov, Some(mem.clone())) })
+}
+
+fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or_else(|| ioerr(format!("sector {sector} overflows")))?;
+    let bs = limits.block_size as u64;
+    if offset % bs != 0 || len % bs != 0 {
+        return Err(ioerr(format!(
+            "offset {offset} length {len} not aligned to the {bs}-byte block size"
+        )));
+    }
+    Ok(offset)
+}
+
+fn parse_segment(
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+    is_zeroes: bool,
+    limits: &Limits,
+) -> Result<Op, Reject> {
+    let payload = stream_len(&chain.readable) - HEADER_LEN as u64;
+    if payload == 0 || payload % SEGMENT_LEN as u64 != 0 {
+        return Err(ioerr(format!("discard payload of {payload} bytes")));
+    }
+    if payload / SEGMENT_LEN as u64 > limits.max_segments as u64 {
+        return Err(unsupp(format!(
+            "{} segments, max {}",
+            payload / 16,
+            limits.max_segments
+        )));
+    }
+    let mut seg = [0u8; SEGMENT_LEN];
+    read_stream(mem, &chain.readable, HEADER_LEN as u64, &mut seg)?;
+    let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+    let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+    let (max, allowed_flags) = if is_zeroes {
+        (limits.max_write_zeroes_sectors, WRITE_ZEROES_FLAG_UNMAP)
+    } else {
+        (limits.max_discard_sectors, 0)
+    };
+    if flags & !allowed_flags != 0 {
+        return Err(unsupp(format!("segment flags {flags:#x}")));
+    }
+    if sectors > max {
+        return Err(ioerr(format!("{sectors} sectors, max {max}")));
+    }
+    let len = sectors as u64 * SECTOR_SIZE;
+    let offset = byte_range(sector, len, limits)?;
+    Ok(if is_zeroes {
+        Op::WriteZeroes {
+            offset,
+            len,
+            unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+        }
+    } else {
+        Op::Discard { offset, len }
+    })
+}
+
+/// Parse a chain. Never fails: a malformed request becomes `Err(Reject)`.
+pub fn parse(mem: &Arc<GuestMemoryMmap>, chain: &Chain, limits: &Limits) -> Request {
+    // The status byte is the last byte of the device-writable part.
+    let writable_len = stream_len(&chain.writable);
+    let status = (writable_len > 0)
+        .then(|| sub_buffers(&chain.writable, writable_len - 1, 1))
+        .and_then(|b| b.first().map(|b| b.addr))
+        .filter(|a| mem.check_address(*a).is_some());
+    let mut req = Request {
+        mem: mem.clone(),
+        status,
+        data_written: 0,
+        action: Err(ioerr("no status byte")),
+    };
+    if req.status.is_none() {
+        return req;
+    }
+    let mut header = [0u8; HEADER_LEN];
+    if let Err(e) = read_stream(mem, &chain.readable, 0, &mut header) {
+        req.action = Err(ioerr(format!("bad request header: {}", e.reason)));
+        return req;
+    }
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    let in_data = writable_len - 1;
+    let out_data = stream_len(&chain.readable) - HEADER_LEN as u64;
+    req.action = match kind {
+        VIRTIO_BLK_T_IN => byte_range(sector, in_data, limits).and_then(|offset| {
+            let data = to_iovec(mem, &sub_buffers(&chain.writable, 0, in_data))?;
+            req.data_written = in_data as u32;
+            Ok(Op::Read { offset, data })
+        }),
+        VIRTIO_BLK_T_OUT => byte_range(sector, out_data, limits).and_then(|offset| {
+            let data = to_iovec(
+                mem,
+                &sub_buffers(&chain.readable, HEADER_LEN as u64, out_data),
+            )?;
+            Ok(Op::Write { offset, data })
+        }),
+        VIRTIO_BLK_T_FLUSH => Ok(Op::Flush),
+        VIRTIO_BLK_T_GET_ID => {
+            let n = in_data.min(VIRTIO_BLK_ID_BYTES as u64);
+            to_iovec(mem, &sub_buffers(&chain.writable, 0, n)).map(|data| {
+                req.data_written = n as u32;
+                Op::GetId { data }
+            })
+        }
+        VIRTIO_BLK_T_DISCARD => parse_segment(mem, chain, false, limits),
+        VIRTIO_BLK_T_WRITE_ZEROES => parse_segment(mem, chain, true, limits),
+        other => Err(unsupp(format!("request type {other}"))),
+    };
+    req
+}

@@ -1,0 +1,167 @@
+//! The frontend's memory as the backend maps it: regions passed as fds,
+//! mapped shared, addressed by guest-physical address. Vring addresses come
+//! in the frontend's virtual addresses and are translated here.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("memory region gpa {gpa:#x} size {size:#x}: {reason}")]
+    BadRegion { gpa: u64, size: u64, reason: String },
+    #[error("no memory region at gpa {gpa:#x} size {size:#x}")]
+    NotFound { gpa: u64, size: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RegionInfo {
+    gpa: u64,
+    size: u64,
+    user_addr: u64,
+}
+
+/// An immutable snapshot of the frontend's memory; changes build a new one.
+#[derive(Clone)]
+pub struct MemoryMap {
+    regions: Vec<(RegionInfo, Arc<GuestRegionMmap>)>,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl Default for MemoryMap {
+    fn default() -> Self {
+        MemoryMap {
+            regions: Vec::new(),
+            mem: Arc::new(GuestMemoryMmap::new()),
+        }
+    }
+}
+
+fn map_region(
+    r: &VhostUserMemoryRegion,
+    fd: OwnedFd,
+) -> Result<(RegionInfo, Arc<GuestRegionMmap>), MemoryError> {
+    let (gpa, size, user_addr, offset) =
+        (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset);
+    let bad = |reason: &str| MemoryError::BadRegion {
+        gpa,
+        size,
+        reason: reason.to_string(),
+    };
+    if size == 0
+        || gpa.checked_add(size).is_none()
+        || user_addr.checked_add(size).is_none()
+        || offset.checked_add(size).is_none()
+    {
+        return Err(bad("size is zero or the region overflows"));
+    }
+    let size_usize = usize::try_from(size).map_err(|_| bad("too large"))?;
+    let mapping = MmapRegion::from_file(FileOffset::new(File::from(fd), offset), size_usize)
+        .map_err(|e| bad(&format!("mmap failed: {e}")))?;
+    let region =
+        GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| bad("invalid region"))?;
+    Ok((
+        RegionInfo {
+            gpa,
+            size,
+            user_addr,
+        },
+        Arc::new(region),
+    ))
+}
+
+impl MemoryMap {
+    fn rebuild(regions: Vec<(RegionInfo, Arc<GuestRegionMmap>)>) -> Result<Self, MemoryError> {
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|(_, r)| r.clone()).collect())
+                .map_err(|e| MemoryError::BadRegion {
+                    gpa: 0,
+                    size: 0,
+                    reason: format!("regions overlap or are invalid: {e}"),
+                })?;
+        Ok(MemoryMap {
+            regions,
+            mem: Arc::new(mem),
+        })
+    }
+
+    /// SET_MEM_TABLE: replace everything.
+    pub fn from_table(table: Vec<(VhostUserMemoryRegion, OwnedFd)>) -> Result<Self, MemoryError> {
+        let regions = table
+            .into_iter()
+            .map(|(r, fd)| map_region(&r, fd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::rebuild(regions)
+    }
+
+    /// ADD_MEM_REG.
+    pub fn with_region(&self, r: &VhostUserMemoryRegion, fd: OwnedFd) -> Result<Self, MemoryError> {
+        let mut regions = self.regions.clone();
+        regions.push(map_region(r, fd)?);
+        regions.sort_by_key(|(i, _)| i.gpa);
+        Self::rebuild(regions)
+    }
+
+    /// REM_MEM_REG. Requests still using the region keep it mapped until
+    /// they complete (they hold the old snapshot).
+    pub fn without_region(&self, r: &VhostUserMemoryRegion) -> Result<Self, MemoryError> {
+        let (gpa, size) = (r.guest_phys_addr, r.memory_size);
+        let mut regions = self.regions.clone();
+        let before = regions.len();
+        regions.retain(|(i, _)| !(i.gpa == gpa && i.size == size));
+        if regions.len() == before {
+            return Err(MemoryError::NotFound { gpa, size });
+        }
+        Self::rebuild(regions)
+    }
+
+    pub fn num_regions(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Translate a frontend virtual address to a guest-physical address.
+    pub fn va_to_gpa(&self, va: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
+            .map(|(i, _)| i.gpa + (va - i.user_addr))
+    }
+
+    pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+}
+
+/// The current memory snapshot, shared with the queue iothreads. Readers
+/// check the generation (one atomic load) and reload only when it changed.
+pub struct SharedMemory {
+    current: Mutex<Arc<GuestMemoryMmap>>,
+    generation: AtomicU64,
+}
+
+impl SharedMemory {
+    pub fn new() -> Arc<Self> {
+        Arc::new(SharedMemory {
+            current: Mutex::new(Arc::new(GuestMemoryMmap::new())),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn publish(&self, mem: Arc<GuestMemoryMmap>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = mem;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn load(&self) -> (u64, Arc<GuestMemoryMmap>) {
+        let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Ordering::Acquire), guard.clone())
+    }
+}

@@ -1,0 +1,8 @@
+//! The device side of vhost-user, serving a virtio-blk device.
+
+pub mod blk;
+pub mod memory;
+pub mod ratelimit;
+pub mod server;
+pub mod session;
+pub mod socket;

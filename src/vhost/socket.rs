@@ -1,0 +1,135 @@
+//! vhost-user framing: a 12-byte header, a payload, and file descriptors
+//! passed as SCM_RIGHTS ancillary data.
+
+use std::io::{self, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+pub const HEADER_LEN: usize = 12;
+pub const FLAG_VERSION_1: u32 = 0x1;
+pub const FLAG_VERSION_MASK: u32 = 0x3;
+pub const FLAG_REPLY: u32 = 0x4;
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// One message from the frontend.
+pub struct Message {
+    pub request: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    pub fn need_reply(&self) -> bool {
+        self.flags & FLAG_NEED_REPLY != 0
+    }
+
+    /// The payload as a plain-old-data struct, if it is exactly that size.
+    pub fn payload_as<T: vm_memory::ByteValued>(&self) -> Option<T> {
+        if self.payload.len() < std::mem::size_of::<T>() {
+            return None;
+        }
+        T::from_slice(&self.payload[..std::mem::size_of::<T>()]).copied()
+    }
+
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        if self.fds.is_empty() {
+            None
+        } else {
+            Some(self.fds.remove(0))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frontend closed the connection")]
+    Closed,
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad message header (flags {flags:#x}, size {size})")]
+    BadHeader { flags: u32, size: u32 },
+}
+
+fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> Result<(), FrameError> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: recv into the unfilled tail of a valid buffer.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(stream),
+                buf[done..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - done,
+                0,
+            )
+        };
+        match n {
+            0 => return Err(FrameError::Closed),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
+}
+
+/// Receive one message. Descriptors arrive with the header.
+pub fn recv_message(stream: &UnixStream) -> Result<Message, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr() as *mut libc::c_void,
+        iov_len: HEADER_LEN,
+    }];
+    // SAFETY: the iovec points at our header buffer, valid for HEADER_LEN bytes.
+    let (n, nfds) = loop {
+        match unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) } {
+            Ok(r) => break r,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    // SAFETY: recv_with_fds reports `nfds` fresh descriptors that we now own.
+    let fds: Vec<OwnedFd> = raw_fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    if n < HEADER_LEN {
+        read_exact(stream, &mut header[n..])?;
+    }
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8));
+    if flags & FLAG_VERSION_MASK != FLAG_VERSION_1 || size as usize > MAX_MSG_SIZE {
+        return Err(FrameError::BadHeader { flags, size });
+    }
+    let mut payload = vec![0u8; size as usize];
+    read_exact(stream, &mut payload)?;
+    Ok(Message {
+        request,
+        flags,
+        payload,
+        fds,
+    })
+}
+
+/// Send a reply to `request` with `payload`.
+pub fn send_reply(mut stream: &UnixStream, request: u32, payload: &[u8]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+    buf.extend_from_slice(&request.to_le_bytes());
+    buf.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+    stream.write_all(&buf)
+}

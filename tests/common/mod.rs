@@ -1,0 +1,269 @@
+//! Test harness: a real ringblk process and a real vhost-user client
+//! (libblkio), plus scratch directories.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory on the work tree's filesystem (O_DIRECT works there),
+/// removed when dropped.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
+        let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TestDir(p)
+    }
+
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sparse raw image of `size` bytes.
+pub fn make_raw(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    pub stdout: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Start `ringblk serve --socket SOCK ARGS...` and wait until it says it
+    /// is listening.
+    pub fn start(sock: &Path, args: &[&str]) -> Daemon {
+        Self::start_in(sock, args, None)
+    }
+
+    pub fn start_in(sock: &Path, args: &[&str], cwd: Option<&Path>) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
+        cmd.arg("serve").arg("--socket").arg(sock).args(args);
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringblk");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let s = String::from_utf8_lossy(&buf[..n]).to_string();
+                eprint!("{s}");
+                sink.lock().unwrap().push_str(&s);
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut stdout = String::new();
+        loop {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).unwrap();
+            if n == 0 {
+                let status = child.wait().unwrap();
+                panic!(
+                    "ringblk exited ({status}) before listening; stdout:\n{stdout}\nstderr:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+            stdout.push_str(&line);
+            if line.starts_with("ringblk: listening on") {
+                break;
+            }
+        }
+        // Keep draining stdout so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = out.read_to_string(&mut sink);
+        });
+        Daemon {
+            child: Some(child),
+            sock: sock.to_path_buf(),
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY-free: kill(2) through libc on our child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ringblk did not exit within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A libblkio virtio-blk-vhost-user client with a shared buffer region.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+}
+
+pub fn connect(sock: &Path, num_queues: i32) -> Result<Client, blkio::Error> {
+    connect_with(sock, num_queues, 4 << 20)
+}
+
+pub fn connect_read_only(sock: &Path) -> Result<Client, blkio::Error> {
+    open_client(sock, 1, 1 << 20, true)
+}
+
+pub fn connect_with(sock: &Path, num_queues: i32, buf_len: usize) -> Result<Client, blkio::Error> {
+    open_client(sock, num_queues, buf_len, false)
+}
+
+fn open_client(
+    sock: &Path,
+    num_queues: i32,
+    buf_len: usize,
+    read_only: bool,
+) -> Result<Client, blkio::Error> {
+    let mut b = Blkio::new("virtio-blk-vhost-user")?;
+    b.set_str("path", sock.to_str().unwrap())?;
+    b.set_bool("read-only", read_only)?;
+    b.connect()?;
+    b.set_i32("num-queues", num_queues)?;
+    let out = b.start()?;
+    let region = b.alloc_mem_region(buf_len)?;
+    b.map_mem_region(&region)?;
+    Ok(Client {
+        blkio: b,
+        queues: out.queues,
+        region,
+    })
+}
+
+pub enum Req {
+    Read(u64, usize, usize),  // offset, buffer offset, len
+    Write(u64, usize, usize), // offset, buffer offset, len
+    WriteFua(u64, usize, usize),
+    Flush,
+    Discard(u64, u64),
+    WriteZeroes(u64, u64, ReqFlags),
+}
+
+impl Client {
+    pub fn buf(&self) -> &mut [u8] {
+        // SAFETY: the region is mapped for the client's lifetime; tests use
+        // it from one thread at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    /// Submit one request on queue `q` and wait for it; returns `ret`.
+    pub fn run(&mut self, q: usize, req: Req) -> i32 {
+        submit(&mut self.queues[q], self.region.addr, req, 0);
+        wait(&mut self.queues[q], 1)[0].ret
+    }
+}
+
+pub fn submit(q: &mut Blkioq, base: usize, req: Req, ud: usize) {
+    match req {
+        Req::Read(off, b, len) => q.read(off, (base + b) as *mut u8, len, ud, ReqFlags::empty()),
+        Req::Write(off, b, len) => {
+            q.write(off, (base + b) as *const u8, len, ud, ReqFlags::empty())
+        }
+        Req::WriteFua(off, b, len) => q.write(off, (base + b) as *const u8, len, ud, ReqFlags::FUA),
+        Req::Flush => q.flush(ud, ReqFlags::empty()),
+        Req::Discard(off, len) => q.discard(off, len, ud, ReqFlags::empty()),
+        Req::WriteZeroes(off, len, f) => q.write_zeroes(off, len, ud, f),
+    }
+}
+
+/// Wait for exactly `n` completions.
+pub fn wait(q: &mut Blkioq, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let mut c: Vec<_> = (0..n - out.len())
+            .map(|_| std::mem::MaybeUninit::<Completion>::uninit())
+            .collect();
+        let got = q.do_io(&mut c, 1, None, None).unwrap();
+        for x in &c[..got] {
+            // SAFETY: do_io initialised the first `got` entries.
+            out.push(unsafe { x.assume_init_read() });
+        }
+    }
+    out
+}
+
+/// Deterministic pattern for block `blk` written in round `round`.
+pub fn pattern(buf: &mut [u8], blk: u64, round: u64) {
+    let mut x =
+        blk.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ round.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
