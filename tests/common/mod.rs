@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod guest;
+
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);

@@ -191,7 +191,11 @@ impl Worker {
     }
 
     async fn run(self: Rc<Self>) {
-        log::debug!("queue {} started", self.index);
+        log::info!(
+            "queue {} started on {}",
+            self.index,
+            std::thread::current().name().unwrap_or("?")
+        );
         while !self.control.stop.load(Ordering::Acquire) {
             self.process_avail();
             if let Err(e) = ops::read_eventfd(self.kick.as_raw_fd()).await {

@@ -1,0 +1,13 @@
+#!/bin/sh
+# Random writes of mixed sizes from two CPUs (so both virtqueues are used),
+# each job on its own 48 MiB, then every block read back and checked.
+set -e
+echo "vda: $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) queues, serial '$(cat /sys/block/vda/serial)'"
+[ "$(cat /sys/block/vda/serial)" = "ringblk-guest" ] || { echo "wrong serial"; exit 1; }
+[ "$(ls /sys/block/vda/mq | wc -l)" = 2 ] || { echo "expected 2 queues"; exit 1; }
+fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 \
+    --rw=randwrite --bssplit=4k/50:16k/30:64k/20 --iodepth=16 \
+    --numjobs=2 --size=48M --offset_increment=48M \
+    --cpus_allowed=0-1 --cpus_allowed_policy=split \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting
+fio --name=flush --filename=/dev/vda --ioengine=sync --rw=write --bs=4k --size=1M --fsync=4

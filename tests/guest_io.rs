@@ -1,0 +1,36 @@
+//! A Linux guest under QEMU uses ringblk as its disk.
+
+mod common;
+
+use common::guest::run_guest;
+use common::*;
+
+#[test]
+fn guest_fio_verify_on_two_queues() {
+    let dir = TestDir::new("guest-fio");
+    let img = dir.path("disk.raw");
+    make_raw(&img, 128 << 20);
+    let d = Daemon::start(
+        &dir.path("sock"),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+            "--serial",
+            "ringblk-guest",
+        ],
+    );
+    let run = run_guest(&d.sock, "fio-verify", 2);
+    assert!(run.passed(), "guest test failed; console above");
+    assert!(
+        !run.console.contains("verify: bad"),
+        "fio reported a verify mismatch"
+    );
+    let log = d.stderr();
+    assert!(
+        log.contains("queue 0 started") && log.contains("queue 1 started"),
+        "both virtqueues should have run"
+    );
+    assert!(d.stop().success());
+}
