@@ -85,6 +85,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
     pub logical_block_size: u32,
 
+    /// Longest busy-poll (microseconds) an iothread does before sleeping;
+    /// adaptive, like QEMU's poll-max-ns. 0 disables polling.
+    #[arg(long, value_name = "US", default_value_t = 32)]
+    pub poll_max_us: u64,
+
     /// Export name (used in logs and, later, on the control socket).
     #[arg(long, value_name = "NAME", default_value = "vda")]
     pub id: String,

@@ -147,8 +147,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let mut iothreads = Vec::new();
     for i in 0..args.num_queues {
         iothreads.push(
-            IoThread::start(&format!("iothread{i}"))
-                .map_err(|e| format!("cannot start iothread: {e}"))?,
+            IoThread::start(
+                &format!("iothread{i}"),
+                std::time::Duration::from_micros(args.poll_max_us),
+            )
+            .map_err(|e| format!("cannot start iothread: {e}"))?,
         );
     }
     let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];

@@ -15,6 +15,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, types};
 
+use super::poll::{PollWindow, Poller};
 use super::reactor::{Reactor, MESSAGE_TOKEN};
 
 type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
@@ -110,6 +111,9 @@ pub(super) struct Runtime {
     pub(super) remote: Arc<Remote>,
     stop: Cell<bool>,
     message_buf: *mut u64,
+    pollers: RefCell<Vec<(usize, Rc<dyn Poller>)>>,
+    next_poller: Cell<usize>,
+    window: RefCell<PollWindow>,
 }
 
 thread_local! {
@@ -149,6 +153,20 @@ pub fn try_spawn_local<F: Future<Output = ()> + 'static>(fut: F) -> Result<(), F
     }
 }
 
+/// Register a poller on the current iothread; returns an id for removal.
+pub fn add_poller(p: Rc<dyn Poller>) -> usize {
+    with_runtime(|rt| {
+        let id = rt.next_poller.get();
+        rt.next_poller.set(id + 1);
+        rt.pollers.borrow_mut().push((id, p));
+        id
+    })
+}
+
+pub fn remove_poller(id: usize) {
+    with_runtime(|rt| rt.pollers.borrow_mut().retain(|(i, _)| *i != id))
+}
+
 /// Run `f` once, after the tasks made ready in this loop turn have run and
 /// before the thread sleeps: used to batch guest notifications.
 pub fn on_turn_end(f: impl FnOnce() + 'static) {
@@ -156,7 +174,7 @@ pub fn on_turn_end(f: impl FnOnce() + 'static) {
 }
 
 impl Runtime {
-    pub(super) fn new(entries: u32) -> io::Result<Rc<Self>> {
+    pub(super) fn new(entries: u32, poll_max: std::time::Duration) -> io::Result<Rc<Self>> {
         let rt = Rc::new(Runtime {
             reactor: Reactor::new(entries)?,
             tasks: RefCell::new(Vec::new()),
@@ -170,6 +188,9 @@ impl Runtime {
             // The kernel may still own this buffer when the ring is torn
             // down, so it is deliberately never freed (8 bytes per iothread).
             message_buf: Box::into_raw(Box::new(0u64)),
+            pollers: RefCell::new(Vec::new()),
+            next_poller: Cell::new(0),
+            window: RefCell::new(PollWindow::new(poll_max)),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(rt.clone()));
         Ok(rt)
@@ -234,6 +255,47 @@ impl Runtime {
         }
     }
 
+    /// Busy-poll the pollers and the ring for up to the adaptive window.
+    /// Returns true if work was found (the caller then skips sleeping).
+    fn poll_for_work(&self) -> bool {
+        let window = self.window.borrow().current();
+        let pollers: Vec<Rc<dyn Poller>> = self
+            .pollers
+            .borrow()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect();
+        if pollers.is_empty() {
+            return false;
+        }
+        if !window.is_zero() {
+            // Hand this turn's SQEs to the kernel so their completions can
+            // arrive while we poll.
+            self.reactor.submit_and_wait(0);
+            let start = std::time::Instant::now();
+            loop {
+                let mut found = self.reactor.has_completions();
+                for p in &pollers {
+                    found |= p.clone().poll();
+                }
+                if found {
+                    self.window.borrow_mut().adjust(start.elapsed());
+                    return true;
+                }
+                if start.elapsed() >= window {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        // About to sleep: notifications back on; catch what raced with that.
+        let mut found = false;
+        for p in &pollers {
+            found |= p.clone().poll_end();
+        }
+        found
+    }
+
     pub(super) fn request_stop(&self) {
         self.stop.set(true);
     }
@@ -260,7 +322,12 @@ impl Runtime {
             if self.stop.get() && self.live_tasks.get() == 0 {
                 break;
             }
-            self.reactor.submit_and_wait(1);
+            let started = std::time::Instant::now();
+            if !self.poll_for_work() {
+                self.reactor.submit_and_wait(1);
+                let waited = started.elapsed();
+                self.window.borrow_mut().adjust(waited);
+            }
             let mut got_message = false;
             self.reactor.reap(|res| {
                 if res < 0 && res != -libc::EINTR {

@@ -60,11 +60,13 @@ pub struct IoThread {
 }
 
 impl IoThread {
-    pub fn start(name: &str) -> io::Result<Self> {
+    /// Start an iothread that busy-polls for up to `poll_max` (adaptively)
+    /// before sleeping; zero disables polling.
+    pub fn start(name: &str, poll_max: std::time::Duration) -> io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(1);
         let join = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || match Runtime::new(RING_ENTRIES) {
+            .spawn(move || match Runtime::new(RING_ENTRIES, poll_max) {
                 Ok(rt) => {
                     let _ = tx.send(Ok(rt.remote.clone()));
                     rt.run();

@@ -7,9 +7,11 @@ mod executor;
 mod iothread;
 mod iovec;
 pub mod ops;
+mod poll;
 mod reactor;
 
-pub use executor::{on_turn_end, spawn, try_spawn_local};
+pub use executor::{add_poller, on_turn_end, remove_poller, spawn, try_spawn_local};
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec};
+pub use poll::Poller;
 pub use reactor::in_iothread;

@@ -105,6 +105,16 @@ impl Reactor {
         }
     }
 
+    /// True if completions are waiting (or deferred completion work is).
+    pub(super) fn has_completions(&self) -> bool {
+        let mut ring = self.ring.borrow_mut();
+        if ring.submission().taskrun() {
+            return true;
+        }
+        let empty = ring.completion().is_empty();
+        !empty
+    }
+
     /// Hand every available completion to its waiter; the message eventfd's
     /// completion goes to `on_message`.
     pub(super) fn reap(&self, mut on_message: impl FnMut(i32)) {

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -25,18 +28,127 @@ struct RegionInfo {
     user_addr: u64,
 }
 
+/// A guest memory region as the data path sees it: where it lives here.
+#[derive(Clone, Copy)]
+struct HostRegion {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+/// Guest memory for the data path: vm-memory's map (for the virtqueue
+/// rings) plus a flat table for fast, bounds-checked address translation.
+pub struct GuestRam {
+    mmap: GuestMemoryMmap,
+    regions: Vec<HostRegion>,
+}
+
+// SAFETY: the host pointers point into mappings owned by `mmap`, which is
+// Send + Sync; GuestRam only hands them out as raw pointers.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above; no interior mutability.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    pub fn new(mmap: GuestMemoryMmap) -> Self {
+        let regions = mmap
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some(HostRegion {
+                    gpa: r.start_addr().0,
+                    len: r.len(),
+                    host,
+                })
+            })
+            .collect();
+        GuestRam { mmap, regions }
+    }
+
+    pub fn empty() -> Self {
+        Self::new(GuestMemoryMmap::new())
+    }
+
+    pub fn mmap(&self) -> &GuestMemoryMmap {
+        &self.mmap
+    }
+
+    /// Host address of `[gpa, gpa + len)` if it lies inside one region.
+    pub fn host_range(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)?;
+        let off = gpa - r.gpa;
+        if len > r.len - off {
+            return None;
+        }
+        // SAFETY: off < r.len, so the pointer stays inside the mapping.
+        Some(unsafe { r.host.add(off as usize) })
+    }
+
+    /// Visit the host pieces of `[gpa, gpa + len)` (a range may span
+    /// adjacent regions). False if any byte is outside guest memory.
+    pub fn for_each_piece(
+        &self,
+        mut gpa: u64,
+        mut len: u64,
+        mut f: impl FnMut(*mut u8, usize),
+    ) -> bool {
+        while len > 0 {
+            let Some(r) = self
+                .regions
+                .iter()
+                .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+            else {
+                return false;
+            };
+            let off = gpa - r.gpa;
+            let n = len.min(r.len - off);
+            // SAFETY: off < r.len and n <= r.len - off: inside the mapping.
+            f(unsafe { r.host.add(off as usize) }, n as usize);
+            gpa += n;
+            len -= n;
+        }
+        true
+    }
+
+    /// Copy guest bytes at `gpa` into `out`; false if outside guest memory.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
+        let mut done = 0;
+        self.for_each_piece(gpa, out.len() as u64, |p, n| {
+            // SAFETY: p is valid for n bytes of guest memory (for_each_piece);
+            // the guest may change it concurrently, which only affects values.
+            unsafe { std::ptr::copy_nonoverlapping(p, out[done..].as_mut_ptr(), n) };
+            done += n;
+        })
+    }
+
+    /// Store one byte at `gpa`; false if outside guest memory.
+    pub fn write_u8(&self, gpa: u64, v: u8) -> bool {
+        match self.host_range(gpa, 1) {
+            Some(p) => {
+                // SAFETY: p is a valid byte of guest memory.
+                unsafe { std::ptr::write_volatile(p, v) };
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// An immutable snapshot of the frontend's memory; changes build a new one.
 #[derive(Clone)]
 pub struct MemoryMap {
     regions: Vec<(RegionInfo, Arc<GuestRegionMmap>)>,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestRam>,
 }
 
 impl Default for MemoryMap {
     fn default() -> Self {
         MemoryMap {
             regions: Vec::new(),
-            mem: Arc::new(GuestMemoryMmap::new()),
+            mem: Arc::new(GuestRam::empty()),
         }
     }
 }
@@ -85,7 +197,7 @@ impl MemoryMap {
                 })?;
         Ok(MemoryMap {
             regions,
-            mem: Arc::new(mem),
+            mem: Arc::new(GuestRam::new(mem)),
         })
     }
 
@@ -131,7 +243,7 @@ impl MemoryMap {
             .map(|(i, _)| i.gpa + (va - i.user_addr))
     }
 
-    pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap> {
+    pub fn guest_memory(&self) -> &Arc<GuestRam> {
         &self.mem
     }
 }
@@ -139,19 +251,19 @@ impl MemoryMap {
 /// The current memory snapshot, shared with the queue iothreads. Readers
 /// check the generation (one atomic load) and reload only when it changed.
 pub struct SharedMemory {
-    current: Mutex<Arc<GuestMemoryMmap>>,
+    current: Mutex<Arc<GuestRam>>,
     generation: AtomicU64,
 }
 
 impl SharedMemory {
     pub fn new() -> Arc<Self> {
         Arc::new(SharedMemory {
-            current: Mutex::new(Arc::new(GuestMemoryMmap::new())),
+            current: Mutex::new(Arc::new(GuestRam::empty())),
             generation: AtomicU64::new(0),
         })
     }
 
-    pub fn publish(&self, mem: Arc<GuestMemoryMmap>) {
+    pub fn publish(&self, mem: Arc<GuestRam>) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = mem;
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -160,7 +272,7 @@ impl SharedMemory {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub fn load(&self) -> (u64, Arc<GuestMemoryMmap>) {
+    pub fn load(&self) -> (u64, Arc<GuestRam>) {
         let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
         (self.generation.load(Ordering::Acquire), guard.clone())
     }

@@ -4,7 +4,9 @@
 //! flags. The walk reads descriptors only through the guest memory map and
 //! returns a precise error for each kind of malformed chain.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use crate::vhost::memory::GuestRam;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -52,14 +54,15 @@ struct Desc {
     next: u16,
 }
 
-fn read_desc(mem: &GuestMemoryMmap, table: GuestAddress, idx: u16) -> Result<Desc, ChainError> {
+fn read_desc(mem: &GuestRam, table: GuestAddress, idx: u16) -> Result<Desc, ChainError> {
     let addr = table
         .0
         .checked_add(idx as u64 * DESC_SIZE)
         .ok_or(ChainError::TableNotInMemory(table.0))?;
     let mut raw = [0u8; 16];
-    mem.read_slice(&mut raw, GuestAddress(addr))
-        .map_err(|_| ChainError::TableNotInMemory(addr))?;
+    if !mem.read(addr, &mut raw) {
+        return Err(ChainError::TableNotInMemory(addr));
+    }
     let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
     Ok(Desc {
         addr: le64(&raw[0..8]),
@@ -72,7 +75,7 @@ fn read_desc(mem: &GuestMemoryMmap, table: GuestAddress, idx: u16) -> Result<Des
 /// Walk the chain starting at `head` in the table at `table` of `queue_size`
 /// entries. At most `max_descs` descriptors are accepted in total.
 pub fn walk(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     table: GuestAddress,
     queue_size: u16,
     head: u16,
@@ -144,16 +147,16 @@ pub fn walk(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     pub(crate) const MEM_SIZE: usize = 1 << 20;
 
-    pub(crate) fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    pub(crate) fn memory() -> GuestRam {
+        GuestRam::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
     }
 
     pub(crate) fn put_desc(
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         table: u64,
         idx: u16,
         addr: u64,
@@ -166,7 +169,8 @@ pub(crate) mod tests {
         raw[8..12].copy_from_slice(&len.to_le_bytes());
         raw[12..14].copy_from_slice(&flags.to_le_bytes());
         raw[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&raw, GuestAddress(table + idx as u64 * 16))
+        mem.mmap()
+            .write_slice(&raw, GuestAddress(table + idx as u64 * 16))
             .unwrap();
     }
 

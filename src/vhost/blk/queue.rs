@@ -12,13 +12,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::chain;
 use super::request::{self, Limits, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::graph::BlockBackend;
 use crate::uring::{self, ops};
-use crate::vhost::memory::SharedMemory;
+use crate::vhost::memory::{GuestRam, SharedMemory};
 use crate::vhost::ratelimit::LogLimiter;
 
 /// Everything a queue needs to start, gathered by the vhost session.
@@ -107,7 +107,7 @@ struct Worker {
     index: u16,
     queue: RefCell<Queue>,
     shared_mem: Arc<SharedMemory>,
-    mem: RefCell<(u64, Arc<GuestMemoryMmap>)>,
+    mem: RefCell<(u64, Arc<GuestRam>)>,
     indirect: bool,
     kick: Arc<File>,
     call: Arc<CallFd>,
@@ -119,7 +119,31 @@ struct Worker {
     /// The guest broke the ring (e.g. avail index beyond the queue size);
     /// nothing more is popped until the ring is set up again.
     broken: Cell<bool>,
+    /// Guest notifications are off because the iothread is polling us.
+    polling: Cell<bool>,
     log: LogLimiter,
+}
+
+impl uring::Poller for Worker {
+    fn poll(self: Rc<Self>) -> bool {
+        if self.stopped() {
+            return false;
+        }
+        let mem = self.memory();
+        let pending = {
+            let q = self.queue.borrow();
+            q.avail_idx(mem.mmap(), Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+        };
+        pending && self.process_avail(false)
+    }
+
+    fn poll_end(self: Rc<Self>) -> bool {
+        if !self.polling.get() {
+            return false;
+        }
+        self.process_avail(true)
+    }
 }
 
 /// Build the queue on the calling (vhost) thread and start it on `thread`.
@@ -140,11 +164,11 @@ pub fn start(
     let (gen, mem) = shared_mem.load();
     // The used index lives in guest memory; resume from it.
     let used = q
-        .used_idx(&*mem, Ordering::Acquire)
+        .used_idx(mem.mmap(), Ordering::Acquire)
         .map_err(|e| format!("queue {}: used ring not in guest memory: {e}", setup.index))?;
     q.set_next_used(used.0);
     q.set_ready(true);
-    if !q.is_valid(&*mem) {
+    if !q.is_valid(mem.mmap()) {
         return Err(format!(
             "queue {}: rings are not inside guest memory",
             setup.index
@@ -173,6 +197,7 @@ pub fn start(
             idle: RefCell::new(None),
             signal_scheduled: Cell::new(false),
             broken: Cell::new(false),
+            polling: Cell::new(false),
             log: LogLimiter::default(),
         });
         uring::spawn(worker.run());
@@ -181,7 +206,7 @@ pub fn start(
 }
 
 impl Worker {
-    fn memory(&self) -> Arc<GuestMemoryMmap> {
+    fn memory(&self) -> Arc<GuestRam> {
         let gen = self.shared_mem.generation();
         let mut cur = self.mem.borrow_mut();
         if cur.0 != gen {
@@ -196,8 +221,9 @@ impl Worker {
             self.index,
             std::thread::current().name().unwrap_or("?")
         );
+        let poller = uring::add_poller(self.clone());
         while !self.control.stop.load(Ordering::Acquire) {
-            self.process_avail();
+            self.process_avail(true);
             if let Err(e) = ops::read_eventfd(self.kick.as_raw_fd()).await {
                 log::error!(
                     "queue {}: kick eventfd failed: {e}; stopping the queue",
@@ -206,6 +232,7 @@ impl Worker {
                 break;
             }
         }
+        uring::remove_poller(poller);
         // Let every request finish before reporting where we stopped.
         poll_fn(|cx| {
             if self.in_flight.get() == 0 {
@@ -227,20 +254,25 @@ impl Worker {
         self.control.stopped_cv.notify_all();
     }
 
-    /// Pop every available chain and start a task for each.
-    fn process_avail(self: &Rc<Self>) {
-        if self.broken.get() {
-            return;
+    fn stopped(&self) -> bool {
+        self.broken.get() || self.control.stop.load(Ordering::Acquire)
+    }
+
+    /// Pop every available chain and start a task for each. With
+    /// `reenable`, guest notifications are turned back on afterwards (and
+    /// chains that raced with that are popped too); without, they stay off
+    /// because the iothread keeps polling. Returns whether anything was popped.
+    fn process_avail(self: &Rc<Self>, reenable: bool) -> bool {
+        if self.stopped() {
+            return false;
         }
         let mem = self.memory();
         let mut heads = Vec::new();
+        let mut found = false;
         loop {
             let mut q = self.queue.borrow_mut();
-            let event_idx = q.event_idx_enabled();
-            if event_idx {
-                let _ = q.disable_notification(&*mem);
-            }
-            match q.iter(&*mem) {
+            let _ = q.disable_notification(mem.mmap());
+            match q.iter(mem.mmap()) {
                 Ok(iter) => heads.extend(iter.map(|c| c.head_index())),
                 Err(e) => {
                     log::error!(
@@ -248,22 +280,24 @@ impl Worker {
                         self.index
                     );
                     self.broken.set(true);
-                    return;
+                    return found;
                 }
             }
-            let more = event_idx && matches!(q.enable_notification(&*mem), Ok(true));
+            let more = reenable && matches!(q.enable_notification(mem.mmap()), Ok(true));
+            self.polling.set(!reenable);
             drop(q);
+            found |= !heads.is_empty();
             for head in heads.drain(..) {
                 self.in_flight.set(self.in_flight.get() + 1);
                 uring::spawn(self.clone().handle(mem.clone(), head));
             }
             if !more {
-                break;
+                return found;
             }
         }
     }
 
-    async fn handle(self: Rc<Self>, mem: Arc<GuestMemoryMmap>, head: u16) {
+    async fn handle(self: Rc<Self>, mem: Arc<GuestRam>, head: u16) {
         let (table, size) = {
             let q = self.queue.borrow();
             (GuestAddress(q.desc_table()), q.size())
@@ -334,7 +368,7 @@ impl Worker {
 
     fn complete(self: &Rc<Self>, head: u16, len: u32) {
         let mem = self.memory();
-        if let Err(e) = self.queue.borrow_mut().add_used(&*mem, head, len) {
+        if let Err(e) = self.queue.borrow_mut().add_used(mem.mmap(), head, len) {
             log::error!("queue {}: cannot add to used ring: {e}", self.index);
         }
         self.in_flight.set(self.in_flight.get() - 1);
@@ -343,8 +377,12 @@ impl Worker {
                 w.wake();
             }
         }
-        // One notification per loop turn, however many completions it had.
+        // The first completion of a loop turn notifies at once (if the
+        // driver's used_event asks for it), so the driver can start reaping
+        // while we finish the turn; the rest of the turn's completions are
+        // covered by one check at its end.
         if !self.signal_scheduled.replace(true) {
+            self.notify_if_needed();
             let me = self.clone();
             uring::on_turn_end(move || me.signal_guest());
         }
@@ -352,11 +390,15 @@ impl Worker {
 
     fn signal_guest(&self) {
         self.signal_scheduled.set(false);
+        self.notify_if_needed();
+    }
+
+    fn notify_if_needed(&self) {
         let mem = self.memory();
         let needed = self
             .queue
             .borrow_mut()
-            .needs_notification(&*mem)
+            .needs_notification(mem.mmap())
             .unwrap_or(true);
         if needed && !self.call.signal() && self.log.allow("call eventfd") {
             log::warn!("queue {}: call eventfd write failed", self.index);

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::chain::{Buffer, Chain};
 use crate::uring::IoVec;
+use crate::vhost::memory::GuestRam;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -84,7 +85,7 @@ fn unsupp(reason: impl Into<String>) -> Reject {
 
 /// A parsed request: where its status byte goes and what to do.
 pub struct Request {
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestRam>,
     status: Option<GuestAddress>,
     /// Bytes the device writes into the chain besides the status byte.
     pub data_written: u32,
@@ -100,7 +101,7 @@ impl Request {
     /// Write the status byte; returns the used length for the used ring.
     pub fn finish(&self, status: u8) -> u32 {
         match self.status {
-            Some(addr) if self.mem.write_obj(status, addr).is_ok() => {
+            Some(addr) if self.mem.write_u8(addr.0, status) => {
                 if status == VIRTIO_BLK_S_OK {
                     self.data_written + 1
                 } else {
@@ -138,17 +139,16 @@ fn stream_len(bufs: &[Buffer]) -> u64 {
     bufs.iter().map(|b| b.len as u64).sum()
 }
 
-fn read_stream(
-    mem: &GuestMemoryMmap,
-    bufs: &[Buffer],
-    skip: u64,
-    out: &mut [u8],
-) -> Result<(), Reject> {
+fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Result<(), Reject> {
     let mut off = 0usize;
     for b in sub_buffers(bufs, skip, out.len() as u64) {
         let n = b.len as usize;
-        mem.read_slice(&mut out[off..off + n], b.addr)
-            .map_err(|_| ioerr(format!("buffer at {:#x} is outside guest memory", b.addr.0)))?;
+        if !mem.read(b.addr.0, &mut out[off..off + n]) {
+            return Err(ioerr(format!(
+                "buffer at {:#x} is outside guest memory",
+                b.addr.0
+            )));
+        }
         off += n;
     }
     if off != out.len() {
@@ -159,25 +159,24 @@ fn read_stream(
 
 /// Translate guest buffers into host iovecs, refusing anything outside the
 /// guest's memory regions.
-pub fn to_iovec(mem: &Arc<GuestMemoryMmap>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
+pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
     let mut iov = Vec::with_capacity(bufs.len());
     for b in bufs {
-        let bad = || {
-            ioerr(format!(
+        let inside = mem.for_each_piece(b.addr.0, b.len as u64, |p, n| {
+            iov.push(libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: n,
+            })
+        });
+        if !inside {
+            return Err(ioerr(format!(
                 "buffer {:#x}+{} is outside guest memory",
                 b.addr.0, b.len
-            ))
-        };
-        for slice in GuestMemoryBackend::get_slices(&**mem, b.addr, b.len as usize) {
-            let slice = slice.map_err(|_| bad())?;
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                iov_len: slice.len(),
-            });
+            )));
         }
     }
-    // SAFETY: every pointer was produced by the guest memory map for a range
-    // inside one mapped region, and `mem` (the keepalive) keeps the mappings.
+    // SAFETY: every pointer lies inside one mapped guest region (checked by
+    // for_each_piece), and `mem` (the keepalive) keeps the mappings alive.
     Ok(unsafe { IoVec::from_raw(iov, Some(mem.clone())) })
 }
 
@@ -195,7 +194,7 @@ fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
 }
 
 fn parse_segment(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     chain: &Chain,
     is_zeroes: bool,
     limits: &Limits,
@@ -241,13 +240,13 @@ fn parse_segment(
 }
 
 /// Parse a chain. Never fails: a malformed request becomes `Err(Reject)`.
-pub fn parse(mem: &Arc<GuestMemoryMmap>, chain: &Chain, limits: &Limits) -> Request {
+pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> Request {
     // The status byte is the last byte of the device-writable part.
     let writable_len = stream_len(&chain.writable);
     let status = (writable_len > 0)
         .then(|| sub_buffers(&chain.writable, writable_len - 1, 1))
         .and_then(|b| b.first().map(|b| b.addr))
-        .filter(|a| mem.check_address(*a).is_some());
+        .filter(|a| mem.host_range(a.0, 1).is_some());
     let mut req = Request {
         mem: mem.clone(),
         status,
