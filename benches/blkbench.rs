@@ -81,7 +81,7 @@ fn main() {
             .enumerate()
             .map(|(qi, mut q)| {
                 s.spawn(move || {
-                    let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ (qi as u64 + 1) * 0x9e37_79b9;
+                    let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ ((qi as u64 + 1) * 0x9e37_79b9);
                     let mut next = move || {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;

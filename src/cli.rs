@@ -87,7 +87,7 @@ pub struct ServeArgs {
 
     /// Longest busy-poll (microseconds) an iothread does before sleeping;
     /// adaptive, like QEMU's poll-max-ns. 0 disables polling.
-    #[arg(long, value_name = "US", default_value_t = 32)]
+    #[arg(long, value_name = "US", default_value_t = 64)]
     pub poll_max_us: u64,
 
     /// Export name (used in logs and, later, on the control socket).

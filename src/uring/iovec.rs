@@ -103,7 +103,7 @@ impl IoVec {
     pub fn is_aligned(&self, align: usize) -> bool {
         self.iov
             .iter()
-            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+            .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0)
     }
 
     /// Fill the whole list with zero bytes.

@@ -33,10 +33,6 @@ impl PollWindow {
         self.current
     }
 
-    pub(super) fn enabled(&self) -> bool {
-        !self.max.is_zero()
-    }
-
     /// Adjust after a wait (polling plus sleeping) that took `waited`.
     pub(super) fn adjust(&mut self, waited: Duration) {
         if waited <= self.current {
@@ -94,7 +90,6 @@ mod tests {
     #[test]
     fn disabled_when_max_is_zero() {
         let mut w = PollWindow::new(Duration::ZERO);
-        assert!(!w.enabled());
         w.adjust(Duration::from_micros(1));
         assert_eq!(w.current(), Duration::ZERO);
     }

@@ -419,11 +419,11 @@ impl<'a> Session<'a> {
                     self.export.id,
                     if wb { "writeback" } else { "writethrough" }
                 );
-            } else if !self
+            } else if self
                 .export
                 .config_space()
                 .get(offset + k)
-                .is_some_and(|old| old == b)
+                .is_none_or(|old| old != b)
             {
                 log::debug!(
                     "export {}: ignoring write to config byte {}",

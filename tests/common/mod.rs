@@ -211,7 +211,7 @@ pub enum Req {
 }
 
 impl Client {
-    pub fn buf(&self) -> &mut [u8] {
+    pub fn buf(&mut self) -> &mut [u8] {
         // SAFETY: the region is mapped for the client's lifetime; tests use
         // it from one thread at a time.
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }

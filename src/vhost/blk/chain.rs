@@ -103,7 +103,7 @@ pub fn walk(
             if !indirect_ok || d.flags & VIRTQ_DESC_F_NEXT != 0 {
                 return Err(ChainError::BadIndirect);
             }
-            if d.len == 0 || d.len as u64 % DESC_SIZE != 0 {
+            if d.len == 0 || !(d.len as u64).is_multiple_of(DESC_SIZE) {
                 return Err(ChainError::BadIndirectLength(d.len));
             }
             let entries = d.len as u64 / DESC_SIZE;

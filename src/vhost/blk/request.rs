@@ -185,7 +185,7 @@ fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
         .checked_mul(SECTOR_SIZE)
         .ok_or_else(|| ioerr(format!("sector {sector} overflows")))?;
     let bs = limits.block_size as u64;
-    if offset % bs != 0 || len % bs != 0 {
+    if offset % bs != 0 || !len.is_multiple_of(bs) {
         return Err(ioerr(format!(
             "offset {offset} length {len} not aligned to the {bs}-byte block size"
         )));
@@ -200,7 +200,7 @@ fn parse_segment(
     limits: &Limits,
 ) -> Result<Op, Reject> {
     let payload = stream_len(&chain.readable) - HEADER_LEN as u64;
-    if payload == 0 || payload % SEGMENT_LEN as u64 != 0 {
+    if payload == 0 || !payload.is_multiple_of(SEGMENT_LEN as u64) {
         return Err(ioerr(format!("discard payload of {payload} bytes")));
     }
     if payload / SEGMENT_LEN as u64 > limits.max_segments as u64 {
