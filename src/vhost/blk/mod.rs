@@ -4,4 +4,6 @@ pub mod chain;
 pub mod config;
 pub mod export;
 pub mod queue;
+#[cfg(test)]
+mod queue_tests;
 pub mod request;
