@@ -149,3 +149,129 @@ impl BlockBackend {
             .map_err(self.io_error(offset))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::formats::{BlockDriver, IoFuture, NullDriver};
+    use crate::uring::{AlignedBuf, IoThread};
+
+    fn buf(len: usize) -> IoVec {
+        IoVec::from_buf(Arc::new(AlignedBuf::zeroed(len, 512)))
+    }
+
+    #[test]
+    fn bounds_are_checked_with_overflow_in_mind() {
+        let b = BlockBackend::new(
+            "b",
+            Node::new("n", Box::new(NullDriver::new(4096)), vec![]),
+            false,
+        );
+        let t = IoThread::start("bb-bounds", Duration::ZERO).unwrap();
+        let bb = b.clone();
+        let results = t.handle().block_on(move || async move {
+            let mut r = Vec::new();
+            r.push(bb.read(0, &buf(4096)).await.is_ok());
+            r.push(bb.read(512, &buf(4096)).await.is_err());
+            r.push(bb.read(u64::MAX - 100, &buf(512)).await.is_err());
+            r.push(bb.discard(4096, 1).await.is_err());
+            r.push(bb.write_zeroes(u64::MAX, 2, false).await.is_err());
+            r
+        });
+        assert!(results.iter().all(|&ok| ok), "{results:?}");
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn read_only_backend_refuses_writes_but_reads_and_flushes() {
+        let b = BlockBackend::new(
+            "ro",
+            Node::new("n", Box::new(NullDriver::new(4096)), vec![]),
+            true,
+        );
+        let t = IoThread::start("bb-ro", Duration::ZERO).unwrap();
+        let bb = b.clone();
+        let (w, d, z, r, f) = t.handle().block_on(move || async move {
+            (
+                bb.write(0, &buf(512)).await,
+                bb.discard(0, 512).await,
+                bb.write_zeroes(0, 512, true).await,
+                bb.read(0, &buf(512)).await,
+                bb.flush().await,
+            )
+        });
+        assert!(matches!(w, Err(BackendError::ReadOnly { .. })));
+        assert!(matches!(d, Err(BackendError::ReadOnly { .. })));
+        assert!(matches!(z, Err(BackendError::ReadOnly { .. })));
+        assert!(r.is_ok() && f.is_ok());
+    }
+
+    /// A driver that counts closes: a stand-in for a real one, to watch
+    /// the graph's refcounting.
+    struct Counting(Arc<AtomicUsize>);
+    impl BlockIo for Counting {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn write<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn flush(&self) -> IoFuture<'_> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn discard(&self, _: u64, _: u64) -> IoFuture<'_> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> IoFuture<'_> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+    impl BlockDriver for Counting {
+        fn driver_name(&self) -> &'static str {
+            "counting"
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn close(&self) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn eject_fails_new_requests_and_the_tree_closes_with_its_last_reference() {
+        let closes = Arc::new(AtomicUsize::new(0));
+        let child = Node::new("child", Box::new(Counting(closes.clone())), vec![]);
+        let parent = Node::new(
+            "parent",
+            Box::new(Counting(closes.clone())),
+            vec![crate::graph::Child {
+                role: crate::graph::ChildRole::File,
+                node: child,
+            }],
+        );
+        let b = BlockBackend::new("e", parent, false);
+        let t = IoThread::start("bb-eject", Duration::ZERO).unwrap();
+        let root = b.eject().expect("had a tree");
+        assert_eq!(b.size(), 0);
+        let bb = b.clone();
+        let r = t
+            .handle()
+            .block_on(move || async move { bb.read(0, &buf(512)).await });
+        assert!(matches!(r, Err(BackendError::Ejected { .. })), "{r:?}");
+        assert_eq!(
+            closes.load(Ordering::SeqCst),
+            0,
+            "still referenced by the caller"
+        );
+        drop(root);
+        assert_eq!(closes.load(Ordering::SeqCst), 2, "parent and child closed");
+    }
+}

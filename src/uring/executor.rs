@@ -348,3 +348,96 @@ impl Runtime {
 pub(super) fn request_stop_current() {
     with_runtime(|rt| rt.request_stop())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::future::poll_fn;
+    use std::sync::mpsc;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use crate::uring::IoThread;
+
+    #[test]
+    fn tasks_spawned_from_tasks_all_run() {
+        let t = IoThread::start("exec-spawn", Duration::ZERO).unwrap();
+        let n = t.handle().block_on(|| async {
+            let count = std::rc::Rc::new(Cell::new(0));
+            for _ in 0..100 {
+                let c = count.clone();
+                super::spawn(async move { c.set(c.get() + 1) });
+            }
+            // Yield once so the spawned tasks run before we look.
+            let mut yielded = false;
+            poll_fn(|cx| {
+                if yielded {
+                    Poll::Ready(())
+                } else {
+                    yielded = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            })
+            .await;
+            count.get()
+        });
+        assert_eq!(n, 100);
+    }
+
+    #[test]
+    fn a_waker_used_on_another_thread_resumes_the_task() {
+        let t = IoThread::start("exec-wake", Duration::ZERO).unwrap();
+        let (waker_tx, waker_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        t.handle().run(move || {
+            super::spawn(async move {
+                let mut sent = false;
+                poll_fn(|cx| {
+                    if sent {
+                        return Poll::Ready(());
+                    }
+                    sent = true;
+                    waker_tx.send(cx.waker().clone()).unwrap();
+                    Poll::Pending
+                })
+                .await;
+                done_tx.send(()).unwrap();
+            })
+        });
+        let waker = waker_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "ran before the wake"
+        );
+        std::thread::spawn(move || waker.wake()).join().unwrap();
+        done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn stop_waits_for_running_tasks() {
+        let t = IoThread::start("exec-stop", Duration::ZERO).unwrap();
+        let (tx, rx) = mpsc::channel();
+        // SAFETY: plain syscall; checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        t.handle().run(move || {
+            super::spawn(async move {
+                crate::uring::ops::read_eventfd(fd).await.unwrap();
+                tx.send(()).unwrap();
+            })
+        });
+        let stopper = std::thread::spawn(move || t.stop());
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        let one = 1u64;
+        // SAFETY: 8-byte write from a valid u64.
+        assert_eq!(
+            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) },
+            8
+        );
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        stopper.join().unwrap();
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+    }
+}
