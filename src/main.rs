@@ -183,6 +183,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let server = VhostServer::bind(&args.socket, export).map_err(|e| e.to_string())?;
     let stopper = server.stopper().map_err(|e| e.to_string())?;
 
+    print_attach_help(&args.socket, &args);
     println!(
         "ringblk: listening on {} (export {}, {what}, {} bytes, {} queue(s){})",
         absolute(&args.socket).display(),
@@ -191,7 +192,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );
-    print_attach_help(&args.socket, &args);
     let _ = std::io::stdout().flush();
 
     let server_thread = std::thread::Builder::new()
