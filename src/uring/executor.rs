@@ -142,17 +142,6 @@ pub fn spawn(fut: impl Future<Output = ()> + 'static) {
     with_runtime(|rt| rt.spawn(Box::pin(fut)))
 }
 
-/// Like [`spawn`], but hands the future back when not on an iothread.
-pub fn try_spawn_local<F: Future<Output = ()> + 'static>(fut: F) -> Result<(), F> {
-    match CURRENT.with(|c| c.borrow().clone()) {
-        Some(rt) => {
-            rt.spawn(Box::pin(fut));
-            Ok(())
-        }
-        None => Err(fut),
-    }
-}
-
 /// Register a poller on the current iothread; returns an id for removal.
 pub fn add_poller(p: Rc<dyn Poller>) -> usize {
     with_runtime(|rt| {
@@ -243,7 +232,7 @@ impl Runtime {
         )
         .build()
         .user_data(MESSAGE_TOKEN);
-        self.reactor.push_raw(entry);
+        self.reactor.push(&entry);
     }
 
     fn handle_messages(&self) {

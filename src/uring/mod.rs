@@ -10,8 +10,7 @@ pub mod ops;
 mod poll;
 mod reactor;
 
-pub use executor::{add_poller, on_turn_end, remove_poller, spawn, try_spawn_local};
+pub use executor::{add_poller, on_turn_end, remove_poller, spawn};
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec};
 pub use poll::Poller;
-pub use reactor::in_iothread;

@@ -169,10 +169,6 @@ impl Reactor {
             }
         }
     }
-
-    pub(super) fn push_raw(&self, entry: squeue::Entry) {
-        self.push(&entry)
-    }
 }
 
 /// A pending io_uring operation; resolves to the CQE's result (>= 0 or -errno).
@@ -231,9 +227,4 @@ impl Drop for Op {
             }
         });
     }
-}
-
-/// True when called on an iothread (inside its runtime).
-pub fn in_iothread() -> bool {
-    executor::try_with_reactor(|_| ()).is_some()
 }
