@@ -54,17 +54,8 @@ impl Remote {
             .unwrap_or_else(|e| e.into_inner())
             .push(msg);
         if !self.notified.swap(true, Ordering::AcqRel) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-            let r = unsafe {
-                libc::write(
-                    self.eventfd.as_raw_fd(),
-                    &one as *const u64 as *const libc::c_void,
-                    8,
-                )
-            };
-            if r != 8 {
-                log::error!("iothread message eventfd write failed");
+            if let Err(e) = super::signal_eventfd(self.eventfd.as_raw_fd()) {
+                log::error!("iothread message eventfd write failed: {e}");
             }
         }
     }

@@ -3,6 +3,7 @@
 //! other threads) arrives as a completion on its ring; the ring is the only
 //! place the thread sleeps.
 
+mod eventfd;
 mod executor;
 mod iothread;
 mod iovec;
@@ -10,6 +11,7 @@ pub mod ops;
 mod poll;
 mod reactor;
 
+pub use eventfd::signal_eventfd;
 pub use executor::{add_poller, on_turn_end, remove_poller, spawn};
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec};

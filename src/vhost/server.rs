@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::export::BlkExport;
 use super::session::Session;
+use super::socket::{wait_for, Wake};
 
 pub struct VhostServer {
     listener: UnixListener,
@@ -64,33 +65,13 @@ impl VhostServer {
     /// Accept and serve frontends until stopped.
     pub fn serve(&self) {
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: poll on two valid pollfd entries.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match wait_for(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
+                Ok(Wake::Ready) => {}
+                Ok(Wake::Stop) => return,
+                Err(e) => {
+                    log::error!("{}: poll failed: {e}", self.path.display());
+                    return;
                 }
-                log::error!(
-                    "{}: poll failed: {}",
-                    self.path.display(),
-                    io::Error::last_os_error()
-                );
-                return;
-            }
-            if fds[1].revents != 0 {
-                return;
             }
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,

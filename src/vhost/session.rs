@@ -90,37 +90,19 @@ impl<'a> Session<'a> {
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
     pub fn run(&mut self, stop_fd: i32) {
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.stream.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: poll on two valid pollfd entries.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            match socket::wait_for(self.stream.as_raw_fd(), stop_fd) {
+                Ok(socket::Wake::Ready) => {}
+                Ok(socket::Wake::Stop) => {
+                    log::info!(
+                        "export {}: disconnecting the frontend (shutdown)",
+                        self.export.id
+                    );
+                    break;
                 }
-                log::error!(
-                    "export {}: poll failed: {}",
-                    self.export.id,
-                    std::io::Error::last_os_error()
-                );
-                break;
-            }
-            if fds[1].revents != 0 {
-                log::info!(
-                    "export {}: disconnecting the frontend (shutdown)",
-                    self.export.id
-                );
-                break;
+                Err(e) => {
+                    log::error!("export {}: poll failed: {e}", self.export.id);
+                    break;
+                }
             }
             match socket::recv_message(self.stream) {
                 Ok(msg) => {

@@ -133,3 +133,42 @@ pub fn send_reply(mut stream: &UnixStream, request: u32, payload: &[u8]) -> io::
     buf.extend_from_slice(payload);
     stream.write_all(&buf)
 }
+
+/// What woke [`wait_for`] up.
+pub enum Wake {
+    /// `fd` is readable (a message, a connection, or end of file).
+    Ready,
+    /// `stop_fd` was signalled.
+    Stop,
+}
+
+/// Sleep until `fd` is readable or `stop_fd` is signalled (stop wins).
+pub fn wait_for(fd: RawFd, stop_fd: RawFd) -> io::Result<Wake> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll on two valid pollfd entries.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(if fds[1].revents != 0 {
+        Wake::Stop
+    } else {
+        Wake::Ready
+    })
+}

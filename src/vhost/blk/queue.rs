@@ -49,10 +49,7 @@ impl CallFd {
     fn signal(&self) -> bool {
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Some(f) = guard.as_ref() else { return true };
-        let one: u64 = 1;
-        // SAFETY: 8-byte write from a valid u64 to the call eventfd.
-        let r = unsafe { libc::write(f.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
-        r == 8
+        uring::signal_eventfd(f.as_raw_fd()).is_ok()
     }
 }
 
@@ -71,15 +68,9 @@ impl QueueControl {
     pub fn stop_and_wait(&self) -> u16 {
         self.stop.store(true, Ordering::Release);
         // Wake the task if it sleeps on the kick eventfd.
-        let one: u64 = 1;
-        // SAFETY: 8-byte write from a valid u64 to an eventfd we hold.
-        unsafe {
-            libc::write(
-                self.kick.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        if let Err(e) = uring::signal_eventfd(self.kick.as_raw_fd()) {
+            log::error!("cannot wake a queue to stop it: {e}");
+        }
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(idx) = *stopped {
