@@ -21,9 +21,55 @@ pub struct Cli {
 pub enum Command {
     /// Serve a disk image to a VM over a vhost-user-blk socket.
     ///
-    /// With neither --image nor --null, an image file `ringblk.img` (1 GiB,
-    /// sparse) is created in the current directory, or reused if it exists.
+    /// With neither --image nor --null, an image `ringblk.qcow2` (1 GiB,
+    /// qcow2) is created in the current directory, or reused if it exists.
     Serve(ServeArgs),
+    /// Create a disk image (qcow2 by default) that qemu-img accepts.
+    Create(CreateArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CreateFormat {
+    Qcow2,
+    Raw,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_enum, default_value_t = CreateFormat::Qcow2)]
+    pub format: CreateFormat,
+
+    /// Backing file (qcow2 only); a relative name is relative to the new
+    /// image's folder, and is stored as given.
+    #[arg(
+        short = 'b',
+        long = "backing",
+        value_name = "BACKING",
+        requires = "backing_format"
+    )]
+    pub backing: Option<String>,
+
+    /// Format of the backing file (required with -b; never probed).
+    #[arg(
+        short = 'F',
+        long = "backing-format",
+        value_enum,
+        value_name = "FMT",
+        requires = "backing"
+    )]
+    pub backing_format: Option<CreateFormat>,
+
+    /// qcow2 cluster size (power of two, 512 to 2M).
+    #[arg(long, value_name = "N", default_value = "64K", value_parser = parse_size)]
+    pub cluster_size: u64,
+
+    /// Path of the new image (must not exist).
+    pub path: PathBuf,
+
+    /// Virtual size (K, M, G, T suffixes); defaults to the backing file's.
+    #[arg(value_parser = parse_size)]
+    pub size: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -31,6 +77,7 @@ pub enum FormatArg {
     /// Detect from the image's contents.
     Auto,
     Raw,
+    Qcow2,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -89,6 +136,15 @@ pub struct ServeArgs {
     /// adaptive, like QEMU's poll-max-ns. 0 disables polling.
     #[arg(long, value_name = "US", default_value_t = 64)]
     pub poll_max_us: u64,
+
+    /// qcow2 L2 table cache size (metadata bytes; 32M maps 256 GiB of a
+    /// 64K-cluster image).
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    pub l2_cache_size: u64,
+
+    /// qcow2 refcount block cache size (metadata bytes).
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+    pub refcount_cache_size: u64,
 
     /// Export name (used in logs and, later, on the control socket).
     #[arg(long, value_name = "NAME", default_value = "vda")]

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use cli::{CacheArg, Cli, Command, FormatArg, ServeArgs};
+use cli::{CacheArg, Cli, Command, CreateArgs, CreateFormat, FormatArg, ServeArgs};
+use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
+use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{open_image, open_null, BlockBackend, ImageFormat, ImageOptions, Node};
 use ringblk::uring::IoThread;
@@ -20,7 +22,7 @@ use ringblk::vhost::blk::queue::ExportState;
 use ringblk::vhost::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
 use ringblk::vhost::server::VhostServer;
 
-const DEFAULT_IMAGE: &str = "ringblk.img";
+const DEFAULT_IMAGE: &str = "ringblk.qcow2";
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 /// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Create(args) => create(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,31 +64,89 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
-/// The default image: created sparse on first use, reused afterwards.
+/// The default image: a qcow2 created on first use, reused afterwards.
 fn default_image() -> Result<PathBuf, String> {
     let path = PathBuf::from(DEFAULT_IMAGE);
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-    {
-        Ok(f) => {
-            f.set_len(DEFAULT_IMAGE_SIZE)
-                .map_err(|e| format!("{DEFAULT_IMAGE}: {e}"))?;
-            println!(
-                "ringblk: no --image given; created {} (1 GiB, sparse, raw)",
-                absolute(&path).display()
-            );
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            println!(
-                "ringblk: no --image given; using the existing {}",
-                absolute(&path).display()
-            );
-        }
-        Err(e) => return Err(format!("cannot create {DEFAULT_IMAGE}: {e}")),
+    if path.exists() {
+        println!(
+            "ringblk: no --image given; using the existing {}",
+            absolute(&path).display()
+        );
+        return Ok(path);
     }
+    let opts = CreateOptions {
+        size: DEFAULT_IMAGE_SIZE,
+        cluster_size: qcreate::DEFAULT_CLUSTER_SIZE,
+        backing: None,
+    };
+    qcreate::create(&path, &opts).map_err(|e| format!("cannot create {DEFAULT_IMAGE}: {e}"))?;
+    println!(
+        "ringblk: no --image given; created {} (1 GiB, qcow2)",
+        absolute(&path).display()
+    );
     Ok(path)
+}
+
+fn create(args: CreateArgs) -> Result<(), String> {
+    let path = &args.path;
+    let backing = match (&args.backing, args.backing_format) {
+        (Some(b), Some(f)) => {
+            if args.format == CreateFormat::Raw {
+                return Err("a raw image cannot have a backing file".into());
+            }
+            Some((b.as_str(), f))
+        }
+        _ => None,
+    };
+    // The backing file must open (read-only, with the format given) and
+    // gives the default size.
+    let backing_size = match backing {
+        Some((b, f)) => {
+            let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
+            let node = open_image(&ImageOptions {
+                path: bpath,
+                format: match f {
+                    CreateFormat::Raw => ImageFormat::Raw,
+                    CreateFormat::Qcow2 => ImageFormat::Qcow2,
+                },
+                read_only: true,
+                cache: CacheMode::Writeback,
+                block_size: 512,
+                qcow2: Qcow2Options::default(),
+            })
+            .map_err(|e| format!("backing file: {e}"))?;
+            Some(BlockBackend::new("backing", node, true).size())
+        }
+        None => None,
+    };
+    let size = args
+        .size
+        .or(backing_size)
+        .ok_or("a size is required (or a backing file to take it from)")?;
+    let r = match args.format {
+        CreateFormat::Raw => qcreate::create_raw(path, size),
+        CreateFormat::Qcow2 => {
+            let fmt = |f: CreateFormat| match f {
+                CreateFormat::Raw => "raw",
+                CreateFormat::Qcow2 => "qcow2",
+            };
+            qcreate::create(
+                path,
+                &CreateOptions {
+                    size,
+                    cluster_size: args.cluster_size,
+                    backing: backing.map(|(b, f)| (b, fmt(f))),
+                },
+            )
+        }
+    };
+    r.map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "Formatting '{}', fmt={:?}, size={size}",
+        path.display(),
+        args.format
+    );
+    Ok(())
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -111,6 +172,7 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
         format: match args.format {
             FormatArg::Auto => ImageFormat::Auto,
             FormatArg::Raw => ImageFormat::Raw,
+            FormatArg::Qcow2 => ImageFormat::Qcow2,
         },
         read_only: args.read_only,
         cache: match args.cache {
@@ -118,6 +180,10 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
             CacheArg::Writeback => CacheMode::Writeback,
         },
         block_size: args.logical_block_size as usize,
+        qcow2: Qcow2Options {
+            l2_cache_bytes: args.l2_cache_size,
+            refcount_cache_bytes: args.refcount_cache_size,
+        },
     };
     let node = open_image(&opts).map_err(|e| e.to_string())?;
     Ok((node, absolute(&path).display().to_string()))

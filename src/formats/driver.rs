@@ -26,6 +26,14 @@ pub trait BlockIo: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_>;
     /// Make a range read as zeros; `may_unmap` allows freeing its storage.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_>;
+    /// Grow to `new_size` bytes. Drivers that cannot, say so.
+    fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        let _ = new_size;
+        Box::pin(std::future::ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this driver cannot be resized",
+        ))))
+    }
 }
 
 /// A child a format driver reads through (in the graph: a child edge's node).

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::driver::{BlockDriver, BlockIo, IoFuture};
@@ -35,7 +35,9 @@ pub struct FileDriver {
     direct: bool,
     /// Memory alignment O_DIRECT needs (1 when buffered).
     mem_align: usize,
-    size: u64,
+    /// Offset and length alignment O_DIRECT needs (1 when buffered).
+    offset_align: usize,
+    size: AtomicU64,
     zero_range_ok: AtomicBool,
     punch_hole_ok: AtomicBool,
 }
@@ -101,7 +103,7 @@ impl FileDriver {
             }
             r => r.map_err(io_err)?,
         };
-        let mut mem_align = 1;
+        let (mut mem_align, mut offset_align) = (1, 1);
         if direct {
             let (mem, offset) = direct_io_alignment(&file).unwrap_or((512, 512));
             if offset > block_size {
@@ -113,6 +115,7 @@ impl FileDriver {
                 file = open_file(path, read_only, false).map_err(io_err)?;
             } else {
                 mem_align = mem;
+                offset_align = offset.max(1);
             }
         }
         let meta = file.metadata().map_err(io_err)?;
@@ -137,7 +140,8 @@ impl FileDriver {
             read_only,
             direct,
             mem_align,
-            size,
+            offset_align,
+            size: AtomicU64::new(size),
             zero_range_ok: AtomicBool::new(true),
             punch_hole_ok: AtomicBool::new(true),
         })
@@ -164,6 +168,10 @@ impl FileDriver {
     }
 
     async fn do_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        let a = self.offset_align as u64;
+        if self.direct && (!offset.is_multiple_of(a) || !(buf.len() as u64).is_multiple_of(a)) {
+            return self.read_unaligned(offset, buf).await;
+        }
         if !self.direct || buf.is_aligned(self.mem_align) {
             match ops::readv(self.fd(), buf, offset).await {
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -180,6 +188,25 @@ impl FileDriver {
         Ok(())
     }
 
+    /// O_DIRECT read of a range the device cannot address directly (format
+    /// metadata smaller than a sector): read the enclosing aligned range.
+    async fn read_unaligned(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        let a = self.offset_align as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let bounce = Arc::new(AlignedBuf::zeroed(
+            (end - start) as usize,
+            SAFE_DIRECT_ALIGN.max(self.mem_align),
+        ));
+        let got = ops::read_some(self.fd(), &IoVec::from_buf(bounce.clone()), start).await?;
+        let skip = (offset - start) as usize;
+        if got < skip + buf.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from(&bounce.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
     async fn do_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
         if self.read_only {
             return Err(self.read_only_error());
@@ -187,12 +214,24 @@ impl FileDriver {
         if !self.direct || buf.is_aligned(self.mem_align) {
             match ops::writev(self.fd(), buf, offset).await {
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
-                r => return r,
+                r => {
+                    if r.is_ok() {
+                        self.grew_to(offset + buf.len() as u64);
+                    }
+                    return r;
+                }
             }
         }
         let mut bounce = AlignedBuf::zeroed(buf.len(), SAFE_DIRECT_ALIGN.max(self.mem_align));
         buf.copy_to(bounce.as_mut_slice());
-        ops::writev(self.fd(), &IoVec::from_buf(Arc::new(bounce)), offset).await
+        ops::writev(self.fd(), &IoVec::from_buf(Arc::new(bounce)), offset).await?;
+        self.grew_to(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    /// Writes past the end (a format driver appending) extend the file.
+    fn grew_to(&self, end: u64) {
+        self.size.fetch_max(end, Ordering::AcqRel);
     }
 
     async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
@@ -260,7 +299,7 @@ fn unsupported(e: &io::Error) -> bool {
 
 impl BlockIo for FileDriver {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
         Box::pin(self.do_read(offset, buf))
@@ -287,6 +326,36 @@ impl BlockIo for FileDriver {
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
         Box::pin(self.do_write_zeroes(offset, len, may_unmap))
+    }
+    fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if self.read_only {
+                return Err(self.read_only_error());
+            }
+            let old = self.size();
+            if new_size < old {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{}: shrinking from {old} to {new_size} bytes is not supported",
+                        self.path.display()
+                    ),
+                ));
+            }
+            if self.file.metadata()?.is_file() {
+                self.file.set_len(new_size)?;
+            } else if new_size > old {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "{}: a block device cannot be grown from here",
+                        self.path.display()
+                    ),
+                ));
+            }
+            self.size.store(new_size, Ordering::Release);
+            Ok(())
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 mod driver;
 pub mod file;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 pub use driver::{BlockDriver, BlockIo, ChildRef, IoFuture};

@@ -35,6 +35,9 @@ impl BlockIo for RawDriver {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
         self.file.write_zeroes(offset, len, may_unmap)
     }
+    fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        self.file.grow(new_size)
+    }
 }
 
 impl BlockDriver for RawDriver {

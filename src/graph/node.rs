@@ -133,6 +133,9 @@ impl BlockIo for Node {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
         self.tracked(self.driver.write_zeroes(offset, len, may_unmap))
     }
+    fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        self.tracked(self.driver.grow(new_size))
+    }
 }
 
 impl Drop for Node {

@@ -1,4 +1,5 @@
-//! Building a node tree for an image from command-line options.
+//! Building a node tree for an image: protocol node, format node, and for
+//! qcow2 the backing chain below it.
 
 use std::fs::File;
 use std::io::Read;
@@ -6,13 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::node::{Child, ChildRole, Node};
-use crate::formats::{CacheMode, FileDriver, NullDriver, OpenError, RawDriver};
+use crate::formats::qcow2::{self, Qcow2Driver, Qcow2Error, Qcow2Options};
+use crate::formats::{CacheMode, ChildRef, FileDriver, NullDriver, OpenError, RawDriver};
+use crate::uring;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageFormat {
-    /// Decide from the image's first bytes.
+    /// Decide from the image's first bytes (only for the top image: backing
+    /// files take the format their overlay names).
     Auto,
     Raw,
+    Qcow2,
 }
 
 pub struct ImageOptions {
@@ -23,9 +28,11 @@ pub struct ImageOptions {
     /// The export's logical block size; O_DIRECT is only used if the host
     /// can serve requests aligned to it.
     pub block_size: usize,
+    pub qcow2: Qcow2Options,
 }
 
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// Deepest backing chain we follow (a loop would be infinitely deep).
+const MAX_CHAIN_DEPTH: usize = 16;
 
 fn probe(path: &Path) -> Result<ImageFormat, OpenError> {
     let mut head = [0u8; 4];
@@ -35,36 +42,118 @@ fn probe(path: &Path) -> Result<ImageFormat, OpenError> {
             path: path.to_path_buf(),
             source,
         })?;
-    if n == 4 && &head == QCOW2_MAGIC {
-        // Serving a qcow2 file as raw would hand the guest its metadata.
-        return Err(OpenError::Invalid {
-            path: path.to_path_buf(),
-            reason: "this is a qcow2 image, which this build cannot serve; convert it with `qemu-img convert -O raw`".into(),
-        });
-    }
-    Ok(ImageFormat::Raw)
+    Ok(if n == 4 && head == qcow2::header::MAGIC {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
 }
 
-/// Open `opts.path` as a protocol node (`file0`) under a format node
-/// (`fmt0`) and return the format node.
+fn invalid(path: &Path, reason: String) -> OpenError {
+    OpenError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn qcow2_error(path: &Path, e: Qcow2Error) -> OpenError {
+    match e {
+        Qcow2Error::Io(source) => OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        e => invalid(path, e.to_string()),
+    }
+}
+
+/// Open `opts.path` and return its format node (`fmt0`, over `file0`; a
+/// backing image is `fmt1` over `file1`, and so on).
 pub fn open_image(opts: &ImageOptions) -> Result<Arc<Node>, OpenError> {
-    let format = match opts.format {
-        ImageFormat::Auto => probe(&opts.path)?,
+    open_layer(&opts.path, opts.format, opts.read_only, opts, 0)
+}
+
+fn open_layer(
+    path: &Path,
+    format: ImageFormat,
+    read_only: bool,
+    opts: &ImageOptions,
+    depth: usize,
+) -> Result<Arc<Node>, OpenError> {
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(invalid(
+            path,
+            format!("backing chain deeper than {MAX_CHAIN_DEPTH} images (a loop?)"),
+        ));
+    }
+    let format = match format {
+        ImageFormat::Auto => probe(path)?,
         f => f,
     };
-    let file = FileDriver::open(&opts.path, opts.read_only, opts.cache, opts.block_size)?;
-    let file = Node::new("file0", Box::new(file), Vec::new());
+    // qcow2 metadata is written in 512-byte units at the least.
+    let block_size = if format == ImageFormat::Qcow2 {
+        512
+    } else {
+        opts.block_size
+    };
+    let file = FileDriver::open(path, read_only, opts.cache, block_size)?;
+    let file = Node::new(&format!("file{depth}"), Box::new(file), Vec::new());
+    let file_child = Child {
+        role: ChildRole::File,
+        node: file.clone(),
+    };
+    let name = format!("fmt{depth}");
     match format {
         ImageFormat::Raw | ImageFormat::Auto => {
-            let raw = RawDriver::new(file.clone(), opts.read_only);
-            Ok(Node::new(
-                "fmt0",
-                Box::new(raw),
-                vec![Child {
-                    role: ChildRole::File,
-                    node: file,
-                }],
-            ))
+            let raw = RawDriver::new(file, read_only);
+            Ok(Node::new(&name, Box::new(raw), vec![file_child]))
+        }
+        ImageFormat::Qcow2 => {
+            let file_ref: ChildRef = file;
+            let io_err = |source| OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            };
+            let (h, _) = uring::block_on(|| qcow2::read_header(&file_ref))
+                .map_err(io_err)?
+                .map_err(|e| qcow2_error(path, e))?;
+            let backing = match (&h.backing_file, &h.backing_format) {
+                (None, _) => None,
+                (Some(b), None) => {
+                    return Err(invalid(
+                        path,
+                        format!(
+                            "its backing file '{b}' has no recorded format, and ringblk never probes backing files; record it with `qemu-img rebase -u -b '{b}' -F raw|qcow2 {}`",
+                            path.display()
+                        ),
+                    ))
+                }
+                (Some(b), Some(f)) => {
+                    let bformat = match f.as_str() {
+                        "raw" => ImageFormat::Raw,
+                        "qcow2" => ImageFormat::Qcow2,
+                        other => return Err(invalid(path, format!("backing file '{b}' has format '{other}', which is not supported"))),
+                    };
+                    // Relative names are relative to the overlay's folder.
+                    let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
+                    Some(open_layer(&bpath, bformat, true, opts, depth + 1)?)
+                }
+            };
+            let backing_ref: Option<ChildRef> = backing.clone().map(|b| b as ChildRef);
+            let display = path.display().to_string();
+            let qopts = opts.qcow2;
+            let driver = uring::block_on(|| {
+                Qcow2Driver::open(&display, file_ref.clone(), backing_ref, read_only, qopts)
+            })
+            .map_err(io_err)?
+            .map_err(|e| qcow2_error(path, e))?;
+            let mut children = vec![file_child];
+            if let Some(b) = backing {
+                children.push(Child {
+                    role: ChildRole::Backing,
+                    node: b,
+                });
+            }
+            Ok(Node::new(&name, Box::new(driver), children))
         }
     }
 }

@@ -329,6 +329,38 @@ pub(super) fn request_stop_current() {
     with_runtime(|rt| rt.request_stop())
 }
 
+/// Run the future `make` builds to completion on a short-lived thread with
+/// its own ring, and return its output. For the control thread's I/O (image
+/// open and close), which may happen on any thread, iothreads included.
+pub fn block_on<R, F>(make: impl FnOnce() -> F + Send) -> io::Result<R>
+where
+    R: Send,
+    F: Future<Output = R>,
+{
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let rt = Runtime::new(256, std::time::Duration::ZERO)?;
+            let out: Rc<RefCell<Option<R>>> = Rc::new(RefCell::new(None));
+            let slot = out.clone();
+            let fut = make();
+            // SAFETY: the future lives on this thread's runtime, which runs it
+            // to completion below before `make`'s borrows end; erasing the
+            // lifetime lets it sit in the runtime's task list meanwhile.
+            let fut: Pin<Box<dyn Future<Output = ()> + '_>> = Box::pin(async move {
+                *slot.borrow_mut() = Some(fut.await);
+            });
+            let fut: LocalTask = unsafe { std::mem::transmute(fut) };
+            rt.spawn(fut);
+            rt.request_stop();
+            rt.run();
+            let v = out.borrow_mut().take();
+            v.ok_or_else(|| io::Error::other("future did not complete"))
+        })
+        .join()
+        .map_err(|_| io::Error::other("block_on thread panicked"))?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;

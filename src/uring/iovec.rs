@@ -94,6 +94,18 @@ impl IoVec {
         }
     }
 
+    /// Several lists one after another, as one.
+    pub fn concat(parts: &[&IoVec]) -> IoVec {
+        let iov: Vec<libc::iovec> = parts.iter().flat_map(|p| p.iov.iter().copied()).collect();
+        let keeps: Vec<KeepAlive> = parts.iter().filter_map(|p| p.keep.clone()).collect();
+        let len = parts.iter().map(|p| p.len).sum();
+        IoVec {
+            iov,
+            len,
+            keep: Some(Arc::new(keeps)),
+        }
+    }
+
     /// Everything after the first `offset` bytes.
     pub fn tail(&self, offset: usize) -> IoVec {
         self.slice(offset, self.len.saturating_sub(offset))

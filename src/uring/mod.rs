@@ -7,12 +7,14 @@ mod eventfd;
 mod executor;
 mod iothread;
 mod iovec;
+mod lock;
 pub mod ops;
 mod poll;
 mod reactor;
 
 pub use eventfd::signal_eventfd;
-pub use executor::{add_poller, on_turn_end, remove_poller, spawn};
+pub use executor::{add_poller, block_on, on_turn_end, remove_poller, spawn};
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec};
+pub use lock::AsyncMutex;
 pub use poll::Poller;

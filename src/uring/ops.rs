@@ -50,6 +50,12 @@ async fn rw_once(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result
     to_result(op.await)
 }
 
+/// One read into `buf` at `offset`; returns how many bytes arrived (short
+/// at end of file).
+pub async fn read_some(fd: RawFd, buf: &IoVec, offset: u64) -> io::Result<usize> {
+    rw_once(fd, buf, offset, false).await
+}
+
 /// Read the whole of `buf` from `fd` at `offset`. Hitting end of file is an
 /// error (`UnexpectedEof`); short reads are resumed.
 pub async fn readv(fd: RawFd, buf: &IoVec, offset: u64) -> io::Result<()> {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod guest;
+pub mod qemu_img;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 

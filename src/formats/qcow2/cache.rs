@@ -1,0 +1,260 @@
+//! A cache of cluster-sized metadata tables (L2 tables, refcount blocks),
+//! decoded to native u64 entries. Dirty tables are written back by the
+//! owner, which knows the ordering rules between caches.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use crate::formats::ChildRef;
+use crate::uring::{AlignedBuf, IoVec};
+
+/// How a table's entries are stored on disk.
+#[derive(Clone, Copy, Debug)]
+pub enum Encoding {
+    /// Big-endian u64 (L1/L2 tables, refcount table).
+    Be64,
+    /// Refcount block with 2^order-bit entries.
+    Refcounts { order: u32 },
+}
+
+impl Encoding {
+    pub fn entries(&self, cluster_size: usize) -> usize {
+        match self {
+            Encoding::Be64 => cluster_size / 8,
+            Encoding::Refcounts { order } => (cluster_size * 8) >> order,
+        }
+    }
+
+    pub fn decode(&self, raw: &[u8]) -> Vec<u64> {
+        match *self {
+            Encoding::Be64 => raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            Encoding::Refcounts { order } => {
+                let bits = 1usize << order;
+                (0..raw.len() * 8 / bits)
+                    .map(|i| get_bits(raw, i, bits))
+                    .collect()
+            }
+        }
+    }
+
+    pub fn encode(&self, entries: &[u64], raw: &mut [u8]) {
+        match *self {
+            Encoding::Be64 => {
+                for (c, v) in raw.chunks_exact_mut(8).zip(entries) {
+                    c.copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            Encoding::Refcounts { order } => {
+                let bits = 1usize << order;
+                for (i, &v) in entries.iter().enumerate() {
+                    set_bits(raw, i, bits, v);
+                }
+            }
+        }
+    }
+
+    /// Largest value an entry can hold.
+    pub fn max_value(&self) -> u64 {
+        match *self {
+            Encoding::Be64 => u64::MAX,
+            Encoding::Refcounts { order } if order >= 6 => u64::MAX,
+            Encoding::Refcounts { order } => (1u64 << (1 << order)) - 1,
+        }
+    }
+}
+
+/// Entry `i` of `bits` width: big-endian for whole bytes, and for sub-byte
+/// widths bit 0 is the least significant bit of each byte.
+fn get_bits(raw: &[u8], i: usize, bits: usize) -> u64 {
+    if bits >= 8 {
+        let n = bits / 8;
+        raw[i * n..(i + 1) * n]
+            .iter()
+            .fold(0u64, |acc, &b| acc << 8 | b as u64)
+    } else {
+        let per = 8 / bits;
+        let byte = raw[i / per];
+        let shift = (i % per) * bits;
+        (byte as u64 >> shift) & ((1 << bits) - 1)
+    }
+}
+
+fn set_bits(raw: &mut [u8], i: usize, bits: usize, v: u64) {
+    if bits >= 8 {
+        let n = bits / 8;
+        for (k, b) in raw[i * n..(i + 1) * n].iter_mut().enumerate() {
+            *b = (v >> (8 * (n - 1 - k))) as u8;
+        }
+    } else {
+        let per = 8 / bits;
+        let shift = (i % per) * bits;
+        let mask = (((1u16 << bits) - 1) as u8) << shift;
+        let b = &mut raw[i / per];
+        *b = (*b & !mask) | (((v as u8) << shift) & mask);
+    }
+}
+
+/// Read `len` bytes at `offset` of `file` into a fresh buffer.
+pub async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<Arc<AlignedBuf>> {
+    let buf = Arc::new(AlignedBuf::zeroed(len, 4096));
+    file.read(offset, &IoVec::from_buf(buf.clone())).await?;
+    Ok(buf)
+}
+
+/// Write `bytes` at `offset` of `file`.
+pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    let mut buf = AlignedBuf::zeroed(bytes.len(), 4096);
+    buf.as_mut_slice().copy_from_slice(bytes);
+    file.write(offset, &IoVec::from_buf(Arc::new(buf))).await
+}
+
+struct Entry {
+    data: Vec<u64>,
+    dirty: bool,
+    used: u64,
+}
+
+pub struct TableCache {
+    encoding: Encoding,
+    cluster_size: usize,
+    capacity: usize,
+    tables: HashMap<u64, Entry>,
+    tick: u64,
+}
+
+impl TableCache {
+    pub fn new(encoding: Encoding, cluster_size: usize, capacity: usize) -> Self {
+        TableCache {
+            encoding,
+            cluster_size,
+            capacity: capacity.max(2),
+            tables: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    pub fn contains(&self, offset: u64) -> bool {
+        self.tables.contains_key(&offset)
+    }
+
+    /// The table at `offset`, if cached.
+    pub fn get(&mut self, offset: u64) -> Option<&mut Vec<u64>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.tables.get_mut(&offset).map(|e| {
+            e.used = tick;
+            &mut e.data
+        })
+    }
+
+    pub fn mark_dirty(&mut self, offset: u64) {
+        if let Some(e) = self.tables.get_mut(&offset) {
+            e.dirty = true;
+        }
+    }
+
+    /// True if inserting another table would first need an eviction; the
+    /// victim (least recently used) is returned with whether it is dirty.
+    pub fn victim(&self) -> Option<(u64, bool)> {
+        if self.tables.len() < self.capacity {
+            return None;
+        }
+        self.tables
+            .iter()
+            .min_by_key(|(_, e)| e.used)
+            .map(|(&off, e)| (off, e.dirty))
+    }
+
+    /// Drop a clean table (the caller wrote it back if it was dirty).
+    pub fn remove(&mut self, offset: u64) {
+        self.tables.remove(&offset);
+    }
+
+    pub fn insert(&mut self, offset: u64, data: Vec<u64>, dirty: bool) {
+        self.tick += 1;
+        self.tables.insert(
+            offset,
+            Entry {
+                data,
+                dirty,
+                used: self.tick,
+            },
+        );
+    }
+
+    /// Load a table from disk (not cached yet; the caller inserts it).
+    pub async fn load(&self, file: &ChildRef, offset: u64) -> io::Result<Vec<u64>> {
+        let buf = read_bytes(file, offset, self.cluster_size).await?;
+        Ok(self.encoding.decode(buf.as_slice()))
+    }
+
+    /// Offsets of dirty tables, in file order.
+    pub fn dirty(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .tables
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&o, _)| o)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Write one table back and mark it clean.
+    pub async fn write_back(&mut self, file: &ChildRef, offset: u64) -> io::Result<()> {
+        let Some(e) = self.tables.get(&offset) else {
+            return Ok(());
+        };
+        let mut raw = vec![0u8; self.cluster_size];
+        self.encoding.encode(&e.data, &mut raw);
+        write_bytes(file, offset, &raw).await?;
+        if let Some(e) = self.tables.get_mut(&offset) {
+            e.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Write back every dirty table.
+    pub async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
+        for off in self.dirty() {
+            self.write_back(file, off).await?;
+        }
+        Ok(())
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_widths_round_trip() {
+        for order in 0..=6u32 {
+            let enc = Encoding::Refcounts { order };
+            let n = enc.entries(512);
+            let max = enc.max_value();
+            let vals: Vec<u64> = (0..n as u64)
+                .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) & max)
+                .collect();
+            let mut raw = vec![0u8; 512];
+            enc.encode(&vals, &mut raw);
+            assert_eq!(enc.decode(&raw), vals, "order {order}");
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_refcounts_are_big_endian() {
+        let enc = Encoding::Refcounts { order: 4 };
+        let mut raw = vec![0u8; 8];
+        enc.encode(&[1, 0x0203, 0, 0], &mut raw);
+        assert_eq!(&raw[..4], &[0, 1, 2, 3]);
+    }
+}

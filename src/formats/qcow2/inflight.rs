@@ -1,0 +1,71 @@
+//! Serialising cluster allocation: while one request allocates a guest
+//! cluster, others that want to allocate the same cluster wait, then find
+//! it allocated and write in place. Two writers never both allocate it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+#[derive(Default)]
+pub struct ClusterLocks {
+    held: Mutex<HashMap<u64, Vec<Waker>>>,
+}
+
+impl ClusterLocks {
+    pub fn lock(&self, cluster: u64) -> LockCluster<'_> {
+        LockCluster {
+            locks: self,
+            cluster,
+        }
+    }
+}
+
+pub struct LockCluster<'a> {
+    locks: &'a ClusterLocks,
+    cluster: u64,
+}
+
+impl<'a> Future for LockCluster<'a> {
+    type Output = ClusterGuard<'a>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ClusterGuard<'a>> {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.get_mut(&self.cluster) {
+            None => {
+                held.insert(self.cluster, Vec::new());
+                Poll::Ready(ClusterGuard {
+                    locks: self.locks,
+                    cluster: self.cluster,
+                })
+            }
+            Some(waiters) => {
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+pub struct ClusterGuard<'a> {
+    locks: &'a ClusterLocks,
+    cluster: u64,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        let waiters = self
+            .locks
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.cluster)
+            .unwrap_or_default();
+        for w in waiters {
+            w.wake();
+        }
+    }
+}

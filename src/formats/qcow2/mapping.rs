@@ -1,0 +1,341 @@
+//! Guest-to-host mapping: the L1 table, cached L2 tables, and the metadata
+//! state (`Meta`) that lives under the driver's lock.
+//!
+//! Ordering rules kept here (QEMU's): a refcount block reaches the file
+//! before any L2 table that may point into clusters it counts; a new L2
+//! table is on disk before its L1 entry; a cleared L2 entry is on disk
+//! before the refcount of the cluster it pointed to drops.
+
+use std::io;
+
+use super::cache::{read_bytes, write_bytes, Encoding, TableCache};
+use super::header::{Header, MAX_HOST_OFFSET};
+use super::refcount::{HeaderBlock, Refcounts};
+use crate::formats::ChildRef;
+
+pub const L2_COPIED: u64 = 1 << 63;
+pub const L2_COMPRESSED: u64 = 1 << 62;
+pub const L2_ZERO: u64 = 1;
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits of a standard L2 entry that must be zero (1-8 and 56-61).
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Bits of an L1 entry that must be zero (0-8 and 56-62).
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+
+/// What a guest cluster maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Read from the backing file (or zeros without one).
+    Unallocated,
+    /// Reads as zeros; `host` is a preallocated cluster if any.
+    Zero { host: Option<u64> },
+    /// Guest data at `host`; `copied` says its refcount is exactly one.
+    Data { host: u64, copied: bool },
+    /// zlib-compressed; the raw L2 entry.
+    Compressed { entry: u64 },
+}
+
+fn corrupt(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+pub struct Meta {
+    pub cluster_bits: u32,
+    pub version: u32,
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    pub l2: TableCache,
+    /// Present on writable opens only.
+    pub refcounts: Option<Refcounts>,
+    pub header: HeaderBlock,
+}
+
+impl Meta {
+    pub async fn open(
+        file: &ChildRef,
+        h: &Header,
+        header_bytes: Vec<u8>,
+        writable: bool,
+        l2_cache_tables: usize,
+        refcount_cache_tables: usize,
+    ) -> io::Result<Self> {
+        let l1_raw = read_bytes(file, h.l1_table_offset, h.l1_size as usize * 8).await?;
+        let refcounts = if writable {
+            Some(
+                Refcounts::open(
+                    file,
+                    h.refcount_table_offset,
+                    h.refcount_table_clusters,
+                    h.refcount_order,
+                    h.cluster_bits,
+                    refcount_cache_tables,
+                    file.size(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        Ok(Meta {
+            cluster_bits: h.cluster_bits,
+            version: h.version,
+            l1: Encoding::Be64.decode(l1_raw.as_slice()),
+            l1_offset: h.l1_table_offset,
+            l2: TableCache::new(Encoding::Be64, h.cluster_size() as usize, l2_cache_tables),
+            refcounts,
+            header: HeaderBlock { buf: header_bytes },
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_bits(&self) -> u32 {
+        self.cluster_bits - 3
+    }
+
+    fn refcounts(&mut self) -> io::Result<&mut Refcounts> {
+        self.refcounts.as_mut().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::PermissionDenied, "image is open read-only")
+        })
+    }
+
+    /// The L2 table offset for L1 index `i`, validated; None if unallocated.
+    fn l2_offset(&self, i: usize) -> io::Result<Option<u64>> {
+        let Some(&e) = self.l1.get(i) else {
+            return Ok(None);
+        };
+        if e & L1_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L1 entry {i} has reserved bits set ({e:#x})"
+            )));
+        }
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !off.is_multiple_of(self.cs()) || off < self.cs() {
+            return Err(corrupt(format!("L1 entry {i} points to {off:#x}")));
+        }
+        Ok(Some(off))
+    }
+
+    /// Cache the L2 table at `off`, writing back an evicted dirty one first
+    /// (after the refcounts it may depend on).
+    async fn cache_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
+        if self.l2.contains(off) {
+            return Ok(());
+        }
+        if let Some((victim, dirty)) = self.l2.victim() {
+            if dirty {
+                if let Some(r) = self.refcounts.as_mut() {
+                    r.flush(file).await?;
+                }
+                self.l2.write_back(file, victim).await?;
+            }
+            self.l2.remove(victim);
+        }
+        let data = self.l2.load(file, off).await?;
+        self.l2.insert(off, data, false);
+        Ok(())
+    }
+
+    pub async fn lookup(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<Mapping> {
+        let l1i = (guest_cluster >> self.l2_bits()) as usize;
+        let l2i = (guest_cluster & ((1 << self.l2_bits()) - 1)) as usize;
+        let Some(off) = self.l2_offset(l1i)? else {
+            return Ok(Mapping::Unallocated);
+        };
+        self.cache_l2(file, off).await?;
+        let e = self.l2.get(off).map_or(0, |t| t[l2i]);
+        self.decode(e, guest_cluster)
+    }
+
+    fn decode(&self, e: u64, guest_cluster: u64) -> io::Result<Mapping> {
+        if e & L2_COMPRESSED != 0 {
+            return Ok(Mapping::Compressed { entry: e });
+        }
+        if e & L2_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L2 entry for guest cluster {guest_cluster} has reserved bits ({e:#x})"
+            )));
+        }
+        let host = e & OFFSET_MASK;
+        if !host.is_multiple_of(self.cs()) || host > MAX_HOST_OFFSET {
+            return Err(corrupt(format!(
+                "guest cluster {guest_cluster} maps to unaligned {host:#x}"
+            )));
+        }
+        if e & L2_ZERO != 0 {
+            if self.version < 3 {
+                return Err(corrupt(format!(
+                    "zero flag in a version 2 image (cluster {guest_cluster})"
+                )));
+            }
+            return Ok(Mapping::Zero {
+                host: (host != 0).then_some(host),
+            });
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        if host < self.cs() {
+            return Err(corrupt(format!(
+                "guest cluster {guest_cluster} maps onto the header"
+            )));
+        }
+        Ok(Mapping::Data {
+            host,
+            copied: e & L2_COPIED != 0,
+        })
+    }
+
+    /// Make sure guest cluster's L2 table exists, creating it if needed:
+    /// refcount on disk, then the zeroed table, then the L1 entry.
+    pub async fn ensure_l2(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<u64> {
+        let l1i = (guest_cluster >> self.l2_bits()) as usize;
+        if l1i >= self.l1.len() {
+            return Err(corrupt(format!(
+                "guest cluster {guest_cluster} is beyond the L1 table"
+            )));
+        }
+        if let Some(off) = self.l2_offset(l1i)? {
+            self.cache_l2(file, off).await?;
+            return Ok(off);
+        }
+        let cs = self.cs();
+        let mut header = std::mem::replace(&mut self.header, HeaderBlock { buf: Vec::new() });
+        let r = async {
+            let refcounts = self.refcounts()?;
+            let off = refcounts.alloc(file, &mut header, 1).await?;
+            refcounts.flush(file).await?;
+            write_bytes(file, off, &vec![0u8; cs as usize]).await?;
+            Ok::<u64, io::Error>(off)
+        }
+        .await;
+        self.header = header;
+        let off = r?;
+        self.l1[l1i] = off | L2_COPIED;
+        self.write_l1_entry(file, l1i).await?;
+        if let Some((victim, dirty)) = self.l2.victim() {
+            if dirty {
+                if let Some(r) = self.refcounts.as_mut() {
+                    r.flush(file).await?;
+                }
+                self.l2.write_back(file, victim).await?;
+            }
+            self.l2.remove(victim);
+        }
+        self.l2.insert(off, vec![0u64; (cs / 8) as usize], false);
+        Ok(off)
+    }
+
+    async fn write_l1_entry(&self, file: &ChildRef, i: usize) -> io::Result<()> {
+        let chunk = 4096.min(self.cs()) as usize;
+        let per = chunk / 8;
+        let first = i / per * per;
+        let end = (first + per).min(self.l1.len());
+        let mut raw = vec![0u8; chunk];
+        Encoding::Be64.encode(&self.l1[first..end], &mut raw);
+        write_bytes(file, self.l1_offset + first as u64 * 8, &raw).await
+    }
+
+    /// Set the L2 entry of a guest cluster whose table exists (dirty in
+    /// the cache). Returns the table's offset.
+    pub async fn set_l2(
+        &mut self,
+        file: &ChildRef,
+        guest_cluster: u64,
+        entry: u64,
+    ) -> io::Result<u64> {
+        let off = self.ensure_l2(file, guest_cluster).await?;
+        let l2i = (guest_cluster & ((1 << self.l2_bits()) - 1)) as usize;
+        if let Some(t) = self.l2.get(off) {
+            t[l2i] = entry;
+        }
+        self.l2.mark_dirty(off);
+        Ok(off)
+    }
+
+    /// Write an L2 table now (refcounts first): used before freeing clusters
+    /// it no longer points to.
+    pub async fn write_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
+        if let Some(r) = self.refcounts.as_mut() {
+            r.flush(file).await?;
+        }
+        self.l2.write_back(file, off).await
+    }
+
+    pub async fn alloc_cluster(&mut self, file: &ChildRef) -> io::Result<u64> {
+        let mut header = std::mem::replace(&mut self.header, HeaderBlock { buf: Vec::new() });
+        let r = match self.refcounts.as_mut() {
+            Some(rc) => rc.alloc(file, &mut header, 1).await,
+            None => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "image is open read-only",
+            )),
+        };
+        self.header = header;
+        r
+    }
+
+    pub async fn free_cluster(&mut self, file: &ChildRef, host: u64) -> io::Result<()> {
+        self.refcounts()?.free(file, host).await
+    }
+
+    /// Write back everything dirty, refcounts before L2 tables.
+    pub async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
+        if let Some(r) = self.refcounts.as_mut() {
+            r.flush(file).await?;
+        }
+        self.l2.write_back_all(file).await
+    }
+
+    /// Grow the virtual size: a bigger L1 table if needed (written, then the
+    /// header switched to it, then the old one freed), then the size field.
+    pub async fn grow(&mut self, file: &ChildRef, h: &Header, new_size: u64) -> io::Result<()> {
+        let need = h.l1_entries_for(new_size) as usize;
+        if need as u64 * 8 > super::header::MAX_L1_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "size needs an L1 table over 32 MiB",
+            ));
+        }
+        let cs = self.cs();
+        if need > self.l1.len() {
+            let clusters = (need as u64 * 8).div_ceil(cs);
+            let mut header = std::mem::replace(&mut self.header, HeaderBlock { buf: Vec::new() });
+            let r = async {
+                let rc = self.refcounts()?;
+                let at = rc.alloc(file, &mut header, clusters).await?;
+                rc.flush(file).await?;
+                Ok::<u64, io::Error>(at)
+            }
+            .await;
+            self.header = header;
+            let at = r?;
+            let mut l1 = self.l1.clone();
+            l1.resize(need, 0);
+            let mut raw = vec![0u8; (clusters * cs) as usize];
+            Encoding::Be64.encode(&l1, &mut raw);
+            write_bytes(file, at, &raw).await?;
+            file.flush().await?;
+            let (old_off, old_clusters) = (self.l1_offset, (self.l1.len() as u64 * 8).div_ceil(cs));
+            self.header.set_u64(24, new_size);
+            self.header.set_u32(36, need as u32);
+            self.header.set_u64(40, at);
+            self.header.write(file).await?;
+            file.flush().await?;
+            self.l1 = l1;
+            self.l1_offset = at;
+            for c in 0..old_clusters {
+                self.free_cluster(file, old_off + c * cs).await?;
+            }
+        } else {
+            self.header.set_u64(24, new_size);
+            self.header.write(file).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,487 @@
+//! qcow2 ("lite"): v2 and v3 images as qemu-img makes them.
+//!
+//! - `header`: parsing and validating the header and extensions
+//! - `cache`: the metadata table cache (L2 tables, refcount blocks)
+//! - `mapping`: L1/L2 lookups and updates under the metadata lock
+//! - `refcount`: reference counts and cluster allocation
+//! - `inflight`: one allocation per guest cluster at a time
+//! - `create`: making new images
+//!
+//! Data moves outside the metadata lock; the lock covers lookups and
+//! metadata updates only.
+
+pub mod cache;
+pub mod create;
+pub mod header;
+mod inflight;
+pub mod mapping;
+pub mod refcount;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use self::cache::read_bytes;
+use self::header::Header;
+use self::inflight::ClusterLocks;
+use self::mapping::{Mapping, Meta, L2_COPIED, L2_ZERO};
+use super::driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
+use crate::uring::{AlignedBuf, AsyncMutex, IoVec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    #[error("not a qcow2 image")]
+    NotQcow2,
+    #[error("the image uses {0}, which ringblk does not support")]
+    Unsupported(String),
+    #[error("corrupt qcow2 image: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Cache sizes, in bytes of metadata.
+#[derive(Clone, Copy, Debug)]
+pub struct Qcow2Options {
+    pub l2_cache_bytes: u64,
+    pub refcount_cache_bytes: u64,
+}
+
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        // 32 MiB of L2 tables maps 256 GiB with 64 KiB clusters.
+        Qcow2Options {
+            l2_cache_bytes: 32 << 20,
+            refcount_cache_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Read and validate the header of the image behind `file`.
+pub async fn read_header(file: &ChildRef) -> Result<(Header, Vec<u8>), Qcow2Error> {
+    let file_len = file.size();
+    let first = file_len.min(65536) as usize;
+    if first < header::V2_HEADER_LEN as usize {
+        return Err(Qcow2Error::NotQcow2);
+    }
+    let mut bytes = read_bytes(file, 0, first).await?.as_slice().to_vec();
+    let h = Header::parse(&bytes, file_len)?;
+    let cs = h.cluster_size().min(file_len) as usize;
+    if cs > bytes.len() {
+        bytes = read_bytes(file, 0, cs).await?.as_slice().to_vec();
+        return Ok((Header::parse(&bytes, file_len)?, bytes));
+    }
+    Ok((h, bytes))
+}
+
+pub struct Qcow2Driver {
+    name: String,
+    file: ChildRef,
+    backing: Option<ChildRef>,
+    read_only: bool,
+    header: Header,
+    size: AtomicU64,
+    meta: AsyncMutex<Meta>,
+    allocating: ClusterLocks,
+    /// One cluster of zeros, the copy-on-write source without a backing file.
+    zeros: Arc<AlignedBuf>,
+}
+
+enum ZeroAction {
+    Nothing,
+    WriteZeros,
+    SetEntry { entry: u64, free: Option<u64> },
+}
+
+fn err(what: String) -> io::Error {
+    io::Error::other(what)
+}
+
+impl Qcow2Driver {
+    /// Open the image behind `file` (`name` is for messages). `backing` is
+    /// the already opened backing image when the header names one.
+    pub async fn open(
+        name: &str,
+        file: ChildRef,
+        backing: Option<ChildRef>,
+        read_only: bool,
+        opts: Qcow2Options,
+    ) -> Result<Self, Qcow2Error> {
+        let (h, bytes) = read_header(&file).await?;
+        h.check_features(!read_only)?;
+        if h.backing_file.is_some() != backing.is_some() {
+            return Err(Qcow2Error::Corrupt("backing file mismatch".into()));
+        }
+        let cs = h.cluster_size();
+        let header_bytes = bytes[..4096.min(cs as usize).min(bytes.len())].to_vec();
+        let tables = |bytes: u64| (bytes / cs).max(4) as usize;
+        let mut meta = Meta::open(
+            &file,
+            &h,
+            header_bytes,
+            !read_only,
+            tables(opts.l2_cache_bytes),
+            tables(opts.refcount_cache_bytes),
+        )
+        .await?;
+        if !read_only && h.version >= 3 && h.autoclear_features != 0 {
+            // We maintain none of the autoclear features (bitmaps...): clear
+            // them so QEMU knows their data is stale.
+            log::info!(
+                "{name}: clearing autoclear feature bits {:#x}",
+                h.autoclear_features
+            );
+            meta.header.set_u64(88, 0);
+            meta.header.write(&file).await?;
+        }
+        Ok(Qcow2Driver {
+            name: name.to_string(),
+            size: AtomicU64::new(h.size),
+            zeros: Arc::new(AlignedBuf::zeroed(cs as usize, 4096)),
+            file,
+            backing,
+            read_only,
+            header: h,
+            meta: AsyncMutex::new(meta),
+            allocating: ClusterLocks::default(),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn cs(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn bits(&self) -> u32 {
+        self.header.cluster_bits
+    }
+
+    async fn lookup(&self, c: u64) -> io::Result<Mapping> {
+        self.meta.lock().await.lookup(&self.file, c).await
+    }
+
+    /// Visit `[offset, offset + len)` cluster by cluster: (guest cluster,
+    /// offset in cluster, position in the request, length).
+    fn chunks(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+        let (cs, bits) = (self.cs(), self.bits());
+        let mut done = 0;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let pos = offset + done;
+            let in_off = pos & (cs - 1);
+            let n = (cs - in_off).min(len - done);
+            let item = (pos >> bits, in_off, done, n);
+            done += n;
+            Some(item)
+        })
+    }
+
+    async fn read_backing(&self, pos: u64, part: &IoVec) -> io::Result<()> {
+        let Some(b) = &self.backing else {
+            part.fill_zero();
+            return Ok(());
+        };
+        let bsize = b.size();
+        let have = bsize.saturating_sub(pos).min(part.len() as u64) as usize;
+        if have > 0 {
+            b.read(pos, &part.slice(0, have)).await?;
+        }
+        part.tail(have).fill_zero();
+        Ok(())
+    }
+
+    async fn do_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        for (c, in_off, at, n) in self.chunks(offset, buf.len() as u64) {
+            let part = buf.slice(at as usize, n as usize);
+            match self.lookup(c).await? {
+                Mapping::Data { host, .. } => self.file.read(host + in_off, &part).await?,
+                Mapping::Zero { .. } => part.fill_zero(),
+                Mapping::Unallocated => self.read_backing(offset + at, &part).await?,
+                Mapping::Compressed { .. } => {
+                    return Err(err(format!(
+                        "{}: guest offset {}: compressed clusters are not supported",
+                        self.name,
+                        offset + at
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Contents for the part of a new cluster the write does not cover.
+    async fn cow_source(&self, pos: u64, len: usize, from_backing: bool) -> io::Result<IoVec> {
+        if !from_backing {
+            return Ok(IoVec::from_buf(self.zeros.clone()).slice(0, len));
+        }
+        let buf = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(len, 4096)));
+        self.read_backing(pos, &buf).await?;
+        Ok(buf)
+    }
+
+    /// Write `data` at `in_off` of guest cluster `c`, which has no host
+    /// cluster of its own yet (or only a preallocated zero one).
+    async fn allocating_write(&self, c: u64, in_off: u64, data: &IoVec) -> io::Result<()> {
+        let _alloc = self.allocating.lock(c).await;
+        // Someone may have allocated it while we waited for the guard.
+        let prev = self.lookup(c).await?;
+        let (host, fresh) = match prev {
+            Mapping::Data { host, .. } => return self.file.write(host + in_off, data).await,
+            Mapping::Compressed { .. } => return Err(self.compressed_write()),
+            Mapping::Zero { host: Some(h) } => (h, false),
+            Mapping::Zero { host: None } | Mapping::Unallocated => {
+                let mut meta = self.meta.lock().await;
+                meta.ensure_l2(&self.file, c).await?;
+                (meta.alloc_cluster(&self.file).await?, true)
+            }
+        };
+        let cs = self.cs();
+        let from_backing = prev == Mapping::Unallocated && self.backing.is_some();
+        let base = c << self.bits();
+        let tail_off = in_off + data.len() as u64;
+        let head = self.cow_source(base, in_off as usize, from_backing).await?;
+        let tail = self
+            .cow_source(base + tail_off, (cs - tail_off) as usize, from_backing)
+            .await?;
+        let whole = IoVec::concat(&[&head, data, &tail]);
+        if let Err(e) = self.file.write(host, &whole).await {
+            if fresh {
+                let _ = self.meta.lock().await.free_cluster(&self.file, host).await;
+            }
+            return Err(e);
+        }
+        // Only now, with the data in the file, does the mapping appear.
+        self.meta
+            .lock()
+            .await
+            .set_l2(&self.file, c, host | L2_COPIED)
+            .await?;
+        Ok(())
+    }
+
+    fn compressed_write(&self) -> io::Error {
+        err(format!(
+            "{}: writing to compressed clusters is not supported",
+            self.name
+        ))
+    }
+
+    async fn do_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: read-only", self.name),
+            ));
+        }
+        for (c, in_off, at, n) in self.chunks(offset, buf.len() as u64) {
+            let part = buf.slice(at as usize, n as usize);
+            match self.lookup(c).await? {
+                Mapping::Data { host, copied } => {
+                    if !copied {
+                        let refs = {
+                            let mut meta = self.meta.lock().await;
+                            let file = self.file.clone();
+                            match meta.refcounts.as_mut() {
+                                Some(r) => r.get(&file, host >> self.bits()).await?,
+                                None => 0,
+                            }
+                        };
+                        if refs != 1 {
+                            return Err(err(format!(
+                                "{}: cluster {host:#x} is shared (refcount {refs})",
+                                self.name
+                            )));
+                        }
+                    }
+                    self.file.write(host + in_off, &part).await?
+                }
+                Mapping::Compressed { .. } => return Err(self.compressed_write()),
+                Mapping::Zero { .. } | Mapping::Unallocated => {
+                    self.allocating_write(c, in_off, &part).await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Discard (`zeroes == None`) or write zeroes (`Some(may_unmap)`).
+    /// Whole clusters change their L2 entry (zero flag on v3, unallocated
+    /// where no backing file shows through); partial clusters get explicit
+    /// zeros, or nothing for a discard.
+    async fn do_zero(&self, offset: u64, len: u64, zeroes: Option<bool>) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: read-only", self.name),
+            ));
+        }
+        let cs = self.cs();
+        let mut freed = Vec::new();
+        let mut touched = Vec::new();
+        for (c, _, at, n) in self.chunks(offset, len) {
+            let explicit = if n < cs {
+                zeroes.is_some()
+            } else {
+                let _alloc = self.allocating.lock(c).await;
+                let mut meta = self.meta.lock().await;
+                match self.zero_entry(meta.lookup(&self.file, c).await?, zeroes) {
+                    ZeroAction::Nothing => false,
+                    ZeroAction::WriteZeros => true,
+                    ZeroAction::SetEntry { entry, free } => {
+                        let off = meta.set_l2(&self.file, c, entry).await?;
+                        if !touched.contains(&off) {
+                            touched.push(off);
+                        }
+                        freed.extend(free);
+                        false
+                    }
+                }
+            };
+            if explicit {
+                let z = IoVec::from_buf(self.zeros.clone()).slice(0, n as usize);
+                self.do_write(offset + at, &z).await?;
+            }
+        }
+        if !freed.is_empty() {
+            let mut meta = self.meta.lock().await;
+            // The cleared entries reach the file before the refcounts drop.
+            for off in touched {
+                meta.write_l2(&self.file, off).await?;
+            }
+            for &h in &freed {
+                meta.free_cluster(&self.file, h).await?;
+            }
+            drop(meta);
+            for h in freed {
+                // Give the space back to the host filesystem.
+                self.file.discard(h, cs).await.ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// What zeroing (or discarding) a whole cluster mapped as `prev` takes.
+    fn zero_entry(&self, prev: Mapping, zeroes: Option<bool>) -> ZeroAction {
+        let has_backing = self.backing.is_some();
+        let v3 = self.header.version >= 3;
+        let unmap = zeroes.unwrap_or(true);
+        let old_host = match prev {
+            Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => Some(host),
+            _ => None,
+        };
+        if matches!(prev, Mapping::Compressed { .. }) {
+            // Its host cluster may be shared with other compressed clusters.
+            return if zeroes.is_some() && v3 {
+                ZeroAction::SetEntry {
+                    entry: L2_ZERO,
+                    free: None,
+                }
+            } else {
+                ZeroAction::Nothing
+            };
+        }
+        if !has_backing && (unmap || old_host.is_none()) {
+            // Without a backing file, unallocated reads as zeros.
+            if prev == Mapping::Unallocated {
+                return ZeroAction::Nothing;
+            }
+            return ZeroAction::SetEntry {
+                entry: 0,
+                free: old_host,
+            };
+        }
+        if v3 {
+            return match (unmap, old_host) {
+                (false, Some(h)) => ZeroAction::SetEntry {
+                    entry: h | L2_ZERO | L2_COPIED,
+                    free: None,
+                },
+                _ => ZeroAction::SetEntry {
+                    entry: L2_ZERO,
+                    free: old_host,
+                },
+            };
+        }
+        // Version 2 cannot say "zeros" over a backing file.
+        if zeroes.is_some() {
+            ZeroAction::WriteZeros
+        } else {
+            ZeroAction::Nothing
+        }
+    }
+
+    async fn do_flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.meta.lock().await.flush(&self.file).await?;
+        self.file.flush().await
+    }
+
+    /// Grow the virtual disk to `new_size` bytes (shrinking is refused).
+    pub async fn grow(&self, new_size: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: read-only", self.name),
+            ));
+        }
+        let old = self.size.load(Ordering::Acquire);
+        if new_size < old {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: shrinking from {old} to {new_size} bytes is not supported",
+                    self.name
+                ),
+            ));
+        }
+        let mut meta = self.meta.lock().await;
+        meta.flush(&self.file).await?;
+        meta.grow(&self.file, &self.header, new_size).await?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl BlockIo for Qcow2Driver {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        Box::pin(self.do_read(offset, buf))
+    }
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        Box::pin(self.do_write(offset, buf))
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(self.do_flush())
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(self.do_zero(offset, len, None))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
+        Box::pin(self.do_zero(offset, len, Some(may_unmap)))
+    }
+    fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        Box::pin(Qcow2Driver::grow(self, new_size))
+    }
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    fn close(&self) -> io::Result<()> {
+        // Write back the caches; the file node below syncs when it closes.
+        crate::uring::block_on(|| self.do_flush())?
+    }
+}
