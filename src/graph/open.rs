@@ -135,7 +135,9 @@ fn open_layer(
                     };
                     // Relative names are relative to the overlay's folder.
                     let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
-                    Some(open_layer(&bpath, bformat, true, opts, depth + 1)?)
+                    let layer = open_layer(&bpath, bformat, true, opts, depth + 1)
+                        .map_err(|e| invalid(path, format!("backing file: {e}")))?;
+                    Some(layer)
                 }
             };
             let backing_ref: Option<ChildRef> = backing.clone().map(|b| b as ChildRef);

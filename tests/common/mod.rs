@@ -258,6 +258,18 @@ pub fn wait(q: &mut Blkioq, n: usize) -> Vec<Completion> {
     out
 }
 
+/// Wait up to `limit` for one completion; None if none came (for clients
+/// whose daemon may have died: libblkio would wait forever).
+pub fn wait_one_for(q: &mut Blkioq, limit: std::time::Duration) -> Option<Completion> {
+    let mut c = [std::mem::MaybeUninit::<Completion>::uninit()];
+    let mut t = limit;
+    match q.do_io(&mut c, 1, Some(&mut t), None) {
+        // SAFETY: do_io initialised the entry it reported.
+        Ok(1) => Some(unsafe { c[0].assume_init_read() }),
+        _ => None,
+    }
+}
+
 /// Deterministic pattern for block `blk` written in round `round`.
 pub fn pattern(buf: &mut [u8], blk: u64, round: u64) {
     let mut x =
