@@ -42,10 +42,26 @@ fn guest_fio_verify_on_a_qcow2_image_with_a_backing_file() {
     make_raw(&base, 128 << 20);
     common::qemu_img::qemu_io("raw", &base, "write -P 0x5a 0 128M");
     let img = dir.path("disk.qcow2");
-    common::qemu_img::qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", img.to_str().unwrap()]);
+    common::qemu_img::qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+    ]);
     let d = Daemon::start(
         &dir.path("sock"),
-        &["--image", img.to_str().unwrap(), "--num-queues", "2", "--serial", "ringblk-guest"],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+            "--serial",
+            "ringblk-guest",
+        ],
     );
     let run = run_guest(&d.sock, "fio-verify", 2);
     assert!(run.passed(), "guest test failed; console above");

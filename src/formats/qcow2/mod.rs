@@ -504,27 +504,48 @@ mod tests {
     }
 
     fn qemu_img(args: &[&str]) -> (bool, String) {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img is required");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img is required");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
     }
 
     #[test]
     fn grow_extends_the_l1_table_and_refuses_to_shrink() {
         let path = scratch("grow");
         // 4 KiB clusters: one L2 table maps 2 MiB, so 3 MiB needs 2 L1 entries.
-        create(&path, &CreateOptions { size: 3 << 20, cluster_size: 4096, backing: None }).unwrap();
-        let file: ChildRef = Arc::new(FileDriver::open(&path, false, CacheMode::None, 512).unwrap());
+        create(
+            &path,
+            &CreateOptions {
+                size: 3 << 20,
+                cluster_size: 4096,
+                backing: None,
+            },
+        )
+        .unwrap();
+        let file: ChildRef =
+            Arc::new(FileDriver::open(&path, false, CacheMode::None, 512).unwrap());
         let out = crate::uring::block_on(|| async {
-            let q = Qcow2Driver::open("grow", file.clone(), None, false, Qcow2Options::default()).await.unwrap();
+            let q = Qcow2Driver::open("grow", file.clone(), None, false, Qcow2Options::default())
+                .await
+                .unwrap();
             assert!(q.grow(1 << 20).await.is_err(), "shrink accepted");
             q.grow(64 << 20).await.unwrap();
             assert_eq!(q.size(), 64 << 20);
             let mut buf = AlignedBuf::zeroed(8192, 4096);
             buf.as_mut_slice().fill(0x77);
             let buf = Arc::new(buf);
-            q.write((64 << 20) - 8192, &IoVec::from_buf(buf.clone())).await.unwrap();
+            q.write((64 << 20) - 8192, &IoVec::from_buf(buf.clone()))
+                .await
+                .unwrap();
             let back = Arc::new(AlignedBuf::zeroed(8192, 4096));
-            q.read((64 << 20) - 8192, &IoVec::from_buf(back.clone())).await.unwrap();
+            q.read((64 << 20) - 8192, &IoVec::from_buf(back.clone()))
+                .await
+                .unwrap();
             q.do_flush().await.unwrap();
             back.as_slice().to_vec()
         })
@@ -535,7 +556,13 @@ mod tests {
         assert!(ok && info.contains("virtual size: 64 MiB"), "{info}");
         let (ok, check) = qemu_img(&["check", path.to_str().unwrap()]);
         assert!(ok, "{check}");
-        let (ok, _) = qemu_img(&["compare", "-f", "qcow2", path.to_str().unwrap(), path.to_str().unwrap()]);
+        let (ok, _) = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            path.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ]);
         assert!(ok);
         std::fs::remove_file(&path).unwrap();
     }
