@@ -281,3 +281,85 @@ fn images_made_by_ringblk_create_pass_qemu_img() {
         assert!(!out.status.success(), "{args:?} was accepted");
     }
 }
+
+/// `qemu-img convert -c` images: compressed clusters read back (also as a
+/// backing file under an overlay); writing one is refused with an error.
+#[test]
+fn compressed_clusters_read_back() {
+    let dir = TestDir::new("compressed");
+    let src = dir.path("src.raw");
+    make_raw(&src, 8 << 20);
+    {
+        let f = File::options().write(true).open(&src).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..6u64 {
+            // Compressible but not trivial: a pattern repeated in 4 KiB runs.
+            pattern(&mut buf[..4096], i, 9);
+            for k in 1..256 {
+                buf.copy_within(0..4096, k * 4096);
+            }
+            f.write_all_at(&buf, i << 20).unwrap();
+        }
+    }
+    let comp = dir.path("golden.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        comp.to_str().unwrap(),
+    ]);
+    let (_, report) = check(&comp);
+    assert!(
+        report.contains("compressed clusters") && !report.contains(" 0.00% compressed"),
+        "qemu-img made no compressed clusters: {report}"
+    );
+    let overlay = dir.path("vm.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "golden.qcow2",
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+    ]);
+
+    let expect = std::fs::read(&src).unwrap();
+    for (img, writable) in [(&comp, false), (&overlay, true)] {
+        let d = Daemon::start(&dir.path("sock"), &["--image", img.to_str().unwrap()]);
+        let mut c = connect(&d.sock, 1).unwrap();
+        for off in (0..8u64 << 20).step_by(1 << 20) {
+            assert_eq!(
+                c.run(0, Req::Read(off, 0, 1 << 20)),
+                0,
+                "{}: read at {off}",
+                img.display()
+            );
+            assert!(
+                c.buf()[..1 << 20] == expect[off as usize..(off + (1 << 20)) as usize],
+                "{}: data at {off}",
+                img.display()
+            );
+        }
+        if writable {
+            // A partial write to the overlay copies the rest from the compressed backing.
+            c.buf()[..512].fill(0xee);
+            assert_eq!(c.run(0, Req::Write(4096 + 512, 0, 512)), 0);
+            assert_eq!(c.run(0, Req::Read(0, 0, 65536)), 0);
+            let mut want = expect[..65536].to_vec();
+            want[4608..5120].fill(0xee);
+            assert!(c.buf()[..65536] == want[..]);
+        } else {
+            assert!(
+                c.run(0, Req::Write(0, 0, 4096)) < 0,
+                "write into a compressed cluster succeeded"
+            );
+        }
+        drop(c);
+        assert!(d.stop().success());
+        assert_clean(img);
+    }
+}

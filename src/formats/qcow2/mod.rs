@@ -11,6 +11,7 @@
 //! metadata updates only.
 
 pub mod cache;
+mod compressed;
 pub mod create;
 pub mod header;
 mod inflight;
@@ -202,12 +203,13 @@ impl Qcow2Driver {
                 Mapping::Data { host, .. } => self.file.read(host + in_off, &part).await?,
                 Mapping::Zero { .. } => part.fill_zero(),
                 Mapping::Unallocated => self.read_backing(offset + at, &part).await?,
-                Mapping::Compressed { .. } => {
-                    return Err(err(format!(
-                        "{}: guest offset {}: compressed clusters are not supported",
-                        self.name,
-                        offset + at
-                    )))
+                Mapping::Compressed { entry } => {
+                    let data = compressed::read_cluster(&self.file, entry, self.bits())
+                        .await
+                        .map_err(|e| {
+                            err(format!("{}: guest offset {}: {e}", self.name, offset + at))
+                        })?;
+                    part.copy_from(&data[in_off as usize..(in_off + n) as usize]);
                 }
             }
         }
