@@ -4,6 +4,5 @@ pub mod chain;
 pub mod config;
 pub mod export;
 pub mod queue;
-#[cfg(test)]
 mod queue_tests;
 pub mod request;

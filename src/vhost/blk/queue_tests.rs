@@ -3,454 +3,457 @@
 //! Each hostile-input case must be answered (or the queue stopped) without
 //! disturbing later requests.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+#[cfg(test)]
+mod fake_guest {
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::queue::{self, CallFd, ExportState, QueueControl, QueueSetup};
-use super::request::*;
-use crate::graph::{open_null, BlockBackend};
-use crate::uring::IoThread;
-use crate::vhost::memory::{GuestRam, SharedMemory};
+    use super::super::queue::{self, CallFd, ExportState, QueueControl, QueueSetup};
+    use super::super::request::*;
+    use crate::graph::{open_null, BlockBackend};
+    use crate::uring::IoThread;
+    use crate::vhost::memory::{GuestRam, SharedMemory};
 
-const QSIZE: u16 = 16;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
-const MEM: usize = 1 << 20;
-const DISK: u64 = 1 << 20;
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
-const INDIRECT: u16 = 4;
+    const QSIZE: u16 = 16;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const MEM: usize = 1 << 20;
+    const DISK: u64 = 1 << 20;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
 
-fn eventfd() -> File {
-    // SAFETY: plain syscall, checked below, then owned by the File.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd owned by nobody else.
-    unsafe { File::from_raw_fd(fd) }
-}
-
-fn signal(f: &File) {
-    let one: u64 = 1;
-    // SAFETY: 8-byte write from a valid u64.
-    assert_eq!(
-        unsafe { libc::write(f.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) },
-        8
-    );
-}
-
-/// Block until `f` is signalled or 10 s pass; true if signalled.
-fn wait_signalled(f: &File) -> bool {
-    let mut p = libc::pollfd {
-        fd: f.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one valid pollfd.
-    if unsafe { libc::poll(&mut p, 1, 10_000) } != 1 {
-        return false;
-    }
-    let mut v = 0u64;
-    // SAFETY: 8-byte read into a valid u64.
-    unsafe { libc::read(f.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-    true
-}
-
-struct Guest {
-    ram: Arc<GuestRam>,
-    kick: Arc<File>,
-    call: File,
-    control: Arc<QueueControl>,
-    avail_idx: u16,
-    _thread: IoThread,
-}
-
-impl Guest {
-    fn new(read_only: bool, event_idx: bool) -> Guest {
-        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-        let ram = Arc::new(GuestRam::new(mmap));
-        let shared = SharedMemory::new();
-        shared.publish(ram.clone());
-        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
-        serial[..6].copy_from_slice(b"serial");
-        let export = Arc::new(ExportState {
-            backend: BlockBackend::new("test", open_null(DISK), read_only),
-            limits: Limits {
-                block_size: 512,
-                max_discard_sectors: 1 << 16,
-                max_write_zeroes_sectors: 1 << 16,
-                max_segments: 1,
-                serial,
-            },
-            writeback: AtomicBool::new(true),
-            max_descs: QSIZE as usize,
-        });
-        let thread = IoThread::start("test-queue", std::time::Duration::ZERO).unwrap();
-        let kick = Arc::new(eventfd());
-        let call = eventfd();
-        let call_fd = Arc::new(CallFd::default());
-        call_fd.set(Some(call.try_clone().unwrap()));
-        let setup = QueueSetup {
-            index: 0,
-            size: QSIZE,
-            desc_table: DESC,
-            avail_ring: AVAIL,
-            used_ring: USED,
-            next_avail: 0,
-            event_idx,
-            indirect: true,
-            kick: kick.clone(),
-            call: call_fd,
-        };
-        let control = queue::start(setup, shared, export, &thread.handle()).unwrap();
-        Guest {
-            ram,
-            kick,
-            call,
-            control,
-            avail_idx: 0,
-            _thread: thread,
-        }
+    fn eventfd() -> File {
+        // SAFETY: plain syscall, checked below, then owned by the File.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
     }
 
-    fn mem(&self) -> &GuestMemoryMmap {
-        self.ram.mmap()
-    }
-
-    fn desc(&self, table: u64, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem()
-            .write_slice(&raw, GuestAddress(table + idx as u64 * 16))
-            .unwrap();
-    }
-
-    fn header(&self, at: u64, kind: u32, sector: u64) {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem().write_slice(&h, GuestAddress(at)).unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem().read_obj::<u16>(GuestAddress(USED + 2)).unwrap()
-    }
-
-    /// Offer `head`, kick, wait for the used ring to advance; returns the
-    /// used length.
-    fn submit(&mut self, head: u16) -> u32 {
-        // Ask for an interrupt on the next completion (EVENT_IDX used_event),
-        // as a driver does before it waits.
-        let used = self.used_idx();
-        self.mem()
-            .write_obj(used, GuestAddress(AVAIL + 4 + 2 * QSIZE as u64))
-            .unwrap();
-        let slot = self.avail_idx % QSIZE;
-        self.mem()
-            .write_obj(head, GuestAddress(AVAIL + 4 + slot as u64 * 2))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem()
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
-        signal(&self.kick);
-        while self.used_idx() != self.avail_idx {
-            assert!(wait_signalled(&self.call), "no completion for head {head}");
-        }
-        let elem = USED + 4 + (slot as u64) * 8;
+    fn signal(f: &File) {
+        let one: u64 = 1;
+        // SAFETY: 8-byte write from a valid u64.
         assert_eq!(
-            self.mem().read_obj::<u32>(GuestAddress(elem)).unwrap(),
-            head as u32
+            unsafe { libc::write(f.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) },
+            8
         );
-        self.mem().read_obj::<u32>(GuestAddress(elem + 4)).unwrap()
     }
 
-    fn status(&self, at: u64) -> u8 {
-        self.mem().read_obj::<u8>(GuestAddress(at)).unwrap()
+    /// Block until `f` is signalled or 10 s pass; true if signalled.
+    fn wait_signalled(f: &File) -> bool {
+        let mut p = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 10_000) } != 1 {
+            return false;
+        }
+        let mut v = 0u64;
+        // SAFETY: 8-byte read into a valid u64.
+        unsafe { libc::read(f.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        true
     }
 
-    /// A well-formed 4 KiB read at `sector`: header, data, status.
-    fn read_chain(&self, sector: u64) {
-        self.header(0x10000, VIRTIO_BLK_T_IN, sector);
-        self.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-        self.desc(DESC, 1, 0x20000, 4096, NEXT | WRITE, 2);
-        self.desc(DESC, 2, 0x30000, 1, WRITE, 0);
-        self.mem().write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
+    struct Guest {
+        ram: Arc<GuestRam>,
+        kick: Arc<File>,
+        call: File,
+        control: Arc<QueueControl>,
+        avail_idx: u16,
+        _thread: IoThread,
     }
 
-    /// A request with a header and a status byte only (flush, bad types).
-    fn bare_chain(&self, kind: u32) {
-        self.header(0x10000, kind, 0);
-        self.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-        self.desc(DESC, 1, 0x30000, 1, WRITE, 0);
-        self.mem().write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
+    impl Guest {
+        fn new(read_only: bool, event_idx: bool) -> Guest {
+            let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let ram = Arc::new(GuestRam::new(mmap));
+            let shared = SharedMemory::new();
+            shared.publish(ram.clone());
+            let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+            serial[..6].copy_from_slice(b"serial");
+            let export = Arc::new(ExportState {
+                backend: BlockBackend::new("test", open_null(DISK), read_only),
+                limits: Limits {
+                    block_size: 512,
+                    max_discard_sectors: 1 << 16,
+                    max_write_zeroes_sectors: 1 << 16,
+                    max_segments: 1,
+                    serial,
+                },
+                writeback: AtomicBool::new(true),
+                max_descs: QSIZE as usize,
+            });
+            let thread = IoThread::start("test-queue", std::time::Duration::ZERO).unwrap();
+            let kick = Arc::new(eventfd());
+            let call = eventfd();
+            let call_fd = Arc::new(CallFd::default());
+            call_fd.set(Some(call.try_clone().unwrap()));
+            let setup = QueueSetup {
+                index: 0,
+                size: QSIZE,
+                desc_table: DESC,
+                avail_ring: AVAIL,
+                used_ring: USED,
+                next_avail: 0,
+                event_idx,
+                indirect: true,
+                kick: kick.clone(),
+                call: call_fd,
+            };
+            let control = queue::start(setup, shared, export, &thread.handle()).unwrap();
+            Guest {
+                ram,
+                kick,
+                call,
+                control,
+                avail_idx: 0,
+                _thread: thread,
+            }
+        }
+
+        fn mem(&self) -> &GuestMemoryMmap {
+            self.ram.mmap()
+        }
+
+        fn desc(&self, table: u64, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            self.mem()
+                .write_slice(&raw, GuestAddress(table + idx as u64 * 16))
+                .unwrap();
+        }
+
+        fn header(&self, at: u64, kind: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.mem().write_slice(&h, GuestAddress(at)).unwrap();
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem().read_obj::<u16>(GuestAddress(USED + 2)).unwrap()
+        }
+
+        /// Offer `head`, kick, wait for the used ring to advance; returns the
+        /// used length.
+        fn submit(&mut self, head: u16) -> u32 {
+            // Ask for an interrupt on the next completion (EVENT_IDX used_event),
+            // as a driver does before it waits.
+            let used = self.used_idx();
+            self.mem()
+                .write_obj(used, GuestAddress(AVAIL + 4 + 2 * QSIZE as u64))
+                .unwrap();
+            let slot = self.avail_idx % QSIZE;
+            self.mem()
+                .write_obj(head, GuestAddress(AVAIL + 4 + slot as u64 * 2))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.mem()
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            signal(&self.kick);
+            while self.used_idx() != self.avail_idx {
+                assert!(wait_signalled(&self.call), "no completion for head {head}");
+            }
+            let elem = USED + 4 + (slot as u64) * 8;
+            assert_eq!(
+                self.mem().read_obj::<u32>(GuestAddress(elem)).unwrap(),
+                head as u32
+            );
+            self.mem().read_obj::<u32>(GuestAddress(elem + 4)).unwrap()
+        }
+
+        fn status(&self, at: u64) -> u8 {
+            self.mem().read_obj::<u8>(GuestAddress(at)).unwrap()
+        }
+
+        /// A well-formed 4 KiB read at `sector`: header, data, status.
+        fn read_chain(&self, sector: u64) {
+            self.header(0x10000, VIRTIO_BLK_T_IN, sector);
+            self.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+            self.desc(DESC, 1, 0x20000, 4096, NEXT | WRITE, 2);
+            self.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+            self.mem().write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
+        }
+
+        /// A request with a header and a status byte only (flush, bad types).
+        fn bare_chain(&self, kind: u32) {
+            self.header(0x10000, kind, 0);
+            self.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+            self.desc(DESC, 1, 0x30000, 1, WRITE, 0);
+            self.mem().write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
+        }
+
+        fn still_serves(&mut self) {
+            self.read_chain(0);
+            assert_eq!(self.submit(0), 4097);
+            assert_eq!(self.status(0x30000), VIRTIO_BLK_S_OK);
+        }
     }
 
-    fn still_serves(&mut self) {
-        self.read_chain(0);
-        assert_eq!(self.submit(0), 4097);
-        assert_eq!(self.status(0x30000), VIRTIO_BLK_S_OK);
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            self.control.stop_and_wait();
+        }
     }
-}
 
-impl Drop for Guest {
-    fn drop(&mut self) {
-        self.control.stop_and_wait();
+    #[test]
+    fn well_formed_read_and_flush() {
+        let mut g = Guest::new(false, true);
+        g.mem()
+            .write_slice(&[0xaa; 4096], GuestAddress(0x20000))
+            .unwrap();
+        g.read_chain(8);
+        assert_eq!(g.submit(0), 4097);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
+        let mut data = [0u8; 4096];
+        g.mem()
+            .read_slice(&mut data, GuestAddress(0x20000))
+            .unwrap();
+        assert!(data.iter().all(|&b| b == 0), "null disk reads zeros");
+        g.bare_chain(VIRTIO_BLK_T_FLUSH);
+        assert_eq!(g.submit(0), 1);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
     }
-}
 
-#[test]
-fn well_formed_read_and_flush() {
-    let mut g = Guest::new(false, true);
-    g.mem()
-        .write_slice(&[0xaa; 4096], GuestAddress(0x20000))
-        .unwrap();
-    g.read_chain(8);
-    assert_eq!(g.submit(0), 4097);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
-    let mut data = [0u8; 4096];
-    g.mem()
-        .read_slice(&mut data, GuestAddress(0x20000))
-        .unwrap();
-    assert!(data.iter().all(|&b| b == 0), "null disk reads zeros");
-    g.bare_chain(VIRTIO_BLK_T_FLUSH);
-    assert_eq!(g.submit(0), 1);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
-}
-
-#[test]
-fn get_id_returns_the_serial() {
-    let mut g = Guest::new(false, false);
-    g.header(0x10000, VIRTIO_BLK_T_GET_ID, 0);
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-    g.desc(DESC, 1, 0x20000, 20, NEXT | WRITE, 2);
-    g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
-    assert_eq!(g.submit(0), 21);
-    let mut id = [0u8; 20];
-    g.mem().read_slice(&mut id, GuestAddress(0x20000)).unwrap();
-    assert_eq!(&id[..7], b"serial\0");
-}
-
-#[test]
-fn unknown_request_type_is_unsupported() {
-    let mut g = Guest::new(false, true);
-    g.bare_chain(99);
-    assert_eq!(g.submit(0), 1);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_UNSUPP);
-    g.still_serves();
-}
-
-#[test]
-fn missing_status_descriptor_completes_with_zero_length() {
-    let mut g = Guest::new(false, true);
-    g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-    g.desc(DESC, 1, 0x20000, 512, 0, 0);
-    assert_eq!(g.submit(0), 0);
-    g.still_serves();
-}
-
-#[test]
-fn short_header_is_an_io_error() {
-    let mut g = Guest::new(false, true);
-    g.desc(DESC, 0, 0x10000, 8, NEXT, 1);
-    g.desc(DESC, 1, 0x30000, 1, WRITE, 0);
-    assert_eq!(g.submit(0), 1);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
-    g.still_serves();
-}
-
-#[test]
-fn data_outside_guest_memory_is_an_io_error() {
-    let mut g = Guest::new(false, true);
-    for addr in [MEM as u64 - 100, MEM as u64 + 0x1000, u64::MAX - 10] {
-        g.header(0x10000, VIRTIO_BLK_T_IN, 0);
+    #[test]
+    fn get_id_returns_the_serial() {
+        let mut g = Guest::new(false, false);
+        g.header(0x10000, VIRTIO_BLK_T_GET_ID, 0);
         g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-        g.desc(DESC, 1, addr, 512, NEXT | WRITE, 2);
+        g.desc(DESC, 1, 0x20000, 20, NEXT | WRITE, 2);
         g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
-        assert_eq!(g.submit(0), 1, "buffer at {addr:#x}");
+        assert_eq!(g.submit(0), 21);
+        let mut id = [0u8; 20];
+        g.mem().read_slice(&mut id, GuestAddress(0x20000)).unwrap();
+        assert_eq!(&id[..7], b"serial\0");
+    }
+
+    #[test]
+    fn unknown_request_type_is_unsupported() {
+        let mut g = Guest::new(false, true);
+        g.bare_chain(99);
+        assert_eq!(g.submit(0), 1);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_UNSUPP);
+        g.still_serves();
+    }
+
+    #[test]
+    fn missing_status_descriptor_completes_with_zero_length() {
+        let mut g = Guest::new(false, true);
+        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+        g.desc(DESC, 1, 0x20000, 512, 0, 0);
+        assert_eq!(g.submit(0), 0);
+        g.still_serves();
+    }
+
+    #[test]
+    fn short_header_is_an_io_error() {
+        let mut g = Guest::new(false, true);
+        g.desc(DESC, 0, 0x10000, 8, NEXT, 1);
+        g.desc(DESC, 1, 0x30000, 1, WRITE, 0);
+        assert_eq!(g.submit(0), 1);
         assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        g.still_serves();
     }
-    // A status byte outside guest memory: nothing to write, length 0.
-    g.header(0x10000, VIRTIO_BLK_T_FLUSH, 0);
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-    g.desc(DESC, 1, MEM as u64 + 8, 1, WRITE, 0);
-    assert_eq!(g.submit(0), 0);
-    g.still_serves();
-}
 
-#[test]
-fn ranges_past_the_end_or_overflowing_are_io_errors() {
-    let mut g = Guest::new(false, true);
-    for sector in [DISK / 512, DISK / 512 - 1, u64::MAX / 512, u64::MAX] {
-        g.read_chain(sector);
-        assert_eq!(g.submit(0), 1, "sector {sector}");
-        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR, "sector {sector}");
-    }
-    g.still_serves();
-}
-
-#[test]
-fn unaligned_length_is_an_io_error() {
-    let mut g = Guest::new(false, true);
-    g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-    g.desc(DESC, 1, 0x20000, 100, NEXT, 2);
-    g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
-    assert_eq!(g.submit(0), 1);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
-    g.still_serves();
-}
-
-#[test]
-fn looping_and_malformed_chains_complete_with_zero_length() {
-    let mut g = Guest::new(false, true);
-    // A loop.
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-    g.desc(DESC, 1, 0x20000, 16, NEXT, 0);
-    assert_eq!(g.submit(0), 0);
-    // Readable after writable.
-    g.desc(DESC, 0, 0x30000, 1, NEXT | WRITE, 1);
-    g.desc(DESC, 1, 0x10000, 16, 0, 0);
-    assert_eq!(g.submit(0), 0);
-    // next beyond the table.
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 500);
-    assert_eq!(g.submit(0), 0);
-    // Indirect table with a bad length, and one outside guest memory.
-    g.desc(DESC, 0, 0x8000, 24, INDIRECT, 0);
-    assert_eq!(g.submit(0), 0);
-    g.desc(DESC, 0, MEM as u64 + 0x1000, 32, INDIRECT, 0);
-    assert_eq!(g.submit(0), 0);
-    // A huge descriptor (chain over 4 GiB).
-    g.desc(DESC, 0, 0x10000, u32::MAX, NEXT, 1);
-    g.desc(DESC, 1, 0x30000, 16, WRITE, 0);
-    assert_eq!(g.submit(0), 0);
-    g.still_serves();
-}
-
-#[test]
-fn well_formed_indirect_chain() {
-    let mut g = Guest::new(false, true);
-    g.header(0x10000, VIRTIO_BLK_T_IN, 0);
-    g.desc(0x8000, 0, 0x10000, 16, NEXT, 1);
-    g.desc(0x8000, 1, 0x20000, 1024, NEXT | WRITE, 2);
-    g.desc(0x8000, 2, 0x30000, 1, WRITE, 0);
-    g.desc(DESC, 0, 0x8000, 48, INDIRECT, 0);
-    assert_eq!(g.submit(0), 1025);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
-}
-
-#[test]
-fn discard_and_write_zeroes_validation() {
-    let mut g = Guest::new(false, true);
-    let seg = |g: &Guest, sector: u64, n: u32, flags: u32| {
-        let mut s = [0u8; 16];
-        s[0..8].copy_from_slice(&sector.to_le_bytes());
-        s[8..12].copy_from_slice(&n.to_le_bytes());
-        s[12..16].copy_from_slice(&flags.to_le_bytes());
-        g.mem().write_slice(&s, GuestAddress(0x20000)).unwrap();
-    };
-    let chain = |g: &Guest, kind: u32, payload: u32| {
-        g.header(0x10000, kind, 0);
+    #[test]
+    fn data_outside_guest_memory_is_an_io_error() {
+        let mut g = Guest::new(false, true);
+        for addr in [MEM as u64 - 100, MEM as u64 + 0x1000, u64::MAX - 10] {
+            g.header(0x10000, VIRTIO_BLK_T_IN, 0);
+            g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+            g.desc(DESC, 1, addr, 512, NEXT | WRITE, 2);
+            g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+            assert_eq!(g.submit(0), 1, "buffer at {addr:#x}");
+            assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        }
+        // A status byte outside guest memory: nothing to write, length 0.
+        g.header(0x10000, VIRTIO_BLK_T_FLUSH, 0);
         g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-        g.desc(DESC, 1, 0x20000, payload, NEXT, 2);
-        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
-    };
-    seg(&g, 0, 8, 0);
-    chain(&g, VIRTIO_BLK_T_DISCARD, 16);
-    assert_eq!(g.submit(0), 1);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
-    seg(&g, 0, 8, 1); // the unmap flag is not defined for discard
-    chain(&g, VIRTIO_BLK_T_DISCARD, 16);
-    g.submit(0);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_UNSUPP);
-    seg(&g, 0, 8, 1);
-    chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 16);
-    g.submit(0);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
-    chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 32); // two segments, max one
-    g.submit(0);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_UNSUPP);
-    chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 20); // not whole segments
-    g.submit(0);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
-    seg(&g, DISK / 512 - 4, 8, 0); // past the end
-    chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 16);
-    g.submit(0);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
-    seg(&g, 0, u32::MAX, 0); // over the advertised maximum
-    chain(&g, VIRTIO_BLK_T_DISCARD, 16);
-    g.submit(0);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
-    g.still_serves();
-}
-
-#[test]
-fn read_only_export_fails_writes() {
-    let mut g = Guest::new(true, true);
-    g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
-    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-    g.desc(DESC, 1, 0x20000, 512, NEXT, 2);
-    g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
-    assert_eq!(g.submit(0), 1);
-    assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
-    g.still_serves();
-}
-
-#[test]
-fn avail_index_beyond_the_queue_stops_only_that_queue() {
-    let mut g = Guest::new(false, true);
-    g.still_serves();
-    // The driver claims QSIZE + 5 new entries: impossible, so the queue stops.
-    g.mem()
-        .write_obj(g.avail_idx.wrapping_add(QSIZE + 5), GuestAddress(AVAIL + 2))
-        .unwrap();
-    let used_before = g.used_idx();
-    signal(&g.kick);
-    // Stopping still works and reports where it stopped: nothing was popped.
-    assert_eq!(g.control.stop_and_wait(), g.avail_idx);
-    assert_eq!(g.used_idx(), used_before);
-    // A fresh queue (as after the frontend sets the ring up again) serves.
-    let mut g2 = Guest::new(false, true);
-    g2.still_serves();
-}
-
-#[test]
-fn head_index_out_of_range_is_dropped() {
-    let mut g = Guest::new(false, true);
-    let slot = g.avail_idx % QSIZE;
-    g.mem()
-        .write_obj(999u16, GuestAddress(AVAIL + 4 + slot as u64 * 2))
-        .unwrap();
-    g.avail_idx = g.avail_idx.wrapping_add(1);
-    g.mem()
-        .write_obj(g.avail_idx, GuestAddress(AVAIL + 2))
-        .unwrap();
-    signal(&g.kick);
-    // The next good request completes; the bogus head never appears.
-    g.read_chain(0);
-    g.mem()
-        .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * QSIZE as u64))
-        .unwrap();
-    let slot = g.avail_idx % QSIZE;
-    g.mem()
-        .write_obj(0u16, GuestAddress(AVAIL + 4 + slot as u64 * 2))
-        .unwrap();
-    g.avail_idx = g.avail_idx.wrapping_add(1);
-    g.mem()
-        .write_obj(g.avail_idx, GuestAddress(AVAIL + 2))
-        .unwrap();
-    signal(&g.kick);
-    while g.used_idx() != 1 {
-        assert!(wait_signalled(&g.call));
+        g.desc(DESC, 1, MEM as u64 + 8, 1, WRITE, 0);
+        assert_eq!(g.submit(0), 0);
+        g.still_serves();
     }
-    let id = g.mem().read_obj::<u32>(GuestAddress(USED + 4)).unwrap();
-    assert_eq!(id, 0);
+
+    #[test]
+    fn ranges_past_the_end_or_overflowing_are_io_errors() {
+        let mut g = Guest::new(false, true);
+        for sector in [DISK / 512, DISK / 512 - 1, u64::MAX / 512, u64::MAX] {
+            g.read_chain(sector);
+            assert_eq!(g.submit(0), 1, "sector {sector}");
+            assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR, "sector {sector}");
+        }
+        g.still_serves();
+    }
+
+    #[test]
+    fn unaligned_length_is_an_io_error() {
+        let mut g = Guest::new(false, true);
+        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+        g.desc(DESC, 1, 0x20000, 100, NEXT, 2);
+        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        assert_eq!(g.submit(0), 1);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        g.still_serves();
+    }
+
+    #[test]
+    fn looping_and_malformed_chains_complete_with_zero_length() {
+        let mut g = Guest::new(false, true);
+        // A loop.
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+        g.desc(DESC, 1, 0x20000, 16, NEXT, 0);
+        assert_eq!(g.submit(0), 0);
+        // Readable after writable.
+        g.desc(DESC, 0, 0x30000, 1, NEXT | WRITE, 1);
+        g.desc(DESC, 1, 0x10000, 16, 0, 0);
+        assert_eq!(g.submit(0), 0);
+        // next beyond the table.
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 500);
+        assert_eq!(g.submit(0), 0);
+        // Indirect table with a bad length, and one outside guest memory.
+        g.desc(DESC, 0, 0x8000, 24, INDIRECT, 0);
+        assert_eq!(g.submit(0), 0);
+        g.desc(DESC, 0, MEM as u64 + 0x1000, 32, INDIRECT, 0);
+        assert_eq!(g.submit(0), 0);
+        // A huge descriptor (chain over 4 GiB).
+        g.desc(DESC, 0, 0x10000, u32::MAX, NEXT, 1);
+        g.desc(DESC, 1, 0x30000, 16, WRITE, 0);
+        assert_eq!(g.submit(0), 0);
+        g.still_serves();
+    }
+
+    #[test]
+    fn well_formed_indirect_chain() {
+        let mut g = Guest::new(false, true);
+        g.header(0x10000, VIRTIO_BLK_T_IN, 0);
+        g.desc(0x8000, 0, 0x10000, 16, NEXT, 1);
+        g.desc(0x8000, 1, 0x20000, 1024, NEXT | WRITE, 2);
+        g.desc(0x8000, 2, 0x30000, 1, WRITE, 0);
+        g.desc(DESC, 0, 0x8000, 48, INDIRECT, 0);
+        assert_eq!(g.submit(0), 1025);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_validation() {
+        let mut g = Guest::new(false, true);
+        let seg = |g: &Guest, sector: u64, n: u32, flags: u32| {
+            let mut s = [0u8; 16];
+            s[0..8].copy_from_slice(&sector.to_le_bytes());
+            s[8..12].copy_from_slice(&n.to_le_bytes());
+            s[12..16].copy_from_slice(&flags.to_le_bytes());
+            g.mem().write_slice(&s, GuestAddress(0x20000)).unwrap();
+        };
+        let chain = |g: &Guest, kind: u32, payload: u32| {
+            g.header(0x10000, kind, 0);
+            g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+            g.desc(DESC, 1, 0x20000, payload, NEXT, 2);
+            g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        };
+        seg(&g, 0, 8, 0);
+        chain(&g, VIRTIO_BLK_T_DISCARD, 16);
+        assert_eq!(g.submit(0), 1);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
+        seg(&g, 0, 8, 1); // the unmap flag is not defined for discard
+        chain(&g, VIRTIO_BLK_T_DISCARD, 16);
+        g.submit(0);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_UNSUPP);
+        seg(&g, 0, 8, 1);
+        chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 16);
+        g.submit(0);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
+        chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 32); // two segments, max one
+        g.submit(0);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_UNSUPP);
+        chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 20); // not whole segments
+        g.submit(0);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        seg(&g, DISK / 512 - 4, 8, 0); // past the end
+        chain(&g, VIRTIO_BLK_T_WRITE_ZEROES, 16);
+        g.submit(0);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        seg(&g, 0, u32::MAX, 0); // over the advertised maximum
+        chain(&g, VIRTIO_BLK_T_DISCARD, 16);
+        g.submit(0);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        g.still_serves();
+    }
+
+    #[test]
+    fn read_only_export_fails_writes() {
+        let mut g = Guest::new(true, true);
+        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+        g.desc(DESC, 1, 0x20000, 512, NEXT, 2);
+        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        assert_eq!(g.submit(0), 1);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
+        g.still_serves();
+    }
+
+    #[test]
+    fn avail_index_beyond_the_queue_stops_only_that_queue() {
+        let mut g = Guest::new(false, true);
+        g.still_serves();
+        // The driver claims QSIZE + 5 new entries: impossible, so the queue stops.
+        g.mem()
+            .write_obj(g.avail_idx.wrapping_add(QSIZE + 5), GuestAddress(AVAIL + 2))
+            .unwrap();
+        let used_before = g.used_idx();
+        signal(&g.kick);
+        // Stopping still works and reports where it stopped: nothing was popped.
+        assert_eq!(g.control.stop_and_wait(), g.avail_idx);
+        assert_eq!(g.used_idx(), used_before);
+        // A fresh queue (as after the frontend sets the ring up again) serves.
+        let mut g2 = Guest::new(false, true);
+        g2.still_serves();
+    }
+
+    #[test]
+    fn head_index_out_of_range_is_dropped() {
+        let mut g = Guest::new(false, true);
+        let slot = g.avail_idx % QSIZE;
+        g.mem()
+            .write_obj(999u16, GuestAddress(AVAIL + 4 + slot as u64 * 2))
+            .unwrap();
+        g.avail_idx = g.avail_idx.wrapping_add(1);
+        g.mem()
+            .write_obj(g.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        signal(&g.kick);
+        // The next good request completes; the bogus head never appears.
+        g.read_chain(0);
+        g.mem()
+            .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * QSIZE as u64))
+            .unwrap();
+        let slot = g.avail_idx % QSIZE;
+        g.mem()
+            .write_obj(0u16, GuestAddress(AVAIL + 4 + slot as u64 * 2))
+            .unwrap();
+        g.avail_idx = g.avail_idx.wrapping_add(1);
+        g.mem()
+            .write_obj(g.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        signal(&g.kick);
+        while g.used_idx() != 1 {
+            assert!(wait_signalled(&g.call));
+        }
+        let id = g.mem().read_obj::<u32>(GuestAddress(USED + 4)).unwrap();
+        assert_eq!(id, 0);
+    }
 }
