@@ -121,12 +121,9 @@ impl Meta {
         Ok(Some(off))
     }
 
-    /// Cache the L2 table at `off`, writing back an evicted dirty one first
-    /// (after the refcounts it may depend on).
-    async fn cache_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
-        if self.l2.contains(off) {
-            return Ok(());
-        }
+    /// Evict the least recently used L2 table if the cache is full, writing
+    /// it back first if dirty (after the refcounts it may depend on).
+    async fn make_room_l2(&mut self, file: &ChildRef) -> io::Result<()> {
         if let Some((victim, dirty)) = self.l2.victim() {
             if dirty {
                 if let Some(r) = self.refcounts.as_mut() {
@@ -136,6 +133,15 @@ impl Meta {
             }
             self.l2.remove(victim);
         }
+        Ok(())
+    }
+
+    /// Cache the L2 table at `off`.
+    async fn cache_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
+        if self.l2.contains(off) {
+            return Ok(());
+        }
+        self.make_room_l2(file).await?;
         let data = self.l2.load(file, off).await?;
         self.l2.insert(off, data, false);
         Ok(())
@@ -218,15 +224,7 @@ impl Meta {
         let off = r?;
         self.l1[l1i] = off | L2_COPIED;
         self.write_l1_entry(file, l1i).await?;
-        if let Some((victim, dirty)) = self.l2.victim() {
-            if dirty {
-                if let Some(r) = self.refcounts.as_mut() {
-                    r.flush(file).await?;
-                }
-                self.l2.write_back(file, victim).await?;
-            }
-            self.l2.remove(victim);
-        }
+        self.make_room_l2(file).await?;
         self.l2.insert(off, vec![0u64; (cs / 8) as usize], false);
         Ok(off)
     }

@@ -92,17 +92,24 @@ impl Refcounts {
         Ok(Some(e))
     }
 
-    /// Make the block at `off` cached, evicting (and writing back) another.
-    async fn cache_block(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
-        if self.blocks.contains(off) {
-            return Ok(());
-        }
+    /// Evict the least recently used block if the cache is full (refcount
+    /// blocks depend on nothing, so a dirty one is simply written).
+    async fn make_room(&mut self, file: &ChildRef) -> io::Result<()> {
         if let Some((victim, dirty)) = self.blocks.victim() {
             if dirty {
                 self.blocks.write_back(file, victim).await?;
             }
             self.blocks.remove(victim);
         }
+        Ok(())
+    }
+
+    /// Make the block at `off` cached, evicting (and writing back) another.
+    async fn cache_block(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
+        if self.blocks.contains(off) {
+            return Ok(());
+        }
+        self.make_room(file).await?;
         let data = self.blocks.load(file, off).await?;
         self.blocks.insert(off, data, false);
         Ok(())
@@ -193,12 +200,7 @@ impl Refcounts {
         write_bytes(file, off, &raw).await?;
         self.table[ti as usize] = off;
         self.write_table_entry(file, ti).await?;
-        if let Some((victim, dirty)) = self.blocks.victim() {
-            if dirty {
-                self.blocks.write_back(file, victim).await?;
-            }
-            self.blocks.remove(victim);
-        }
+        self.make_room(file).await?;
         self.blocks.insert(off, entries, false);
         Ok(())
     }
