@@ -32,6 +32,10 @@ fn guest_fio_verify_on_two_queues() {
         log.contains("queue 0 started") && log.contains("queue 1 started"),
         "both virtqueues should have run"
     );
+    assert!(
+        log.contains("write cache to writethrough"),
+        "the guest's write-through switch never arrived"
+    );
     assert!(d.stop().success());
 }
 

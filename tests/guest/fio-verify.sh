@@ -11,3 +11,9 @@ fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 \
     --cpus_allowed=0-1 --cpus_allowed_policy=split \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting
 fio --name=flush --filename=/dev/vda --ioengine=sync --rw=write --bs=4k --size=1M --fsync=4
+# Switch the guest to write-through (QEMU relays it as SET_CONFIG) and verify
+# once more: every write is then flushed before it completes.
+echo "write through" > /sys/block/vda/cache_type
+[ "$(cat /sys/block/vda/cache_type)" = "write through" ] || { echo "write cache not switched"; exit 1; }
+fio --name=wt --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=4 --size=4M --offset=100M --verify=crc32c --do_verify=1 --verify_fatal=1

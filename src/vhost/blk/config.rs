@@ -97,3 +97,62 @@ impl BlkGeometry {
         c
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(read_only: bool) -> BlkGeometry {
+        BlkGeometry {
+            num_queues: 4,
+            queue_size: 256,
+            read_only,
+            limits: Limits {
+                block_size: 4096,
+                max_discard_sectors: 1 << 21,
+                max_write_zeroes_sectors: 1 << 20,
+                max_segments: 1,
+                serial: [0; 20],
+            },
+        }
+    }
+
+    #[test]
+    fn config_space_layout_matches_virtio_blk_config() {
+        let c = geometry(false).config_space(10 << 30, true);
+        let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (10 << 30) / 512
+        );
+        assert_eq!(u32_at(8), SIZE_MAX);
+        assert_eq!(u32_at(12), 254, "seg_max = queue size - 2");
+        assert_eq!(u32_at(20), 4096, "blk_size");
+        assert_eq!(c[CONFIG_WRITEBACK_OFFSET], 1);
+        assert_eq!(u16::from_le_bytes([c[34], c[35]]), 4, "num_queues");
+        assert_eq!(u32_at(36), 1 << 21, "max_discard_sectors");
+        assert_eq!(u32_at(40), 1, "max_discard_seg");
+        assert_eq!(u32_at(44), 8, "discard_sector_alignment in sectors");
+        assert_eq!(u32_at(48), 1 << 20, "max_write_zeroes_sectors");
+        assert_eq!(c[56], 1, "write_zeroes_may_unmap");
+        assert_eq!(
+            geometry(false).config_space(1 << 20, false)[CONFIG_WRITEBACK_OFFSET],
+            0
+        );
+    }
+
+    #[test]
+    fn read_only_devices_offer_ro_and_no_discard() {
+        let f = geometry(true).features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(
+            f & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES),
+            0
+        );
+        let f = geometry(false).features();
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+        assert_ne!(f & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_MQ), 0);
+    }
+}
