@@ -172,7 +172,15 @@ fn map_region(
         return Err(bad("size is zero or the region overflows"));
     }
     let size_usize = usize::try_from(size).map_err(|_| bad("too large"))?;
-    let mapping = MmapRegion::from_file(FileOffset::new(File::from(fd), offset), size_usize)
+    let file = File::from(fd);
+    // Touching a mapping beyond the end of its file is SIGBUS: refuse a
+    // region its file cannot back.
+    if let Ok(meta) = file.metadata() {
+        if meta.is_file() && meta.len() < offset + size {
+            return Err(bad(&format!("its file is only {} bytes", meta.len())));
+        }
+    }
+    let mapping = MmapRegion::from_file(FileOffset::new(file, offset), size_usize)
         .map_err(|e| bad(&format!("mmap failed: {e}")))?;
     let region =
         GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| bad("invalid region"))?;
@@ -188,6 +196,11 @@ fn map_region(
 
 impl MemoryMap {
     fn rebuild(regions: Vec<(RegionInfo, Arc<GuestRegionMmap>)>) -> Result<Self, MemoryError> {
+        if regions.is_empty() {
+            // vm-memory refuses an empty collection; no regions is valid here
+            // (the frontend removed its last one).
+            return Ok(MemoryMap::default());
+        }
         let mem =
             GuestMemoryMmap::from_arc_regions(regions.iter().map(|(_, r)| r.clone()).collect())
                 .map_err(|e| MemoryError::BadRegion {
@@ -275,5 +288,51 @@ impl SharedMemory {
     pub fn load(&self) -> (u64, Arc<GuestRam>) {
         let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
         (self.generation.load(Ordering::Acquire), guard.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region_file(len: u64) -> OwnedFd {
+        let p = std::env::temp_dir().join(format!("ringblk-mem-{}-{len}", std::process::id()));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(len).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        OwnedFd::from(f)
+    }
+
+    #[test]
+    fn regions_map_translate_and_refuse_what_their_file_cannot_back() {
+        let r = VhostUserMemoryRegion::new(0x10_0000, 0x2000, 0x7f00_0000_0000, 0);
+        let map = MemoryMap::default()
+            .with_region(&r, region_file(0x2000))
+            .unwrap();
+        assert_eq!(map.va_to_gpa(0x7f00_0000_1000), Some(0x10_1000));
+        assert_eq!(map.va_to_gpa(0x7f00_0000_2000), None);
+        let ram = map.guest_memory();
+        assert!(ram.host_range(0x10_1ff0, 16).is_some());
+        assert!(
+            ram.host_range(0x10_1ff0, 17).is_none(),
+            "range past the region end"
+        );
+        assert!(!ram.write_u8(0x10_2000, 1));
+        // A region bigger than its file, or overflowing, is refused.
+        let big = VhostUserMemoryRegion::new(0x20_0000, 0x4000, 0x7f00_1000_0000, 0);
+        assert!(map.with_region(&big, region_file(0x2000)).is_err());
+        let wrap = VhostUserMemoryRegion::new(u64::MAX - 0x100, 0x2000, 0, 0);
+        assert!(map.with_region(&wrap, region_file(0x2000)).is_err());
+        // Removing the region leaves no memory behind.
+        let empty = map.without_region(&r).unwrap();
+        assert_eq!(empty.num_regions(), 0);
+        assert!(empty.guest_memory().host_range(0x10_0000, 1).is_none());
+        assert!(empty.without_region(&r).is_err());
     }
 }
