@@ -302,8 +302,7 @@ impl Worker {
                 0
             }
             Ok(chain) => {
-                let mut req = request::parse(&mem, &chain, &self.export.limits);
-                let action = std::mem::replace(&mut req.action, Ok(Op::Flush));
+                let (req, action) = request::parse(&mem, &chain, &self.export.limits);
                 let status = match action {
                     Err(reject) => {
                         if self.log.allow("rejected request") {

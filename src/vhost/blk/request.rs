@@ -89,7 +89,6 @@ pub struct Request {
     status: Option<GuestAddress>,
     /// Bytes the device writes into the chain besides the status byte.
     pub data_written: u32,
-    pub action: Result<Op, Reject>,
 }
 
 impl Request {
@@ -239,8 +238,9 @@ fn parse_segment(
     })
 }
 
-/// Parse a chain. Never fails: a malformed request becomes `Err(Reject)`.
-pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> Request {
+/// Parse a chain into where its completion goes and what to do. Never
+/// fails: a malformed request becomes `Err(Reject)`.
+pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, Result<Op, Reject>) {
     // The status byte is the last byte of the device-writable part.
     let writable_len = stream_len(&chain.writable);
     let status = (writable_len > 0)
@@ -251,21 +251,19 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> Request {
         mem: mem.clone(),
         status,
         data_written: 0,
-        action: Err(ioerr("no status byte")),
     };
     if req.status.is_none() {
-        return req;
+        return (req, Err(ioerr("no status byte")));
     }
     let mut header = [0u8; HEADER_LEN];
     if let Err(e) = read_stream(mem, &chain.readable, 0, &mut header) {
-        req.action = Err(ioerr(format!("bad request header: {}", e.reason)));
-        return req;
+        return (req, Err(ioerr(format!("bad request header: {}", e.reason))));
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
     let in_data = writable_len - 1;
     let out_data = stream_len(&chain.readable) - HEADER_LEN as u64;
-    req.action = match kind {
+    let action = match kind {
         VIRTIO_BLK_T_IN => byte_range(sector, in_data, limits).and_then(|offset| {
             let data = to_iovec(mem, &sub_buffers(&chain.writable, 0, in_data))?;
             req.data_written = in_data as u32;
@@ -290,5 +288,5 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> Request {
         VIRTIO_BLK_T_WRITE_ZEROES => parse_segment(mem, chain, true, limits),
         other => Err(unsupp(format!("request type {other}"))),
     };
-    req
+    (req, action)
 }
