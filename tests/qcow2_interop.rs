@@ -362,4 +362,21 @@ fn compressed_clusters_read_back() {
         assert!(d.stop().success());
         assert_clean(img);
     }
+
+    // Zeroing and discarding compressed clusters drop their references:
+    // no leaks, and the ranges read as zeros.
+    let d = Daemon::start(&dir.path("sock"), &["--image", comp.to_str().unwrap()]);
+    let mut c = connect(&d.sock, 1).unwrap();
+    assert_eq!(c.run(0, Req::WriteZeroes(0, 2 << 20, ReqFlags::empty())), 0);
+    assert_eq!(c.run(0, Req::Discard(2 << 20, 1 << 20)), 0);
+    assert_eq!(c.run(0, Req::Read(0, 0, 1 << 20)), 0);
+    assert!(c.buf()[..1 << 20].iter().all(|&b| b == 0));
+    assert_eq!(c.run(0, Req::Read(3 << 20, 0, 1 << 20)), 0);
+    assert!(
+        c.buf()[..1 << 20] == expect[3 << 20..4 << 20],
+        "untouched compressed data changed"
+    );
+    drop(c);
+    assert!(d.stop().success());
+    assert_clean(&comp);
 }

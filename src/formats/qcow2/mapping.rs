@@ -278,7 +278,8 @@ impl Meta {
         r
     }
 
-    pub async fn free_cluster(&mut self, file: &ChildRef, host: u64) -> io::Result<()> {
+    /// Drop a reference to a host cluster; returns the references left.
+    pub async fn free_cluster(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
         self.refcounts()?.free(file, host).await
     }
 

@@ -91,7 +91,11 @@ pub struct Qcow2Driver {
 enum ZeroAction {
     Nothing,
     WriteZeros,
-    SetEntry { entry: u64, free: Option<u64> },
+    /// New L2 entry, and host clusters that each lose one reference.
+    SetEntry {
+        entry: u64,
+        free: Vec<u64>,
+    },
 }
 
 fn err(what: String) -> io::Error {
@@ -355,11 +359,14 @@ impl Qcow2Driver {
             for off in touched {
                 meta.write_l2(&self.file, off).await?;
             }
+            let mut unused = Vec::new();
             for &h in &freed {
-                meta.free_cluster(&self.file, h).await?;
+                if meta.free_cluster(&self.file, h).await? == 0 {
+                    unused.push(h);
+                }
             }
             drop(meta);
-            for h in freed {
+            for h in unused {
                 // Give the space back to the host filesystem.
                 self.file.discard(h, cs).await.ok();
             }
@@ -372,21 +379,24 @@ impl Qcow2Driver {
         let has_backing = self.backing.is_some();
         let v3 = self.header.version >= 3;
         let unmap = zeroes.unwrap_or(true);
-        let old_host = match prev {
-            Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => Some(host),
-            _ => None,
+        let cs = self.cs();
+        // The host cluster the entry owns (reusable as a preallocated zero
+        // cluster), and the references the entry holds.
+        let (old_host, refs) = match prev {
+            Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => {
+                (Some(host), vec![host])
+            }
+            Mapping::Compressed { entry } => {
+                // Compressed data may run into the next host cluster; each
+                // one it touches holds a reference for this entry.
+                let (off, len) = compressed::locate(entry, self.bits());
+                (
+                    None,
+                    (off / cs..=(off + len - 1) / cs).map(|c| c * cs).collect(),
+                )
+            }
+            _ => (None, Vec::new()),
         };
-        if matches!(prev, Mapping::Compressed { .. }) {
-            // Its host cluster may be shared with other compressed clusters.
-            return if zeroes.is_some() && v3 {
-                ZeroAction::SetEntry {
-                    entry: L2_ZERO,
-                    free: None,
-                }
-            } else {
-                ZeroAction::Nothing
-            };
-        }
         if !has_backing && (unmap || old_host.is_none()) {
             // Without a backing file, unallocated reads as zeros.
             if prev == Mapping::Unallocated {
@@ -394,18 +404,18 @@ impl Qcow2Driver {
             }
             return ZeroAction::SetEntry {
                 entry: 0,
-                free: old_host,
+                free: refs,
             };
         }
         if v3 {
             return match (unmap, old_host) {
                 (false, Some(h)) => ZeroAction::SetEntry {
                     entry: h | L2_ZERO | L2_COPIED,
-                    free: None,
+                    free: Vec::new(),
                 },
                 _ => ZeroAction::SetEntry {
                     entry: L2_ZERO,
-                    free: old_host,
+                    free: refs,
                 },
             };
         }

@@ -335,9 +335,12 @@ impl Refcounts {
         }
     }
 
-    /// Drop one reference to the cluster at byte offset `host`.
-    pub async fn free(&mut self, file: &ChildRef, host: u64) -> io::Result<()> {
-        self.decrement(file, host / self.cs()).await
+    /// Drop one reference to the cluster at byte offset `host`; returns
+    /// the references left.
+    pub async fn free(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
+        let cluster = host / self.cs();
+        self.decrement(file, cluster).await?;
+        self.get(file, cluster).await
     }
 
     async fn decrement(&mut self, file: &ChildRef, cluster: u64) -> io::Result<()> {
