@@ -63,15 +63,9 @@ impl Node {
         self.driver.driver_name()
     }
 
+    /// Child edges (the Vec also holds the references keeping them open).
     pub fn children(&self) -> &[Child] {
         &self.children
-    }
-
-    pub fn child(&self, role: ChildRole) -> Option<&Arc<Node>> {
-        self.children
-            .iter()
-            .find(|c| c.role == role)
-            .map(|c| &c.node)
     }
 
     pub fn is_read_only(&self) -> bool {

@@ -22,15 +22,6 @@ impl IoThreadHandle {
         self.remote.post(Message::Run(Box::new(f)));
     }
 
-    /// Run `f` on the iothread and wait for its result.
-    pub fn call<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.run(move || {
-            let _ = tx.send(f());
-        });
-        rx.recv().expect("iothread exited while running a call")
-    }
-
     /// Create a future on the iothread with `make`, run it there to
     /// completion, and return its output. For the control thread's own I/O.
     pub fn block_on<R, F>(&self, make: impl FnOnce() -> F + Send + 'static) -> R

@@ -40,11 +40,6 @@ impl<T> AsyncMutex<T> {
         Lock { mutex: self }
     }
 
-    /// The value, when no one else can hold the lock.
-    pub fn get_mut(&mut self) -> &mut T {
-        self.value.get_mut()
-    }
-
     fn unlock(&self) {
         let waiters = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());

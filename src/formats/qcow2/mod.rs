@@ -291,9 +291,8 @@ impl Qcow2Driver {
                     if !copied {
                         let refs = {
                             let mut meta = self.meta.lock().await;
-                            let file = self.file.clone();
                             match meta.refcounts.as_mut() {
-                                Some(r) => r.get(&file, host >> self.bits()).await?,
+                                Some(r) => r.get(&self.file, host >> self.bits()).await?,
                                 None => 0,
                             }
                         };

@@ -187,6 +187,14 @@ mod fake_guest {
             self.mem().write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
         }
 
+        /// A write of `len` bytes at sector 0: header, data, status.
+        fn write_chain(&self, len: u32) {
+            self.header(0x10000, VIRTIO_BLK_T_OUT, 0);
+            self.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+            self.desc(DESC, 1, 0x20000, len, NEXT, 2);
+            self.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        }
+
         /// A request with a header and a status byte only (flush, bad types).
         fn bare_chain(&self, kind: u32) {
             self.header(0x10000, kind, 0);
@@ -302,10 +310,7 @@ mod fake_guest {
     #[test]
     fn unaligned_length_is_an_io_error() {
         let mut g = Guest::new(false, true);
-        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
-        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-        g.desc(DESC, 1, 0x20000, 100, NEXT, 2);
-        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        g.write_chain(100);
         assert_eq!(g.submit(0), 1);
         assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
         g.still_serves();
@@ -397,10 +402,7 @@ mod fake_guest {
     #[test]
     fn read_only_export_fails_writes() {
         let mut g = Guest::new(true, true);
-        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
-        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
-        g.desc(DESC, 1, 0x20000, 512, NEXT, 2);
-        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        g.write_chain(512);
         assert_eq!(g.submit(0), 1);
         assert_eq!(g.status(0x30000), VIRTIO_BLK_S_IOERR);
         g.still_serves();
