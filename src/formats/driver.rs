@@ -47,4 +47,12 @@ pub trait BlockDriver: BlockIo {
     /// Flush synchronously and release resources; called once, on the
     /// control thread, when the node's last reference goes away.
     fn close(&self) -> io::Result<()>;
+    /// The host file behind a protocol driver.
+    fn filename(&self) -> Option<String> {
+        None
+    }
+    /// The node entered a drained section: no request will arrive until
+    /// `drained_end`. Must not wait.
+    fn drained_begin(&self) {}
+    fn drained_end(&self) {}
 }

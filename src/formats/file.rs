@@ -366,10 +366,14 @@ impl BlockDriver for FileDriver {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+    fn filename(&self) -> Option<String> {
+        Some(self.path.display().to_string())
+    }
     fn close(&self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
         }
+
         // SAFETY: fdatasync on a valid fd.
         if unsafe { libc::fdatasync(self.fd()) } != 0 {
             return Err(io::Error::last_os_error());

@@ -1,11 +1,15 @@
 //! BlockBackend: the root parent an export talks to. It checks bounds and
 //! read-only, counts its own requests, and survives having its tree ejected.
 
+use std::future::poll_fn;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::task::{Poll, Waker};
 
-use super::node::{InFlight, Node};
+use super::in_flight::{InFlight, InFlightCounter};
+use super::node::Node;
+use super::parent::Parent;
 use crate::formats::BlockIo;
 use crate::uring::IoVec;
 
@@ -20,6 +24,8 @@ pub enum BackendError {
         len: u64,
         size: u64,
     },
+    #[error("{backend}: a medium is attached already")]
+    HasMedium { backend: String },
     #[error("{backend}: read-only")]
     ReadOnly { backend: String },
     #[error("{backend}: I/O error at offset {offset}: {source}")]
@@ -31,12 +37,41 @@ pub enum BackendError {
     },
 }
 
+/// What the device using a BlockBackend does when the tree below it is
+/// drained or resized (QEMU: BlockDevOps). The vhost export implements it.
+pub trait DeviceOps: Send + Sync {
+    /// Stop submitting new requests. Must not wait.
+    fn drained_begin(&self);
+    /// Resume, and process what arrived meanwhile. Must not wait.
+    fn drained_end(&self);
+    /// Whether the device still has requests of its own in flight.
+    fn drained_poll(&self) -> bool;
+    /// The medium's size changed.
+    fn resized(&self);
+}
+
+struct Attached {
+    node: Arc<Node>,
+    /// Our edge in the node's parent list.
+    edge: u64,
+}
+
 pub struct BlockBackend {
     name: String,
-    root: RwLock<Option<Arc<Node>>>,
+    root: RwLock<Option<Attached>>,
     read_only: bool,
     /// This backend's own requests, counted before they reach the root node.
-    in_flight: AtomicU64,
+    in_flight: InFlightCounter,
+    /// Drained sections covering this backend (through its root edge).
+    quiesce_counter: AtomicU32,
+    dev_ops: Mutex<Option<Weak<dyn DeviceOps>>>,
+    /// Internal requests wait while drained; a device that stops itself on
+    /// drained_begin (an export) turns this off so its requests already in
+    /// progress can finish (QEMU: disable_request_queuing).
+    request_queuing: AtomicBool,
+    /// Requests waiting for the drained section to end.
+    queued: Mutex<Vec<Waker>>,
+    me: Weak<BlockBackend>,
 }
 
 enum Access {
@@ -46,12 +81,21 @@ enum Access {
 
 impl BlockBackend {
     pub fn new(name: &str, root: Arc<Node>, read_only: bool) -> Arc<Self> {
-        Arc::new(BlockBackend {
+        let b = Arc::new_cyclic(|me| BlockBackend {
             name: name.to_string(),
-            root: RwLock::new(Some(root)),
+            root: RwLock::new(None),
             read_only,
-            in_flight: AtomicU64::new(0),
-        })
+            in_flight: InFlightCounter::new(),
+            quiesce_counter: AtomicU32::new(0),
+            dev_ops: Mutex::new(None),
+            request_queuing: AtomicBool::new(true),
+            queued: Mutex::new(Vec::new()),
+            me: me.clone(),
+        });
+        // Cannot fail: a new backend has no root.
+        let _ = b.attach(root);
+        super::registry::register_backend(&b);
+        b
     }
 
     pub fn name(&self) -> &str {
@@ -63,7 +107,11 @@ impl BlockBackend {
     }
 
     pub fn root(&self) -> Option<Arc<Node>> {
-        self.root.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|a| a.node.clone())
     }
 
     /// Size of the medium in bytes; 0 after eject.
@@ -72,13 +120,94 @@ impl BlockBackend {
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.get()
+    }
+
+    pub fn quiesce_counter(&self) -> u32 {
+        self.quiesce_counter.load(Ordering::SeqCst)
+    }
+
+    pub fn set_dev_ops(&self, ops: Weak<dyn DeviceOps>) {
+        *self.dev_ops.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops);
+    }
+
+    pub fn set_request_queuing(&self, on: bool) {
+        self.request_queuing.store(on, Ordering::SeqCst);
+    }
+
+    fn dev_ops(&self) -> Option<Arc<dyn DeviceOps>> {
+        self.dev_ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
+    }
+
+    /// Attach a tree. If its root is drained, this backend is drained with
+    /// it until that section ends.
+    pub fn attach(&self, node: Arc<Node>) -> Result<(), BackendError> {
+        let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
+        if root.is_some() {
+            return Err(BackendError::HasMedium {
+                backend: self.name.clone(),
+            });
+        }
+        let me: Weak<dyn Parent> = self.me.clone();
+        let edge = node.parents.attach(me, false);
+        *root = Some(Attached {
+            node: node.clone(),
+            edge,
+        });
+        drop(root);
+        if node.quiesce_counter() > 0 {
+            node.parents.drained_begin();
+        }
+        Ok(())
     }
 
     /// Detach the tree. Requests already inside it finish; new ones fail with
     /// `Ejected`. Returns the old root so the caller decides when it closes.
     pub fn eject(&self) -> Option<Arc<Node>> {
-        self.root.write().unwrap_or_else(|e| e.into_inner()).take()
+        let old = self
+            .root
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        // Ends the drain the edge held on us, if any.
+        old.node.parents.detach(old.edge);
+        Some(old.node)
+    }
+
+    /// Wait for this backend's own requests to complete (QEMU: blk_drain).
+    /// Unlike a drained section, nobody is stopped from submitting more.
+    pub fn drain_requests(&self) {
+        super::in_flight::poll_while(|| self.in_flight.get() > 0);
+    }
+
+    /// Count a request in, waiting first while a drained section holds
+    /// internal requests back.
+    async fn enter(&self) -> InFlight<'_> {
+        loop {
+            let g = self.in_flight.guard();
+            // SeqCst with the drain side: either the drain sees our count,
+            // or we see its quiesce_counter.
+            if !self.request_queuing.load(Ordering::SeqCst)
+                || self.quiesce_counter.load(Ordering::SeqCst) == 0
+            {
+                return g;
+            }
+            drop(g);
+            poll_fn(|cx| {
+                let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+                if self.quiesce_counter.load(Ordering::SeqCst) == 0 {
+                    Poll::Ready(())
+                } else {
+                    q.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
     }
 
     fn check(&self, access: Access, offset: u64, len: u64) -> Result<Arc<Node>, BackendError> {
@@ -111,26 +240,26 @@ impl BlockBackend {
     }
 
     pub async fn read(&self, offset: u64, buf: &IoVec) -> Result<(), BackendError> {
+        let _g = self.enter().await;
         let root = self.check(Access::Read, offset, buf.len() as u64)?;
-        let _g = InFlight::begin(&self.in_flight);
         root.read(offset, buf).await.map_err(self.io_error(offset))
     }
 
     pub async fn write(&self, offset: u64, buf: &IoVec) -> Result<(), BackendError> {
+        let _g = self.enter().await;
         let root = self.check(Access::Write, offset, buf.len() as u64)?;
-        let _g = InFlight::begin(&self.in_flight);
         root.write(offset, buf).await.map_err(self.io_error(offset))
     }
 
     pub async fn flush(&self) -> Result<(), BackendError> {
+        let _g = self.enter().await;
         let root = self.check(Access::Read, 0, 0)?;
-        let _g = InFlight::begin(&self.in_flight);
         root.flush().await.map_err(self.io_error(0))
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        let _g = self.enter().await;
         let root = self.check(Access::Write, offset, len)?;
-        let _g = InFlight::begin(&self.in_flight);
         root.discard(offset, len)
             .await
             .map_err(self.io_error(offset))
@@ -142,11 +271,58 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), BackendError> {
+        let _g = self.enter().await;
         let root = self.check(Access::Write, offset, len)?;
-        let _g = InFlight::begin(&self.in_flight);
         root.write_zeroes(offset, len, may_unmap)
             .await
             .map_err(self.io_error(offset))
+    }
+}
+
+/// The BlockBackend is its root node's parent.
+impl Parent for BlockBackend {
+    fn drained_begin(&self) {
+        if self.quiesce_counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            if let Some(ops) = self.dev_ops() {
+                ops.drained_begin();
+            }
+        }
+    }
+
+    fn drained_end(&self) {
+        let prev = self
+            .quiesce_counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1));
+        if prev != Ok(1) {
+            if prev.is_err() {
+                log::error!("{}: drained_end without drained_begin", self.name);
+            }
+            return;
+        }
+        if let Some(ops) = self.dev_ops() {
+            ops.drained_end();
+        }
+        let waiters = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
+    }
+
+    fn drained_poll(&self) -> bool {
+        self.in_flight.get() > 0 || self.dev_ops().is_some_and(|d| d.drained_poll())
+    }
+
+    fn resized(&self) {
+        if let Some(ops) = self.dev_ops() {
+            ops.resized();
+        }
+    }
+}
+
+impl Drop for BlockBackend {
+    fn drop(&mut self) {
+        drop(self.eject());
+        super::registry::unregister_dead_backends();
     }
 }
 

@@ -1,11 +1,23 @@
 //! The block graph: nodes (driver instances) joined by child edges, with a
-//! BlockBackend as the root parent an export talks to. Modelled on QEMU's
-//! BlockDriverState / BdrvChild / BlockBackend; see `shared/seeds/`.
+//! BlockBackend as the root parent an export talks to, and drained sections
+//! over them. Modelled on QEMU's BlockDriverState / BdrvChild /
+//! BlockBackend; see `shared/seeds/`.
 
 mod backend;
+mod drain;
+mod in_flight;
 mod node;
 mod open;
+mod parent;
+mod registry;
 
-pub use backend::{BackendError, BlockBackend};
+pub use backend::{BackendError, BlockBackend, DeviceOps};
+pub use drain::{drain_all_begin, drain_all_end, DrainError};
+pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};
 pub use node::{Child, ChildRole, Node};
 pub use open::{open_image, open_null, ImageFormat, ImageOptions};
+pub use parent::Parent;
+pub use registry::{all_backends, all_nodes, find_node};
+
+#[cfg(test)]
+mod drain_tests;

@@ -2,8 +2,11 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
+use super::in_flight::InFlightCounter;
+use super::parent::{Parent, Parents};
+use super::{drain, registry};
 use crate::formats::{BlockDriver, BlockIo, IoFuture};
 use crate::uring::IoVec;
 
@@ -38,21 +41,46 @@ pub struct Node {
     name: String,
     driver: Box<dyn BlockDriver>,
     children: Vec<Child>,
+    /// The id of this node's edge in each child's parent list.
+    child_edges: Vec<u64>,
+    pub(super) parents: Parents,
     /// Requests inside this node's driver right now, on any iothread.
-    in_flight: AtomicU64,
+    pub(super) in_flight: InFlightCounter,
+    /// Requests this node has started since it was opened.
+    requests: AtomicU64,
     /// Nesting depth of drained sections covering this node.
-    quiesce_counter: AtomicU32,
+    pub(super) quiesce_counter: AtomicU32,
 }
 
 impl Node {
     pub fn new(name: &str, driver: Box<dyn BlockDriver>, children: Vec<Child>) -> Arc<Self> {
-        Arc::new(Node {
-            name: name.to_string(),
-            driver,
-            children,
-            in_flight: AtomicU64::new(0),
-            quiesce_counter: AtomicU32::new(0),
-        })
+        let node = Arc::new_cyclic(|me: &Weak<Node>| {
+            let me: Weak<dyn Parent> = me.clone();
+            let child_edges = children
+                .iter()
+                .map(|c| c.node.parents.attach(me.clone(), false))
+                .collect();
+            Node {
+                name: name.to_string(),
+                driver,
+                children,
+                child_edges,
+                parents: Parents::default(),
+                in_flight: InFlightCounter::new(),
+                requests: AtomicU64::new(0),
+                // A node born inside drain_all is drained like the rest.
+                quiesce_counter: AtomicU32::new(drain::drain_all_depth()),
+            }
+        });
+        // A child that is drained already drains its new parent (it could
+        // not be called while the parent was being built).
+        for c in &node.children {
+            if c.node.quiesce_counter() > 0 {
+                c.node.parents.drained_begin();
+            }
+        }
+        registry::register(&node);
+        node
     }
 
     pub fn name(&self) -> &str {
@@ -61,6 +89,15 @@ impl Node {
 
     pub fn driver_name(&self) -> &'static str {
         self.driver.driver_name()
+    }
+
+    /// The host file behind a protocol node.
+    pub fn filename(&self) -> Option<String> {
+        self.driver.filename()
+    }
+
+    pub(super) fn driver(&self) -> &dyn BlockDriver {
+        &*self.driver
     }
 
     /// Child edges (the Vec also holds the references keeping them open).
@@ -73,38 +110,31 @@ impl Node {
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.get()
+    }
+
+    /// Requests started on this node since it was opened.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     pub fn quiesce_counter(&self) -> u32 {
-        self.quiesce_counter.load(Ordering::Acquire)
+        self.quiesce_counter.load(Ordering::SeqCst)
+    }
+
+    /// How many parents (nodes and BlockBackends) point at this node.
+    pub fn parent_count(&self) -> usize {
+        self.parents.count()
     }
 
     fn tracked<'a>(&'a self, fut: IoFuture<'a>) -> IoFuture<'a> {
-        let guard = InFlight::begin(&self.in_flight);
+        let guard = self.in_flight.guard();
+        self.requests.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             let r = fut.await;
             drop(guard);
             r
         })
-    }
-}
-
-/// Counts one request for as long as it lives.
-pub(crate) struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    pub(crate) fn begin(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::AcqRel);
-        InFlight(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        // The drain machinery (control socket issue) hooks the 1 -> 0
-        // transition here to wake a waiting drain.
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -136,6 +166,10 @@ impl Drop for Node {
     /// The last reference is gone: close the driver (flushes it). Children
     /// close after this, as their references drop with `children`.
     fn drop(&mut self) {
+        for (c, edge) in self.children.iter().zip(&self.child_edges) {
+            c.node.parents.detach(*edge);
+        }
+        registry::unregister_dead();
         if let Err(e) = self.driver.close() {
             log::error!("node {}: close failed: {e}", self.name);
         } else {

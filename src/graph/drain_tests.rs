@@ -1,0 +1,491 @@
+//! Drain tests modelled on QEMU's tests/unit/test-bdrv-drain.c: quiesce
+//! counters through parents, nesting, drain_all, requests on iothreads,
+//! nodes deleted while a drain waits, edges changed inside a section.
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::formats::{BlockDriver, BlockIo, IoFuture};
+use crate::uring::{AlignedBuf, IoThread, IoVec};
+
+/// Requests block until the test opens the gate (a stand-in for slow I/O).
+#[derive(Default)]
+struct Gate {
+    state: Mutex<(bool, Vec<Waker>)>,
+}
+
+impl Gate {
+    fn open(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        for w in s.1.drain(..) {
+            w.wake();
+        }
+    }
+    fn wait(&self) -> IoFuture<'_> {
+        Box::pin(poll_fn(move |cx| {
+            let mut s = self.state.lock().unwrap();
+            if s.0 {
+                Poll::Ready(Ok(()))
+            } else {
+                s.1.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }))
+    }
+}
+
+struct GateDriver(Arc<Gate>);
+
+impl BlockIo for GateDriver {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+        self.0.wait()
+    }
+    fn write<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+        self.0.wait()
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        self.0.wait()
+    }
+    fn discard(&self, _: u64, _: u64) -> IoFuture<'_> {
+        self.0.wait()
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> IoFuture<'_> {
+        self.0.wait()
+    }
+}
+
+impl BlockDriver for GateDriver {
+    fn driver_name(&self) -> &'static str {
+        "gate"
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Ejects its BlockBackend's tree when a read completes: a completion
+/// that changes the graph.
+struct EjectOnRead {
+    gate: Arc<Gate>,
+    backend: Arc<Mutex<Weak<BlockBackend>>>,
+}
+
+impl BlockIo for EjectOnRead {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+        Box::pin(async move {
+            self.gate.wait().await?;
+            let b = self.backend.lock().unwrap().upgrade();
+            if let Some(b) = b {
+                drop(b.eject());
+            }
+            Ok(())
+        })
+    }
+    fn write<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+        self.gate.wait()
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        self.gate.wait()
+    }
+    fn discard(&self, _: u64, _: u64) -> IoFuture<'_> {
+        self.gate.wait()
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> IoFuture<'_> {
+        self.gate.wait()
+    }
+}
+
+impl BlockDriver for EjectOnRead {
+    fn driver_name(&self) -> &'static str {
+        "eject-on-read"
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn gate_node(name: &str, gate: &Arc<Gate>) -> Arc<Node> {
+    Node::new(name, Box::new(GateDriver(gate.clone())), vec![])
+}
+
+/// A format-like node over `child`, forwarding everything to it.
+struct Forward(Arc<Node>);
+
+impl BlockIo for Forward {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read<'a>(&'a self, o: u64, b: &'a IoVec) -> IoFuture<'a> {
+        self.0.read(o, b)
+    }
+    fn write<'a>(&'a self, o: u64, b: &'a IoVec) -> IoFuture<'a> {
+        self.0.write(o, b)
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        self.0.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> IoFuture<'_> {
+        self.0.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> IoFuture<'_> {
+        self.0.write_zeroes(o, l, u)
+    }
+}
+
+impl BlockDriver for Forward {
+    fn driver_name(&self) -> &'static str {
+        "forward"
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn format_over(name: &str, child: &Arc<Node>) -> Arc<Node> {
+    Node::new(
+        name,
+        Box::new(Forward(child.clone())),
+        vec![Child {
+            role: ChildRole::File,
+            node: child.clone(),
+        }],
+    )
+}
+
+/// Device ops that count calls.
+#[derive(Default)]
+struct Dev {
+    begins: AtomicUsize,
+    ends: AtomicUsize,
+    resizes: AtomicUsize,
+}
+
+impl DeviceOps for Dev {
+    fn drained_begin(&self) {
+        self.begins.fetch_add(1, Ordering::SeqCst);
+    }
+    fn drained_end(&self) {
+        self.ends.fetch_add(1, Ordering::SeqCst);
+    }
+    fn drained_poll(&self) -> bool {
+        false
+    }
+    fn resized(&self) {
+        self.resizes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn with_dev(b: &Arc<BlockBackend>) -> Arc<Dev> {
+    let dev = Arc::new(Dev::default());
+    let weak: Weak<dyn DeviceOps> = Arc::downgrade(&dev) as Weak<dyn DeviceOps>;
+    b.set_dev_ops(weak);
+    dev
+}
+
+fn buf() -> IoVec {
+    IoVec::from_buf(Arc::new(AlignedBuf::zeroed(512, 512)))
+}
+
+/// drain_all touches every node in the process: these tests run one at a
+/// time so counters they assert on are theirs alone.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wait (bounded) for a condition another thread makes true.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn quiesce_spreads_to_parents_once_and_nests() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    let file = gate_node("t-nest-file", &gate);
+    let fmt = format_over("t-nest-fmt", &file);
+    let b = BlockBackend::new("t-nest", fmt.clone(), false);
+    let dev = with_dev(&b);
+
+    file.drained_begin();
+    assert_eq!(
+        (
+            file.quiesce_counter(),
+            fmt.quiesce_counter(),
+            b.quiesce_counter()
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(dev.begins.load(Ordering::SeqCst), 1);
+
+    // Nested sections on the same node and on its parent.
+    file.drained_begin();
+    fmt.drained_begin();
+    assert_eq!(
+        (
+            file.quiesce_counter(),
+            fmt.quiesce_counter(),
+            b.quiesce_counter()
+        ),
+        (2, 2, 1)
+    );
+    assert_eq!(dev.begins.load(Ordering::SeqCst), 1, "device quiesced once");
+
+    fmt.drained_end().unwrap();
+    file.drained_end().unwrap();
+    assert_eq!(dev.ends.load(Ordering::SeqCst), 0, "still inside a section");
+    file.drained_end().unwrap();
+    assert_eq!(
+        (
+            file.quiesce_counter(),
+            fmt.quiesce_counter(),
+            b.quiesce_counter()
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(dev.ends.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        file.drained_end(),
+        Err(DrainError::NotDrained { .. })
+    ));
+    assert_eq!(file.quiesce_counter(), 0, "a failed end changes nothing");
+}
+
+#[test]
+fn drain_waits_for_requests_on_two_iothreads() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    let file = gate_node("t-io-file", &gate);
+    let fmt = format_over("t-io-fmt", &file);
+    let b = BlockBackend::new("t-io", fmt.clone(), false);
+    b.set_request_queuing(false);
+    let threads: Vec<_> = (0..2)
+        .map(|i| IoThread::start(&format!("t-io-{i}"), Duration::ZERO).unwrap())
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    for t in &threads {
+        let (bb, tx) = (b.clone(), tx.clone());
+        t.handle().run(move || {
+            crate::uring::spawn(async move {
+                let r = bb.write(0, &buf()).await;
+                tx.send(r.is_ok()).unwrap();
+            });
+        });
+    }
+    eventually("two requests in flight", || file.in_flight() == 2);
+    assert_eq!((fmt.in_flight(), b.in_flight()), (2, 2));
+
+    let (done_tx, done_rx) = mpsc::channel();
+    let f2 = file.clone();
+    let drainer = std::thread::spawn(move || {
+        f2.drained_begin();
+        done_tx.send(f2.in_flight()).unwrap();
+    });
+    // While the requests are stuck, the drain must not return.
+    assert!(done_rx.recv_timeout(Duration::from_millis(100)).is_err());
+    assert_eq!(b.quiesce_counter(), 1, "quiesced before polling");
+    gate.open();
+    assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0);
+    drainer.join().unwrap();
+    assert!(rx.recv().unwrap() && rx.recv().unwrap());
+    assert_eq!((fmt.in_flight(), b.in_flight()), (0, 0));
+    file.drained_end().unwrap();
+}
+
+#[test]
+fn internal_requests_wait_for_drained_end() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let file = gate_node("t-queue-file", &gate);
+    let b = BlockBackend::new("t-queue", file.clone(), false);
+    let t = IoThread::start("t-queue", Duration::ZERO).unwrap();
+    file.drained_begin();
+    let before = file.requests();
+    let (tx, rx) = mpsc::channel();
+    let bb = b.clone();
+    t.handle().run(move || {
+        crate::uring::spawn(async move {
+            tx.send(bb.read(0, &buf()).await.is_ok()).unwrap();
+        });
+    });
+    // Queued, not counted as in flight (a drain must not wait for it).
+    assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+    assert_eq!(file.requests(), before, "nothing reached the node");
+    assert_eq!(b.in_flight(), 0);
+    file.drained_end().unwrap();
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    assert_eq!(file.requests(), before + 1);
+}
+
+#[test]
+fn device_requests_pass_when_request_queuing_is_off() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let file = gate_node("t-pass-file", &gate);
+    let b = BlockBackend::new("t-pass", file.clone(), false);
+    b.set_request_queuing(false);
+    let t = IoThread::start("t-pass", Duration::ZERO).unwrap();
+    file.drained_begin();
+    let bb = b.clone();
+    let ok = t
+        .handle()
+        .block_on(move || async move { bb.read(0, &buf()).await.is_ok() });
+    assert!(ok);
+    file.drained_end().unwrap();
+}
+
+#[test]
+fn drain_all_quiesces_every_tree_and_new_nodes() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let a = gate_node("t-all-a", &gate);
+    let c = gate_node("t-all-c", &gate);
+    let ba = BlockBackend::new("t-all-ba", a.clone(), false);
+    let bc = BlockBackend::new("t-all-bc", c.clone(), false);
+    let (da, dc) = (with_dev(&ba), with_dev(&bc));
+    drain_all_begin();
+    assert!(a.quiesce_counter() >= 1 && c.quiesce_counter() >= 1);
+    assert_eq!(da.begins.load(Ordering::SeqCst), 1);
+    assert_eq!(dc.begins.load(Ordering::SeqCst), 1);
+    let late = gate_node("t-all-late", &gate);
+    assert!(
+        late.quiesce_counter() >= 1,
+        "a node opened inside starts drained"
+    );
+    drain_all_end();
+    assert_eq!(late.quiesce_counter(), 0);
+    assert_eq!(da.ends.load(Ordering::SeqCst), 1);
+    assert_eq!(dc.ends.load(Ordering::SeqCst), 1);
+    assert_eq!(ba.quiesce_counter() + bc.quiesce_counter(), 0);
+}
+
+#[test]
+fn a_node_deleted_by_a_completion_during_drain_all() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    let slot = Arc::new(Mutex::new(Weak::new()));
+    let driver = EjectOnRead {
+        gate: gate.clone(),
+        backend: slot.clone(),
+    };
+    let node = Node::new("t-del-node", Box::new(driver), vec![]);
+    let weak = Arc::downgrade(&node);
+    let b = BlockBackend::new("t-del", node, false);
+    *slot.lock().unwrap() = Arc::downgrade(&b);
+    b.set_request_queuing(false);
+    // The driver ejects its backend's tree while completing the read, so
+    // the node closes before the backend's count drops: the drain must
+    // survive a node vanishing while it waits.
+    let t = IoThread::start("t-del", Duration::ZERO).unwrap();
+    let bb = b.clone();
+    let (tx, rx) = mpsc::channel();
+    t.handle().run(move || {
+        crate::uring::spawn(async move {
+            tx.send(bb.read(0, &buf()).await.is_ok()).unwrap();
+        });
+    });
+
+    eventually("request in flight", || {
+        weak.upgrade().is_some_and(|n| n.in_flight() == 1)
+    });
+    let g2 = gate.clone();
+    let opener = std::thread::spawn(move || g2.open());
+    drain_all_begin();
+    opener.join().unwrap();
+    assert!(weak.upgrade().is_none(), "the node closed during the drain");
+    assert!(rx.recv().unwrap(), "the request itself succeeded");
+
+    assert!(find_node("t-del-node").is_none());
+    drain_all_end();
+    assert_eq!(b.quiesce_counter(), 0);
+}
+
+#[test]
+fn detach_and_attach_inside_a_drained_section() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let a = gate_node("t-edge-a", &gate);
+    let fresh = gate_node("t-edge-b", &gate);
+    let drained = gate_node("t-edge-c", &gate);
+    let b = BlockBackend::new("t-edge", a.clone(), false);
+    let dev = with_dev(&b);
+
+    a.drained_begin();
+    assert_eq!(b.quiesce_counter(), 1);
+    // Detaching ends the drain the edge held on the backend.
+    let old = b.eject().unwrap();
+    assert_eq!(b.quiesce_counter(), 0);
+    assert_eq!(dev.ends.load(Ordering::SeqCst), 1);
+    assert_eq!(old.parent_count(), 0);
+
+    // Attaching to an undrained node leaves the backend running...
+    b.attach(fresh.clone()).unwrap();
+    assert_eq!(b.quiesce_counter(), 0);
+    assert!(b.attach(drained.clone()).is_err(), "one medium at a time");
+    b.eject();
+    // ...attaching to a drained one drains it until that section ends.
+    drained.drained_begin();
+    b.attach(drained.clone()).unwrap();
+    assert_eq!(b.quiesce_counter(), 1);
+    assert_eq!(dev.begins.load(Ordering::SeqCst), 2);
+    drained.drained_end().unwrap();
+    assert_eq!(b.quiesce_counter(), 0);
+    assert_eq!(dev.ends.load(Ordering::SeqCst), 2);
+    // Ending the first section on the detached node touches nobody else.
+    a.drained_end().unwrap();
+    assert_eq!(dev.ends.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_parent_node_built_over_a_drained_child_starts_drained() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    let file = gate_node("t-born-file", &gate);
+    file.drained_begin();
+    let fmt = format_over("t-born-fmt", &file);
+    assert_eq!(fmt.quiesce_counter(), 1);
+    file.drained_end().unwrap();
+    assert_eq!(fmt.quiesce_counter(), 0);
+}
+
+#[test]
+fn resize_reaches_the_device_through_every_parent() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    let file = gate_node("t-rs-file", &gate);
+    let fmt = format_over("t-rs-fmt", &file);
+    let b = BlockBackend::new("t-rs", fmt, false);
+    let dev = with_dev(&b);
+    file.notify_resized();
+    assert_eq!(dev.resizes.load(Ordering::SeqCst), 1);
+}
