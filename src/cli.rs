@@ -26,6 +26,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Create a disk image (qcow2 by default) that qemu-img accepts.
     Create(CreateArgs),
+    /// Send one command to a running daemon's control socket.
+    ///
+    /// Example: `ringblk ctl /run/ringblk.qmp block_resize export=vda size=20G`
+    Ctl(CtlArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -146,9 +150,33 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
     pub refcount_cache_size: u64,
 
-    /// Export name (used in logs and, later, on the control socket).
+    /// Export name (used in logs and on the control socket).
     #[arg(long, value_name = "NAME", default_value = "vda")]
     pub id: String,
+
+    /// QMP control socket (query, drain, resize, quit); none if omitted.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    /// Print the command's return value as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The daemon's QMP control socket (`serve --control PATH`).
+    #[arg(value_name = "SOCKET")]
+    pub socket: PathBuf,
+
+    /// A QMP command, e.g. query-block-exports, block_resize, block-drain.
+    #[arg(value_name = "COMMAND")]
+    pub command: String,
+
+    /// Arguments as key=value (sizes like 20G become numbers; key:=JSON
+    /// passes raw JSON), e.g. `export=vda size=20G`.
+    #[arg(value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {

@@ -5,21 +5,25 @@ mod cli;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
 
-use cli::{CacheArg, Cli, Command, CreateArgs, CreateFormat, FormatArg, ServeArgs};
+use cli::{CacheArg, Cli, Command, CreateArgs, CreateFormat, CtlArgs, FormatArg, ServeArgs};
+use ringblk::control::{ctl, ControlServer, Daemon};
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
-use ringblk::graph::{open_image, open_null, BlockBackend, ImageFormat, ImageOptions, Node};
+use ringblk::graph::{
+    all_nodes, drain_all_begin, drain_all_end, open_image, open_null, BlockBackend, ImageFormat,
+    ImageOptions, Node,
+};
 use ringblk::uring::IoThread;
 use ringblk::vhost::blk::config::BlkGeometry;
 use ringblk::vhost::blk::export::BlkExport;
-use ringblk::vhost::blk::queue::ExportState;
 use ringblk::vhost::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
+use ringblk::vhost::blk::state::ExportState;
 use ringblk::vhost::server::VhostServer;
 
 const DEFAULT_IMAGE: &str = "ringblk.qcow2";
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Create(args) => create(args),
+        Command::Ctl(args) => ctl_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +60,34 @@ fn block_shutdown_signals() -> libc::sigset_t {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
+}
+
+/// Set by QMP `quit` before it raises SIGTERM, to name the reason.
+static QUIT_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+fn request_quit() {
+    QUIT_REQUESTED.store(true, Ordering::SeqCst);
+    // SAFETY: kill on our own pid; the main thread takes it with sigwait.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+fn ctl_command(args: CtlArgs) -> Result<(), String> {
+    let mut arguments = serde_json::Map::new();
+    for a in &args.args {
+        let (k, v) = ctl::parse_arg(a)?;
+        arguments.insert(k, v);
+    }
+    let mut conn = ctl::Connection::open(&args.socket)?;
+    let ret = conn.execute(&args.command, arguments)??;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&ret).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", ctl::human(&ret));
+    }
+    Ok(())
 }
 
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
@@ -234,20 +267,31 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             serial,
         },
     };
-    let state = Arc::new(ExportState {
-        backend: backend.clone(),
-        limits: geometry.limits.clone(),
-        writeback: AtomicBool::new(true),
-        max_descs: geometry.seg_max() as usize + 2,
-    });
+    let state = ExportState::new(
+        &args.id,
+        backend.clone(),
+        geometry.limits.clone(),
+        geometry.seg_max() as usize + 2,
+        args.num_queues,
+    );
     let export = Arc::new(BlkExport {
         id: args.id.clone(),
         geometry,
         state,
         iothreads: iothreads.iter().map(|t| t.handle()).collect(),
+        socket: absolute(&args.socket),
+        connected: AtomicBool::new(false),
     });
-    let server = VhostServer::bind(&args.socket, export).map_err(|e| e.to_string())?;
+    let server = VhostServer::bind(&args.socket, export.clone()).map_err(|e| e.to_string())?;
     let stopper = server.stopper().map_err(|e| e.to_string())?;
+    let control = match &args.control {
+        Some(path) => Some(
+            ControlServer::start(path, Daemon::new(vec![export.clone()], request_quit))
+                .map_err(|e| format!("control socket: {e}"))?,
+        ),
+        None => None,
+    };
+    drop(export);
 
     print_attach_help(&args.socket, &args);
     println!(
@@ -258,6 +302,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );
+    if let Some(path) = &args.control {
+        println!(
+            "ringblk: control socket {} (try: ringblk ctl {} query-block-exports)",
+            absolute(path).display(),
+            path.display()
+        );
+    }
     let _ = std::io::stdout().flush();
 
     let server_thread = std::thread::Builder::new()
@@ -266,26 +317,81 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
 
     let sig = wait_for_signal(&signals);
-    log::info!("signal {sig} received, shutting down");
+    let quit = QUIT_REQUESTED.load(Ordering::SeqCst);
+    if quit {
+        log::info!("quit requested on the control socket, shutting down");
+    } else {
+        log::info!("signal {sig} received, shutting down");
+    }
+    shutdown(ShutdownParts {
+        control,
+        reason: if quit { "host-qmp-quit" } else { "host-signal" },
+        stopper,
+        server_thread,
+        backends: vec![backend],
+        iothreads,
+    })
+}
 
-    // 1. Stop the export: the frontend is disconnected once its queues have
+struct ShutdownParts {
+    control: Option<ControlServer>,
+    reason: &'static str,
+    stopper: vmm_sys_util::eventfd::EventFd,
+    server_thread: std::thread::JoinHandle<()>,
+    backends: Vec<Arc<BlockBackend>>,
+    iothreads: Vec<IoThread>,
+}
+
+/// DESIGN.md §3's order: exports stop -> drain_all -> eject -> references
+/// dropped -> nodes close (flush) -> nothing left open.
+fn shutdown(p: ShutdownParts) -> Result<(), String> {
+    let mut failed = Vec::new();
+    // Control clients go first: their drained sections end, so the exports
+    // can finish what the guest already submitted.
+    if let Some(c) = p.control {
+        c.shutdown(p.reason);
+    }
+    // 1. Stop the exports: the frontend is disconnected once its queues have
     //    finished their in-flight requests.
-    let _ = stopper.write(1);
-    if server_thread.join().is_err() {
-        log::error!("vhost thread panicked");
+    let _ = p.stopper.write(1);
+    if p.server_thread.join().is_err() {
+        failed.push("the vhost thread panicked".to_string());
     }
-    // 2. Flush what the guest wrote, then detach and close the tree.
-    let b = backend.clone();
-    if let Err(e) = iothreads[0]
-        .handle()
-        .block_on(move || async move { b.flush().await })
-    {
-        log::error!("final flush failed: {e}");
+    // 2. Quiesce everything and wait for every request in the graph.
+    drain_all_begin();
+    // 3. Flush what the guest wrote, then detach every tree.
+    let mut roots = Vec::new();
+    for b in &p.backends {
+        let bb = b.clone();
+        match p.iothreads[0]
+            .handle()
+            .block_on(move || async move { bb.flush().await })
+        {
+            Err(ringblk::graph::BackendError::Ejected { .. }) | Ok(()) => {}
+            Err(e) => failed.push(format!("final flush failed: {e}")),
+        }
+        roots.extend(b.eject());
     }
-    drop(backend.eject());
-    for t in iothreads {
+    drain_all_end();
+    // 4. Our references go; each node closes (qcow2 writes back its caches
+    //    and marks itself clean, files sync) as its refcount reaches zero.
+    drop(roots);
+    drop(p.backends);
+    for t in p.iothreads {
         t.stop();
     }
-    log::info!("shut down cleanly");
-    Ok(())
+    // 5. Nothing may stay open.
+    let left: Vec<String> = all_nodes().iter().map(|n| n.name().to_string()).collect();
+    if !left.is_empty() {
+        failed.push(format!(
+            "nodes still open after shutdown: {}",
+            left.join(", ")
+        ));
+    }
+    if failed.is_empty() {
+        log::info!("shut down cleanly");
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
 }

@@ -1,1 +1,11 @@
-//! The QMP control socket (operator commands); arrives with the control-socket issue.
+//! The QMP control socket: protocol framing, the server and its commands,
+//! and the `ringblk ctl` client.
+
+mod args;
+mod commands;
+pub mod ctl;
+mod json_stream;
+pub mod qmp;
+mod server;
+
+pub use server::{ControlServer, Daemon};

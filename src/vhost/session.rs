@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
@@ -65,15 +65,10 @@ pub struct Session<'a> {
     memory: MemoryMap,
     shared_mem: Arc<SharedMemory>,
     vrings: Vec<Vring>,
-    backend_channel: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(
-        export: &'a BlkExport,
-        stream: &'a UnixStream,
-        backend_channel: Arc<Mutex<Option<UnixStream>>>,
-    ) -> Self {
+    pub fn new(export: &'a BlkExport, stream: &'a UnixStream) -> Self {
         let n = export.geometry.num_queues as usize;
         Session {
             export,
@@ -83,7 +78,6 @@ impl<'a> Session<'a> {
             memory: MemoryMap::default(),
             shared_mem: SharedMemory::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
-            backend_channel,
         }
     }
 
@@ -312,10 +306,9 @@ impl<'a> Session<'a> {
                 let fd = msg
                     .take_fd()
                     .ok_or("SET_BACKEND_REQ_FD without a file descriptor")?;
-                *self
-                    .backend_channel
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(UnixStream::from(fd));
+                self.export
+                    .state
+                    .set_backend_channel(Some(UnixStream::from(fd)));
                 Ok(Reply::Ack)
             }
             other => Err(format!("{other:?} is not supported")),

@@ -1,11 +1,12 @@
 //! A virtio-blk export: the BlockBackend plus what the device advertises and
 //! the iothreads its queues run on.
 
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::config::{BlkGeometry, CONFIG_LEN};
-use super::queue::ExportState;
+use super::state::ExportState;
 use crate::uring::IoThreadHandle;
 
 pub struct BlkExport {
@@ -14,6 +15,10 @@ pub struct BlkExport {
     pub state: Arc<ExportState>,
     /// Queue `i` runs on `iothreads[i % len]`.
     pub iothreads: Vec<IoThreadHandle>,
+    /// The vhost-user socket frontends connect to.
+    pub socket: PathBuf,
+    /// A frontend is connected right now.
+    pub connected: AtomicBool,
 }
 
 impl BlkExport {
@@ -25,5 +30,9 @@ impl BlkExport {
 
     pub fn iothread_for(&self, queue: u16) -> &IoThreadHandle {
         &self.iothreads[queue as usize % self.iothreads.len()]
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
     }
 }

@@ -6,3 +6,5 @@ pub mod export;
 pub mod queue;
 mod queue_tests;
 pub mod request;
+pub mod state;
+pub mod stats;

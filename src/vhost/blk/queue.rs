@@ -10,13 +10,15 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
 
 use super::chain;
-use super::request::{self, Limits, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use crate::graph::BlockBackend;
+use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use super::state::ExportState;
+use super::stats::OpKind;
 use crate::uring::{self, ops};
 use crate::vhost::memory::{GuestRam, SharedMemory};
 use crate::vhost::ratelimit::LogLimiter;
@@ -63,6 +65,13 @@ pub struct QueueControl {
 }
 
 impl QueueControl {
+    /// Make the queue look at its avail ring again (after a drained section).
+    pub fn wake(&self) {
+        if let Err(e) = uring::signal_eventfd(self.kick.as_raw_fd()) {
+            log::error!("cannot wake a queue: {e}");
+        }
+    }
+
     /// Ask the queue to stop popping, wait until its requests completed, and
     /// return the next avail index (for GET_VRING_BASE).
     pub fn stop_and_wait(&self) -> u16 {
@@ -82,16 +91,6 @@ impl QueueControl {
                 .unwrap_or_else(|e| e.into_inner());
         }
     }
-}
-
-/// Per-export settings the queue reads while running.
-pub struct ExportState {
-    pub backend: Arc<BlockBackend>,
-    pub limits: Limits,
-    /// The guest's write cache setting (CONFIG_WCE): false = write-through.
-    pub writeback: AtomicBool,
-    /// Longest chain accepted (direct or indirect).
-    pub max_descs: usize,
 }
 
 struct Worker {
@@ -171,6 +170,7 @@ pub fn start(
         stopped: Mutex::new(None),
         stopped_cv: Condvar::new(),
     });
+    export.add_running(&control);
     let ctl = control.clone();
     let (index, indirect, kick, call) = (setup.index, setup.indirect, setup.kick, setup.call);
     thread.run(move || {
@@ -257,6 +257,12 @@ impl Worker {
         if self.stopped() {
             return false;
         }
+        // Counted before looking at the drain flag: a drain either sees
+        // this reservation or we see its flag (both SeqCst).
+        let _popping = self.export.in_flight.guard();
+        if self.export.is_quiesced() {
+            return false;
+        }
         let mem = self.memory();
         let mut heads = Vec::new();
         let mut found = false;
@@ -280,6 +286,7 @@ impl Worker {
             found |= !heads.is_empty();
             for head in heads.drain(..) {
                 self.in_flight.set(self.in_flight.get() + 1);
+                self.export.in_flight.inc();
                 uring::spawn(self.clone().handle(mem.clone(), head));
             }
             if !more {
@@ -296,6 +303,7 @@ impl Worker {
         let max = self.export.max_descs.max(size as usize);
         let used_len = match chain::walk(&mem, table, size, head, self.indirect, max) {
             Err(e) => {
+                self.stats().record_invalid();
                 if self.log.allow("bad descriptor chain") {
                     log::warn!("queue {}: descriptor chain {head}: {e}", self.index);
                 }
@@ -305,6 +313,7 @@ impl Worker {
                 let (req, action) = request::parse(&mem, &chain, &self.export.limits);
                 let status = match action {
                     Err(reject) => {
+                        self.stats().record_invalid();
                         if self.log.allow("rejected request") {
                             log::warn!("queue {}: request {head}: {}", self.index, reject.reason);
                         }
@@ -324,7 +333,20 @@ impl Worker {
         self.complete(head, used_len);
     }
 
+    fn stats(&self) -> &super::stats::QueueStats {
+        &self.export.stats[self.index as usize]
+    }
+
     async fn execute(&self, op: Op) -> u8 {
+        let started = Instant::now();
+        let (kind, bytes) = OpKind::of(&op);
+        let status = self.execute_op(op).await;
+        self.stats()
+            .record(kind, bytes, status == VIRTIO_BLK_S_OK, started.elapsed());
+        status
+    }
+
+    async fn execute_op(&self, op: Op) -> u8 {
         let b = &self.export.backend;
         let name = op.name();
         let r = match &op {
@@ -362,6 +384,7 @@ impl Worker {
             log::error!("queue {}: cannot add to used ring: {e}", self.index);
         }
         self.in_flight.set(self.in_flight.get() - 1);
+        self.export.in_flight.dec();
         if self.in_flight.get() == 0 {
             if let Some(w) = self.idle.borrow_mut().take() {
                 w.wake();

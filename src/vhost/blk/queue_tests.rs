@@ -7,13 +7,13 @@
 mod fake_guest {
     use std::fs::File;
     use std::os::fd::{AsRawFd, FromRawFd};
-    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-    use super::super::queue::{self, CallFd, ExportState, QueueControl, QueueSetup};
+    use super::super::queue::{self, CallFd, QueueControl, QueueSetup};
     use super::super::request::*;
+    use super::super::state::ExportState;
     use crate::graph::{open_null, BlockBackend};
     use crate::uring::IoThread;
     use crate::vhost::memory::{GuestRam, SharedMemory};
@@ -79,18 +79,15 @@ mod fake_guest {
             shared.publish(ram.clone());
             let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
             serial[..6].copy_from_slice(b"serial");
-            let export = Arc::new(ExportState {
-                backend: BlockBackend::new("test", open_null(DISK), read_only),
-                limits: Limits {
-                    block_size: 512,
-                    max_discard_sectors: 1 << 16,
-                    max_write_zeroes_sectors: 1 << 16,
-                    max_segments: 1,
-                    serial,
-                },
-                writeback: AtomicBool::new(true),
-                max_descs: QSIZE as usize,
-            });
+            let limits = Limits {
+                block_size: 512,
+                max_discard_sectors: 1 << 16,
+                max_write_zeroes_sectors: 1 << 16,
+                max_segments: 1,
+                serial,
+            };
+            let backend = BlockBackend::new("test", open_null(DISK), read_only);
+            let export = ExportState::new("test", backend, limits, QSIZE as usize, 1);
             let thread = IoThread::start("test-queue", std::time::Duration::ZERO).unwrap();
             let kick = Arc::new(eventfd());
             let call = eventfd();

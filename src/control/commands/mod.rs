@@ -1,0 +1,62 @@
+//! The QMP commands, by name. Each runs on its client's thread under the
+//! big control lock, so graph changes never interleave.
+
+mod drain;
+mod query;
+mod resize;
+mod target;
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::args::Args;
+use super::qmp::{CmdResult, QmpError};
+use super::server::{Daemon, Sections};
+
+/// Every command after negotiation, for `query-commands`.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-commands",
+    "query-version",
+    "query-block-exports",
+    "query-named-block-nodes",
+    "query-blockstats",
+    "block_resize",
+    "block-drain",
+    "block-drained-begin",
+    "block-drained-end",
+    "quit",
+];
+
+pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: Args) -> CmdResult {
+    // Commands without arguments refuse any before running.
+    let no_args = |args: Args| args.finish();
+    match name {
+        "qmp_capabilities" => Err(QmpError::command_not_found(
+            "Capabilities negotiation is already complete, command ignored",
+        )),
+        "query-commands" => no_args(args)
+            .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({ "name": c })).collect())),
+        "query-version" => no_args(args).map(|_| {
+            json!({
+                "qemu": {"major": 0, "minor": 1, "micro": 0},
+                "package": concat!("ringblk ", env!("CARGO_PKG_VERSION")),
+            })
+        }),
+        "query-block-exports" => no_args(args).map(|_| query::block_exports(daemon)),
+        "query-named-block-nodes" => no_args(args).map(|_| query::named_block_nodes()),
+        "query-blockstats" => no_args(args).map(|_| query::blockstats(daemon)),
+        "block_resize" => resize::block_resize(daemon, args),
+        "block-drain" => drain::block_drain(daemon, args),
+        "block-drained-begin" => drain::drained_begin(daemon, sections, args),
+        "block-drained-end" => drain::drained_end(daemon, sections, args),
+        "quit" => no_args(args).map(|_| {
+            daemon.request_shutdown();
+            json!({})
+        }),
+        other => Err(QmpError::command_not_found(format!(
+            "The command {other} has not been found"
+        ))),
+    }
+}

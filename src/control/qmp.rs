@@ -1,0 +1,158 @@
+//! QMP wire format: greeting, requests, responses, errors and events.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+/// Error classes QMP clients know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotFound,
+}
+
+impl ErrorClass {
+    fn name(self) -> &'static str {
+        match self {
+            ErrorClass::GenericError => "GenericError",
+            ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: ErrorClass::GenericError,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: ErrorClass::DeviceNotFound,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn command_not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: ErrorClass::CommandNotFound,
+            desc: desc.into(),
+        }
+    }
+}
+
+pub type CmdResult = Result<Value, QmpError>;
+
+/// A parsed `{"execute": ..., "arguments": ..., "id": ...}`.
+pub struct Request {
+    pub execute: String,
+    pub arguments: Map<String, Value>,
+    pub id: Option<Value>,
+}
+
+/// Validate a request object. On error, the id (if one could be read) is
+/// returned too so the error can echo it.
+pub fn parse_request(v: Value) -> Result<Request, (QmpError, Option<Value>)> {
+    let Value::Object(mut obj) = v else {
+        return Err((QmpError::generic("QMP input must be a JSON object"), None));
+    };
+    let id = obj.remove("id");
+    let fail = |desc: String, id: &Option<Value>| Err((QmpError::generic(desc), id.clone()));
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "execute" | "arguments"))
+    {
+        return fail(format!("QMP input member '{k}' is unexpected"), &id);
+    }
+    let execute = match obj.remove("execute") {
+        Some(Value::String(s)) => s,
+        Some(_) => return fail("QMP input member 'execute' must be a string".into(), &id),
+        None => return fail("QMP input lacks member 'execute'".into(), &id),
+    };
+    let arguments = match obj.remove("arguments") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return fail("QMP input member 'arguments' must be an object".into(), &id),
+    };
+    Ok(Request {
+        execute,
+        arguments,
+        id,
+    })
+}
+
+pub fn greeting() -> Value {
+    json!({"QMP": {
+        "version": {
+            "qemu": {"major": 0, "minor": 1, "micro": 0},
+            "package": concat!("ringblk ", env!("CARGO_PKG_VERSION")),
+        },
+        "capabilities": [],
+    }})
+}
+
+pub fn response(result: &CmdResult, id: Option<Value>) -> Value {
+    let mut v = match result {
+        Ok(r) => json!({ "return": r }),
+        Err(e) => json!({"error": {"class": e.class.name(), "desc": e.desc}}),
+    };
+    if let (Some(id), Value::Object(m)) = (id, &mut v) {
+        m.insert("id".into(), id);
+    }
+    v
+}
+
+pub fn event(name: &str, data: Value) -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({
+        "event": name,
+        "data": data,
+        "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_shapes_are_checked_and_ids_survive_errors() {
+        let ok = parse_request(json!({"execute": "quit", "id": 7}))
+            .ok()
+            .unwrap();
+        assert_eq!((ok.execute.as_str(), ok.id), ("quit", Some(json!(7))));
+        let (e, id) = parse_request(json!({"execute": 1, "id": "x"}))
+            .err()
+            .unwrap();
+        assert_eq!(id, Some(json!("x")));
+        assert!(e.desc.contains("must be a string"));
+        let (e, _) = parse_request(json!({"arguments": {}})).err().unwrap();
+        assert!(e.desc.contains("lacks member 'execute'"));
+        let (e, _) = parse_request(json!({"execute": "q", "bogus": 1}))
+            .err()
+            .unwrap();
+        assert!(e.desc.contains("'bogus' is unexpected"));
+        let (e, _) = parse_request(json!([1])).err().unwrap();
+        assert!(e.desc.contains("must be a JSON object"));
+    }
+
+    #[test]
+    fn responses_echo_the_id() {
+        let r = response(&Ok(json!({})), Some(json!("a")));
+        assert_eq!(r, json!({"return": {}, "id": "a"}));
+        let r = response(&Err(QmpError::not_found("no such export")), None);
+        assert_eq!(r["error"]["class"], "DeviceNotFound");
+    }
+}

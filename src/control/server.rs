@@ -1,0 +1,339 @@
+//! The QMP socket: accepts any number of clients, one thread each.
+//! Commands run under one big lock (QEMU's BQL counterpart), so drains
+//! and graph changes from different clients never interleave.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::args::Args;
+use super::commands;
+use super::json_stream::{Piece, Splitter};
+use super::qmp::{self, QmpError};
+use crate::graph::Node;
+use crate::vhost::blk::export::BlkExport;
+use crate::vhost::socket::{bind_listener, wait_for, Wake};
+
+static BIG_LOCK: Mutex<()> = Mutex::new(());
+
+fn big_lock() -> MutexGuard<'static, ()> {
+    BIG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A client stuck not reading must not stall events to everyone else.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Client {
+    id: u64,
+    writer: Mutex<UnixStream>,
+    negotiated: AtomicBool,
+}
+
+impl Client {
+    fn send(&self, v: &Value) {
+        let mut text = v.to_string();
+        text.push('\n');
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = w.write_all(text.as_bytes()) {
+            log::debug!("control client {}: write failed: {e}", self.id);
+        }
+    }
+}
+
+/// What commands act on, shared by every client.
+pub struct Daemon {
+    pub exports: Vec<Arc<BlkExport>>,
+    clients: Mutex<Vec<Arc<Client>>>,
+    shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Daemon {
+    /// `shutdown` is called by `quit`; it must only start the shutdown
+    /// (the daemon's main thread carries it out).
+    pub fn new(
+        exports: Vec<Arc<BlkExport>>,
+        shutdown: impl Fn() + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Daemon {
+            exports,
+            clients: Mutex::new(Vec::new()),
+            shutdown: Box::new(shutdown),
+        })
+    }
+
+    pub fn export(&self, id: &str) -> Option<Arc<BlkExport>> {
+        self.exports.iter().find(|e| e.id == id).cloned()
+    }
+
+    pub fn request_shutdown(&self) {
+        (self.shutdown)();
+    }
+
+    fn clients(&self) -> MutexGuard<'_, Vec<Arc<Client>>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Send an event to every client past capabilities negotiation.
+    pub fn emit(&self, name: &str, data: Value) {
+        let ev = qmp::event(name, data);
+        let clients: Vec<_> = self.clients().clone();
+        for c in clients
+            .iter()
+            .filter(|c| c.negotiated.load(Ordering::SeqCst))
+        {
+            c.send(&ev);
+        }
+    }
+}
+
+/// The drained sections one client holds; ended when it disconnects.
+#[derive(Default)]
+pub struct Sections(Vec<Arc<Node>>);
+
+impl Sections {
+    pub fn push(&mut self, node: Arc<Node>) {
+        self.0.push(node);
+    }
+
+    /// Forget one section on `node`; false if this client holds none.
+    pub fn remove(&mut self, node: &Arc<Node>) -> bool {
+        match self.0.iter().rposition(|n| Arc::ptr_eq(n, node)) {
+            Some(i) => {
+                self.0.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn end_all(&mut self) {
+        for n in self.0.drain(..).rev() {
+            log::info!(
+                "node {}: ending a drained section its client left open",
+                n.name()
+            );
+            if let Err(e) = n.drained_end() {
+                log::error!("{e}");
+            }
+        }
+    }
+}
+
+pub struct ControlServer {
+    path: PathBuf,
+    stop: EventFd,
+    daemon: Arc<Daemon>,
+    accept_thread: Option<JoinHandle<()>>,
+    client_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl ControlServer {
+    /// Bind `path` and start accepting clients.
+    pub fn start(path: &Path, daemon: Arc<Daemon>) -> io::Result<Self> {
+        let listener = bind_listener(path)?;
+        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
+        let client_threads = Arc::new(Mutex::new(Vec::new()));
+        let (d, s, t) = (daemon.clone(), stop.try_clone()?, client_threads.clone());
+        let accept_thread = std::thread::Builder::new()
+            .name("qmp-accept".into())
+            .spawn(move || accept_loop(listener, d, s, t))?;
+        log::info!("QMP control socket on {}", path.display());
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            daemon,
+            accept_thread: Some(accept_thread),
+            client_threads,
+        })
+    }
+
+    /// Announce the shutdown, stop accepting, disconnect every client (their
+    /// drained sections end) and wait for their threads.
+    pub fn shutdown(mut self, reason: &str) {
+        self.daemon
+            .emit("SHUTDOWN", json!({"guest": false, "reason": reason}));
+        let _ = self.stop.write(1);
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        for c in self.daemon.clients().iter() {
+            let w = c.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = w.shutdown(Shutdown::Both);
+        }
+        let threads = std::mem::take(
+            &mut *self
+                .client_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    stop: EventFd,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+) {
+    static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+    loop {
+        match wait_for(listener.as_raw_fd(), stop.as_raw_fd()) {
+            Ok(Wake::Ready) => {}
+            Ok(Wake::Stop) => return,
+            Err(e) => {
+                log::error!("QMP socket: poll failed: {e}");
+                return;
+            }
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("QMP socket: accept failed: {e}");
+                continue;
+            }
+        };
+        let writer = match stream
+            .try_clone()
+            .and_then(|w| w.set_write_timeout(Some(WRITE_TIMEOUT)).map(|_| w))
+        {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("QMP socket: {e}");
+                continue;
+            }
+        };
+        let client = Arc::new(Client {
+            id: NEXT_CLIENT.fetch_add(1, Ordering::Relaxed),
+            writer: Mutex::new(writer),
+            negotiated: AtomicBool::new(false),
+        });
+        daemon.clients().push(client.clone());
+        let d = daemon.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("qmp-client{}", client.id))
+            .spawn(move || serve_client(d, client, stream));
+        match spawned {
+            Ok(h) => {
+                let mut t = threads.lock().unwrap_or_else(|e| e.into_inner());
+                t.retain(|h| !h.is_finished());
+                t.push(h);
+            }
+            Err(e) => log::error!("QMP socket: cannot start a client thread: {e}"),
+        }
+    }
+}
+
+fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, mut stream: UnixStream) {
+    log::info!("QMP client {} connected", client.id);
+    client.send(&qmp::greeting());
+    let mut splitter = Splitter::default();
+    let mut sections = Sections::default();
+    let mut buf = [0u8; 4096];
+    let mut pieces = Vec::new();
+    'conn: loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::debug!("QMP client {}: read failed: {e}", client.id);
+                break;
+            }
+        };
+        splitter.feed(&buf[..n], &mut pieces);
+        for piece in pieces.drain(..) {
+            match piece {
+                Piece::Text(t) => handle_text(&daemon, &client, &mut sections, &t),
+                Piece::Garbage(g) => client.send(&qmp::response(
+                    &Err(QmpError::generic(format!(
+                        "JSON parse error, invalid keyword '{g}'"
+                    ))),
+                    None,
+                )),
+                Piece::TooLong => {
+                    client.send(&qmp::response(
+                        &Err(QmpError::generic("JSON parse error, message too long")),
+                        None,
+                    ));
+                    break 'conn;
+                }
+            }
+        }
+    }
+    {
+        let _g = big_lock();
+        sections.end_all();
+    }
+    daemon.clients().retain(|c| c.id != client.id);
+    log::info!("QMP client {} disconnected", client.id);
+}
+
+fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, text: &[u8]) {
+    let value: Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = QmpError::generic(format!("JSON parse error, {e}"));
+            return client.send(&qmp::response(&Err(err), None));
+        }
+    };
+    let req = match qmp::parse_request(value) {
+        Ok(r) => r,
+        Err((err, id)) => return client.send(&qmp::response(&Err(err), id)),
+    };
+    let result = if !client.negotiated.load(Ordering::SeqCst) {
+        if req.execute == "qmp_capabilities" {
+            negotiate(Args::new(req.arguments)).inspect(|_| {
+                client.negotiated.store(true, Ordering::SeqCst);
+            })
+        } else {
+            Err(QmpError::command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ))
+        }
+    } else {
+        let _g = big_lock();
+        log::debug!("QMP client {}: {}", client.id, req.execute);
+        commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
+    };
+    client.send(&qmp::response(&result, req.id));
+}
+
+/// `qmp_capabilities`: we offer no optional capabilities.
+fn negotiate(mut args: Args) -> qmp::CmdResult {
+    if let Some(caps) = args.take_value("enable") {
+        match caps {
+            Value::Array(a) if a.is_empty() => {}
+            Value::Array(a) => {
+                return Err(QmpError::generic(format!(
+                    "Capability '{}' not available",
+                    a[0].as_str().unwrap_or("?")
+                )))
+            }
+            _ => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'enable', expected: array",
+                ))
+            }
+        }
+    }
+    args.finish()?;
+    Ok(json!({}))
+}
