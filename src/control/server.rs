@@ -313,7 +313,11 @@ fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, t
         log::debug!("QMP client {}: {}", client.id, req.execute);
         commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
     };
+    let quit = result.is_ok() && req.execute == "quit";
     client.send(&qmp::response(&result, req.id));
+    if quit {
+        daemon.request_shutdown();
+    }
 }
 
 /// `qmp_capabilities`: we offer no optional capabilities.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod qemu_img;
+pub mod qmp;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
@@ -134,22 +135,27 @@ impl Daemon {
         matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
     }
 
-    /// SIGTERM and wait (bounded) for the exit status.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Wait up to `limit` for the process to exit by itself.
+    pub fn wait_exit(mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        // SAFETY-free: kill(2) through libc on our child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 return st;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("ringblk did not exit within 60 s of SIGTERM");
+                panic!("ringblk did not exit within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn stop(self) -> ExitStatus {
+        // SAFETY-free: kill(2) through libc on our child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(60))
     }
 }
 

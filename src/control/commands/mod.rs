@@ -51,10 +51,9 @@ pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: 
         "block-drain" => drain::block_drain(daemon, args),
         "block-drained-begin" => drain::drained_begin(daemon, sections, args),
         "block-drained-end" => drain::drained_end(daemon, sections, args),
-        "quit" => no_args(args).map(|_| {
-            daemon.request_shutdown();
-            json!({})
-        }),
+        // The caller starts the shutdown once the reply is out.
+        "quit" => no_args(args).map(|_| json!({})),
+
         other => Err(QmpError::command_not_found(format!(
             "The command {other} has not been found"
         ))),

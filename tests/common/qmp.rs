@@ -1,0 +1,125 @@
+//! A minimal QMP client for tests (the `qemu.qmp` library is exercised by
+//! tests/control_python.rs; this one can also send malformed input).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    pub greeting: Value,
+    /// Events seen while waiting for responses.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connect and read the greeting, without negotiating.
+    pub fn connect_raw(path: &Path) -> Qmp {
+        let s = UnixStream::connect(path).expect("connect to the QMP socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let writer = s.try_clone().unwrap();
+        let mut q = Qmp {
+            reader: BufReader::new(s),
+            writer,
+            greeting: Value::Null,
+            events: Vec::new(),
+        };
+        q.greeting = q.recv().expect("greeting");
+        q
+    }
+
+    /// Connect and negotiate capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let mut q = Qmp::connect_raw(path);
+        q.ok("qmp_capabilities", json!({}));
+        q
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
+    /// The next message, or None at end of stream.
+    pub fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        if n == 0 {
+            return None;
+        }
+        Some(serde_json::from_str(&line).expect("QMP sends JSON lines"))
+    }
+
+    /// The next response (events are kept aside).
+    pub fn response(&mut self) -> Value {
+        loop {
+            let m = self.recv().expect("connection closed before a response");
+            if m.get("event").is_some() {
+                self.events.push(m);
+            } else {
+                return m;
+            }
+        }
+    }
+
+    /// The next event (already seen or new).
+    pub fn event(&mut self) -> Value {
+        if !self.events.is_empty() {
+            return self.events.remove(0);
+        }
+        loop {
+            let m = self.recv().expect("connection closed before an event");
+            if m.get("event").is_some() {
+                return m;
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let req = json!({"execute": name, "arguments": args});
+        self.send_raw(format!("{req}\n").as_bytes());
+        self.response()
+    }
+
+    /// Run a command that must succeed; its return value.
+    pub fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.cmd(name, args.clone());
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("{name} {args} failed: {r}"),
+        }
+    }
+
+    /// Run a command that must fail; (class, desc).
+    pub fn err(&mut self, name: &str, args: Value) -> (String, String) {
+        let r = self.cmd(name, args.clone());
+        error_of(&r).unwrap_or_else(|| panic!("{name} {args} should fail: {r}"))
+    }
+
+    /// The node called `name` in query-named-block-nodes.
+    pub fn node(&mut self, name: &str) -> Value {
+        let nodes = self.ok("query-named-block-nodes", json!({}));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {name} in {nodes}"))
+    }
+}
+
+pub fn error_of(r: &Value) -> Option<(String, String)> {
+    let e = r.get("error")?;
+    Some((
+        e["class"].as_str().unwrap().to_string(),
+        e["desc"].as_str().unwrap().to_string(),
+    ))
+}
