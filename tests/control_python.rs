@@ -31,7 +31,12 @@ fn qemu_qmp_library_and_qmp_shell_work() {
     let qmp = dir.path("qmp");
     let d = Daemon::start(
         &dir.path("sock"),
-        &["--image", img.to_str().unwrap(), "--control", qmp.to_str().unwrap()],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            qmp.to_str().unwrap(),
+        ],
     );
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/qemu_qmp_client.py");
     let out = Command::new(venv_bin("python"))

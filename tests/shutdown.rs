@@ -58,9 +58,15 @@ fn run(signal: i32) {
                         for (slot, &i) in chunk.iter().enumerate() {
                             let addr = base + (k * QD + slot) * BLK;
                             // SAFETY: this slot is ours until its write completes.
-                            let buf = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, BLK) };
+                            let buf =
+                                unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, BLK) };
                             pattern(buf, block(i), round);
-                            submit(vq, base, Req::Write(block(i) * BLK as u64, addr - base, BLK), i);
+                            submit(
+                                vq,
+                                base,
+                                Req::Write(block(i) * BLK as u64, addr - base, BLK),
+                                i,
+                            );
                         }
                         for _ in chunk {
                             match wait_one_for(vq, Duration::from_secs(2)) {
@@ -99,7 +105,13 @@ fn run(signal: i32) {
     let (code, out) = check(&img);
     assert_eq!(code, 0, "qemu-img check after a clean shutdown:\n{out}");
     let raw = dir.path("flat.raw");
-    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
     let f = std::fs::File::open(&raw).unwrap();
     let (mut got, mut want, mut next) = (vec![0u8; BLK], vec![0u8; BLK], vec![0u8; BLK]);
     let mut checked = 0;
@@ -115,11 +127,13 @@ fn run(signal: i32) {
                 continue;
             }
             pattern(&mut want, b, r);
-            assert!(got == want || got == next, "block {b}: acknowledged round {r} lost");
+            assert!(
+                got == want || got == next,
+                "block {b}: acknowledged round {r} lost"
+            );
             checked += 1;
         }
     }
     // 6000 writes were acknowledged before the signal: most blocks hold one.
     assert!(checked >= 3000, "only {checked} blocks were checked");
-
 }

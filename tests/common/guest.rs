@@ -1,11 +1,11 @@
 //! Booting a Linux guest under QEMU (TCG) attached to a ringblk socket.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a guest may run before the test fails.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(900);
@@ -61,6 +61,17 @@ impl GuestRun {
 /// served over `sock` with `num_queues` queues. Fails the test if QEMU is
 /// missing: guest tests never pass silently.
 pub fn run_guest(sock: &Path, test: &str, num_queues: u16) -> GuestRun {
+    run_guest_with(sock, test, num_queues, |_| {})
+}
+
+/// Like `run_guest`, calling `on_line` with each console line as it
+/// arrives (to act on the host while the guest waits for it).
+pub fn run_guest_with(
+    sock: &Path,
+    test: &str,
+    num_queues: u16,
+    mut on_line: impl FnMut(&str),
+) -> GuestRun {
     let qemu = "qemu-system-x86_64";
     let found = Command::new(qemu).arg("--version").output();
     assert!(
@@ -103,23 +114,38 @@ pub fn run_guest(sock: &Path, test: &str, num_queues: u16) -> GuestRun {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start qemu");
-    let mut out = child.stdout.take().unwrap();
+    let out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(Some(line)).is_err() {
+                return;
+            }
+        }
         let mut e = String::new();
         let _ = err.read_to_string(&mut e);
-        let _ = tx.send(format!("{s}\n--- qemu stderr ---\n{e}"));
+        let _ = tx.send(Some(format!("--- qemu stderr ---\n{e}")));
+        let _ = tx.send(None);
     });
-    let console = match rx.recv_timeout(GUEST_TIMEOUT) {
-        Ok(c) => c,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("guest did not finish within {GUEST_TIMEOUT:?}");
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let mut console = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Some(line)) => {
+                on_line(&line);
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("guest did not finish within {GUEST_TIMEOUT:?}; console so far:\n{console}");
+            }
         }
-    };
+    }
     let _ = child.wait();
     eprintln!("--- guest console ({test}) ---\n{console}");
     GuestRun { console }
