@@ -638,3 +638,54 @@ fn ctl_runs_commands_for_people_and_scripts() {
     assert!(ok);
     assert!(d.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Drains while frontends come and go: a client disconnects with requests
+/// in flight as drains run; a new one connects inside a held section and
+/// is served when it ends.
+#[test]
+fn drains_racing_frontend_disconnects() {
+    let dir = TestDir::new("qmp-drain-disconnect");
+    let img = dir.path("disk.raw");
+    make_raw(&img, 16 << 20);
+    let d = start(&dir, &img, &["--num-queues", "2"]);
+    let mut q = Qmp::connect(&dir.path("qmp"));
+    for round in 0..5u64 {
+        let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();
+        let base = c.region.addr;
+        for k in 0..2 {
+            for i in 0..QD {
+                let off = ((k * QD + i) * BLK) as u64;
+                submit(&mut c.queues[k], base, Req::Write(off, (k * QD + i) * BLK, BLK), i);
+            }
+        }
+        std::thread::scope(|s| {
+            let drains = s.spawn(|| {
+                let mut q2 = Qmp::connect(&dir.path("qmp"));
+                for _ in 0..10 {
+                    q2.ok("block-drain", json!({"export": "vda"}));
+                }
+            });
+            drop(c); // disconnect with requests in flight
+            drains.join().unwrap();
+        });
+        let e = &q.ok("query-block-exports", json!({}))[0];
+        assert_eq!(e["in-flight"], 0, "round {round}: {e}");
+    }
+    // A frontend that connects inside a drained section waits for its end.
+    q.ok("block-drained-begin", json!({"export": "vda"}));
+    let mut c = connect(&d.sock, 1).unwrap();
+    pattern(&mut c.buf()[..BLK], 3, 3);
+    submit(&mut c.queues[0], c.region.addr, Req::Write(0, 0, BLK), 0);
+    assert!(
+        wait_one_for(&mut c.queues[0], Duration::from_millis(300)).is_none(),
+        "served while drained"
+    );
+    q.ok("block-drained-end", json!({"export": "vda"}));
+    let done = wait_one_for(&mut c.queues[0], Duration::from_secs(10)).expect("served after the end");
+    assert_eq!(done.ret, 0);
+    assert_eq!(c.run(0, Req::Read(0, BLK, BLK)), 0);
+    let b = c.buf();
+    assert!(b[..BLK] == b[BLK..2 * BLK]);
+    drop(c);
+    assert!(d.stop().success());
+}
