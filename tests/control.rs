@@ -655,7 +655,12 @@ fn drains_racing_frontend_disconnects() {
         for k in 0..2 {
             for i in 0..QD {
                 let off = ((k * QD + i) * BLK) as u64;
-                submit(&mut c.queues[k], base, Req::Write(off, (k * QD + i) * BLK, BLK), i);
+                submit(
+                    &mut c.queues[k],
+                    base,
+                    Req::Write(off, (k * QD + i) * BLK, BLK),
+                    i,
+                );
             }
         }
         std::thread::scope(|s| {
@@ -681,7 +686,8 @@ fn drains_racing_frontend_disconnects() {
         "served while drained"
     );
     q.ok("block-drained-end", json!({"export": "vda"}));
-    let done = wait_one_for(&mut c.queues[0], Duration::from_secs(10)).expect("served after the end");
+    let done =
+        wait_one_for(&mut c.queues[0], Duration::from_secs(10)).expect("served after the end");
     assert_eq!(done.ret, 0);
     assert_eq!(c.run(0, Req::Read(0, BLK, BLK)), 0);
     let b = c.buf();

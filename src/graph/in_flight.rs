@@ -20,27 +20,45 @@ use crate::uring::signal_eventfd;
 static WAITER_COUNT: AtomicUsize = AtomicUsize::new(0);
 static WAITERS: Mutex<Vec<Arc<EventFd>>> = Mutex::new(Vec::new());
 
-/// Requests in flight somewhere (a node, a BlockBackend, an export).
+/// Requests in flight somewhere (a node, a BlockBackend), kept as two
+/// totals, started and finished, so the number started since open comes
+/// for free.
 #[derive(Debug, Default)]
-pub struct InFlightCounter(AtomicU64);
+pub struct InFlightCounter {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
 
 impl InFlightCounter {
     pub const fn new() -> Self {
-        InFlightCounter(AtomicU64::new(0))
+        InFlightCounter {
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+        }
     }
 
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        // Finished first: every request counted there started before, so
+        // the difference never goes negative.
+        let finished = self.finished.load(Ordering::SeqCst);
+        self.started.load(Ordering::SeqCst) - finished
+    }
+
+    /// Requests started since the counter was made.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// SeqCst pairs with `poll_while`: either the waiter sees this request,
     /// or the request's owner sees the drain that started (see callers).
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn dec(&self) {
-        if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let finished = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
+        // Idle now (a request started since will kick when it finishes).
+        if self.started.load(Ordering::SeqCst) == finished {
             kick_waiters();
         }
     }

@@ -1,7 +1,7 @@
 //! Nodes and child edges.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::in_flight::InFlightCounter;
@@ -46,8 +46,6 @@ pub struct Node {
     pub(super) parents: Parents,
     /// Requests inside this node's driver right now, on any iothread.
     pub(super) in_flight: InFlightCounter,
-    /// Requests this node has started since it was opened.
-    requests: AtomicU64,
     /// Nesting depth of drained sections covering this node.
     pub(super) quiesce_counter: AtomicU32,
 }
@@ -67,7 +65,6 @@ impl Node {
                 child_edges,
                 parents: Parents::default(),
                 in_flight: InFlightCounter::new(),
-                requests: AtomicU64::new(0),
                 // A node born inside drain_all is drained like the rest.
                 quiesce_counter: AtomicU32::new(drain::drain_all_depth()),
             }
@@ -115,7 +112,7 @@ impl Node {
 
     /// Requests started on this node since it was opened.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.in_flight.started()
     }
 
     pub fn quiesce_counter(&self) -> u32 {
@@ -129,7 +126,6 @@ impl Node {
 
     fn tracked<'a>(&'a self, fut: IoFuture<'a>) -> IoFuture<'a> {
         let guard = self.in_flight.guard();
-        self.requests.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             let r = fut.await;
             drop(guard);

@@ -16,7 +16,7 @@ fn in_flight(t: &Target) -> u64 {
     let node = t.node.in_flight();
     t.export
         .as_ref()
-        .map_or(node, |e| node.max(e.state.in_flight.get()))
+        .map_or(node, |e| node.max(e.state.in_flight()))
 }
 
 pub fn block_drain(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {

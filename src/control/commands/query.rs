@@ -24,7 +24,7 @@ pub fn block_exports(daemon: &Daemon) -> Value {
                     "writable": !b.is_read_only(),
                     "size": b.size(),
                     "logical-block-size": e.geometry.limits.block_size,
-                    "in-flight": e.state.in_flight.get(),
+                    "in-flight": e.state.in_flight(),
                     "quiesced": e.state.is_quiesced(),
                 })
             })

@@ -17,7 +17,7 @@ use vm_memory::GuestAddress;
 
 use super::chain;
 use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use super::state::ExportState;
+use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
 use crate::uring::{self, ops};
 use crate::vhost::memory::{GuestRam, SharedMemory};
@@ -103,7 +103,6 @@ struct Worker {
     call: Arc<CallFd>,
     control: Arc<QueueControl>,
     export: Arc<ExportState>,
-    in_flight: Cell<usize>,
     idle: RefCell<Option<Waker>>,
     signal_scheduled: Cell<bool>,
     /// The guest broke the ring (e.g. avail index beyond the queue size);
@@ -184,7 +183,6 @@ pub fn start(
             call,
             control: ctl,
             export,
-            in_flight: Cell::new(0),
             idle: RefCell::new(None),
             signal_scheduled: Cell::new(false),
             broken: Cell::new(false),
@@ -226,7 +224,7 @@ impl Worker {
         uring::remove_poller(poller);
         // Let every request finish before reporting where we stopped.
         poll_fn(|cx| {
-            if self.in_flight.get() == 0 {
+            if self.in_flight().get() == 0 {
                 Poll::Ready(())
             } else {
                 *self.idle.borrow_mut() = Some(cx.waker().clone());
@@ -257,9 +255,14 @@ impl Worker {
         if self.stopped() {
             return false;
         }
-        // Counted before looking at the drain flag: a drain either sees
-        // this reservation or we see its flag (both SeqCst).
-        let _popping = self.export.in_flight.guard();
+        let in_flight = self.in_flight();
+        in_flight.reserve();
+        let found = self.pop_all(reenable);
+        in_flight.sub();
+        found
+    }
+
+    fn pop_all(self: &Rc<Self>, reenable: bool) -> bool {
         if self.export.is_quiesced() {
             return false;
         }
@@ -284,10 +287,11 @@ impl Worker {
             self.polling.set(!reenable);
             drop(q);
             found |= !heads.is_empty();
+            // One clock read per batch: latency is measured from the pop.
+            let popped_at = Instant::now();
             for head in heads.drain(..) {
-                self.in_flight.set(self.in_flight.get() + 1);
-                self.export.in_flight.inc();
-                uring::spawn(self.clone().handle(mem.clone(), head));
+                self.in_flight().add();
+                uring::spawn(self.clone().handle(mem.clone(), head, popped_at));
             }
             if !more {
                 return found;
@@ -295,7 +299,7 @@ impl Worker {
         }
     }
 
-    async fn handle(self: Rc<Self>, mem: Arc<GuestRam>, head: u16) {
+    async fn handle(self: Rc<Self>, mem: Arc<GuestRam>, head: u16, popped_at: Instant) {
         let (table, size) = {
             let q = self.queue.borrow();
             (GuestAddress(q.desc_table()), q.size())
@@ -319,7 +323,7 @@ impl Worker {
                         }
                         reject.status
                     }
-                    Ok(op) => self.execute(op).await,
+                    Ok(op) => self.execute(op, popped_at).await,
                 };
                 if !req.has_status() && self.log.allow("missing status") {
                     log::warn!(
@@ -333,16 +337,20 @@ impl Worker {
         self.complete(head, used_len);
     }
 
+    fn in_flight(&self) -> &QueueInFlight {
+        &self.export.queue_in_flight[self.index as usize]
+    }
+
     fn stats(&self) -> &super::stats::QueueStats {
         &self.export.stats[self.index as usize]
     }
 
-    async fn execute(&self, op: Op) -> u8 {
-        let started = Instant::now();
+    /// Run a request and record it; its latency counts from the pop.
+    async fn execute(&self, op: Op, popped_at: Instant) -> u8 {
         let (kind, bytes) = OpKind::of(&op);
         let status = self.execute_op(op).await;
         self.stats()
-            .record(kind, bytes, status == VIRTIO_BLK_S_OK, started.elapsed());
+            .record(kind, bytes, status == VIRTIO_BLK_S_OK, popped_at.elapsed());
         status
     }
 
@@ -383,9 +391,9 @@ impl Worker {
         if let Err(e) = self.queue.borrow_mut().add_used(mem.mmap(), head, len) {
             log::error!("queue {}: cannot add to used ring: {e}", self.index);
         }
-        self.in_flight.set(self.in_flight.get() - 1);
-        self.export.in_flight.dec();
-        if self.in_flight.get() == 0 {
+        let in_flight = self.in_flight();
+        in_flight.sub();
+        if in_flight.get() == 0 {
             if let Some(w) = self.idle.borrow_mut().take() {
                 w.wake();
             }

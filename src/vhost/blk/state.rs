@@ -3,17 +3,52 @@
 //! device ops).
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::queue::QueueControl;
 use super::request::Limits;
 use super::stats::QueueStats;
-use crate::graph::{BlockBackend, DeviceOps, InFlightCounter};
+use crate::graph::{kick_waiters, BlockBackend, DeviceOps};
 use crate::vhost::socket;
 
 /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: the device's config space changed.
 const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+
+/// One queue's requests in flight. Only that queue's iothread writes it
+/// (queue `i` always runs on the same iothread), so counting a request is a
+/// plain store. The reservation a queue takes before popping is SeqCst, as
+/// is the store of zero, which must come before the check for a waiting
+/// drain.
+#[derive(Default)]
+pub struct QueueInFlight(AtomicU64);
+
+impl QueueInFlight {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Counted before the queue looks at the drain flag: a drain either
+    /// sees this or the queue sees the drain's flag (both SeqCst).
+    pub(super) fn reserve(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn add(&self) {
+        let n = self.0.load(Ordering::Relaxed);
+        self.0.store(n + 1, Ordering::Relaxed);
+    }
+
+    pub(super) fn sub(&self) {
+        let n = self.0.load(Ordering::Relaxed).saturating_sub(1);
+        if n == 0 {
+            self.0.store(0, Ordering::SeqCst);
+            kick_waiters();
+        } else {
+            self.0.store(n, Ordering::Release);
+        }
+    }
+}
 
 pub struct ExportState {
     pub id: String,
@@ -23,9 +58,9 @@ pub struct ExportState {
     pub writeback: AtomicBool,
     /// Longest chain accepted (direct or indirect).
     pub max_descs: usize,
-    /// Requests popped from any queue and not yet completed, plus queues
-    /// that are popping right now.
-    pub in_flight: InFlightCounter,
+    /// Per queue: requests popped and not yet completed, plus one while
+    /// the queue is popping.
+    pub queue_in_flight: Vec<QueueInFlight>,
     /// Inside a drained section: queues pop nothing (kicks stay pending).
     quiesced: AtomicBool,
     /// The running queues, to wake them when a drained section ends.
@@ -51,7 +86,7 @@ impl ExportState {
             limits,
             writeback: AtomicBool::new(true),
             max_descs,
-            in_flight: InFlightCounter::new(),
+            queue_in_flight: (0..num_queues).map(|_| QueueInFlight::default()).collect(),
             quiesced: AtomicBool::new(backend.quiesce_counter() > 0),
             running: Mutex::new(Vec::new()),
             stats: (0..num_queues).map(|_| QueueStats::default()).collect(),
@@ -63,6 +98,11 @@ impl ExportState {
         let ops: Weak<dyn DeviceOps> = Arc::downgrade(&state) as Weak<dyn DeviceOps>;
         backend.set_dev_ops(ops);
         state
+    }
+
+    /// Requests the guest submitted that we have not completed.
+    pub fn in_flight(&self) -> u64 {
+        self.queue_in_flight.iter().map(QueueInFlight::get).sum()
     }
 
     pub fn is_quiesced(&self) -> bool {
@@ -135,7 +175,7 @@ impl DeviceOps for ExportState {
     }
 
     fn drained_poll(&self) -> bool {
-        self.in_flight.get() > 0
+        self.in_flight() > 0
     }
 
     fn resized(&self) {

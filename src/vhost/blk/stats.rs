@@ -1,6 +1,9 @@
 //! Per-queue request statistics for `query-blockstats`: operations, bytes,
 //! errors and latency (total and a power-of-two histogram) per request
-//! type. Counters are relaxed atomics written by the queue's own iothread.
+//! type. Counters are atomics with a single writer, the queue's own
+//! iothread (queue `i` always runs on the same iothread), so an update is
+//! a plain load and store rather than a locked read-modify-write; readers
+//! (the control thread) see each counter whole.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -65,6 +68,11 @@ struct OpStats {
     histogram: [AtomicU64; LATENCY_BUCKETS],
 }
 
+/// Add to a counter only this thread writes.
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
 fn bucket(latency: Duration) -> usize {
     let us = latency.as_micros().min(u64::MAX as u128) as u64;
     // Smallest i with us < 2^i.
@@ -83,18 +91,17 @@ pub struct QueueStats {
 impl QueueStats {
     pub fn record(&self, kind: OpKind, bytes: u64, ok: bool, latency: Duration) {
         let s = &self.ops[kind as usize];
-        s.ops.fetch_add(1, Ordering::Relaxed);
-        s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        bump(&s.ops, 1);
+        bump(&s.bytes, bytes);
         if !ok {
-            s.errors.fetch_add(1, Ordering::Relaxed);
+            bump(&s.errors, 1);
         }
-        let ns = latency.as_nanos().min(u64::MAX as u128) as u64;
-        s.total_ns.fetch_add(ns, Ordering::Relaxed);
-        s.histogram[bucket(latency)].fetch_add(1, Ordering::Relaxed);
+        bump(&s.total_ns, latency.as_nanos().min(u64::MAX as u128) as u64);
+        bump(&s.histogram[bucket(latency)], 1);
     }
 
     pub fn record_invalid(&self) {
-        self.invalid.fetch_add(1, Ordering::Relaxed);
+        bump(&self.invalid, 1);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
