@@ -489,3 +489,33 @@ fn resize_reaches_the_device_through_every_parent() {
     file.notify_resized();
     assert_eq!(dev.resizes.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn drain_requests_waits_for_own_requests_without_stopping_anyone() {
+    let _serial = serial();
+    let gate = Arc::new(Gate::default());
+    let file = gate_node("t-blk-file", &gate);
+    let b = BlockBackend::new("t-blk", file.clone(), false);
+    let dev = with_dev(&b);
+    let t = IoThread::start("t-blk", Duration::ZERO).unwrap();
+    let bb = b.clone();
+    t.handle().run(move || {
+        crate::uring::spawn(async move {
+            let _ = bb.write(0, &buf()).await;
+        });
+    });
+    eventually("request in flight", || b.in_flight() == 1);
+    let (tx, rx) = mpsc::channel();
+    let b2 = b.clone();
+    let waiter = std::thread::spawn(move || {
+        b2.drain_requests();
+        tx.send(b2.in_flight()).unwrap();
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+    // blk_drain is not a drained section: nobody was told to stop.
+    assert_eq!((b.quiesce_counter(), file.quiesce_counter()), (0, 0));
+    assert_eq!(dev.begins.load(Ordering::SeqCst), 0);
+    gate.open();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0);
+    waiter.join().unwrap();
+}
