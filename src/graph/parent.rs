@@ -37,69 +37,75 @@ impl Parents {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    // The callbacks below run with this node's parent list locked, so an
+    // edge's `quiesced` flag and the drain it holds on its parent change
+    // together even if an edge is detached concurrently. Locks are only
+    // ever taken child first, then parent (drain spreads upwards), so
+    // holding them across the calls cannot deadlock. Parents we upgraded
+    // are released only after the lock: dropping the last reference to a
+    // parent node would detach it from us, which needs this lock.
+
     /// Add an edge; if the child is quiesced the new parent is drained at
     /// once, so a parent never sends requests into a drained node.
     pub(super) fn attach(&self, parent: Weak<dyn Parent>, child_quiesced: bool) -> u64 {
         let id = NEXT_EDGE.fetch_add(1, Ordering::Relaxed);
         let p = parent.upgrade();
-        self.lock().push(Edge {
+        let mut edges = self.lock();
+        if let (true, Some(p)) = (child_quiesced, &p) {
+            p.drained_begin();
+        }
+        edges.push(Edge {
             id,
             parent,
             quiesced: child_quiesced && p.is_some(),
         });
-        if let (true, Some(p)) = (child_quiesced, p) {
-            p.drained_begin();
-        }
         id
     }
 
     /// Remove an edge, ending the drain it held on the parent.
     pub(super) fn detach(&self, id: u64) {
-        let edge = {
-            let mut edges = self.lock();
-            let Some(i) = edges.iter().position(|e| e.id == id) else {
-                return;
-            };
-            edges.swap_remove(i)
+        let mut keep = None;
+        let mut edges = self.lock();
+        let Some(i) = edges.iter().position(|e| e.id == id) else {
+            return;
         };
+        let edge = edges.swap_remove(i);
         if edge.quiesced {
-            if let Some(p) = edge.parent.upgrade() {
+            keep = edge.parent.upgrade();
+            if let Some(p) = &keep {
                 p.drained_end();
             }
         }
+        drop(edges);
+        drop(keep);
     }
 
-    /// Mark every edge quiesced and call the parents' `drained_begin`
-    /// (outside the lock: a parent node recurses into its own parents).
+    /// Mark every edge quiesced and call the parents' `drained_begin` (a
+    /// parent node recurses into its own parents).
     pub(super) fn drained_begin(&self) {
-        let todo: Vec<Arc<dyn Parent>> = self
-            .lock()
-            .iter_mut()
-            .filter(|e| !e.quiesced)
-            .filter_map(|e| {
-                let p = e.parent.upgrade()?;
+        let mut keep = Vec::new();
+        let mut edges = self.lock();
+        for e in edges.iter_mut().filter(|e| !e.quiesced) {
+            if let Some(p) = e.parent.upgrade() {
                 e.quiesced = true;
-                Some(p)
-            })
-            .collect();
-        for p in todo {
-            p.drained_begin();
+                p.drained_begin();
+                keep.push(p);
+            }
         }
+        drop(edges);
     }
 
     pub(super) fn drained_end(&self) {
-        let todo: Vec<Arc<dyn Parent>> = self
-            .lock()
-            .iter_mut()
-            .filter(|e| e.quiesced)
-            .filter_map(|e| {
-                e.quiesced = false;
-                e.parent.upgrade()
-            })
-            .collect();
-        for p in todo {
-            p.drained_end();
+        let mut keep = Vec::new();
+        let mut edges = self.lock();
+        for e in edges.iter_mut().filter(|e| e.quiesced) {
+            e.quiesced = false;
+            if let Some(p) = e.parent.upgrade() {
+                p.drained_end();
+                keep.push(p);
+            }
         }
+        drop(edges);
     }
 
     /// The live parents right now (never cached across a wait).
