@@ -124,8 +124,14 @@ impl Node {
         self.parents.count()
     }
 
-    fn tracked<'a>(&'a self, fut: IoFuture<'a>) -> IoFuture<'a> {
+    /// Count the request before the driver builds its future, so a parent
+    /// is always counted no later than the children it calls.
+    fn tracked<'a>(
+        &'a self,
+        make: impl FnOnce(&'a dyn BlockDriver) -> IoFuture<'a>,
+    ) -> IoFuture<'a> {
         let guard = self.in_flight.guard();
+        let fut = make(&*self.driver);
         Box::pin(async move {
             let r = fut.await;
             drop(guard);
@@ -139,22 +145,22 @@ impl BlockIo for Node {
         self.driver.size()
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        self.tracked(self.driver.read(offset, buf))
+        self.tracked(|d| d.read(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        self.tracked(self.driver.write(offset, buf))
+        self.tracked(|d| d.write(offset, buf))
     }
     fn flush(&self) -> IoFuture<'_> {
-        self.tracked(self.driver.flush())
+        self.tracked(|d| d.flush())
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
-        self.tracked(self.driver.discard(offset, len))
+        self.tracked(|d| d.discard(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
-        self.tracked(self.driver.write_zeroes(offset, len, may_unmap))
+        self.tracked(|d| d.write_zeroes(offset, len, may_unmap))
     }
     fn grow(&self, new_size: u64) -> IoFuture<'_> {
-        self.tracked(self.driver.grow(new_size))
+        self.tracked(|d| d.grow(new_size))
     }
 }
 
