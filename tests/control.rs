@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,18 +13,6 @@ use serde_json::{json, Value};
 use common::qemu_img::*;
 use common::qmp::*;
 use common::*;
-
-fn start(dir: &TestDir, img: &Path, extra: &[&str]) -> Daemon {
-    let ctl = dir.path("qmp");
-    let mut args = vec![
-        "--image",
-        img.to_str().unwrap(),
-        "--control",
-        ctl.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&dir.path("sock"), &args)
-}
 
 /// Poll a query until `cond` holds (bounded): for effects the daemon applies
 /// after a client leaves, which no reply announces.
@@ -42,7 +29,7 @@ fn greeting_negotiation_and_ids() {
     let dir = TestDir::new("qmp-basics");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = start(&dir, &img, &[]);
+    let d = Daemon::with_control(&dir, &img, &[]);
     let mut q = Qmp::connect_raw(&dir.path("qmp"));
     assert!(q.greeting["QMP"]["version"]["qemu"].is_object());
     assert!(q.greeting["QMP"]["capabilities"].is_array());
@@ -105,7 +92,7 @@ fn bad_input_gets_errors_and_harms_nobody() {
     let dir = TestDir::new("qmp-bad");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = start(&dir, &img, &["--logical-block-size", "4096"]);
+    let d = Daemon::with_control(&dir, &img, &["--logical-block-size", "4096"]);
     let mut c = connect(&d.sock, 1).unwrap();
     pattern(&mut c.buf()[..4096], 9, 9);
     assert_eq!(c.run(0, Req::Write(8192, 0, 4096)), 0);
@@ -269,7 +256,7 @@ fn sections_nest_belong_to_their_client_and_raise_events() {
     let dir = TestDir::new("qmp-sections");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = start(&dir, &img, &[]);
+    let d = Daemon::with_control(&dir, &img, &[]);
     let mut a = Qmp::connect(&dir.path("qmp"));
     let mut b = Qmp::connect(&dir.path("qmp"));
     let r = a.ok("block-drained-begin", json!({"export": "vda"}));
@@ -320,7 +307,7 @@ fn drained_section_under_load_stops_io_and_loses_nothing() {
     let blocks_per_queue = 8192u64;
     let size = 2 * blocks_per_queue * BLK as u64;
     make_raw(&img, size);
-    let d = start(&dir, &img, &["--num-queues", "2"]);
+    let d = Daemon::with_control(&dir, &img, &["--num-queues", "2"]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();
     let base = c.region.addr;
@@ -478,7 +465,7 @@ fn block_resize_grows_raw_and_qcow2_and_clients_see_it() {
     // new capacity through GET_CONFIG when it connects again.
     let raw = dir.path("disk.raw");
     make_raw(&raw, 16 << 20);
-    let d = start(&dir, &raw, &[]);
+    let d = Daemon::with_control(&dir, &raw, &[]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     let mut listener = Qmp::connect(&dir.path("qmp"));
     let c = connect(&d.sock, 1).unwrap();
@@ -513,7 +500,7 @@ fn block_resize_grows_raw_and_qcow2_and_clients_see_it() {
     let dir = TestDir::new("qmp-resize-qcow2");
     let img = dir.path("disk.qcow2");
     qemu_img(&["create", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
-    let d = start(&dir, &img, &[]);
+    let d = Daemon::with_control(&dir, &img, &[]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     let mut c = connect(&d.sock, 1).unwrap();
     pattern(&mut c.buf()[..4096], 1, 2);
@@ -534,15 +521,7 @@ fn block_resize_grows_raw_and_qcow2_and_clients_see_it() {
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["virtual-size"], 1u64 << 30);
     let mut expect = vec![0u8; 4096];
-    let f = dir.path("tail.raw");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        f.to_str().unwrap(),
-    ]);
-    let tail = std::fs::File::open(&f).unwrap();
+    let tail = flatten(&img, &dir.path("tail.raw"));
     let mut got = vec![0u8; 4096];
     for (off, blk) in [(0u64, 1u64), ((1 << 30) - 4096, 2)] {
         tail.read_exact_at(&mut got, off).unwrap();
@@ -556,7 +535,7 @@ fn read_only_export_refuses_resize() {
     let dir = TestDir::new("qmp-resize-ro");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = start(&dir, &img, &["--read-only"]);
+    let d = Daemon::with_control(&dir, &img, &["--read-only"]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     let (_, desc) = q.err("block_resize", json!({"export": "vda", "size": 32 << 20}));
     assert!(desc.contains("read-only"), "{desc}");
@@ -569,7 +548,7 @@ fn quit_shuts_down_cleanly_and_announces_it() {
     let dir = TestDir::new("qmp-quit");
     let img = dir.path("disk.qcow2");
     qemu_img(&["create", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
-    let d = start(&dir, &img, &[]);
+    let d = Daemon::with_control(&dir, &img, &[]);
     let mut watcher = Qmp::connect(&dir.path("qmp"));
     let mut q = Qmp::connect(&dir.path("qmp"));
     // Even with a drained section held by a client, quit completes.
@@ -600,7 +579,7 @@ fn ctl_runs_commands_for_people_and_scripts() {
     let dir = TestDir::new("qmp-ctl");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = start(&dir, &img, &[]);
+    let d = Daemon::with_control(&dir, &img, &[]);
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringblk"))
             .arg("ctl")
@@ -647,7 +626,7 @@ fn drains_racing_frontend_disconnects() {
     let dir = TestDir::new("qmp-drain-disconnect");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = start(&dir, &img, &["--num-queues", "2"]);
+    let d = Daemon::with_control(&dir, &img, &["--num-queues", "2"]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     for _ in 0..5 {
         let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();

@@ -29,15 +29,7 @@ fn qemu_qmp_library_and_qmp_shell_work() {
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
     let qmp = dir.path("qmp");
-    let d = Daemon::start(
-        &dir.path("sock"),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--control",
-            qmp.to_str().unwrap(),
-        ],
-    );
+    let d = Daemon::with_control(&dir, &img, &[]);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/qemu_qmp_client.py");
     let out = Command::new(venv_bin("python"))
         .arg(&script)

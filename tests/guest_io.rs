@@ -84,15 +84,7 @@ fn guest_sees_an_online_resize_and_uses_the_new_end() {
     let img = dir.path("disk.qcow2");
     common::qemu_img::qemu_img(&["create", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
     let qmp = dir.path("qmp");
-    let d = Daemon::start(
-        &dir.path("sock"),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--control",
-            qmp.to_str().unwrap(),
-        ],
-    );
+    let d = Daemon::with_control(&dir, &img, &[]);
     let new_size: u64 = 96 << 20;
     let mut resized = false;
     let run = run_guest_with(&d.sock, "resize", 1, |line| {
@@ -118,18 +110,9 @@ fn guest_sees_an_online_resize_and_uses_the_new_end() {
     );
     assert!(d.stop().success());
     common::qemu_img::assert_clean(&img);
-    let flat = dir.path("flat.raw");
-    common::qemu_img::qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        flat.to_str().unwrap(),
-    ]);
     let want = format!("ringblk-resize-{}", new_size / 512);
     let mut got = vec![0u8; want.len()];
-    std::fs::File::open(&flat)
-        .unwrap()
+    common::qemu_img::flatten(&img, &dir.path("flat.raw"))
         .read_exact_at(&mut got, new_size - 512)
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&got), want);

@@ -156,13 +156,7 @@ fn matrix(compat: &str, cluster: &str) {
                     img.to_str().unwrap(),
                     &size,
                 ]);
-                qemu_img(&[
-                    "convert",
-                    "-O",
-                    "raw",
-                    img.to_str().unwrap(),
-                    reference.to_str().unwrap(),
-                ]);
+                flatten(&img, &reference);
             }
         }
         let d = Daemon::start(

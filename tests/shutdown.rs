@@ -104,15 +104,7 @@ fn run(signal: i32) {
 
     let (code, out) = check(&img);
     assert_eq!(code, 0, "qemu-img check after a clean shutdown:\n{out}");
-    let raw = dir.path("flat.raw");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    let f = std::fs::File::open(&raw).unwrap();
+    let f = flatten(&img, &dir.path("flat.raw"));
     let (mut got, mut want, mut next) = (vec![0u8; BLK], vec![0u8; BLK], vec![0u8; BLK]);
     let mut checked = 0;
     for (k, blocks) in acked.iter().enumerate() {

@@ -18,6 +18,9 @@ use crate::uring::{AlignedBuf, IoThread, IoVec};
 #[derive(Default)]
 struct Gate {
     state: Mutex<(bool, Vec<Waker>)>,
+    /// Run by the first request through the open gate, still inside the
+    /// driver: a completion that changes the graph.
+    on_pass: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Gate {
@@ -32,6 +35,10 @@ impl Gate {
         Box::pin(poll_fn(move |cx| {
             let mut s = self.state.lock().unwrap();
             if s.0 {
+                drop(s);
+                if let Some(hook) = self.on_pass.lock().unwrap().take() {
+                    hook();
+                }
                 Poll::Ready(Ok(()))
             } else {
                 s.1.push(cx.waker().clone());
@@ -67,53 +74,6 @@ impl BlockIo for GateDriver {
 impl BlockDriver for GateDriver {
     fn driver_name(&self) -> &'static str {
         "gate"
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-    fn close(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Ejects its BlockBackend's tree when a read completes: a completion
-/// that changes the graph.
-struct EjectOnRead {
-    gate: Arc<Gate>,
-    backend: Arc<Mutex<Weak<BlockBackend>>>,
-}
-
-impl BlockIo for EjectOnRead {
-    fn size(&self) -> u64 {
-        1 << 20
-    }
-    fn read<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
-        Box::pin(async move {
-            self.gate.wait().await?;
-            let b = self.backend.lock().unwrap().upgrade();
-            if let Some(b) = b {
-                drop(b.eject());
-            }
-            Ok(())
-        })
-    }
-    fn write<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
-        self.gate.wait()
-    }
-    fn flush(&self) -> IoFuture<'_> {
-        self.gate.wait()
-    }
-    fn discard(&self, _: u64, _: u64) -> IoFuture<'_> {
-        self.gate.wait()
-    }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> IoFuture<'_> {
-        self.gate.wait()
-    }
-}
-
-impl BlockDriver for EjectOnRead {
-    fn driver_name(&self) -> &'static str {
-        "eject-on-read"
     }
     fn is_read_only(&self) -> bool {
         false
@@ -413,19 +373,19 @@ fn drain_all_quiesces_every_tree_and_new_nodes() {
 fn a_node_deleted_by_a_completion_during_drain_all() {
     let _serial = serial();
     let gate = Arc::new(Gate::default());
-    let slot = Arc::new(Mutex::new(Weak::new()));
-    let driver = EjectOnRead {
-        gate: gate.clone(),
-        backend: slot.clone(),
-    };
-    let node = Node::new("t-del-node", Box::new(driver), vec![]);
+    let node = gate_node("t-del-node", &gate);
     let weak = Arc::downgrade(&node);
     let b = BlockBackend::new("t-del", node, false);
-    *slot.lock().unwrap() = Arc::downgrade(&b);
     b.set_request_queuing(false);
     // The driver ejects its backend's tree while completing the read, so
     // the node closes before the backend's count drops: the drain must
     // survive a node vanishing while it waits.
+    let backend = Arc::downgrade(&b);
+    *gate.on_pass.lock().unwrap() = Some(Box::new(move || {
+        if let Some(b) = backend.upgrade() {
+            drop(b.eject());
+        }
+    }));
     let t = IoThread::start("t-del", Duration::ZERO).unwrap();
     let _unstick = OnDrop(|| gate.open());
     let bb = b.clone();

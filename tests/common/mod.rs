@@ -122,6 +122,19 @@ impl Daemon {
         }
     }
 
+    /// Serve `img` on `DIR/sock` with the control socket on `DIR/qmp`.
+    pub fn with_control(dir: &TestDir, img: &Path, extra: &[&str]) -> Daemon {
+        let ctl = dir.path("qmp");
+        let mut args = vec![
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            ctl.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(&dir.path("sock"), &args)
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }

@@ -46,6 +46,19 @@ pub fn assert_clean(img: &Path) {
     );
 }
 
+/// What a reader of `img` sees, written as a raw file at `out` by
+/// `qemu-img convert`, and opened.
+pub fn flatten(img: &Path, out: &Path) -> std::fs::File {
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    std::fs::File::open(out).unwrap()
+}
+
 /// qemu-io command on an image of format `fmt`.
 pub fn qemu_io(fmt: &str, img: &Path, cmd: &str) {
     let out = run("qemu-io", &["-f", fmt, "-c", cmd, img.to_str().unwrap()]);
