@@ -14,13 +14,9 @@ impl Args {
         Args { map }
     }
 
-    fn take(&mut self, name: &str) -> Option<Value> {
-        self.map.remove(name)
-    }
-
     /// An argument of any JSON type.
-    pub fn take_value(&mut self, name: &str) -> Option<Value> {
-        self.take(name)
+    pub fn take(&mut self, name: &str) -> Option<Value> {
+        self.map.remove(name)
     }
 
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {

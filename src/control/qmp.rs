@@ -91,14 +91,16 @@ pub fn parse_request(v: Value) -> Result<Request, (QmpError, Option<Value>)> {
     })
 }
 
+/// What the greeting and `query-version` report.
+pub fn version() -> Value {
+    json!({
+        "qemu": {"major": 0, "minor": 1, "micro": 0},
+        "package": concat!("ringblk ", env!("CARGO_PKG_VERSION")),
+    })
+}
+
 pub fn greeting() -> Value {
-    json!({"QMP": {
-        "version": {
-            "qemu": {"major": 0, "minor": 1, "micro": 0},
-            "package": concat!("ringblk ", env!("CARGO_PKG_VERSION")),
-        },
-        "capabilities": [],
-    }})
+    json!({"QMP": {"version": version(), "capabilities": []}})
 }
 
 pub fn response(result: &CmdResult, id: Option<Value>) -> Value {

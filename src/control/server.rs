@@ -322,7 +322,7 @@ fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, t
 
 /// `qmp_capabilities`: we offer no optional capabilities.
 fn negotiate(mut args: Args) -> qmp::CmdResult {
-    if let Some(caps) = args.take_value("enable") {
+    if let Some(caps) = args.take("enable") {
         match caps {
             Value::Array(a) if a.is_empty() => {}
             Value::Array(a) => {

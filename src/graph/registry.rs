@@ -1,29 +1,53 @@
-//! Every open node, in opening order (QEMU: all_bdrv_states), for
-//! `query-named-block-nodes`, lookups by node-name and drain_all.
+//! Every open node, in opening order (QEMU: all_bdrv_states), and every
+//! BlockBackend: for `query-named-block-nodes`, lookups by node-name and
+//! drain_all.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::backend::BlockBackend;
 use super::node::Node;
 
-static NODES: Mutex<Vec<Weak<Node>>> = Mutex::new(Vec::new());
+/// Weak references to every live object of one kind.
+struct Registry<T>(Mutex<Vec<Weak<T>>>);
 
-fn lock() -> std::sync::MutexGuard<'static, Vec<Weak<Node>>> {
-    NODES.lock().unwrap_or_else(|e| e.into_inner())
+impl<T> Registry<T> {
+    const fn new() -> Self {
+        Registry(Mutex::new(Vec::new()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Weak<T>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, item: &Arc<T>) {
+        self.lock().push(Arc::downgrade(item));
+    }
+
+    /// Forget items that are gone (called from a dying item's drop).
+    fn unregister_dead(&self) {
+        self.lock().retain(|w| w.strong_count() > 0);
+    }
+
+    fn all(&self) -> Vec<Arc<T>> {
+        self.lock().iter().filter_map(Weak::upgrade).collect()
+    }
 }
 
+static NODES: Registry<Node> = Registry::new();
+static BACKENDS: Registry<BlockBackend> = Registry::new();
+
 pub(super) fn register(node: &Arc<Node>) {
-    lock().push(Arc::downgrade(node));
+    NODES.register(node);
 }
 
 /// Forget nodes that have closed (called from a closing node's drop).
 pub(super) fn unregister_dead() {
-    lock().retain(|w| w.strong_count() > 0);
+    NODES.unregister_dead();
 }
 
 /// Every node open right now.
 pub fn all_nodes() -> Vec<Arc<Node>> {
-    lock().iter().filter_map(Weak::upgrade).collect()
+    NODES.all()
 }
 
 /// The open node called `name`.
@@ -31,21 +55,15 @@ pub fn find_node(name: &str) -> Option<Arc<Node>> {
     all_nodes().into_iter().find(|n| n.name() == name)
 }
 
-static BACKENDS: Mutex<Vec<Weak<BlockBackend>>> = Mutex::new(Vec::new());
-
-fn backends_lock() -> std::sync::MutexGuard<'static, Vec<Weak<BlockBackend>>> {
-    BACKENDS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(super) fn register_backend(b: &Arc<BlockBackend>) {
-    backends_lock().push(Arc::downgrade(b));
+    BACKENDS.register(b);
 }
 
 pub(super) fn unregister_dead_backends() {
-    backends_lock().retain(|w| w.strong_count() > 0);
+    BACKENDS.unregister_dead();
 }
 
 /// Every BlockBackend alive right now, with or without a medium.
 pub fn all_backends() -> Vec<Arc<BlockBackend>> {
-    backends_lock().iter().filter_map(Weak::upgrade).collect()
+    BACKENDS.all()
 }

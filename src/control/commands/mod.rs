@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::args::Args;
-use super::qmp::{CmdResult, QmpError};
+use super::qmp::{self, CmdResult, QmpError};
 use super::server::{Daemon, Sections};
 
 /// Every command after negotiation, for `query-commands`.
@@ -38,12 +38,7 @@ pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: 
         )),
         "query-commands" => no_args(args)
             .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({ "name": c })).collect())),
-        "query-version" => no_args(args).map(|_| {
-            json!({
-                "qemu": {"major": 0, "minor": 1, "micro": 0},
-                "package": concat!("ringblk ", env!("CARGO_PKG_VERSION")),
-            })
-        }),
+        "query-version" => no_args(args).map(|_| qmp::version()),
         "query-block-exports" => no_args(args).map(|_| query::block_exports(daemon)),
         "query-named-block-nodes" => no_args(args).map(|_| query::named_block_nodes()),
         "query-blockstats" => no_args(args).map(|_| query::blockstats(daemon)),

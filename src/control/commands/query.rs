@@ -1,5 +1,7 @@
 //! query-block-exports, query-named-block-nodes, query-blockstats.
 
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 
 use crate::control::server::Daemon;
@@ -42,20 +44,19 @@ fn image_file(node: &Node) -> Option<String> {
     })
 }
 
-fn backing_chain(node: &Node) -> Vec<String> {
-    let mut chain = Vec::new();
-    let mut cur = node
-        .children()
+fn backing_of(node: &Node) -> Option<Arc<Node>> {
+    node.children()
         .iter()
         .find(|c| c.role == ChildRole::Backing)
-        .map(|c| c.node.clone());
+        .map(|c| c.node.clone())
+}
+
+fn backing_chain(node: &Node) -> Vec<String> {
+    let mut chain = Vec::new();
+    let mut cur = backing_of(node);
     while let Some(n) = cur {
         chain.push(n.name().to_string());
-        cur = n
-            .children()
-            .iter()
-            .find(|c| c.role == ChildRole::Backing)
-            .map(|c| c.node.clone());
+        cur = backing_of(&n);
     }
     chain
 }
@@ -130,10 +131,7 @@ pub fn blockstats(daemon: &Daemon) -> Value {
             .map(|e| {
                 let per_queue: Vec<StatsSnapshot> =
                     e.state.stats.iter().map(|q| q.snapshot()).collect();
-                let mut total = StatsSnapshot::default();
-                for q in &per_queue {
-                    total.add(q);
-                }
+                let total = StatsSnapshot::sum(&per_queue);
                 json!({
                     "export": e.id,
                     "node-name": e.state.backend.root().map(|n| n.name().to_string()),

@@ -65,7 +65,8 @@ pub struct QueueControl {
 }
 
 impl QueueControl {
-    /// Make the queue look at its avail ring again (after a drained section).
+    /// Make the queue look at its avail ring again (to stop, or after a
+    /// drained section).
     pub fn wake(&self) {
         if let Err(e) = uring::signal_eventfd(self.kick.as_raw_fd()) {
             log::error!("cannot wake a queue: {e}");
@@ -77,9 +78,7 @@ impl QueueControl {
     pub fn stop_and_wait(&self) -> u16 {
         self.stop.store(true, Ordering::Release);
         // Wake the task if it sleeps on the kick eventfd.
-        if let Err(e) = uring::signal_eventfd(self.kick.as_raw_fd()) {
-            log::error!("cannot wake a queue to stop it: {e}");
-        }
+        self.wake();
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(idx) = *stopped {

@@ -106,8 +106,8 @@ impl QueueStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let mut out = StatsSnapshot {
+            by_kind: Vec::with_capacity(KINDS.len()),
             invalid: self.invalid.load(Ordering::Relaxed),
-            ..Default::default()
         };
         for k in KINDS {
             out.by_kind
@@ -118,18 +118,23 @@ impl QueueStats {
 }
 
 /// A point-in-time copy, summable across queues.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct StatsSnapshot {
     pub by_kind: Vec<(&'static str, OpSnapshot)>,
     pub invalid: u64,
 }
 
 impl StatsSnapshot {
-    pub fn add(&mut self, other: &StatsSnapshot) {
-        if self.by_kind.is_empty() {
-            *self = other.clone();
-            return;
+    /// The sum of `parts` (all zeros if there are none).
+    pub fn sum(parts: &[StatsSnapshot]) -> StatsSnapshot {
+        let mut total = QueueStats::default().snapshot();
+        for p in parts {
+            total.add(p);
         }
+        total
+    }
+
+    pub fn add(&mut self, other: &StatsSnapshot) {
         for ((_, a), (_, b)) in self.by_kind.iter_mut().zip(&other.by_kind) {
             a.add(b);
         }
