@@ -98,6 +98,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", default_value = "ringblk.sock")]
     pub socket: PathBuf,
 
+    /// Permission bits of the vhost-user socket, in octal; connecting needs
+    /// write permission (0660 lets the socket's group, e.g. a qemu user, in).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
     /// Disk image (file or block device) to serve.
     #[arg(long, value_name = "PATH", conflicts_with = "null")]
     pub image: Option<PathBuf>,
@@ -123,6 +128,12 @@ pub struct ServeArgs {
     /// Export read-only: the guest sees a read-only disk and writes fail.
     #[arg(long)]
     pub read_only: bool,
+
+    /// Open the image even if another process writes it (as qemu-img's
+    /// -U): ringblk's image locks then share every permission. Needs
+    /// --read-only; what the guest reads may change under it.
+    #[arg(long, requires = "read_only")]
+    pub force_share: bool,
 
     /// Host page cache use for the image file.
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
@@ -187,6 +198,15 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
         ));
     }
     Ok(n as u16)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "'{s}' is not an octal permission mode from 0 to 0777"
+        )),
+    }
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {

@@ -146,6 +146,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
                 cache: CacheMode::Writeback,
                 block_size: 512,
                 qcow2: Qcow2Options::default(),
+                force_share: false,
             })
             .map_err(|e| format!("backing file: {e}"))?;
             Some(BlockBackend::new("backing", node, true).size())
@@ -217,9 +218,22 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
             l2_cache_bytes: args.l2_cache_size,
             refcount_cache_bytes: args.refcount_cache_size,
         },
+        force_share: args.force_share,
     };
     let node = open_image(&opts).map_err(|e| e.to_string())?;
-    Ok((node, absolute(&path).display().to_string()))
+    let mut what = absolute(&path).display().to_string();
+    if args.format == FormatArg::Auto {
+        // The banner says so: a probed format is a guess the guest must not
+        // be able to change (see RawDriver::probed).
+        let format = node.driver_name();
+        what = format!("{what}, format probed as {format}; give --format {format} to pin it");
+        if format == "raw" {
+            what.push_str(
+                "; until then guest writes that make sector 0 look like a qcow2, QED or VMDK header are refused",
+            );
+        }
+    }
+    Ok((node, what))
 }
 
 fn print_attach_help(sock: &Path, args: &ServeArgs) {
@@ -282,7 +296,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         socket: absolute(&args.socket),
         connected: AtomicBool::new(false),
     });
-    let server = VhostServer::bind(&args.socket, export.clone()).map_err(|e| e.to_string())?;
+    let server = VhostServer::bind(&args.socket, args.socket_mode, export.clone())
+        .map_err(|e| e.to_string())?;
     let stopper = server.stopper().map_err(|e| e.to_string())?;
     let control = match &args.control {
         Some(path) => Some(
@@ -294,8 +309,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     drop(export);
 
     print_attach_help(&args.socket, &args);
+    println!("ringblk: serving {what}");
     println!(
-        "ringblk: listening on {} (export {}, {what}, {} bytes, {} queue(s){})",
+        "ringblk: listening on {} (export {}, {} bytes, {} queue(s){})",
         absolute(&args.socket).display(),
         args.id,
         backend.size(),

@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -21,7 +21,8 @@ use super::json_stream::{Piece, Splitter};
 use super::qmp::{self, QmpError};
 use crate::graph::Node;
 use crate::vhost::blk::export::BlkExport;
-use crate::vhost::socket::{bind_listener, wait_for, Wake};
+use crate::vhost::listen::{bind_listener, SocketFile};
+use crate::vhost::socket::{wait_for, Wake};
 
 static BIG_LOCK: Mutex<()> = Mutex::new(());
 
@@ -128,8 +129,13 @@ impl Sections {
     }
 }
 
+/// The control socket is for the daemon's owner only: QMP can stop the
+/// daemon and freeze its guests.
+const CONTROL_SOCKET_MODE: u32 = 0o600;
+
 pub struct ControlServer {
-    path: PathBuf,
+    /// Removes the socket file when the server goes.
+    _file: SocketFile,
     stop: EventFd,
     daemon: Arc<Daemon>,
     accept_thread: Option<JoinHandle<()>>,
@@ -139,7 +145,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Bind `path` and start accepting clients.
     pub fn start(path: &Path, daemon: Arc<Daemon>) -> io::Result<Self> {
-        let listener = bind_listener(path)?;
+        let (listener, file) = bind_listener(path, CONTROL_SOCKET_MODE)?;
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
         let client_threads = Arc::new(Mutex::new(Vec::new()));
         let (d, s, t) = (daemon.clone(), stop.try_clone()?, client_threads.clone());
@@ -148,7 +154,7 @@ impl ControlServer {
             .spawn(move || accept_loop(listener, d, s, t))?;
         log::info!("QMP control socket on {}", path.display());
         Ok(ControlServer {
-            path: path.to_path_buf(),
+            _file: file,
             stop,
             daemon,
             accept_thread: Some(accept_thread),
@@ -178,12 +184,6 @@ impl ControlServer {
         for t in threads {
             let _ = t.join();
         }
-    }
-}
-
-impl Drop for ControlServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

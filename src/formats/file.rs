@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::driver::{BlockDriver, BlockIo, IoFuture};
-use super::OpenError;
+use super::{ImageLock, OpenError};
 use crate::uring::{ops, AlignedBuf, IoVec};
 
 /// How the host page cache is used.
@@ -145,6 +145,12 @@ impl FileDriver {
             zero_range_ok: AtomicBool::new(true),
             punch_hole_ok: AtomicBool::new(true),
         })
+    }
+
+    /// Take QEMU-compatible image locks on the open file; they are held
+    /// until the driver is dropped.
+    pub fn lock(&self, lock: ImageLock) -> Result<(), OpenError> {
+        lock.apply(&self.file, &self.path)
     }
 
     pub fn path(&self) -> &Path {

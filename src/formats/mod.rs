@@ -4,12 +4,14 @@
 
 mod driver;
 pub mod file;
+pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
 
 pub use driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
 pub use file::{CacheMode, FileDriver};
+pub use lock::ImageLock;
 pub use null::NullDriver;
 pub use raw::RawDriver;
 
@@ -26,4 +28,9 @@ pub enum OpenError {
     },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    /// Another process's image locks conflict with ours.
+    #[error(
+        "{path}: image is locked: {reason}; is another process (QEMU, qemu-img, ringblk) using it?"
+    )]
+    Locked { path: PathBuf, reason: String },
 }

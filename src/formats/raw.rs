@@ -1,19 +1,87 @@
 //! `raw`: the identity format. Byte offsets pass straight to the child.
 
 use std::io;
+use std::sync::Arc;
 
 use super::driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
-use crate::uring::IoVec;
+use crate::uring::{AlignedBuf, IoVec};
+
+/// The bytes a format probe looks at: the first sector.
+const PROBE_LEN: usize = 512;
 
 pub struct RawDriver {
     file: ChildRef,
     read_only: bool,
+    /// The format was probed, not given: the guest must not make the image
+    /// probe as something else (QEMU's rule since CVE-2008-2004).
+    probed: bool,
 }
 
 impl RawDriver {
     pub fn new(file: ChildRef, read_only: bool) -> Self {
-        RawDriver { file, read_only }
+        RawDriver {
+            file,
+            read_only,
+            probed: false,
+        }
     }
+
+    /// A raw driver over an image whose format was probed as raw.
+    pub fn probed(file: ChildRef, read_only: bool) -> Self {
+        RawDriver {
+            probed: true,
+            ..Self::new(file, read_only)
+        }
+    }
+
+    /// A write to the first sector of a probed image: the sector is copied
+    /// out of the guest's buffer first (so the guest cannot change it after
+    /// the check) and refused if it would make the image look like a format
+    /// that names other files.
+    async fn write_probed_head(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        if offset != 0 || buf.len() < PROBE_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "write of {} bytes at {offset} changes part of sector 0 of an image whose format was probed",
+                    buf.len()
+                ),
+            ));
+        }
+        let mut head = AlignedBuf::zeroed(PROBE_LEN, 4096);
+        buf.slice(0, PROBE_LEN).copy_to(head.as_mut_slice());
+        if let Some(format) = names_other_files(head.as_slice()) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("refused a write that makes sector 0 of an image whose format was probed as raw look like {format}; give the format explicitly to allow it"),
+            ));
+        }
+        let head = IoVec::from_buf(Arc::new(head));
+        let data = IoVec::concat(&[&head, &buf.tail(PROBE_LEN)]);
+        self.file.write(0, &data).await
+    }
+}
+
+/// Which image format, if any, whose headers can name other host files
+/// (backing files, extents) `sector` would be probed as. QEMU probes these
+/// by the first sector; ringblk probes only qcow2, but an image a guest
+/// turned into one of them is dangerous to whoever probes it next.
+pub fn names_other_files(sector: &[u8]) -> Option<&'static str> {
+    const MAGICS: [(&[u8], &str); 4] = [
+        (b"QFI\xfb", "qcow/qcow2"),
+        (b"QED\0", "QED"),
+        (b"KDMV", "VMDK"),
+        (b"COWD", "VMDK"),
+    ];
+    if let Some((_, name)) = MAGICS.iter().find(|(m, _)| sector.starts_with(m)) {
+        return Some(name);
+    }
+    // A VMDK text descriptor names its extents' files.
+    let has = |needle: &[u8]| sector.windows(needle.len()).any(|w| w == needle);
+    if has(b"createType=") && has(b"version=") {
+        return Some("a VMDK descriptor");
+    }
+    None
 }
 
 impl BlockIo for RawDriver {
@@ -24,6 +92,9 @@ impl BlockIo for RawDriver {
         self.file.read(offset, buf)
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        if self.probed && offset < PROBE_LEN as u64 && !buf.is_empty() {
+            return Box::pin(self.write_probed_head(offset, buf));
+        }
         self.file.write(offset, buf)
     }
     fn flush(&self) -> IoFuture<'_> {
@@ -50,5 +121,29 @@ impl BlockDriver for RawDriver {
     fn close(&self) -> io::Result<()> {
         // The child node closes itself when its last reference goes.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_that_name_files_are_recognised() {
+        let mut s = [0u8; 512];
+        assert_eq!(names_other_files(&s), None);
+        s[..4].copy_from_slice(b"QFI\xfb");
+        assert_eq!(names_other_files(&s), Some("qcow/qcow2"));
+        s[..4].copy_from_slice(b"KDMV");
+        assert_eq!(names_other_files(&s), Some("VMDK"));
+        let text = b"# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/shadow\" 0\n";
+        let mut t = [0u8; 512];
+        t[..text.len()].copy_from_slice(text);
+        assert_eq!(names_other_files(&t), Some("a VMDK descriptor"));
+        // A boot sector or a partition table is fine.
+        let mut mbr = [0u8; 512];
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        assert_eq!(names_other_files(&mbr), None);
     }
 }

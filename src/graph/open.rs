@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use super::node::{Child, ChildRole, Node};
 use crate::formats::qcow2::{self, Qcow2Driver, Qcow2Error, Qcow2Options};
-use crate::formats::{CacheMode, ChildRef, FileDriver, NullDriver, OpenError, RawDriver};
+use crate::formats::{
+    CacheMode, ChildRef, FileDriver, ImageLock, NullDriver, OpenError, RawDriver,
+};
 use crate::uring;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub struct ImageOptions {
     /// can serve requests aligned to it.
     pub block_size: usize,
     pub qcow2: Qcow2Options,
+    /// Lock the image files sharing every permission (read-only use only,
+    /// as qemu-img's `-U`): others may write while we read.
+    pub force_share: bool,
 }
 
 /// Deepest backing chain we follow (a loop would be infinitely deep).
@@ -85,6 +90,7 @@ fn open_layer(
             format!("backing chain deeper than {MAX_CHAIN_DEPTH} images (a loop?)"),
         ));
     }
+    let probed = format == ImageFormat::Auto;
     let format = match format {
         ImageFormat::Auto => probe(path)?,
         f => f,
@@ -96,6 +102,7 @@ fn open_layer(
         opts.block_size
     };
     let file = FileDriver::open(path, read_only, opts.cache, block_size)?;
+    file.lock(ImageLock::for_open(read_only, opts.force_share))?;
     let file = Node::new(&format!("file{depth}"), Box::new(file), Vec::new());
     let file_child = Child {
         role: ChildRole::File,
@@ -104,7 +111,15 @@ fn open_layer(
     let name = format!("fmt{depth}");
     match format {
         ImageFormat::Raw | ImageFormat::Auto => {
-            let raw = RawDriver::new(file, read_only);
+            let raw = if probed {
+                log::warn!(
+                    "{}: format probed as raw; guest writes that would make it look like an image format naming other files are refused (give the format explicitly to lift this)",
+                    path.display()
+                );
+                RawDriver::probed(file, read_only)
+            } else {
+                RawDriver::new(file, read_only)
+            };
             Ok(Node::new(&name, Box::new(raw), vec![file_child]))
         }
         ImageFormat::Qcow2 => {

@@ -1,6 +1,7 @@
 //! The device side of vhost-user, serving a virtio-blk device.
 
 pub mod blk;
+pub mod listen;
 pub mod memory;
 pub mod ratelimit;
 pub mod server;

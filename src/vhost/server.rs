@@ -11,22 +11,27 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::export::BlkExport;
+use super::listen::{bind_listener, SocketFile};
 use super::session::Session;
-use super::socket::{bind_listener, wait_for, Wake};
+use super::socket::{wait_for, Wake};
 
 pub struct VhostServer {
     listener: UnixListener,
     path: PathBuf,
+    /// Removes the socket file when the server goes.
+    _file: SocketFile,
     stop: EventFd,
     export: Arc<BlkExport>,
 }
 
 impl VhostServer {
-    pub fn bind(path: &Path, export: Arc<BlkExport>) -> io::Result<Self> {
-        let listener = bind_listener(path)?;
+    /// Listen on `path`, a socket created with permission bits `mode`.
+    pub fn bind(path: &Path, mode: u32, export: Arc<BlkExport>) -> io::Result<Self> {
+        let (listener, file) = bind_listener(path, mode)?;
         Ok(VhostServer {
             listener,
             path: path.to_path_buf(),
+            _file: file,
             stop: EventFd::new(libc::EFD_CLOEXEC)?,
             export,
         })
@@ -62,11 +67,5 @@ impl VhostServer {
             self.export.state.set_backend_channel(None);
             self.export.connected.store(false, Ordering::SeqCst);
         }
-    }
-}
-
-impl Drop for VhostServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -3,8 +3,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::os::unix::net::UnixStream;
 
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -144,27 +143,6 @@ pub fn send_message(
     buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     buf.extend_from_slice(payload);
     stream.write_all(&buf)
-}
-
-/// Bind a Unix socket at `path`, replacing a stale socket file but never
-/// one a live process listens on.
-pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
-    let bound = match UnixListener::bind(path) {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{}: another process is listening on this socket",
-                        path.display()
-                    ),
-                ));
-            }
-            std::fs::remove_file(path).and_then(|_| UnixListener::bind(path))
-        }
-        r => r,
-    };
-    bound.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// What woke [`wait_for`] up.
