@@ -425,3 +425,53 @@ fn corrupted_tables_give_errors_not_crashes() {
     drop(c);
     assert!(d.stop().success());
 }
+
+/// A "refcount maze": the refcounts claim every cluster of a 2^34-cluster
+/// range is in use. The first allocating write must fail, quickly, instead
+/// of scanning for hours with its iothread stuck; the daemon serves on and
+/// stops promptly.
+#[test]
+fn refcount_maze_fails_the_write_not_the_daemon() {
+    let dir = TestDir::new("qcow2-maze");
+    let img = dir.path("maze.qcow2");
+    // 64 KiB clusters: header, refcount table, refcount block, L1 at
+    // clusters 0-3; 16-bit refcounts, 32768 per block.
+    qemu_img(&["create", "-f", "qcow2", img.to_str().unwrap(), "1T"]);
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let cluster = 65536u64;
+    let block = 2 * cluster;
+    // The refcount block says all of its clusters are in use...
+    f.write_all_at(&[0, 1].repeat(32768), block).unwrap();
+    // ...and a 64-cluster table at cluster 4 points every entry at it:
+    // 2^19 entries x 2^15 clusters each.
+    let table_clusters = 64u64;
+    let entries = (table_clusters * cluster / 8) as usize;
+    f.write_all_at(&block.to_be_bytes().repeat(entries), 4 * cluster)
+        .unwrap();
+    f.write_all_at(&(4 * cluster).to_be_bytes(), 48).unwrap();
+    f.write_all_at(&(table_clusters as u32).to_be_bytes(), 56)
+        .unwrap();
+
+    let mut d = Daemon::start(&dir.path("sock"), &["--image", img.to_str().unwrap()]);
+    let mut c = connect(&d.sock, 1).unwrap();
+    let started = std::time::Instant::now();
+    let ret = c.run(0, Req::Write(0, 0, 4096));
+    let took = started.elapsed();
+    assert!(ret < 0, "an allocation through the maze succeeded");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the failing write took {took:?}"
+    );
+    assert!(d.stderr().contains("in use, past the end of the image file"), "{}", d.stderr());
+    // Reads of unallocated clusters still work, and the daemon stops.
+    assert_eq!(c.run(0, Req::Read(0, 0, 4096)), 0);
+    assert!(d.is_running());
+    drop(c);
+    let stopping = std::time::Instant::now();
+    d.stop();
+    assert!(stopping.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -35,6 +35,12 @@ fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// Most in-use clusters one allocation skips before calling the image
+/// corrupt. Allocation starts at the end of the file, where a sound image
+/// has only the few clusters a crash left allocated but unwritten; 2^18
+/// cached lookups take milliseconds.
+const MAX_ALLOC_SCAN: u64 = 1 << 18;
+
 pub struct Refcounts {
     table: Vec<u64>,
     table_offset: u64,
@@ -144,9 +150,24 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Fail an allocation that has skipped more in-use clusters than any
+    /// image qemu-img or ringblk writes can have past its end of file: the
+    /// refcounts are lying (a "refcount maze" would otherwise make one
+    /// allocation scan for hours with the iothread stuck).
+    fn check_scan(&self, scan_from: u64) -> io::Result<()> {
+        if self.next_free - scan_from > MAX_ALLOC_SCAN {
+            return Err(corrupt(format!(
+                "refcounts mark the {MAX_ALLOC_SCAN} clusters after cluster {scan_from} in use, past the end of the image file"
+            )));
+        }
+        Ok(())
+    }
+
     /// Take a free cluster index for new metadata (no refcount set yet).
     async fn take_free(&mut self, file: &ChildRef) -> io::Result<u64> {
+        let scan_from = self.next_free;
         loop {
+            self.check_scan(scan_from)?;
             let c = self.next_free;
             if c.saturating_mul(self.cs()) >= MAX_HOST_OFFSET {
                 return Err(io::Error::new(
@@ -315,7 +336,9 @@ impl Refcounts {
         header: &mut HeaderBlock,
         n: u64,
     ) -> io::Result<u64> {
+        let scan_from = self.next_free;
         'retry: loop {
+            self.check_scan(scan_from)?;
             let start = self.next_free;
             for c in start..start + n {
                 self.ensure_block(file, header, c).await?;
