@@ -85,6 +85,16 @@ pub enum FormatArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackingPolicyArg {
+    /// Any file a qcow2 image names (QEMU's behaviour).
+    Any,
+    /// Only files inside the naming image's folder (symlinks resolved).
+    SameDir,
+    /// No backing files.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CacheArg {
     /// O_DIRECT, bypassing the host page cache (buffered where unsupported).
     None,
@@ -110,6 +120,11 @@ pub struct ServeArgs {
     /// Image format.
     #[arg(long, value_enum, default_value_t = FormatArg::Auto, requires = "image")]
     pub format: FormatArg,
+
+    /// Which backing files a qcow2 image may name; for images from an
+    /// untrusted source use same-dir or none.
+    #[arg(long, value_enum, default_value_t = BackingPolicyArg::Any)]
+    pub backing_policy: BackingPolicyArg,
 
     /// Serve a disk of SIZE bytes with no storage behind it (reads return
     /// zeros, writes are dropped): a benchmark baseline. Suffixes K, M, G, T.

@@ -10,14 +10,17 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use cli::{CacheArg, Cli, Command, CreateArgs, CreateFormat, CtlArgs, FormatArg, ServeArgs};
+use cli::{
+    BackingPolicyArg, CacheArg, Cli, Command, CreateArgs, CreateFormat, CtlArgs, FormatArg,
+    ServeArgs,
+};
 use ringblk::control::{ctl, ControlServer, Daemon};
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{
-    all_nodes, drain_all_begin, drain_all_end, open_image, open_null, BlockBackend, ImageFormat,
-    ImageOptions, Node,
+    all_nodes, drain_all_begin, drain_all_end, open_image, open_null, BackingPolicy, BlockBackend,
+    ImageFormat, ImageOptions, Node,
 };
 use ringblk::uring::IoThread;
 use ringblk::vhost::blk::config::BlkGeometry;
@@ -147,6 +150,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
                 block_size: 512,
                 qcow2: Qcow2Options::default(),
                 force_share: false,
+                backing: BackingPolicy::Any,
             })
             .map_err(|e| format!("backing file: {e}"))?;
             Some(BlockBackend::new("backing", node, true).size())
@@ -219,6 +223,11 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
             refcount_cache_bytes: args.refcount_cache_size,
         },
         force_share: args.force_share,
+        backing: match args.backing_policy {
+            BackingPolicyArg::Any => BackingPolicy::Any,
+            BackingPolicyArg::SameDir => BackingPolicy::SameDir,
+            BackingPolicyArg::None => BackingPolicy::None,
+        },
     };
     let node = open_image(&opts).map_err(|e| e.to_string())?;
     let mut what = absolute(&path).display().to_string();
@@ -358,7 +367,7 @@ struct ShutdownParts {
     iothreads: Vec<IoThread>,
 }
 
-/// DESIGN.md §3's order: exports stop -> drain_all -> eject -> references
+/// The shutdown order: exports stop -> drain_all -> eject -> references
 /// dropped -> nodes close (flush) -> nothing left open.
 fn shutdown(p: ShutdownParts) -> Result<(), String> {
     let mut failed = Vec::new();

@@ -466,7 +466,12 @@ fn refcount_maze_fails_the_write_not_the_daemon() {
         took < std::time::Duration::from_secs(5),
         "the failing write took {took:?}"
     );
-    assert!(d.stderr().contains("in use, past the end of the image file"), "{}", d.stderr());
+    assert!(
+        d.stderr()
+            .contains("in use, past the end of the image file"),
+        "{}",
+        d.stderr()
+    );
     // Reads of unallocated clusters still work, and the daemon stops.
     assert_eq!(c.run(0, Req::Read(0, 0, 4096)), 0);
     assert!(d.is_running());

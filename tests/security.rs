@@ -369,3 +369,115 @@ fn sockets_are_private_and_never_replace_other_files() {
     assert!(connect(&d.sock, 1).is_ok());
     assert!(d.stop().success());
 }
+
+/// A qcow2 from an untrusted source may name any host file as its backing
+/// file; --backing-policy keeps it to its own folder, or to none at all.
+#[test]
+fn backing_policy_keeps_untrusted_images_in_their_folder() {
+    let dir = TestDir::new("backing-policy");
+    std::fs::create_dir(dir.path("vm")).unwrap();
+    std::fs::write(dir.path("secret.raw"), vec![0x5e; MIB as usize]).unwrap();
+    make_raw(&dir.path("vm/base.raw"), MIB);
+    std::os::unix::fs::symlink("../secret.raw", dir.path("vm/link.raw")).unwrap();
+    let overlay = |name: &str, backing: &str| {
+        let p = dir.path(&format!("vm/{name}"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            "raw",
+            s(&p),
+            "1M",
+        ]);
+        p
+    };
+    let escaping = overlay("escape.qcow2", "../secret.raw");
+    let absolute = overlay("absolute.qcow2", s(&dir.path("secret.raw")));
+    let via_link = overlay("link.qcow2", "link.raw");
+    let inside = overlay("inside.qcow2", "base.raw");
+    let sock = dir.path("sock");
+
+    for img in [&escaping, &absolute, &via_link] {
+        let e = refused(&[
+            "--socket",
+            s(&sock),
+            "--image",
+            s(img),
+            "--backing-policy",
+            "same-dir",
+        ]);
+        assert!(
+            e.contains("not inside the image's folder"),
+            "{}: {e}",
+            img.display()
+        );
+    }
+    let d = Daemon::start(
+        &sock,
+        &["--image", s(&inside), "--backing-policy", "same-dir"],
+    );
+    assert!(d.stop().success());
+    let e = refused(&[
+        "--socket",
+        s(&sock),
+        "--image",
+        s(&inside),
+        "--backing-policy",
+        "none",
+    ]);
+    assert!(e.contains("backing policy is 'none'"), "{e}");
+    // The default follows QEMU: the image's word is taken.
+    let d = Daemon::start(&sock, &["--image", s(&escaping)]);
+    let mut c = connect(&d.sock, 1).unwrap();
+    assert_eq!(c.run(0, Req::Read(0, 0, 4096)), 0);
+    assert!(c.buf()[..4096].iter().all(|&b| b == 0x5e));
+    drop(c);
+    assert!(d.stop().success());
+}
+
+/// A FIFO named as the image or as a backing file is refused at once; it
+/// would otherwise block the open, with SIGTERM blocked.
+#[test]
+fn fifos_are_refused_not_waited_for() {
+    let dir = TestDir::new("fifo");
+    let fifo = dir.path("pipe");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "pipe",
+        "-F",
+        "raw",
+        s(&top),
+        "1M",
+    ]);
+    let sock = dir.path("sock");
+    let e = refused(&["--socket", s(&sock), "--image", s(&top)]);
+    assert!(e.contains("not a regular file or block device"), "{e}");
+    for format in ["auto", "raw"] {
+        let e = refused(&[
+            "--socket",
+            s(&sock),
+            "--image",
+            s(&fifo),
+            "--format",
+            format,
+        ]);
+        assert!(
+            e.contains("not a regular file or block device"),
+            "{format}: {e}"
+        );
+    }
+}

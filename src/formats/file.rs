@@ -42,16 +42,35 @@ pub struct FileDriver {
     punch_hole_ok: AtomicBool,
 }
 
-fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
-    let mut flags = libc::O_CLOEXEC;
+/// Open an image file. Only regular files and block devices are images: a
+/// FIFO or a device someone named as a backing file must neither block the
+/// open (O_NONBLOCK, cleared again once the type is known, because io_uring
+/// honours it on reads) nor be used.
+pub fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     if direct {
         flags |= libc::O_DIRECT;
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
         .custom_flags(flags)
-        .open(path)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file or block device",
+        ));
+    }
+    // SAFETY: fcntl on a valid fd we own.
+    let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above, clearing one status flag.
+    if fl < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// (memory alignment, offset alignment) for O_DIRECT, if the kernel says.
@@ -126,13 +145,8 @@ impl FileDriver {
                 return Err(io_err(io::Error::last_os_error()));
             }
             end as u64
-        } else if meta.is_file() {
-            meta.len()
         } else {
-            return Err(OpenError::Invalid {
-                path: path.to_path_buf(),
-                reason: "not a regular file or block device".into(),
-            });
+            meta.len()
         };
         Ok(FileDriver {
             file,

@@ -1,4 +1,4 @@
-//! Drained sections (DESIGN.md §3, the seeds' contract).
+//! Drained sections, after the contract of QEMU's block-layer drain.
 //!
 //! `drained_begin` has two phases. Quiesce: on the 0 -> 1 transition of a
 //! node's `quiesce_counter`, every parent's `drained_begin` is called (a

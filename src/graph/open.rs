@@ -1,12 +1,12 @@
 //! Building a node tree for an image: protocol node, format node, and for
 //! qcow2 the backing chain below it.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::node::{Child, ChildRole, Node};
+use crate::formats::file::open_file;
 use crate::formats::qcow2::{self, Qcow2Driver, Qcow2Error, Qcow2Options};
 use crate::formats::{
     CacheMode, ChildRef, FileDriver, ImageLock, NullDriver, OpenError, RawDriver,
@@ -22,6 +22,19 @@ pub enum ImageFormat {
     Qcow2,
 }
 
+/// Which backing files an image may name: a qcow2 from an untrusted source
+/// can name any host file (`/etc/shadow`, `../other-vm.qcow2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Whatever the image names (QEMU's behaviour).
+    Any,
+    /// Only files inside the naming image's folder (subfolders included),
+    /// after resolving symlinks.
+    SameDir,
+    /// No backing files at all.
+    None,
+}
+
 pub struct ImageOptions {
     pub path: PathBuf,
     pub format: ImageFormat,
@@ -34,6 +47,7 @@ pub struct ImageOptions {
     /// Lock the image files sharing every permission (read-only use only,
     /// as qemu-img's `-U`): others may write while we read.
     pub force_share: bool,
+    pub backing: BackingPolicy,
 }
 
 /// Deepest backing chain we follow (a loop would be infinitely deep).
@@ -41,7 +55,7 @@ const MAX_CHAIN_DEPTH: usize = 16;
 
 fn probe(path: &Path) -> Result<ImageFormat, OpenError> {
     let mut head = [0u8; 4];
-    let n = File::open(path)
+    let n = open_file(path, true, false)
         .and_then(|mut f| f.read(&mut head))
         .map_err(|source| OpenError::Io {
             path: path.to_path_buf(),
@@ -52,6 +66,38 @@ fn probe(path: &Path) -> Result<ImageFormat, OpenError> {
     } else {
         ImageFormat::Raw
     })
+}
+
+/// Refuse a backing file `name` (at `bpath`) that `policy` forbids `path`
+/// to name.
+fn allowed_backing(
+    path: &Path,
+    name: &str,
+    bpath: &Path,
+    policy: BackingPolicy,
+) -> Result<(), OpenError> {
+    let refuse = |why: &str| {
+        Err(invalid(
+            path,
+            format!("its backing file '{name}' is refused: {why}"),
+        ))
+    };
+    match policy {
+        BackingPolicy::Any => Ok(()),
+        BackingPolicy::None => refuse("the backing policy is 'none'"),
+        BackingPolicy::SameDir => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let inside = match (dir.canonicalize(), bpath.canonicalize()) {
+                (Ok(d), Ok(b)) => b.starts_with(d),
+                _ => false,
+            };
+            if inside {
+                Ok(())
+            } else {
+                refuse("the backing policy is 'same-dir' and it is not inside the image's folder")
+            }
+        }
+    }
 }
 
 fn invalid(path: &Path, reason: String) -> OpenError {
@@ -150,6 +196,7 @@ fn open_layer(
                     };
                     // Relative names are relative to the overlay's folder.
                     let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
+                    allowed_backing(path, b, &bpath, opts.backing)?;
                     let layer = open_layer(&bpath, bformat, true, opts, depth + 1)
                         .map_err(|e| invalid(path, format!("backing file: {e}")))?;
                     Some(layer)
