@@ -183,6 +183,10 @@ pub struct ServeArgs {
     /// QMP control socket (query, drain, resize, quit); none if omitted.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Most QMP clients connected at once; more are refused with an error.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub control_max_clients: u32,
 }
 
 #[derive(clap::Args, Debug)]

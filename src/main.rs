@@ -310,8 +310,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let stopper = server.stopper().map_err(|e| e.to_string())?;
     let control = match &args.control {
         Some(path) => Some(
-            ControlServer::start(path, Daemon::new(vec![export.clone()], request_quit))
-                .map_err(|e| format!("control socket: {e}"))?,
+            ControlServer::start(
+                path,
+                Daemon::new(vec![export.clone()], request_quit),
+                args.control_max_clients as usize,
+            )
+            .map_err(|e| format!("control socket: {e}"))?,
         ),
         None => None,
     };

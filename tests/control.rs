@@ -613,8 +613,8 @@ fn ctl_runs_commands_for_people_and_scripts() {
     assert!(!ok && err.contains("key=value"), "{err}");
     let (ok, _, err) = ctl(&[dir.path("nothing").to_str().unwrap(), "quit"]);
     assert!(!ok && err.contains("nothing"), "{err}");
-    let (ok, _, _) = ctl(&[s, "quit"]);
-    assert!(ok);
+    let (ok, out, err) = ctl(&[s, "quit"]);
+    assert!(ok, "quit: {out}{err}");
     assert!(d.wait_exit(Duration::from_secs(30)).success());
 }
 

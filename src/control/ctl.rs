@@ -82,7 +82,11 @@ impl Connection {
         args: Map<String, Value>,
     ) -> Result<Result<Value, String>, String> {
         let req = json!({"execute": command, "arguments": args, "id": "ctl"});
-        writeln!(self.writer, "{req}").map_err(|e| format!("sending to the daemon: {e}"))?;
+        // One write: the daemon may act on the object (quit, and close the
+        // connection) before a separately written newline would arrive.
+        self.writer
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| format!("sending to the daemon: {e}"))?;
         loop {
             let msg = self.next_message()?;
             if let Some(r) = msg.get("return") {

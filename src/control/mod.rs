@@ -2,6 +2,7 @@
 //! and the `ringblk ctl` client.
 
 mod args;
+mod client;
 mod commands;
 pub mod ctl;
 mod json_stream;

@@ -1,53 +1,33 @@
-//! The QMP socket: accepts any number of clients, one thread each.
+//! The QMP socket: accepts clients up to a limit, one thread each.
 //! Commands run under one big lock (QEMU's BQL counterpart), so drains
 //! and graph changes from different clients never interleave.
 
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::args::Args;
+use super::client::Client;
 use super::commands;
 use super::json_stream::{Piece, Splitter};
 use super::qmp::{self, QmpError};
 use crate::graph::Node;
 use crate::vhost::blk::export::BlkExport;
-use crate::vhost::listen::{bind_listener, SocketFile};
+use crate::vhost::listen::{bind_listener, AcceptBackoff, SocketFile};
+use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::socket::{wait_for, Wake};
 
 static BIG_LOCK: Mutex<()> = Mutex::new(());
 
 fn big_lock() -> MutexGuard<'static, ()> {
     BIG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A client stuck not reading must not stall events to everyone else.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-struct Client {
-    id: u64,
-    writer: Mutex<UnixStream>,
-    negotiated: AtomicBool,
-}
-
-impl Client {
-    fn send(&self, v: &Value) {
-        let mut text = v.to_string();
-        text.push('\n');
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = w.write_all(text.as_bytes()) {
-            log::debug!("control client {}: write failed: {e}", self.id);
-        }
-    }
 }
 
 /// What commands act on, shared by every client.
@@ -87,10 +67,7 @@ impl Daemon {
     pub fn emit(&self, name: &str, data: Value) {
         let ev = qmp::event(name, data);
         let clients: Vec<_> = self.clients().clone();
-        for c in clients
-            .iter()
-            .filter(|c| c.negotiated.load(Ordering::SeqCst))
-        {
+        for c in clients.iter().filter(|c| c.is_negotiated()) {
             c.send(&ev);
         }
     }
@@ -143,15 +120,16 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Bind `path` and start accepting clients.
-    pub fn start(path: &Path, daemon: Arc<Daemon>) -> io::Result<Self> {
+    /// Bind `path` and start accepting clients, at most `max_clients` at
+    /// once.
+    pub fn start(path: &Path, daemon: Arc<Daemon>, max_clients: usize) -> io::Result<Self> {
         let (listener, file) = bind_listener(path, CONTROL_SOCKET_MODE)?;
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
         let client_threads = Arc::new(Mutex::new(Vec::new()));
         let (d, s, t) = (daemon.clone(), stop.try_clone()?, client_threads.clone());
         let accept_thread = std::thread::Builder::new()
             .name("qmp-accept".into())
-            .spawn(move || accept_loop(listener, d, s, t))?;
+            .spawn(move || accept_loop(listener, d, s, t, max_clients))?;
         log::info!("QMP control socket on {}", path.display());
         Ok(ControlServer {
             _file: file,
@@ -172,8 +150,7 @@ impl ControlServer {
             let _ = t.join();
         }
         for c in self.daemon.clients().iter() {
-            let w = c.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = w.shutdown(Shutdown::Both);
+            c.close();
         }
         let threads = std::mem::take(
             &mut *self
@@ -192,8 +169,11 @@ fn accept_loop(
     daemon: Arc<Daemon>,
     stop: EventFd,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    max_clients: usize,
 ) {
     static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+    let mut backoff = AcceptBackoff::default();
+    let refusals = LogLimiter::default();
     loop {
         match wait_for(listener.as_raw_fd(), stop.as_raw_fd()) {
             Ok(Wake::Ready) => {}
@@ -206,59 +186,67 @@ fn accept_loop(
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
-                log::warn!("QMP socket: accept failed: {e}");
+                if !backoff.failed(Path::new("QMP socket"), &e, stop.as_raw_fd()) {
+                    return;
+                }
                 continue;
             }
         };
-        let writer = match stream
-            .try_clone()
-            .and_then(|w| w.set_write_timeout(Some(WRITE_TIMEOUT)).map(|_| w))
-        {
-            Ok(w) => w,
+        backoff.succeeded();
+        if daemon.clients().len() >= max_clients {
+            if refusals.allow("QMP client refused") {
+                log::warn!("QMP socket: refusing a client: {max_clients} are connected");
+            }
+            refuse(stream, max_clients);
+            continue;
+        }
+        let client = match Client::new(NEXT_CLIENT.fetch_add(1, Ordering::Relaxed)) {
+            Ok(c) => Arc::new(c),
             Err(e) => {
                 log::warn!("QMP socket: {e}");
                 continue;
             }
         };
-        let client = Arc::new(Client {
-            id: NEXT_CLIENT.fetch_add(1, Ordering::Relaxed),
-            writer: Mutex::new(writer),
-            negotiated: AtomicBool::new(false),
-        });
         daemon.clients().push(client.clone());
         let d = daemon.clone();
+        let c = client.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("qmp-client{}", client.id))
-            .spawn(move || serve_client(d, client, stream));
+            .spawn(move || serve_client(d, c, stream));
         match spawned {
             Ok(h) => {
                 let mut t = threads.lock().unwrap_or_else(|e| e.into_inner());
                 t.retain(|h| !h.is_finished());
                 t.push(h);
             }
-            Err(e) => log::error!("QMP socket: cannot start a client thread: {e}"),
+            Err(e) => {
+                log::error!("QMP socket: cannot start a client thread: {e}");
+                daemon.clients().retain(|c| c.id != client.id);
+            }
         }
     }
 }
 
-fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, mut stream: UnixStream) {
+/// Tell a client over the limit why, if its socket takes it at once.
+fn refuse(stream: UnixStream, max_clients: usize) {
+    let err = QmpError::generic(format!(
+        "too many control clients (at most {max_clients}); try again later"
+    ));
+    let mut text = qmp::response(&Err(err), None).to_string();
+    text.push('\n');
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = (&stream).write(text.as_bytes());
+    }
+}
+
+fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
     log::info!("QMP client {} connected", client.id);
     client.send(&qmp::greeting());
     let mut splitter = Splitter::default();
     let mut sections = Sections::default();
-    let mut buf = [0u8; 4096];
     let mut pieces = Vec::new();
-    'conn: loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::debug!("QMP client {}: read failed: {e}", client.id);
-                break;
-            }
-        };
-        splitter.feed(&buf[..n], &mut pieces);
+    client.serve(&stream, |bytes| {
+        splitter.feed(bytes, &mut pieces);
         for piece in pieces.drain(..) {
             match piece {
                 Piece::Text(t) => handle_text(&daemon, &client, &mut sections, &t),
@@ -273,11 +261,12 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, mut stream: UnixStream
                         &Err(QmpError::generic("JSON parse error, message too long")),
                         None,
                     ));
-                    break 'conn;
+                    return false;
                 }
             }
         }
-    }
+        true
+    });
     {
         let _g = big_lock();
         sections.end_all();
@@ -298,7 +287,7 @@ fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, t
         Ok(r) => r,
         Err((err, id)) => return client.send(&qmp::response(&Err(err), id)),
     };
-    let result = if !client.negotiated.load(Ordering::SeqCst) {
+    let result = if !client.is_negotiated() {
         if req.execute == "qmp_capabilities" {
             negotiate(Args::new(req.arguments)).inspect(|_| {
                 client.negotiated.store(true, Ordering::SeqCst);

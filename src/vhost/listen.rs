@@ -11,10 +11,12 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Attempts before giving up when the path keeps changing under us.
 const ATTEMPTS: usize = 3;
@@ -184,6 +186,52 @@ pub fn bind_listener(path: &Path, mode: u32) -> io::Result<(UnixListener, Socket
         io::ErrorKind::AddrInUse,
         "kept changing while the socket was being created",
     ))
+}
+
+/// Pacing for an accept loop whose `accept` fails: out of fds (EMFILE,
+/// ENFILE) or memory, the pending connection stays queued and the socket
+/// stays readable, so retrying at once would spin. Waits grow from 10 ms
+/// to 1 s and end early when `stop_fd` is signalled; the log says so at
+/// most once per wait.
+pub struct AcceptBackoff {
+    delay: Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// A successful accept: the next failure starts over.
+    pub fn succeeded(&mut self) {
+        self.delay = Duration::ZERO;
+    }
+
+    /// Log `e` and wait before the next accept; false if `stop_fd` was
+    /// signalled meanwhile.
+    pub fn failed(&mut self, what: &Path, e: &io::Error, stop_fd: RawFd) -> bool {
+        self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+        log::warn!(
+            "{}: accept failed: {e}; retrying in {:?}",
+            what.display(),
+            self.delay
+        );
+        let mut fd = libc::pollfd {
+            fd: stop_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd; an EINTR just shortens the wait.
+        let r = unsafe { libc::poll(&mut fd, 1, self.delay.as_millis() as libc::c_int) };
+        !(r > 0 && fd.revents != 0)
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::export::BlkExport;
-use super::listen::{bind_listener, SocketFile};
+use super::listen::{bind_listener, AcceptBackoff, SocketFile};
 use super::session::Session;
 use super::socket::{wait_for, Wake};
 
@@ -45,6 +45,7 @@ impl VhostServer {
 
     /// Accept and serve frontends until stopped.
     pub fn serve(&self) {
+        let mut backoff = AcceptBackoff::default();
         loop {
             match wait_for(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
                 Ok(Wake::Ready) => {}
@@ -57,10 +58,13 @@ impl VhostServer {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    log::warn!("{}: accept failed: {e}", self.path.display());
+                    if !backoff.failed(&self.path, &e, self.stop.as_raw_fd()) {
+                        return;
+                    }
                     continue;
                 }
             };
+            backoff.succeeded();
             log::info!("export {}: frontend connected", self.export.id);
             self.export.connected.store(true, Ordering::SeqCst);
             Session::new(&self.export, &stream).run(self.stop.as_raw_fd());

@@ -64,11 +64,38 @@ impl Daemon {
     }
 
     pub fn start_in(sock: &Path, args: &[&str], cwd: Option<&Path>) -> Daemon {
+        Self::start_with(sock, args, |cmd| {
+            if let Some(d) = cwd {
+                cmd.current_dir(d);
+            }
+        })
+    }
+
+    /// Start with at most `nofile` open file descriptors (`ulimit -n`).
+    pub fn start_with_nofile(sock: &Path, args: &[&str], nofile: u64) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        Self::start_with(sock, args, |cmd| {
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child
+            // between fork and exec and touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
+    fn start_with(sock: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
         cmd.arg("serve").arg("--socket").arg(sock).args(args);
-        if let Some(d) = cwd {
-            cmd.current_dir(d);
-        }
+        configure(&mut cmd);
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
