@@ -13,8 +13,57 @@ use vm_memory::{
     GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
+/// A region (or table of regions) that is wrong whatever else is mapped.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegionError {
+    #[error("memory region gpa {gpa:#x} size {size:#x}: size is zero or the region wraps around")]
+    Empty { gpa: u64, size: u64 },
+    #[error("memory regions at gpa {a:#x} and {b:#x} overlap in {space} addresses")]
+    Overlap { a: u64, b: u64, space: &'static str },
+}
+
+/// Zero size, or a region whose guest-physical, frontend-virtual or file
+/// range wraps around the address space.
+pub fn check_region(r: &VhostUserMemoryRegion) -> Result<(), RegionError> {
+    let (gpa, size) = (r.guest_phys_addr, r.memory_size);
+    let wraps = |start: u64| start.checked_add(size).is_none();
+    if size == 0 || wraps(gpa) || wraps(r.user_addr) || wraps(r.mmap_offset) {
+        return Err(RegionError::Empty { gpa, size });
+    }
+    Ok(())
+}
+
+/// Regions must each be valid and must not overlap in guest-physical nor
+/// in frontend-virtual addresses. Quadratic, but tables are small (at most
+/// a few hundred slots).
+pub fn check_disjoint(regions: &[VhostUserMemoryRegion]) -> Result<(), RegionError> {
+    regions.iter().try_for_each(check_region)?;
+    // check_region made start + size overflow-free for both spaces.
+    let overlap = |a0: u64, b0: u64, size_a: u64, size_b: u64| a0 < b0 + size_b && b0 < a0 + size_a;
+    for (k, a) in regions.iter().enumerate() {
+        for b in &regions[k + 1..] {
+            let (sa, sb) = (a.memory_size, b.memory_size);
+            let space = if overlap(a.guest_phys_addr, b.guest_phys_addr, sa, sb) {
+                "guest-physical"
+            } else if overlap(a.user_addr, b.user_addr, sa, sb) {
+                "frontend-virtual"
+            } else {
+                continue;
+            };
+            return Err(RegionError::Overlap {
+                a: a.guest_phys_addr,
+                b: b.guest_phys_addr,
+                space,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    #[error(transparent)]
+    Region(#[from] RegionError),
     #[error("memory region gpa {gpa:#x} size {size:#x}: {reason}")]
     BadRegion { gpa: u64, size: u64, reason: String },
     #[error("no memory region at gpa {gpa:#x} size {size:#x}")]
@@ -164,21 +213,16 @@ fn map_region(
         size,
         reason: reason.to_string(),
     };
-    if size == 0
-        || gpa.checked_add(size).is_none()
-        || user_addr.checked_add(size).is_none()
-        || offset.checked_add(size).is_none()
-    {
-        return Err(bad("size is zero or the region overflows"));
-    }
+    check_region(r)?;
     let size_usize = usize::try_from(size).map_err(|_| bad("too large"))?;
     let file = File::from(fd);
     // Touching a mapping beyond the end of its file is SIGBUS: refuse a
-    // region its file cannot back.
-    if let Ok(meta) = file.metadata() {
-        if meta.is_file() && meta.len() < offset + size {
-            return Err(bad(&format!("its file is only {} bytes", meta.len())));
-        }
+    // region its file cannot back (offset + size cannot wrap: check_region).
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(&format!("cannot stat its fd: {e}")))?;
+    if meta.is_file() && meta.len() < offset + size {
+        return Err(bad(&format!("its file is only {} bytes", meta.len())));
     }
     let mapping = MmapRegion::from_file(FileOffset::new(file, offset), size_usize)
         .map_err(|e| bad(&format!("mmap failed: {e}")))?;
@@ -216,15 +260,25 @@ impl MemoryMap {
 
     /// SET_MEM_TABLE: replace everything.
     pub fn from_table(table: Vec<(VhostUserMemoryRegion, OwnedFd)>) -> Result<Self, MemoryError> {
-        let regions = table
+        let infos: Vec<_> = table.iter().map(|(r, _)| *r).collect();
+        check_disjoint(&infos)?;
+        let mut regions = table
             .into_iter()
             .map(|(r, fd)| map_region(&r, fd))
             .collect::<Result<Vec<_>, _>>()?;
+        regions.sort_by_key(|(i, _)| i.gpa);
         Self::rebuild(regions)
     }
 
     /// ADD_MEM_REG.
     pub fn with_region(&self, r: &VhostUserMemoryRegion, fd: OwnedFd) -> Result<Self, MemoryError> {
+        let mut infos: Vec<_> = self
+            .regions
+            .iter()
+            .map(|(i, _)| VhostUserMemoryRegion::new(i.gpa, i.size, i.user_addr, 0))
+            .collect();
+        infos.push(*r);
+        check_disjoint(&infos)?;
         let mut regions = self.regions.clone();
         regions.push(map_region(r, fd)?);
         regions.sort_by_key(|(i, _)| i.gpa);
@@ -237,7 +291,8 @@ impl MemoryMap {
         let (gpa, size) = (r.guest_phys_addr, r.memory_size);
         let mut regions = self.regions.clone();
         let before = regions.len();
-        regions.retain(|(i, _)| !(i.gpa == gpa && i.size == size));
+        let user_addr = r.user_addr;
+        regions.retain(|(i, _)| !(i.gpa == gpa && i.size == size && i.user_addr == user_addr));
         if regions.len() == before {
             return Err(MemoryError::NotFound { gpa, size });
         }
@@ -253,6 +308,16 @@ impl MemoryMap {
         self.regions
             .iter()
             .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
+            .map(|(i, _)| i.gpa + (va - i.user_addr))
+    }
+
+    /// Translate `[va, va + len)` to guest-physical addresses, if the whole
+    /// range lies in one region (so it is contiguous in both spaces).
+    pub fn va_range_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
+            .filter(|(i, _)| len <= i.size - (va - i.user_addr))
             .map(|(i, _)| i.gpa + (va - i.user_addr))
     }
 
