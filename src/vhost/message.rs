@@ -330,7 +330,7 @@ pub(crate) fn decode(
                 });
             }
             let (desc, used, avail) = (a.descriptor, a.used, a.available);
-            if desc % 16 != 0 || avail % 2 != 0 || used % 4 != 0 {
+            if !desc.is_multiple_of(16) || !avail.is_multiple_of(2) || !used.is_multiple_of(4) {
                 return Err(DecodeError::Vring {
                     index,
                     what: "ring address misaligned",
