@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vm_memory::GuestAddress;
 
 use super::chain::{Buffer, Chain};
-use crate::uring::IoVec;
+use crate::uring::{IoVec, IOV_MAX};
 use crate::vhost::memory::GuestRam;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -162,7 +162,10 @@ fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Re
 }
 
 /// Translate guest buffers into host iovecs, refusing anything outside the
-/// guest's memory regions.
+/// guest's memory regions, and lists of more than [`IOV_MAX`] host pieces
+/// (buffers split at region boundaries): at most 2 pieces per segment with
+/// regions of at least `size_max`, so only a frontend with tiny regions
+/// meets this, and it bounds a request's iovec whatever the memory layout.
 pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
     let mut iov = Vec::with_capacity(bufs.len());
     for b in bufs {
@@ -178,9 +181,15 @@ pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
                 b.addr.0, b.len
             )));
         }
+        if iov.len() > IOV_MAX {
+            return Err(ioerr(format!(
+                "data split into over {IOV_MAX} pieces at memory region boundaries"
+            )));
+        }
     }
     // SAFETY: every pointer lies inside one mapped guest region (checked by
-    // for_each_piece), and `mem` (the keepalive) keeps the mappings alive.
+    // for_each_piece), which only the kernel and volatile copies touch, and
+    // `mem` (the keepalive) keeps the mappings alive.
     Ok(unsafe { IoVec::from_raw(iov, Some(mem.clone())) })
 }
 
@@ -441,6 +450,23 @@ mod tests {
         let l = limits();
         let e = check_data(&[buf(0, 4096)], 5 * 4096, &l).unwrap_err();
         assert!(e.reason.contains("max 16384"), "{}", e.reason);
+    }
+
+    #[test]
+    fn data_split_into_too_many_pieces_is_refused() {
+        use vm_memory::GuestMemoryMmap;
+        // Three adjacent 4 KiB regions; each buffer crosses a boundary.
+        let ranges: Vec<_> = (0..3u64)
+            .map(|i| (GuestAddress(i * 0x1000), 0x1000))
+            .collect();
+        let mem = Arc::new(GuestRam::new(
+            GuestMemoryMmap::from_ranges(&ranges).unwrap(),
+        ));
+        let crossing = |n: usize| vec![buf(0x800, 0x1000); n];
+        let iov = to_iovec(&mem, &crossing(IOV_MAX / 2)).ok().unwrap();
+        assert_eq!(iov.iovecs().len(), IOV_MAX);
+        let e = to_iovec(&mem, &crossing(IOV_MAX / 2 + 1)).err().unwrap();
+        assert_eq!(e.status, VIRTIO_BLK_S_IOERR);
     }
 
     #[test]
