@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion, VolatileSlice,
 };
 
 /// A region (or table of regions) that is wrong whatever else is mapped.
@@ -166,10 +166,11 @@ impl GuestRam {
     pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
         let mut done = 0;
         self.for_each_piece(gpa, out.len() as u64, |p, n| {
-            // SAFETY: p is valid for n bytes of guest memory (for_each_piece);
-            // the guest may change it concurrently, which only affects values.
-            unsafe { std::ptr::copy_nonoverlapping(p, out[done..].as_mut_ptr(), n) };
-            done += n;
+            // SAFETY: p is valid for n bytes of guest memory (for_each_piece),
+            // which we only ever access volatilely (the guest may change it
+            // at any time).
+            let piece = unsafe { VolatileSlice::new(p, n) };
+            done += piece.copy_to(&mut out[done..]);
         })
     }
 

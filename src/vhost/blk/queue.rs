@@ -342,7 +342,7 @@ impl Worker {
             let q = self.queue.borrow();
             (GuestAddress(q.desc_table()), q.size())
         };
-        let max = self.export.max_descs.max(size as usize);
+        let max = self.export.max_descs;
         let used_len = match chain::walk(&mem, table, size, head, self.indirect, max) {
             Err(e) => {
                 self.stats().record_invalid();
