@@ -207,10 +207,12 @@ fn exact<T: ByteValued>(payload: &[u8]) -> Result<T, DecodeError> {
             want,
         });
     }
-    T::from_slice(payload).copied().ok_or(DecodeError::Size {
-        got: payload.len(),
-        want,
-    })
+    // SAFETY: ByteValued types are plain data for which any bytes, zeros
+    // included, are a valid value.
+    let mut v: T = unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
+    // Copied, not cast: the payload need not be aligned for T.
+    v.as_mut_slice().copy_from_slice(payload);
+    Ok(v)
 }
 
 fn empty(payload: &[u8]) -> Result<(), DecodeError> {

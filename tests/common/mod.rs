@@ -14,6 +14,7 @@ pub mod frontend;
 pub mod guest;
 pub mod qemu_img;
 pub mod qmp;
+pub mod recorder;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
