@@ -607,15 +607,21 @@ fn outcome(c: &Ctx) -> Expect {
     }
 }
 
-/// Wait (bounded) for the daemon's fd count to come back to `base`.
-fn settle_fds(pid: i32, base: usize) -> usize {
+/// The daemon's open fds while it serves a probe connection. It serves one
+/// frontend at a time, so once a probe is answered the earlier connections
+/// are gone; their queues' fds are released by the iothreads just after,
+/// so wait (bounded) for the count to come down to `base`.
+fn probe_fds(pid: i32, sock: &std::path::Path, base: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        let fe = Frontend::connect(sock);
+        assert!(fe.alive(), "the daemon does not answer a new frontend");
         let n = fd_count(pid);
         if n <= base || Instant::now() > deadline {
             return n;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        drop(fe);
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -637,9 +643,12 @@ fn malformed_messages_are_refused_and_the_next_frontend_is_served() {
     make_raw(&img, 64 * MIB);
     let mut d = Daemon::start(&dir.path("sock"), &["--image", img.to_str().unwrap()]);
     let pid = d.pid();
-    // A first client, so lazily opened fds (io_uring, iothreads) exist.
+    let base = probe_fds(pid, &d.sock, usize::MAX);
     write_read(&d.sock, 0);
-    let base = settle_fds(pid, 0);
+    assert!(
+        probe_fds(pid, &d.sock, base) <= base,
+        "a valid client leaves fds behind"
+    );
     let mut report = Vec::new();
     for (k, (name, setup, send, want)) in rows().into_iter().enumerate() {
         let mut c = prepare(&d.sock, setup);
@@ -651,7 +660,7 @@ fn malformed_messages_are_refused_and_the_next_frontend_is_served() {
         }
         drop(c);
         write_read(&d.sock, k as u64 + 1);
-        let fds = settle_fds(pid, base);
+        let fds = probe_fds(pid, &d.sock, base);
         assert!(
             fds <= base,
             "{name}: daemon has {fds} fds open, {base} before"
