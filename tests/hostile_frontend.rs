@@ -201,6 +201,25 @@ fn rows() -> Vec<(&'static str, Setup, Send, Expect)> {
             },
             Nack,
         ),
+        // Stalling inside a frame must not hold the daemon forever.
+        (
+            "half a header, then silence",
+            Protocol,
+            |c| {
+                c.fe.send_raw(&header(R::GET_FEATURES as u32, VERSION_1, 0)[..6], &[])
+            },
+            Disconnect,
+        ),
+        (
+            "header, half the payload, then silence",
+            Protocol,
+            |c| {
+                let mut m = header(R::SET_FEATURES as u32, VERSION_1 | NEED_REPLY, 8);
+                m.extend_from_slice(&[0; 4]);
+                c.fe.send_raw(&m, &[])
+            },
+            Disconnect,
+        ),
         // More than the 32 fds a message may carry: the kernel drops the
         // excess and the daemon cannot trust the frame.
         (

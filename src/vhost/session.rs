@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserU64,
@@ -24,6 +25,11 @@ use super::socket::{self, FrameError, Message};
 
 /// Memory slots we accept with ADD_MEM_REG.
 const MAX_MEM_SLOTS: u64 = 509;
+/// How long the rest of a started frame may take to arrive, and a reply
+/// to be taken: a frontend that stalls mid-frame, or stops reading our
+/// replies, is disconnected instead of holding the daemon (and its
+/// shutdown) forever.
+const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
@@ -85,6 +91,16 @@ impl<'a> Session<'a> {
 
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
     pub fn run(&mut self, stop_fd: i32) {
+        // Reads start only once poll says the socket is readable, so the
+        // timeout bounds a stall inside a frame, not idle time between frames.
+        let timeouts = self
+            .stream
+            .set_read_timeout(Some(STALL_TIMEOUT))
+            .and_then(|()| self.stream.set_write_timeout(Some(STALL_TIMEOUT)));
+        if let Err(e) = timeouts {
+            log::error!("export {}: cannot set socket timeouts: {e}", self.export.id);
+            return;
+        }
         loop {
             match socket::wait_for(self.stream.as_raw_fd(), stop_fd) {
                 Ok(socket::Wake::Ready) => {}
