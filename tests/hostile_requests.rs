@@ -158,6 +158,22 @@ fn hostile_load(dir: &Path, direct: bool) -> (u64, u64) {
     r.q.wait_used(&r.mem, 1, Duration::from_secs(120));
     assert_eq!(r.mem.bytes(STATUS, 1)[0], S_IOERR, "~4 GiB chain");
 
+    // ~4 GiB in no more than seg_max descriptors (so the descriptor count
+    // alone does not refuse it): 16 MiB each, over the same guest memory.
+    blk_header(&r.mem, HDR, T_IN, 0);
+    let n = seg_max.min(255) as u64;
+    let each = ((4u64 << 30) - MIB) / n;
+    let each = (each.min(u32::MAX as u64) & !4095).min(16 * MIB) as u32;
+    let data: Vec<_> = (0..n).map(|_| (DATA, each)).collect();
+    r.indirect(0, TABLES, &read_chain(HDR, &data, STATUS));
+    r.q.kick();
+    r.q.wait_used(&r.mem, 1, Duration::from_secs(120));
+    assert_eq!(
+        r.mem.bytes(STATUS, 1)[0],
+        S_IOERR,
+        "~4 GiB in large segments"
+    );
+
     // 2,000 descriptors through one indirect table.
     blk_header(&r.mem, HDR, T_IN, 0);
     let data: Vec<_> = (0..1998).map(|k| (DATA + 512 * k, 512)).collect();
