@@ -33,7 +33,7 @@ fn assert_all_accepted(who: &str, frames: &[Frame]) {
     assert!(!frames.is_empty(), "{who} sent nothing");
     for f in frames {
         assert!(
-            ringblk::vhost::fuzz_decode_frame(&f.seed()),
+            ringblk::fuzzing::vhost_user_msg(&f.seed()),
             "{who}: the decoder refuses request {} ({} fds, {} bytes)",
             f.request(),
             f.nfds,

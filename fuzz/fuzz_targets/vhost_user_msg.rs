@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = ringblk::vhost::fuzz_decode_frame(data);
+    let _ = ringblk::fuzzing::vhost_user_msg(data);
 });
