@@ -361,17 +361,14 @@ impl SharedMemory {
 mod tests {
     use super::*;
 
+    /// An anonymous file of `len` bytes (unique per call: tests run in parallel).
     fn region_file(len: u64) -> OwnedFd {
-        let p = std::env::temp_dir().join(format!("ringblk-mem-{}-{len}", std::process::id()));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
+        // SAFETY: memfd_create with a NUL-terminated name; we own the result.
+        let fd = unsafe { libc::memfd_create(c"ringblk-mem-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let f = File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
         f.set_len(len).unwrap();
-        std::fs::remove_file(&p).unwrap();
         OwnedFd::from(f)
     }
 
@@ -400,5 +397,31 @@ mod tests {
         assert_eq!(empty.num_regions(), 0);
         assert!(empty.guest_memory().host_range(0x10_0000, 1).is_none());
         assert!(empty.without_region(&r).is_err());
+    }
+
+    #[test]
+    fn added_regions_must_not_overlap_the_map_in_either_space() {
+        let r = VhostUserMemoryRegion::new(0x10_0000, 0x2000, 0x7f00_0000_0000, 0);
+        let map = MemoryMap::default()
+            .with_region(&r, region_file(0x2000))
+            .unwrap();
+        // Disjoint guest-physical, overlapping frontend-virtual: refused.
+        let va = VhostUserMemoryRegion::new(0x40_0000, 0x1000, 0x7f00_0000_1000, 0);
+        assert!(map.with_region(&va, region_file(0x1000)).is_err());
+        // Tables may come in any order; translation sees them sorted.
+        let lo = VhostUserMemoryRegion::new(0, 0x1000, 0x1000_0000, 0);
+        let hi = VhostUserMemoryRegion::new(0x2000, 0x1000, 0x2000_0000, 0);
+        let map = MemoryMap::from_table(vec![(hi, region_file(0x1000)), (lo, region_file(0x1000))])
+            .unwrap();
+        assert_eq!(map.va_range_to_gpa(0x2000_0800, 0x800), Some(0x2800));
+        assert_eq!(
+            map.va_range_to_gpa(0x2000_0800, 0x801),
+            None,
+            "past the region"
+        );
+        // Removal matches the frontend-virtual address too.
+        let wrong_va = VhostUserMemoryRegion::new(0x2000, 0x1000, 0x3000_0000, 0);
+        assert!(map.without_region(&wrong_va).is_err());
+        assert_eq!(map.without_region(&hi).unwrap().num_regions(), 1);
     }
 }
