@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -688,5 +689,67 @@ fn malformed_messages_are_refused_and_the_next_frontend_is_served() {
     }
     assert!(d.is_running());
     eprintln!("hostile frontend table:\n  {}", report.join("\n  "));
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_frontend_that_stops_reading_replies_is_disconnected() {
+    let dir = TestDir::new("hostile-flood");
+    let img = dir.path("disk.raw");
+    make_raw(&img, 16 * MIB);
+    let mut d = Daemon::start(&dir.path("sock"), &["--image", img.to_str().unwrap()]);
+    let fe = Frontend::connect(&d.sock);
+    // Requests that each get a reply, never read, until both directions'
+    // buffers are full and our writes would block.
+    fe.sock.set_nonblocking(true).unwrap();
+    let frame = header(R::GET_FEATURES as u32, VERSION_1, 0);
+    let mut pending: &[u8] = &frame;
+    let mut sent = 0u64;
+    loop {
+        match (&fe.sock).write(pending) {
+            Ok(n) if n == pending.len() => {
+                sent += 1;
+                pending = &frame;
+            }
+            Ok(n) => pending = &pending[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Full for now; the daemon is stuck once it stays full.
+                let mut pfd = libc::pollfd {
+                    fd: fe.sock.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: poll on one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 1000) } == 0 {
+                    break;
+                }
+            }
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    // Without reading anything, wait for the daemon to give up on us and
+    // hang up (reading would unblock it).
+    let mut pfd = libc::pollfd {
+        fd: fe.sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+    assert_eq!(ready, 1, "the daemon kept the stalled connection for 30 s");
+    // Its replies up to the hang-up are still there to read.
+    fe.sock.set_nonblocking(false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut replies = 0u64;
+    loop {
+        match fe.recv(deadline.saturating_duration_since(Instant::now())) {
+            Answer::Reply(..) => replies += 1,
+            Answer::Closed => break,
+            Answer::Timeout => panic!("still connected after {replies} of {sent} replies"),
+        }
+    }
+    assert!(replies < sent, "the daemon answered everything ({sent})");
+    write_read(&d.sock, 1);
+    assert!(d.is_running());
     assert!(d.stop().success());
 }
