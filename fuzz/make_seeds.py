@@ -103,6 +103,23 @@ def shared_descs(m):
     chain(m, 0, [(0x5000, 16, 0), (0x6000, 4096 + 1, WRITE)], first=0x10)
 
 
+def long_indirect(m):
+    # More descriptors than seg_max + 2 (256 for a 256-entry queue): refused.
+    header(m, 0x2000, T_IN, 0)
+    n = 300
+    desc(m, 0, 0, 0x800, 16 * n, INDIRECT)
+    chain(m, 0x800, [(0x2000, 16, 0)] + [(0x3000, 512, WRITE)] * (n - 2) + [(0x2800, 1, WRITE)])
+
+
+def wrong_direction(m):
+    # A read whose data buffer is device-readable: refused.
+    header(m, 0x1000, T_IN, 0)
+    chain(m, 0, [(0x1000, 16, 0), (0x2000, 512, 0), (0x3000, 1, WRITE)])
+
+
+# Seeds named bad-* are requests the device must refuse.
+blk("bad-long-indirect", long_indirect, qlog=8)
+blk("bad-wrong-direction", wrong_direction)
 blk("read-4k", read4k)
 blk("write-2seg", write2, indirect=False)
 blk("indirect-read", indirect_read)

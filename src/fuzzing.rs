@@ -190,9 +190,14 @@ mod tests {
 
     #[test]
     fn virtio_blk_request_seeds() {
-        // Every seed is a well-formed request (they mirror real drivers').
+        // Seeds mirror real drivers' requests; bad-* ones must be refused.
         for (name, status) in run_seeds("virtio_blk_request", super::virtio_blk_request) {
-            assert_eq!(status, Some(super::VIRTIO_BLK_S_OK), "{name}");
+            let want = if name.starts_with("seed-bad-") {
+                crate::vhost::blk::request::VIRTIO_BLK_S_IOERR
+            } else {
+                super::VIRTIO_BLK_S_OK
+            };
+            assert_eq!(status, Some(want), "{name}");
         }
     }
 

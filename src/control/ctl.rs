@@ -82,7 +82,12 @@ impl Connection {
         args: Map<String, Value>,
     ) -> Result<Result<Value, String>, String> {
         let req = json!({"execute": command, "arguments": args, "id": "ctl"});
-        writeln!(self.writer, "{req}").map_err(|e| format!("sending to the daemon: {e}"))?;
+        // One write: the daemon acts on the closing brace, and after `quit`
+        // it may be gone before a separate newline could follow.
+        let line = format!("{req}\n");
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("sending to the daemon: {e}"))?;
         loop {
             let msg = self.next_message()?;
             if let Some(r) = msg.get("return") {
