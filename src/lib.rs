@@ -6,6 +6,8 @@
 
 pub mod control;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graph;
 pub mod size;
 pub mod uring;

@@ -23,7 +23,7 @@ use ringblk::graph::{
     ImageFormat, ImageOptions, Node,
 };
 use ringblk::uring::IoThread;
-use ringblk::vhost::blk::config::BlkGeometry;
+use ringblk::vhost::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
 use ringblk::vhost::blk::export::BlkExport;
 use ringblk::vhost::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
 use ringblk::vhost::blk::state::ExportState;
@@ -284,6 +284,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         read_only: args.read_only,
         limits: Limits {
             block_size: args.logical_block_size,
+            size_max: SIZE_MAX,
+            seg_max: seg_max_for(args.queue_size),
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
             max_segments: 1,

@@ -71,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
                 return;
             };
             let size = q.size();
-            let buf = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(65536, 4096)));
+            let buf = IoVec::from_buf(AlignedBuf::zeroed(65536, 4096));
             for i in 0..8u64 {
                 let off = (size / 8 * i) & !511;
                 let len = (size - off).min(65536) as usize & !511;

@@ -82,10 +82,11 @@ impl Connection {
         args: Map<String, Value>,
     ) -> Result<Result<Value, String>, String> {
         let req = json!({"execute": command, "arguments": args, "id": "ctl"});
-        // One write: the daemon may act on the object (quit, and close the
-        // connection) before a separately written newline would arrive.
+        // One write: the daemon acts on the closing brace, and after `quit`
+        // it may be gone before a separate newline could follow.
+        let line = format!("{req}\n");
         self.writer
-            .write_all(format!("{req}\n").as_bytes())
+            .write_all(line.as_bytes())
             .map_err(|e| format!("sending to the daemon: {e}"))?;
         loop {
             let msg = self.next_message()?;

@@ -5,8 +5,8 @@ mod args;
 mod client;
 mod commands;
 pub mod ctl;
-mod json_stream;
+pub(crate) mod json_stream;
 pub mod qmp;
-mod server;
+pub(crate) mod server;
 
 pub use server::{ControlServer, Daemon};

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -93,7 +93,7 @@ impl Sections {
         }
     }
 
-    fn end_all(&mut self) {
+    pub(crate) fn end_all(&mut self) {
         for n in self.0.drain(..).rev() {
             log::info!(
                 "node {}: ending a drained section its client left open",
@@ -276,21 +276,38 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
 }
 
 fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, text: &[u8]) {
+    let (reply, quit) = respond(daemon, &client.negotiated, sections, text, client.id);
+    client.send(&reply);
+    if quit {
+        daemon.request_shutdown();
+    }
+}
+
+/// The reply to one JSON text from a client, and whether it was a
+/// successful `quit` (the caller starts the shutdown once the reply is
+/// out). No socket involved, so the fuzzer drives this directly.
+pub(crate) fn respond(
+    daemon: &Arc<Daemon>,
+    negotiated: &AtomicBool,
+    sections: &mut Sections,
+    text: &[u8],
+    client_id: u64,
+) -> (Value, bool) {
     let value: Value = match serde_json::from_slice(text) {
         Ok(v) => v,
         Err(e) => {
             let err = QmpError::generic(format!("JSON parse error, {e}"));
-            return client.send(&qmp::response(&Err(err), None));
+            return (qmp::response(&Err(err), None), false);
         }
     };
     let req = match qmp::parse_request(value) {
         Ok(r) => r,
-        Err((err, id)) => return client.send(&qmp::response(&Err(err), id)),
+        Err((err, id)) => return (qmp::response(&Err(err), id), false),
     };
-    let result = if !client.is_negotiated() {
+    let result = if !negotiated.load(Ordering::SeqCst) {
         if req.execute == "qmp_capabilities" {
             negotiate(Args::new(req.arguments)).inspect(|_| {
-                client.negotiated.store(true, Ordering::SeqCst);
+                negotiated.store(true, Ordering::SeqCst);
             })
         } else {
             Err(QmpError::command_not_found(
@@ -299,14 +316,11 @@ fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, t
         }
     } else {
         let _g = big_lock();
-        log::debug!("QMP client {}: {}", client.id, req.execute);
+        log::debug!("QMP client {client_id}: {}", req.execute);
         commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
     };
     let quit = result.is_ok() && req.execute == "quit";
-    client.send(&qmp::response(&result, req.id));
-    if quit {
-        daemon.request_shutdown();
-    }
+    (qmp::response(&result, req.id), quit)
 }
 
 /// `qmp_capabilities`: we offer no optional capabilities.

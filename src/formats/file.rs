@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::bounce;
 use super::driver::{BlockDriver, BlockIo, IoFuture};
 use super::{ImageLock, OpenError};
 use crate::uring::{ops, AlignedBuf, IoVec};
@@ -190,7 +191,7 @@ impl FileDriver {
     async fn do_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
         let a = self.offset_align as u64;
         if self.direct && (!offset.is_multiple_of(a) || !(buf.len() as u64).is_multiple_of(a)) {
-            return self.read_unaligned(offset, buf).await;
+            return self.bounce_read(offset, buf).await;
         }
         if !self.direct || buf.is_aligned(self.mem_align) {
             match ops::readv(self.fd(), buf, offset).await {
@@ -199,31 +200,65 @@ impl FileDriver {
             }
         }
         // O_DIRECT with guest buffers the kernel will not take: bounce.
-        let bounce = Arc::new(AlignedBuf::zeroed(
-            buf.len(),
-            SAFE_DIRECT_ALIGN.max(self.mem_align),
-        ));
-        ops::readv(self.fd(), &IoVec::from_buf(bounce.clone()), offset).await?;
-        buf.copy_from(bounce.as_slice());
+        self.bounce_read(offset, buf).await
+    }
+
+    /// Alignment of bounce memory, and of where a bounced transfer resumes.
+    fn bounce_align(&self) -> usize {
+        SAFE_DIRECT_ALIGN.max(self.mem_align).max(self.offset_align)
+    }
+
+    /// O_DIRECT read through aligned bounce chunks (see [`bounce`]): for
+    /// buffers the kernel will not take, and for ranges it cannot address
+    /// (format metadata smaller than a sector), of which the enclosing
+    /// aligned range is read.
+    async fn bounce_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let a = self.offset_align as u64;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::other("read range overflows"))?;
+        let start = offset / a * a;
+        // Cannot overflow: end + a - 1 only exceeds u64 for ranges no file has.
+        let aligned_end = end.div_ceil(a) * a;
+        let chunk = bounce::CHUNK.min((aligned_end - start) as usize);
+        let _lease = bounce::lease(chunk).await;
+        let mut mem = AlignedBuf::zeroed(chunk, self.bounce_align());
+        let mut pos = start;
+        while pos < end {
+            let n = (aligned_end - pos).min(chunk as u64) as usize;
+            // Bytes of this chunk the caller wants (from `pos`).
+            let want = (end.min(pos + n as u64) - pos) as usize;
+            let iov = IoVec::from_buf(mem);
+            let r = self.read_chunk(&iov.slice(0, n), pos, want).await;
+            mem = iov.into_buf().ok_or_else(bounce_in_use)?;
+            r?;
+            let from = offset.max(pos);
+            buf.write_at(
+                (from - offset) as usize,
+                &mem.as_slice()[(from - pos) as usize..want],
+            );
+            pos += n as u64;
+        }
         Ok(())
     }
 
-    /// O_DIRECT read of a range the device cannot address directly (format
-    /// metadata smaller than a sector): read the enclosing aligned range.
-    async fn read_unaligned(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
-        let a = self.offset_align as u64;
-        let start = offset / a * a;
-        let end = (offset + buf.len() as u64).div_ceil(a) * a;
-        let bounce = Arc::new(AlignedBuf::zeroed(
-            (end - start) as usize,
-            SAFE_DIRECT_ALIGN.max(self.mem_align),
-        ));
-        let got = ops::read_some(self.fd(), &IoVec::from_buf(bounce.clone()), start).await?;
-        let skip = (offset - start) as usize;
-        if got < skip + buf.len() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+    /// Read into `chunk` at `pos` until at least `want` bytes arrived (the
+    /// file may end inside the chunk's last sector).
+    async fn read_chunk(&self, chunk: &IoVec, pos: u64, want: usize) -> io::Result<()> {
+        let r = self.bounce_align();
+        let mut got = 0;
+        while got < want {
+            // O_DIRECT resumes only at an aligned point.
+            let at = got / r * r;
+            let n = ops::read_some(self.fd(), &chunk.tail(at), pos + at as u64).await?;
+            if at + n <= got {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got = at + n;
         }
-        buf.copy_from(&bounce.as_slice()[skip..skip + buf.len()]);
         Ok(())
     }
 
@@ -242,10 +277,27 @@ impl FileDriver {
                 }
             }
         }
-        let mut bounce = AlignedBuf::zeroed(buf.len(), SAFE_DIRECT_ALIGN.max(self.mem_align));
-        buf.copy_to(bounce.as_mut_slice());
-        ops::writev(self.fd(), &IoVec::from_buf(Arc::new(bounce)), offset).await?;
+        self.bounce_write(offset, buf).await?;
         self.grew_to(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    /// O_DIRECT write of a buffer the kernel will not take, through aligned
+    /// bounce chunks (see [`bounce`]).
+    async fn bounce_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+        let chunk = bounce::CHUNK.min(buf.len());
+        let _lease = bounce::lease(chunk).await;
+        let mut mem = AlignedBuf::zeroed(chunk, self.bounce_align());
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(chunk);
+            buf.slice(done, n).copy_to(&mut mem.as_mut_slice()[..n]);
+            let iov = IoVec::from_buf(mem);
+            let r = ops::writev(self.fd(), &iov.slice(0, n), offset + done as u64).await;
+            mem = iov.into_buf().ok_or_else(bounce_in_use)?;
+            r?;
+            done += n;
+        }
         Ok(())
     }
 
@@ -286,7 +338,7 @@ impl FileDriver {
 
     async fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
         let chunk = len.min(ZERO_CHUNK) as usize;
-        let zeros = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(chunk, SAFE_DIRECT_ALIGN)));
+        let zeros = IoVec::from_shared(Arc::new(AlignedBuf::zeroed(chunk, SAFE_DIRECT_ALIGN)));
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(chunk as u64) as usize;
@@ -308,6 +360,12 @@ impl FileDriver {
         }
         self.write_zero_buffers(offset, len).await
     }
+}
+
+/// A bounce chunk is ours again once its operation completed; anything else
+/// is a bug, reported rather than risked.
+fn bounce_in_use() -> io::Error {
+    io::Error::other("bounce buffer still in use after its operation")
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -425,13 +483,20 @@ mod tests {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/unit-tmp").to_string()
     }
 
-    /// A guest-like buffer that is deliberately not 512-byte aligned.
-    fn misaligned(len: usize, fill: u8) -> (Arc<AlignedBuf>, IoVec) {
+    /// A guest-like buffer at an odd address, which no O_DIRECT takes:
+    /// the whole backing buffer and the part.
+    fn misaligned(len: usize, fill: u8) -> (IoVec, IoVec) {
         let mut backing = AlignedBuf::zeroed(len + 4096, 4096);
-        backing.as_mut_slice()[8..8 + len].fill(fill);
-        let backing = Arc::new(backing);
-        let iov = IoVec::from_buf(backing.clone()).slice(8, len);
-        (backing, iov)
+        backing.as_mut_slice()[1..1 + len].fill(fill);
+        let whole = IoVec::from_buf(backing);
+        let part = whole.slice(1, len);
+        (whole, part)
+    }
+
+    fn contents(iov: &IoVec) -> Vec<u8> {
+        let mut v = vec![0u8; iov.len()];
+        iov.copy_to(&mut v);
+        v
     }
 
     #[test]
@@ -444,20 +509,115 @@ mod tests {
         );
         let t = IoThread::start("file-direct", Duration::ZERO).unwrap();
         let d = drv.clone();
-        let read_back = t.handle().block_on(move || async move {
+        let (read_back, leases) = t.handle().block_on(move || async move {
             let (_keep, w) = misaligned(4096, 0x3c);
             d.write(8192, &w).await.unwrap();
-            let (keep, r) = misaligned(4096, 0);
+            let (_keep, r) = misaligned(4096, 0);
             d.read(8192, &r).await.unwrap();
-            keep.as_slice()[8..8 + 4096].to_vec()
+            (contents(&r), bounce::usage().2)
         });
         assert!(read_back.iter().all(|&b| b == 0x3c));
+        assert_eq!(leases, 2, "both transfers bounced");
         let mut on_disk = vec![0u8; 4096];
         File::open(&path)
             .unwrap()
             .read_exact_at(&mut on_disk, 8192)
             .unwrap();
         assert!(on_disk.iter().all(|&b| b == 0x3c));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| ((i * 7 + seed) % 253) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn bounced_transfers_go_in_chunks_and_land_where_they_belong() {
+        const DISK: usize = 4 << 20;
+        let path = scratch(&disk_dir(), "chunks", DISK as u64);
+        std::fs::write(&path, pattern(DISK, 1)).unwrap();
+        let drv = Arc::new(FileDriver::open(&path, false, CacheMode::None, 4096).unwrap());
+        assert!(drv.is_direct());
+        let t = IoThread::start("file-chunks", Duration::ZERO).unwrap();
+        let d = drv.clone();
+        // Not a multiple of the chunk: two whole chunks and a ragged end.
+        let len = 2 * bounce::CHUNK + 3 * 4096;
+        let data = pattern(len, 99);
+        let src = data.clone();
+        let (aligned_read, ragged_read, usage) = t.handle().block_on(move || async move {
+            let (_keep, w) = misaligned(len, 0);
+            w.copy_from(&src);
+            d.write(40960, &w).await.unwrap();
+            let (_keep, r) = misaligned(len, 0);
+            d.read(40960, &r).await.unwrap();
+            // A range the device cannot address: read around it.
+            let (_keep, r2) = misaligned(bounce::CHUNK + 1000, 0);
+            d.read(40960 - 300, &r2).await.unwrap();
+            (contents(&r), contents(&r2), bounce::usage())
+        });
+        assert!(aligned_read == data, "misaligned read after write");
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[40960..40960 + len] == data[..], "bytes on disk");
+        assert!(
+            on_disk[..40960] == pattern(DISK, 1)[..40960],
+            "before untouched"
+        );
+        let tail = 40960 + len;
+        assert!(
+            on_disk[tail..] == pattern(DISK, 1)[tail..],
+            "after untouched"
+        );
+        assert!(
+            ragged_read[..] == on_disk[40960 - 300..40960 - 300 + bounce::CHUNK + 1000],
+            "unaligned range"
+        );
+        let (in_use, peak, leases, _) = usage;
+        assert_eq!(in_use, 0);
+        assert_eq!(leases, 3);
+        assert_eq!(
+            peak,
+            bounce::CHUNK,
+            "one chunk per request, whatever its size"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn bounce_memory_stays_within_the_budget() {
+        const REQUESTS: usize = 32;
+        const LEN: usize = 1 << 20;
+        let path = scratch(&disk_dir(), "budget", (REQUESTS * LEN) as u64);
+        let drv = Arc::new(FileDriver::open(&path, false, CacheMode::None, 512).unwrap());
+        assert!(drv.is_direct());
+        let t = IoThread::start("file-budget", Duration::ZERO).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = drv.clone();
+        t.handle().run(move || {
+            // All start in one loop turn: far more than the budget asks at once.
+            for i in 0..REQUESTS {
+                let (d, tx) = (d.clone(), tx.clone());
+                crate::uring::spawn(async move {
+                    let (_keep, w) = misaligned(LEN, i as u8);
+                    let ok = d.write((i * LEN) as u64, &w).await.is_ok();
+                    let (_keep, r) = misaligned(LEN, 0);
+                    let ok = ok && d.read((i * LEN) as u64, &r).await.is_ok();
+                    let same = contents(&r).iter().all(|&b| b == i as u8);
+                    tx.send(ok && same).unwrap();
+                });
+            }
+        });
+        for _ in 0..REQUESTS {
+            let r = rx.recv_timeout(Duration::from_secs(60));
+            assert_eq!(r, Ok(true), "a bounced request failed or hung");
+        }
+        let (in_use, peak, leases, waited) = t.handle().block_on(|| async { bounce::usage() });
+        assert_eq!(in_use, 0, "every lease returned");
+        assert_eq!(leases, 2 * REQUESTS as u64);
+        assert!(peak <= bounce::BUDGET, "peak {peak} over the budget");
+        assert_eq!(peak, bounce::BUDGET, "the budget was the limit");
+        assert!(waited > 0, "some requests had to wait");
         std::fs::remove_file(&path).unwrap();
     }
 
@@ -507,7 +667,7 @@ mod tests {
         let t = IoThread::start("file-ro", Duration::ZERO).unwrap();
         let d = drv.clone();
         let (w, z) = t.handle().block_on(move || async move {
-            let buf = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(512, 512)));
+            let buf = IoVec::from_buf(AlignedBuf::zeroed(512, 512));
             (
                 d.write(0, &buf).await.map_err(|e| e.kind()),
                 d.write_zeroes(0, 512, true).await.map_err(|e| e.kind()),

@@ -2,6 +2,7 @@
 //! format drivers that interpret a child (`raw`). All I/O is async on the
 //! calling iothread's ring.
 
+pub mod bounce;
 mod driver;
 pub mod file;
 pub mod lock;

@@ -1,7 +1,6 @@
 //! `raw`: the identity format. Byte offsets pass straight to the child.
 
 use std::io;
-use std::sync::Arc;
 
 use super::driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, IoVec};
@@ -56,7 +55,7 @@ impl RawDriver {
                 format!("refused a write that makes sector 0 of an image whose format was probed as raw look like {format}; give the format explicitly to allow it"),
             ));
         }
-        let head = IoVec::from_buf(Arc::new(head));
+        let head = IoVec::from_buf(head);
         let data = IoVec::concat(&[&head, &buf.tail(PROBE_LEN)]);
         self.file.write(0, &data).await
     }

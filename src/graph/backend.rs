@@ -336,7 +336,7 @@ mod tests {
     use crate::uring::{AlignedBuf, IoThread};
 
     fn buf(len: usize) -> IoVec {
-        IoVec::from_buf(Arc::new(AlignedBuf::zeroed(len, 512)))
+        IoVec::from_buf(AlignedBuf::zeroed(len, 512))
     }
 
     #[test]

@@ -165,7 +165,7 @@ fn with_dev(b: &Arc<BlockBackend>) -> Arc<Dev> {
 }
 
 fn buf() -> IoVec {
-    IoVec::from_buf(Arc::new(AlignedBuf::zeroed(512, 512)))
+    IoVec::from_buf(AlignedBuf::zeroed(512, 512))
 }
 
 /// drain_all touches every node in the process: these tests run one at a

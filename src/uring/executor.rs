@@ -101,6 +101,9 @@ pub(super) struct Runtime {
     turn_end: RefCell<Vec<Box<dyn FnOnce()>>>,
     pub(super) remote: Arc<Remote>,
     stop: Cell<bool>,
+    /// The read on the message eventfd is queued (it could not be when the
+    /// ring refused it; then messages are looked for every turn).
+    message_armed: Cell<bool>,
     message_buf: *mut u64,
     pollers: RefCell<Vec<(usize, Rc<dyn Poller>)>>,
     next_poller: Cell<usize>,
@@ -165,6 +168,7 @@ impl Runtime {
             turn_end: RefCell::new(Vec::new()),
             remote: Arc::new(Remote::new()?),
             stop: Cell::new(false),
+            message_armed: Cell::new(false),
             // The kernel may still own this buffer when the ring is torn
             // down, so it is deliberately never freed (8 bytes per iothread).
             message_buf: Box::into_raw(Box::new(0u64)),
@@ -223,7 +227,14 @@ impl Runtime {
         )
         .build()
         .user_data(MESSAGE_TOKEN);
-        self.reactor.push(&entry);
+        let armed = match self.reactor.push(&entry) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("iothread: cannot wait for messages ({e}); retrying next turn");
+                false
+            }
+        };
+        self.message_armed.set(armed);
     }
 
     fn handle_messages(&self) {
@@ -303,8 +314,14 @@ impl Runtime {
                 break;
             }
             let started = std::time::Instant::now();
+            if !self.message_armed.get() {
+                // Nothing would wake us for messages: look for them each turn.
+                self.arm_message_read();
+                self.handle_messages();
+            }
             if !self.poll_for_work() {
-                self.reactor.submit_and_wait(1);
+                self.reactor
+                    .submit_and_wait(self.message_armed.get() as usize);
                 let waited = started.elapsed();
                 self.window.borrow_mut().adjust(waited);
             }

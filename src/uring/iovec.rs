@@ -1,51 +1,117 @@
 //! Scatter-gather lists of host memory handed to the kernel.
+//!
+//! The bytes behind an [`IoVec`] may change under us at any time: the guest
+//! writes its own memory, and the kernel fills read buffers while an
+//! operation runs (also after its future was dropped: the ring keeps the
+//! buffer alive until the completion). So the CPU only touches those bytes
+//! with volatile copies and never through a Rust reference, and an
+//! [`AlignedBuf`] is either owned (plain slices) or inside an `IoVec`
+//! (volatile only), never both at once.
 
 use std::alloc::{self, Layout};
 use std::any::Any;
 use std::sync::Arc;
 
+use vm_memory::VolatileSlice;
+
 /// Something that keeps the memory behind an [`IoVec`] mapped (guest memory,
 /// a bounce buffer) until every operation using it has completed.
 pub type KeepAlive = Arc<dyn Any + Send + Sync>;
 
+/// Most pieces one `readv`/`writev` takes (Linux's UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
+
 /// A list of host buffers plus the owner that keeps them valid.
 ///
 /// Pointers come either from a guest memory mapping (validated against the
-/// guest's regions before an `IoVec` is built) or from an [`AlignedBuf`].
+/// guest's regions before an `IoVec` is built) or from an [`AlignedBuf`]
+/// the list owns.
 pub struct IoVec {
     iov: Vec<libc::iovec>,
     len: usize,
     keep: Option<KeepAlive>,
+    /// False for lists over shared read-only bytes ([`IoVec::from_shared`]):
+    /// nothing may write through them, neither we nor the kernel.
+    writable: bool,
 }
 
 // SAFETY: an IoVec is a description of memory owned by `keep` (which is
-// Send + Sync); the raw pointers are only dereferenced by the kernel or under
-// the rules documented on the constructors.
+// Send + Sync). Its bytes are never visible as Rust references while the
+// IoVec exists (module doc), and every CPU access through it is volatile,
+// so sharing it across threads is like sharing guest memory: concurrent
+// writers race on values only.
 unsafe impl Send for IoVec {}
-// SAFETY: see above; IoVec exposes no interior mutability.
+// SAFETY: see above; `&self` methods write only with volatile copies into
+// memory no Rust reference points to.
 unsafe impl Sync for IoVec {}
 
+/// The bytes behind one iovec, for volatile copies.
+///
+/// # Safety
+/// `v` must describe memory valid for reads and writes for the life of the
+/// returned slice that is only ever accessed volatilely or by the kernel.
+unsafe fn volatile(v: &libc::iovec) -> VolatileSlice<'_> {
+    // SAFETY: the caller's contract.
+    unsafe { VolatileSlice::new(v.iov_base as *mut u8, v.iov_len) }
+}
+
 impl IoVec {
+    /// A list over memory someone else keeps mapped (guest memory).
+    ///
     /// # Safety
     /// Every `(ptr, len)` must be valid for reads and writes for as long as
-    /// `keep` is alive, and must not alias Rust references.
+    /// `keep` is alive, and must never be reachable through a Rust reference
+    /// (only volatile accesses and the kernel touch it).
     pub unsafe fn from_raw(iov: Vec<libc::iovec>, keep: Option<KeepAlive>) -> Self {
         let len = iov.iter().map(|v| v.iov_len).sum();
-        IoVec { iov, len, keep }
+        IoVec {
+            iov,
+            len,
+            keep,
+            writable: true,
+        }
     }
 
-    /// An IoVec over a whole aligned buffer, keeping the buffer alive.
-    pub fn from_buf(buf: Arc<AlignedBuf>) -> Self {
-        let iov = vec![libc::iovec {
+    fn over(buf: &AlignedBuf) -> Vec<libc::iovec> {
+        vec![libc::iovec {
             iov_base: buf.ptr as *mut libc::c_void,
             iov_len: buf.len,
-        }];
-        let len = buf.len;
+        }]
+    }
+
+    /// A list over a whole aligned buffer, which it now owns. Get the buffer
+    /// back with [`IoVec::into_buf`] once every operation on it completed.
+    pub fn from_buf(buf: AlignedBuf) -> Self {
+        let (iov, len) = (Self::over(&buf), buf.len);
+        IoVec {
+            iov,
+            len,
+            keep: Some(Arc::new(buf)),
+            writable: true,
+        }
+    }
+
+    /// A list the kernel may only read (a write's source), over a buffer
+    /// others may be reading too (e.g. a shared block of zeros).
+    pub fn from_shared(buf: Arc<AlignedBuf>) -> Self {
+        let (iov, len) = (Self::over(&buf), buf.len);
         IoVec {
             iov,
             len,
             keep: Some(buf),
+            writable: false,
         }
+    }
+
+    /// The buffer given to [`IoVec::from_buf`], if this list was built from
+    /// it and nothing else (no slice, no operation still in flight) holds it.
+    pub fn into_buf(self) -> Option<AlignedBuf> {
+        if !self.writable {
+            return None;
+        }
+        let keep = self.keep?;
+        let buf = keep.downcast::<AlignedBuf>().ok()?;
+        Arc::try_unwrap(buf).ok()
     }
 
     /// Total length in bytes.
@@ -57,11 +123,16 @@ impl IoVec {
         self.len == 0
     }
 
+    /// False if neither we nor the kernel may write into this list.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     pub fn iovecs(&self) -> &[libc::iovec] {
         &self.iov
     }
 
-    pub fn keepalive(&self) -> Option<&KeepAlive> {
+    pub(super) fn keepalive(&self) -> Option<&KeepAlive> {
         self.keep.as_ref()
     }
 
@@ -91,10 +162,27 @@ impl IoVec {
             iov: out,
             len,
             keep: self.keep.clone(),
+            writable: self.writable,
         }
     }
 
-    /// Several lists one after another, as one.
+    /// The first `max` pieces of the list, if it has more than that (the
+    /// most one system call takes is [`IOV_MAX`]).
+    pub fn first_pieces(&self, max: usize) -> Option<IoVec> {
+        if self.iov.len() <= max {
+            return None;
+        }
+        let iov = self.iov[..max].to_vec();
+        let len = iov.iter().map(|v| v.iov_len).sum();
+        Some(IoVec {
+            iov,
+            len,
+            keep: self.keep.clone(),
+            writable: self.writable,
+        })
+    }
+
+    /// Several lists one after another, as one; writable only if all are.
     pub fn concat(parts: &[&IoVec]) -> IoVec {
         let iov: Vec<libc::iovec> = parts.iter().flat_map(|p| p.iov.iter().copied()).collect();
         let keeps: Vec<KeepAlive> = parts.iter().filter_map(|p| p.keep.clone()).collect();
@@ -103,6 +191,7 @@ impl IoVec {
             iov,
             len,
             keep: Some(Arc::new(keeps)),
+            writable: parts.iter().all(|p| p.writable),
         }
     }
 
@@ -120,36 +209,54 @@ impl IoVec {
 
     /// Fill the whole list with zero bytes.
     pub fn fill_zero(&self) {
-        for v in &self.iov {
-            // SAFETY: from_raw's contract: each buffer is valid for writes.
-            unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
+        const ZEROS: [u8; 4096] = [0; 4096];
+        let mut off = 0;
+        while off < self.len {
+            let n = (self.len - off).min(ZEROS.len());
+            self.write_at(off, &ZEROS[..n]);
+            off += n;
         }
     }
 
-    /// Copy the list's contents into `dst` (which must be at least `len()` long).
+    /// Copy the list's contents into `dst`, as much as fits.
     pub fn copy_to(&self, dst: &mut [u8]) {
         let mut off = 0;
         for v in &self.iov {
-            let n = v.iov_len.min(dst.len() - off);
-            // SAFETY: buffer valid for reads (from_raw contract); dst has room for n.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst[off..].as_mut_ptr(), n)
-            };
-            off += n;
+            if off == dst.len() {
+                break;
+            }
+            // SAFETY: from_raw's contract or an owned AlignedBuf: valid, and
+            // only accessed volatilely while the list exists.
+            off += unsafe { volatile(v) }.copy_to(&mut dst[off..]);
         }
     }
 
     /// Copy `src` into the list (up to `len()` bytes).
     pub fn copy_from(&self, src: &[u8]) {
+        self.write_at(0, src);
+    }
+
+    /// Copy `src` into the list starting `at` bytes in (as much as fits).
+    /// Panics on a read-only list: writing into one is a bug of ours.
+    pub fn write_at(&self, mut at: usize, src: &[u8]) {
+        assert!(self.writable, "write into a read-only IoVec");
         let mut off = 0;
         for v in &self.iov {
-            let n = v.iov_len.min(src.len() - off);
-            // SAFETY: buffer valid for writes (from_raw contract); src has n bytes.
-            unsafe { std::ptr::copy_nonoverlapping(src[off..].as_ptr(), v.iov_base as *mut u8, n) };
-            off += n;
             if off == src.len() {
                 break;
             }
+            if at >= v.iov_len {
+                at -= v.iov_len;
+                continue;
+            }
+            // SAFETY: as in copy_to; at < iov_len.
+            let s = unsafe { volatile(v) };
+            let n = (v.iov_len - at).min(src.len() - off);
+            if let Ok(part) = s.subslice(at, n) {
+                part.copy_from(&src[off..off + n]);
+            }
+            off += n;
+            at = 0;
         }
     }
 }
@@ -163,7 +270,9 @@ pub struct AlignedBuf {
 
 // SAFETY: AlignedBuf uniquely owns its allocation.
 unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only hands out raw pointers / copies.
+// SAFETY: `&self` only gives out `&[u8]`; the kernel and volatile writers
+// reach the bytes only through an IoVec, which owns the buffer exclusively
+// (`from_buf`) or may not write it (`from_shared`).
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
@@ -201,5 +310,47 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_comes_back_only_when_no_one_else_holds_it() {
+        let mut b = AlignedBuf::zeroed(64, 8);
+        b.as_mut_slice()[..4].copy_from_slice(b"abcd");
+        let iov = IoVec::from_buf(b);
+        let part = iov.slice(2, 10);
+        part.copy_from(b"XY");
+        let mut out = [0u8; 4];
+        iov.copy_to(&mut out);
+        assert_eq!(&out, b"abXY");
+        assert!(IoVec::from_buf(AlignedBuf::zeroed(1, 1))
+            .into_buf()
+            .is_some());
+        assert!(iov.into_buf().is_none(), "the slice still shares it");
+        let shared = Arc::new(AlignedBuf::zeroed(8, 8));
+        let ro = IoVec::from_shared(shared.clone());
+        assert!(!ro.is_writable());
+        assert!(ro.into_buf().is_none());
+        drop(part);
+    }
+
+    #[test]
+    fn writes_at_offsets_span_pieces_and_stop_at_the_end() {
+        let iov = IoVec::from_buf(AlignedBuf::zeroed(16, 8));
+        let two = IoVec::concat(&[&iov.slice(0, 5), &iov.slice(8, 8)]);
+        assert_eq!(two.len(), 13);
+        two.write_at(3, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+        let mut out = [0u8; 16];
+        iov.copy_to(&mut out);
+        assert_eq!(out, [0, 0, 0, 1, 2, 0, 0, 0, 3, 4, 5, 6, 7, 8, 9, 10]);
+        two.fill_zero();
+        iov.copy_to(&mut out);
+        assert_eq!(out, [0; 16]);
+        assert_eq!(two.first_pieces(1).map(|p| p.len()), Some(5));
+        assert!(two.first_pieces(2).is_none());
     }
 }

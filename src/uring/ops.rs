@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, types};
 
 use super::executor::with_reactor;
-use super::iovec::IoVec;
+use super::iovec::{IoVec, IOV_MAX};
 
 fn to_result(res: i32) -> io::Result<usize> {
     if res < 0 {
@@ -35,6 +35,18 @@ fn keep_iov(buf: &IoVec) -> Box<IovKeep> {
 
 /// One readv/writev at `offset`; returns the byte count (may be short).
 async fn rw_once(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result<usize> {
+    if buf.iovecs().len() > IOV_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} iovec pieces, at most {IOV_MAX}", buf.iovecs().len()),
+        ));
+    }
+    if !write && !buf.is_writable() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "read into a read-only buffer",
+        ));
+    }
     let keep = keep_iov(buf);
     let (ptr, n) = (keep.iov.as_ptr(), keep.iov.len() as u32);
     let entry = if write {
@@ -67,18 +79,28 @@ pub async fn writev(fd: RawFd, buf: &IoVec, offset: u64) -> io::Result<()> {
     rw_full(fd, buf, offset, true).await
 }
 
+/// The whole of `buf`, in as many system calls as it takes: short
+/// transfers are resumed, and a list of more than [`IOV_MAX`] pieces goes
+/// [`IOV_MAX`] pieces at a time. The common case (one call, all done)
+/// allocates nothing beyond the operation itself.
 async fn rw_full(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result<()> {
-    let mut done = rw_once(fd, buf, offset, write).await?;
-    if done == buf.len() {
-        return Ok(());
-    }
-    // Rare: a short transfer. Continue with the remaining tail.
+    let mut done = 0usize;
     while done < buf.len() {
-        if done == 0 && !write {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let rest = buf.tail(done);
-        let n = rw_once(fd, &rest, offset + done as u64, write).await?;
+        let rest;
+        let cur = if done == 0 {
+            buf
+        } else {
+            rest = buf.tail(done);
+            &rest
+        };
+        let window = cur.first_pieces(IOV_MAX);
+        let n = rw_once(
+            fd,
+            window.as_ref().unwrap_or(cur),
+            offset + done as u64,
+            write,
+        )
+        .await?;
         if n == 0 {
             return Err(if write {
                 io::ErrorKind::WriteZero.into()
@@ -168,16 +190,14 @@ mod tests {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, b)| *b = i as u8);
-            writev(file.as_raw_fd(), &IoVec::from_buf(Arc::new(src)), 4096)
+            writev(file.as_raw_fd(), &IoVec::from_buf(src), 4096)
                 .await
                 .unwrap();
             fsync(file.as_raw_fd(), true).await.unwrap();
             fsync(file.as_raw_fd(), false).await.unwrap();
-            let dst = Arc::new(AlignedBuf::zeroed(8192, 4096));
-            readv(file.as_raw_fd(), &IoVec::from_buf(dst.clone()), 4096)
-                .await
-                .unwrap();
-            dst.as_slice().to_vec()
+            let dst = IoVec::from_buf(AlignedBuf::zeroed(8192, 4096));
+            readv(file.as_raw_fd(), &dst, 4096).await.unwrap();
+            dst.into_buf().unwrap().as_slice().to_vec()
         });
         assert!(out.iter().enumerate().all(|(i, &b)| b == i as u8));
         let mut on_disk = vec![0u8; 8192];
@@ -189,13 +209,55 @@ mod tests {
     }
 
     #[test]
+    fn lists_longer_than_iov_max_go_in_several_calls() {
+        let path = scratch("iovmax");
+        let f = Arc::new(
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap(),
+        );
+        let t = IoThread::start("ops-iovmax", Duration::ZERO).unwrap();
+        let file = f.clone();
+        // 2,500 pieces of 3 bytes, each from a different place in the buffer.
+        const PIECES: usize = 2500;
+        let out = t.handle().block_on(move || async move {
+            let mut src = AlignedBuf::zeroed(PIECES * 4, 4096);
+            for (i, b) in src.as_mut_slice().iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            let src = IoVec::from_buf(src);
+            let parts: Vec<IoVec> = (0..PIECES).map(|i| src.slice(i * 4, 3)).collect();
+            let list = IoVec::concat(&parts.iter().collect::<Vec<_>>());
+            assert_eq!(list.iovecs().len(), PIECES);
+            writev(file.as_raw_fd(), &list, 100).await.unwrap();
+            let dst = IoVec::from_buf(AlignedBuf::zeroed(PIECES * 4, 4096));
+            let dparts: Vec<IoVec> = (0..PIECES).map(|i| dst.slice(i * 4, 3)).collect();
+            let dlist = IoVec::concat(&dparts.iter().collect::<Vec<_>>());
+            readv(file.as_raw_fd(), &dlist, 100).await.unwrap();
+            drop((dlist, dparts));
+            dst.into_buf().unwrap().as_slice().to_vec()
+        });
+        for (i, b) in out.iter().enumerate() {
+            let want = if i % 4 == 3 { 0 } else { (i % 251) as u8 };
+            assert_eq!(*b, want, "byte {i}");
+        }
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(on_disk.len(), 100 + PIECES * 3);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn reading_past_end_of_file_is_an_error() {
         let path = scratch("eof");
         File::create(&path).unwrap().write_all(&[1u8; 512]).unwrap();
         let f = Arc::new(File::open(&path).unwrap());
         let t = IoThread::start("ops-eof", Duration::ZERO).unwrap();
         let r = t.handle().block_on(move || async move {
-            let buf = Arc::new(AlignedBuf::zeroed(4096, 512));
+            let buf = AlignedBuf::zeroed(4096, 512);
             readv(f.as_raw_fd(), &IoVec::from_buf(buf), 0)
                 .await
                 .map_err(|e| e.kind())

@@ -54,19 +54,28 @@ impl Reactor {
     }
 
     /// Queue one SQE; it goes to the kernel with the rest of this loop turn's.
-    pub(super) fn push(&self, entry: &squeue::Entry) {
+    /// When the submission queue is full and the kernel keeps refusing to
+    /// take it (CQ overflow, no memory), this gives up after a few tries
+    /// instead of spinning: the caller fails its operation.
+    pub(super) fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
+        const SUBMIT_TRIES: u32 = 8;
         let mut ring = self.ring.borrow_mut();
-        loop {
+        let mut last = None;
+        for _ in 0..SUBMIT_TRIES {
             // SAFETY: every buffer an entry points to is owned by its slot
             // (`keep`) or by the runtime, and outlives the completion.
             if unsafe { ring.submission().push(entry) }.is_ok() {
-                return;
+                return Ok(());
             }
             // Submission queue full: hand what we have to the kernel now.
             if let Err(e) = ring.submit() {
-                log::error!("io_uring submit failed while queue full: {e}");
+                last = Some(e);
             }
         }
+        Err(match last {
+            Some(e) => io::Error::new(e.kind(), format!("io_uring submit: {e}")),
+            None => io::Error::other("io_uring submission queue stays full"),
+        })
     }
 
     /// Start an operation whose buffers are owned by `keep`.
@@ -90,7 +99,13 @@ impl Reactor {
                 }
             }
         };
-        self.push(&entry.user_data(idx as u64));
+        if let Err(e) = self.push(&entry.user_data(idx as u64)) {
+            log::error!("cannot start an I/O operation: {e}");
+            // The kernel never saw the entry: its buffers can go now.
+            let mut slots = self.slots.borrow_mut();
+            slots[idx].state = SlotState::Done(-e.raw_os_error().unwrap_or(libc::EAGAIN));
+            slots[idx].keep = None;
+        }
         Op { idx, done: false }
     }
 

@@ -10,11 +10,60 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion, VolatileSlice,
 };
+
+/// A region (or table of regions) that is wrong whatever else is mapped.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegionError {
+    #[error("memory region gpa {gpa:#x} size {size:#x}: size is zero or the region wraps around")]
+    Empty { gpa: u64, size: u64 },
+    #[error("memory regions at gpa {a:#x} and {b:#x} overlap in {space} addresses")]
+    Overlap { a: u64, b: u64, space: &'static str },
+}
+
+/// Zero size, or a region whose guest-physical, frontend-virtual or file
+/// range wraps around the address space.
+pub fn check_region(r: &VhostUserMemoryRegion) -> Result<(), RegionError> {
+    let (gpa, size) = (r.guest_phys_addr, r.memory_size);
+    let wraps = |start: u64| start.checked_add(size).is_none();
+    if size == 0 || wraps(gpa) || wraps(r.user_addr) || wraps(r.mmap_offset) {
+        return Err(RegionError::Empty { gpa, size });
+    }
+    Ok(())
+}
+
+/// Regions must each be valid and must not overlap in guest-physical nor
+/// in frontend-virtual addresses. Quadratic, but tables are small (at most
+/// a few hundred slots).
+pub fn check_disjoint(regions: &[VhostUserMemoryRegion]) -> Result<(), RegionError> {
+    regions.iter().try_for_each(check_region)?;
+    // check_region made start + size overflow-free for both spaces.
+    let overlap = |a0: u64, b0: u64, size_a: u64, size_b: u64| a0 < b0 + size_b && b0 < a0 + size_a;
+    for (k, a) in regions.iter().enumerate() {
+        for b in &regions[k + 1..] {
+            let (sa, sb) = (a.memory_size, b.memory_size);
+            let space = if overlap(a.guest_phys_addr, b.guest_phys_addr, sa, sb) {
+                "guest-physical"
+            } else if overlap(a.user_addr, b.user_addr, sa, sb) {
+                "frontend-virtual"
+            } else {
+                continue;
+            };
+            return Err(RegionError::Overlap {
+                a: a.guest_phys_addr,
+                b: b.guest_phys_addr,
+                space,
+            });
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    #[error(transparent)]
+    Region(#[from] RegionError),
     #[error("memory region gpa {gpa:#x} size {size:#x}: {reason}")]
     BadRegion { gpa: u64, size: u64, reason: String },
     #[error("no memory region at gpa {gpa:#x} size {size:#x}")]
@@ -117,10 +166,11 @@ impl GuestRam {
     pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
         let mut done = 0;
         self.for_each_piece(gpa, out.len() as u64, |p, n| {
-            // SAFETY: p is valid for n bytes of guest memory (for_each_piece);
-            // the guest may change it concurrently, which only affects values.
-            unsafe { std::ptr::copy_nonoverlapping(p, out[done..].as_mut_ptr(), n) };
-            done += n;
+            // SAFETY: p is valid for n bytes of guest memory (for_each_piece),
+            // which we only ever access volatilely (the guest may change it
+            // at any time).
+            let piece = unsafe { VolatileSlice::new(p, n) };
+            done += piece.copy_to(&mut out[done..]);
         })
     }
 
@@ -164,21 +214,16 @@ fn map_region(
         size,
         reason: reason.to_string(),
     };
-    if size == 0
-        || gpa.checked_add(size).is_none()
-        || user_addr.checked_add(size).is_none()
-        || offset.checked_add(size).is_none()
-    {
-        return Err(bad("size is zero or the region overflows"));
-    }
+    check_region(r)?;
     let size_usize = usize::try_from(size).map_err(|_| bad("too large"))?;
     let file = File::from(fd);
     // Touching a mapping beyond the end of its file is SIGBUS: refuse a
-    // region its file cannot back.
-    if let Ok(meta) = file.metadata() {
-        if meta.is_file() && meta.len() < offset + size {
-            return Err(bad(&format!("its file is only {} bytes", meta.len())));
-        }
+    // region its file cannot back (offset + size cannot wrap: check_region).
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(&format!("cannot stat its fd: {e}")))?;
+    if meta.is_file() && meta.len() < offset + size {
+        return Err(bad(&format!("its file is only {} bytes", meta.len())));
     }
     let mapping = MmapRegion::from_file(FileOffset::new(file, offset), size_usize)
         .map_err(|e| bad(&format!("mmap failed: {e}")))?;
@@ -216,15 +261,25 @@ impl MemoryMap {
 
     /// SET_MEM_TABLE: replace everything.
     pub fn from_table(table: Vec<(VhostUserMemoryRegion, OwnedFd)>) -> Result<Self, MemoryError> {
-        let regions = table
+        let infos: Vec<_> = table.iter().map(|(r, _)| *r).collect();
+        check_disjoint(&infos)?;
+        let mut regions = table
             .into_iter()
             .map(|(r, fd)| map_region(&r, fd))
             .collect::<Result<Vec<_>, _>>()?;
+        regions.sort_by_key(|(i, _)| i.gpa);
         Self::rebuild(regions)
     }
 
     /// ADD_MEM_REG.
     pub fn with_region(&self, r: &VhostUserMemoryRegion, fd: OwnedFd) -> Result<Self, MemoryError> {
+        let mut infos: Vec<_> = self
+            .regions
+            .iter()
+            .map(|(i, _)| VhostUserMemoryRegion::new(i.gpa, i.size, i.user_addr, 0))
+            .collect();
+        infos.push(*r);
+        check_disjoint(&infos)?;
         let mut regions = self.regions.clone();
         regions.push(map_region(r, fd)?);
         regions.sort_by_key(|(i, _)| i.gpa);
@@ -237,7 +292,8 @@ impl MemoryMap {
         let (gpa, size) = (r.guest_phys_addr, r.memory_size);
         let mut regions = self.regions.clone();
         let before = regions.len();
-        regions.retain(|(i, _)| !(i.gpa == gpa && i.size == size));
+        let user_addr = r.user_addr;
+        regions.retain(|(i, _)| !(i.gpa == gpa && i.size == size && i.user_addr == user_addr));
         if regions.len() == before {
             return Err(MemoryError::NotFound { gpa, size });
         }
@@ -253,6 +309,16 @@ impl MemoryMap {
         self.regions
             .iter()
             .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
+            .map(|(i, _)| i.gpa + (va - i.user_addr))
+    }
+
+    /// Translate `[va, va + len)` to guest-physical addresses, if the whole
+    /// range lies in one region (so it is contiguous in both spaces).
+    pub fn va_range_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
+            .filter(|(i, _)| len <= i.size - (va - i.user_addr))
             .map(|(i, _)| i.gpa + (va - i.user_addr))
     }
 
@@ -295,17 +361,14 @@ impl SharedMemory {
 mod tests {
     use super::*;
 
+    /// An anonymous file of `len` bytes (unique per call: tests run in parallel).
     fn region_file(len: u64) -> OwnedFd {
-        let p = std::env::temp_dir().join(format!("ringblk-mem-{}-{len}", std::process::id()));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
+        // SAFETY: memfd_create with a NUL-terminated name; we own the result.
+        let fd = unsafe { libc::memfd_create(c"ringblk-mem-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let f = File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
         f.set_len(len).unwrap();
-        std::fs::remove_file(&p).unwrap();
         OwnedFd::from(f)
     }
 
@@ -334,5 +397,31 @@ mod tests {
         assert_eq!(empty.num_regions(), 0);
         assert!(empty.guest_memory().host_range(0x10_0000, 1).is_none());
         assert!(empty.without_region(&r).is_err());
+    }
+
+    #[test]
+    fn added_regions_must_not_overlap_the_map_in_either_space() {
+        let r = VhostUserMemoryRegion::new(0x10_0000, 0x2000, 0x7f00_0000_0000, 0);
+        let map = MemoryMap::default()
+            .with_region(&r, region_file(0x2000))
+            .unwrap();
+        // Disjoint guest-physical, overlapping frontend-virtual: refused.
+        let va = VhostUserMemoryRegion::new(0x40_0000, 0x1000, 0x7f00_0000_1000, 0);
+        assert!(map.with_region(&va, region_file(0x1000)).is_err());
+        // Tables may come in any order; translation sees them sorted.
+        let lo = VhostUserMemoryRegion::new(0, 0x1000, 0x1000_0000, 0);
+        let hi = VhostUserMemoryRegion::new(0x2000, 0x1000, 0x2000_0000, 0);
+        let map = MemoryMap::from_table(vec![(hi, region_file(0x1000)), (lo, region_file(0x1000))])
+            .unwrap();
+        assert_eq!(map.va_range_to_gpa(0x2000_0800, 0x800), Some(0x2800));
+        assert_eq!(
+            map.va_range_to_gpa(0x2000_0800, 0x801),
+            None,
+            "past the region"
+        );
+        // Removal matches the frontend-virtual address too.
+        let wrong_va = VhostUserMemoryRegion::new(0x2000, 0x1000, 0x3000_0000, 0);
+        assert!(map.without_region(&wrong_va).is_err());
+        assert_eq!(map.without_region(&hi).unwrap().num_regions(), 1);
     }
 }

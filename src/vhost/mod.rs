@@ -3,6 +3,7 @@
 pub mod blk;
 pub mod listen;
 pub mod memory;
+pub(crate) mod message;
 pub mod ratelimit;
 pub mod server;
 pub mod session;

@@ -5,11 +5,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVirtioFeatures,
-    VhostUserVringAddr, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserU64,
+    VhostUserVirtioFeatures, VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
@@ -19,14 +19,17 @@ use super::blk::config::{
 use super::blk::export::BlkExport;
 use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
 use super::memory::{MemoryMap, SharedMemory};
+use super::message::{self, Request};
+use super::ratelimit::LogLimiter;
 use super::socket::{self, FrameError, Message};
 
 /// Memory slots we accept with ADD_MEM_REG.
 const MAX_MEM_SLOTS: u64 = 509;
-/// Largest split virtqueue the virtio spec allows.
-const MAX_QUEUE_SIZE: u32 = 32768;
-const VRING_NOFD: u64 = 0x100;
-const VRING_INDEX_MASK: u64 = 0xff;
+/// How long the rest of a started frame may take to arrive, and a reply
+/// to be taken: a frontend that stalls mid-frame, or stops reading our
+/// replies, is disconnected instead of holding the daemon (and its
+/// shutdown) forever.
+const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
@@ -61,10 +64,13 @@ pub struct Session<'a> {
     export: &'a BlkExport,
     stream: &'a UnixStream,
     features: u64,
+    /// SET_FEATURES was received (queues may start).
+    features_set: bool,
     protocol: u64,
     memory: MemoryMap,
     shared_mem: Arc<SharedMemory>,
     vrings: Vec<Vring>,
+    log: LogLimiter,
 }
 
 impl<'a> Session<'a> {
@@ -74,15 +80,27 @@ impl<'a> Session<'a> {
             export,
             stream,
             features: 0,
+            features_set: false,
             protocol: 0,
             memory: MemoryMap::default(),
             shared_mem: SharedMemory::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
+            log: LogLimiter::default(),
         }
     }
 
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
     pub fn run(&mut self, stop_fd: i32) {
+        // Reads start only once poll says the socket is readable, so the
+        // timeout bounds a stall inside a frame, not idle time between frames.
+        let timeouts = self
+            .stream
+            .set_read_timeout(Some(STALL_TIMEOUT))
+            .and_then(|()| self.stream.set_write_timeout(Some(STALL_TIMEOUT)));
+        if let Err(e) = timeouts {
+            log::error!("export {}: cannot set socket timeouts: {e}", self.export.id);
+            return;
+        }
         loop {
             match socket::wait_for(self.stream.as_raw_fd(), stop_fd) {
                 Ok(socket::Wake::Ready) => {}
@@ -125,34 +143,52 @@ impl<'a> Session<'a> {
         }
         self.vrings = (0..self.vrings.len()).map(|_| Vring::default()).collect();
         self.features = 0;
+        self.features_set = false;
         self.protocol = 0;
     }
 
-    fn dispatch(&mut self, mut msg: Message) -> std::io::Result<()> {
-        let code = msg.request;
-        let req = FrontendReq::try_from(code).ok();
-        let result = match req {
-            Some(r) => self.handle(r, &mut msg),
-            None => Err(format!("unknown request {code}")),
+    /// Decode and handle one message. Errors that break the protocol (a
+    /// request that needs a payload reply failed) close the connection.
+    fn dispatch(&mut self, mut msg: Message) -> Result<(), String> {
+        let code = msg.header.request;
+        let decoded = message::decode(&msg.header, &msg.payload, msg.fds.len(), self.vrings.len());
+        let name = FrontendReq::try_from(code)
+            .map_or_else(|_| format!("request {code}"), |r| format!("{r:?}"));
+        let result = match decoded {
+            Ok(req) => self.handle(req, &mut msg),
+            Err(e) => Err(e.to_string()),
         };
-        let name = req.map_or_else(|| format!("request {code}"), |r| format!("{r:?}"));
-        match result {
+        // Unused fds (refused messages) are closed when `msg` drops.
+        let sent = match result {
             Ok(Reply::Payload(p)) => socket::send_reply(self.stream, code, &p),
-            Ok(Reply::Ack) => {
-                if msg.need_reply() && self.reply_ack() {
-                    socket::send_reply(self.stream, code, VhostUserU64::new(0).as_slice())
-                } else {
-                    Ok(())
-                }
-            }
+            Ok(Reply::Ack) => self.ack(&msg, 0),
             Err(e) => {
-                log::error!("export {}: {name}: {e}", self.export.id);
-                if msg.need_reply() && self.reply_ack() {
-                    socket::send_reply(self.stream, code, VhostUserU64::new(1).as_slice())
+                if self.log.allow("refused message") {
+                    log::error!("export {}: {name}: {e}", self.export.id);
+                }
+                if FrontendReq::try_from(code) == Ok(FrontendReq::GET_CONFIG) {
+                    // A config header with size 0 tells the frontend the read failed.
+                    socket::send_reply(self.stream, code, VhostUserConfig::default().as_slice())
+                } else if message::has_payload_reply(code) {
+                    return Err(format!("{name} refused ({e})"));
                 } else {
-                    Ok(())
+                    self.ack(&msg, 1)
                 }
             }
+        };
+        sent.map_err(|e| format!("{name}: cannot reply: {e}"))
+    }
+
+    /// Acknowledge a request if the frontend asked for it (REPLY_ACK).
+    fn ack(&self, msg: &Message, status: u64) -> std::io::Result<()> {
+        if msg.need_reply() && self.reply_ack() {
+            socket::send_reply(
+                self.stream,
+                msg.header.request,
+                VhostUserU64::new(status).as_slice(),
+            )
+        } else {
+            Ok(())
         }
     }
 
@@ -164,227 +200,207 @@ impl<'a> Session<'a> {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
-    fn vring_index(&self, index: u64) -> Result<usize, String> {
-        let i = index as usize;
-        if i < self.vrings.len() {
-            Ok(i)
-        } else {
-            Err(format!(
-                "vring {index} does not exist ({} queues)",
-                self.vrings.len()
-            ))
-        }
+    fn any_running(&self) -> bool {
+        self.vrings.iter().any(|v| v.running.is_some())
     }
 
-    fn handle(&mut self, req: FrontendReq, msg: &mut Message) -> HandlerResult {
-        use FrontendReq as R;
+    /// Ring setup may change only while the ring is stopped.
+    fn stopped(&mut self, i: usize) -> Result<&mut Vring, String> {
+        if self.vrings[i].running.is_some() {
+            return Err(format!("vring {i} is running; stop it first"));
+        }
+        Ok(&mut self.vrings[i])
+    }
+
+    fn handle(&mut self, req: Request, msg: &mut Message) -> HandlerResult {
         let features =
             self.export.geometry.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         match req {
-            R::GET_FEATURES => Ok(u64_reply(features)),
-            R::SET_FEATURES => {
-                let f = payload::<VhostUserU64>(msg)?.value;
+            Request::GetFeatures => Ok(u64_reply(features)),
+            Request::SetFeatures(f) => {
                 if f & !features != 0 {
                     return Err(format!(
                         "frontend acked features we do not offer: {:#x}",
                         f & !features
                     ));
                 }
+                if self.features_set && f != self.features && self.any_running() {
+                    return Err("features changed while queues run".into());
+                }
                 self.features = f;
+                self.features_set = true;
                 Ok(Reply::Ack)
             }
-            R::GET_PROTOCOL_FEATURES => Ok(u64_reply(protocol_features().bits())),
-            R::SET_PROTOCOL_FEATURES => {
-                let f = payload::<VhostUserU64>(msg)?.value;
-                self.protocol = f & protocol_features().bits();
+            Request::GetProtocolFeatures => Ok(u64_reply(protocol_features().bits())),
+            Request::SetProtocolFeatures(f) => {
+                let offered = protocol_features().bits();
+                if f & !offered != 0 {
+                    return Err(format!(
+                        "frontend acked protocol features we do not offer: {:#x}",
+                        f & !offered
+                    ));
+                }
+                self.protocol = f;
                 Ok(Reply::Ack)
             }
-            R::SET_OWNER => Ok(Reply::Ack),
-            R::RESET_OWNER | R::RESET_DEVICE => {
+            Request::SetOwner => Ok(Reply::Ack),
+            Request::ResetDevice => {
                 self.reset();
                 Ok(Reply::Ack)
             }
-            R::GET_QUEUE_NUM => Ok(u64_reply(self.vrings.len() as u64)),
-            R::GET_MAX_MEM_SLOTS => Ok(u64_reply(MAX_MEM_SLOTS)),
-            R::SET_MEM_TABLE => self.set_mem_table(msg),
-            R::ADD_MEM_REG => {
-                let r = *payload::<VhostUserSingleMemoryRegion>(msg)?;
-                let fd = msg
-                    .take_fd()
-                    .ok_or("ADD_MEM_REG without a file descriptor")?;
+            Request::GetQueueNum => Ok(u64_reply(self.vrings.len() as u64)),
+            Request::GetMaxMemSlots => Ok(u64_reply(MAX_MEM_SLOTS)),
+            Request::SetMemTable(regions) => {
+                let table = regions
+                    .into_iter()
+                    .zip(std::mem::take(&mut msg.fds))
+                    .collect();
+                let map = MemoryMap::from_table(table).map_err(|e| e.to_string())?;
+                self.publish(map)
+            }
+            Request::AddMemReg(r) => {
                 if self.memory.num_regions() as u64 >= MAX_MEM_SLOTS {
-                    return Err("no free memory slot".into());
+                    return Err(format!("all {MAX_MEM_SLOTS} memory slots are in use"));
                 }
+                let fd = take_fd(msg)?;
                 let map = self.memory.with_region(&r, fd).map_err(|e| e.to_string())?;
-                self.publish(map);
-                Ok(Reply::Ack)
+                self.publish(map)
             }
-            R::REM_MEM_REG => {
-                let r = *payload::<VhostUserSingleMemoryRegion>(msg)?;
+            Request::RemMemReg(r) => {
                 let map = self.memory.without_region(&r).map_err(|e| e.to_string())?;
-                self.publish(map);
+                self.publish(map)
+            }
+            Request::SetVringNum { index, num } => {
+                self.stopped(index)?.size = num;
                 Ok(Reply::Ack)
             }
-            R::SET_VRING_NUM => {
-                let s = payload::<VhostUserVringState>(msg)?;
-                let i = self.vring_index(s.index as u64)?;
-                let num = s.num;
-                if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
-                    return Err(format!("vring {i}: invalid size {num}"));
+            Request::SetVringAddr {
+                index,
+                desc,
+                used,
+                avail,
+            } => {
+                if self.memory.num_regions() == 0 {
+                    return Err(format!("vring {index}: address set before any memory"));
                 }
-                self.vrings[i].size = num as u16;
-                Ok(Reply::Ack)
-            }
-            R::SET_VRING_ADDR => {
-                let a = payload::<VhostUserVringAddr>(msg)?;
-                let i = self.vring_index(a.index as u64)?;
-                if a.flags != 0 {
-                    return Err(format!("vring {i}: dirty logging is not supported"));
+                let rings = [
+                    ("descriptor table", desc),
+                    ("avail ring", avail),
+                    ("used ring", used),
+                ];
+                for (what, va) in rings {
+                    if self.memory.va_range_to_gpa(va, 1).is_none() {
+                        return Err(format!(
+                            "vring {index}: {what} address {va:#x} is not in any memory region"
+                        ));
+                    }
                 }
-                self.vrings[i].addr = Some((a.descriptor, a.used, a.available));
+                self.stopped(index)?.addr = Some((desc, used, avail));
                 Ok(Reply::Ack)
             }
-            R::SET_VRING_BASE => {
-                let s = payload::<VhostUserVringState>(msg)?;
-                let i = self.vring_index(s.index as u64)?;
-                let base = s.num;
-                self.vrings[i].base =
-                    u16::try_from(base).map_err(|_| format!("vring {i}: base {base} too large"))?;
+            Request::SetVringBase { index, base } => {
+                self.stopped(index)?.base = base;
                 Ok(Reply::Ack)
             }
-            R::GET_VRING_BASE => {
-                let s = payload::<VhostUserVringState>(msg)?;
-                let i = self.vring_index(s.index as u64)?;
-                self.stop_vring(i);
-                self.vrings[i].kick = None;
-                let base = self.vrings[i].base as u32;
+            Request::GetVringBase { index } => {
+                // A ring that never started reports the base it was given.
+                self.stop_vring(index);
+                self.vrings[index].kick = None;
+                let base = self.vrings[index].base as u32;
                 Ok(Reply::Payload(
-                    VhostUserVringState::new(i as u32, base).as_slice().to_vec(),
+                    VhostUserVringState::new(index as u32, base)
+                        .as_slice()
+                        .to_vec(),
                 ))
             }
-            R::SET_VRING_KICK => {
-                let (i, fd) = self.vring_fd(msg)?;
-                let fd = fd.ok_or_else(|| {
-                    format!("vring {i}: polling mode without a kick fd is not supported")
-                })?;
-                self.stop_vring(i);
-                self.vrings[i].kick = Some(Arc::new(File::from(fd)));
-                if !self.protocol_features_acked() {
-                    self.vrings[i].enabled = true;
+            Request::SetVringKick { index, has_fd } => {
+                if !has_fd {
+                    return Err(format!(
+                        "vring {index}: polling mode without a kick fd is not supported"
+                    ));
                 }
-                self.start_vring_if_ready(i)?;
+                if !self.features_set {
+                    return Err(format!("vring {index}: kick fd before SET_FEATURES"));
+                }
+                let fd = take_fd(msg)?;
+                self.stop_vring(index);
+                self.vrings[index].kick = Some(Arc::new(File::from(fd)));
+                if !self.protocol_features_acked() {
+                    self.vrings[index].enabled = true;
+                }
+                self.start_vring_if_ready(index)?;
                 Ok(Reply::Ack)
             }
-            R::SET_VRING_CALL => {
-                let (i, fd) = self.vring_fd(msg)?;
-                self.vrings[i].call.set(fd.map(File::from));
+            Request::SetVringCall { index, has_fd } => {
+                let fd = if has_fd { Some(take_fd(msg)?) } else { None };
+                self.vrings[index].call.set(fd.map(File::from));
                 Ok(Reply::Ack)
             }
-            R::SET_VRING_ERR => {
-                // We never report vring errors through this fd; drop it.
-                self.vring_fd(msg)?;
-                Ok(Reply::Ack)
-            }
-            R::SET_VRING_ENABLE => {
-                let s = payload::<VhostUserVringState>(msg)?;
-                let i = self.vring_index(s.index as u64)?;
+            Request::SetVringErr => Ok(Reply::Ack),
+            Request::SetVringEnable { index, enable } => {
                 if !self.protocol_features_acked() {
                     return Err("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES".into());
                 }
-                let enable = s.num != 0;
-                self.vrings[i].enabled = enable;
+                self.vrings[index].enabled = enable;
                 if enable {
-                    self.start_vring_if_ready(i)?;
+                    self.start_vring_if_ready(index)?;
                 } else {
-                    self.stop_vring(i);
+                    self.stop_vring(index);
                 }
                 Ok(Reply::Ack)
             }
-            R::GET_CONFIG => self.get_config(msg),
-            R::SET_CONFIG => self.set_config(msg),
-            R::SET_BACKEND_REQ_FD => {
-                let fd = msg
-                    .take_fd()
-                    .ok_or("SET_BACKEND_REQ_FD without a file descriptor")?;
+            Request::GetConfig { offset, size } => Ok(self.get_config(offset, size)),
+            Request::SetConfig { offset, data } => {
+                self.set_config(offset as usize, &data);
+                Ok(Reply::Ack)
+            }
+            Request::SetBackendReqFd => {
+                if self.protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits() == 0 {
+                    return Err(
+                        "SET_BACKEND_REQ_FD without the BACKEND_REQ protocol feature".into(),
+                    );
+                }
+                let fd = take_fd(msg)?;
                 self.export
                     .state
                     .set_backend_channel(Some(UnixStream::from(fd)));
                 Ok(Reply::Ack)
             }
-            other => Err(format!("{other:?} is not supported")),
         }
     }
 
-    fn vring_fd(&self, msg: &mut Message) -> Result<(usize, Option<OwnedFd>), String> {
-        let v = payload::<VhostUserU64>(msg)?.value;
-        let i = self.vring_index(v & VRING_INDEX_MASK)?;
-        if v & VRING_NOFD != 0 {
-            return Ok((i, None));
+    /// Make `map` the frontend's memory, unless a running ring would lose
+    /// the memory it lives in.
+    fn publish(&mut self, map: MemoryMap) -> HandlerResult {
+        let ram = map.guest_memory();
+        for (i, v) in self.vrings.iter().enumerate() {
+            let Some(ctl) = &v.running else { continue };
+            for (gpa, len) in ctl.ring_ranges() {
+                if ram.host_range(gpa, len).is_none() {
+                    return Err(format!(
+                        "vring {i} runs with a ring at gpa {gpa:#x} the new memory map lacks"
+                    ));
+                }
+            }
         }
-        let fd = msg
-            .take_fd()
-            .ok_or_else(|| format!("vring {i}: message carries no file descriptor"))?;
-        Ok((i, Some(fd)))
-    }
-
-    fn set_mem_table(&mut self, msg: &mut Message) -> HandlerResult {
-        let hdr = payload::<VhostUserMemory>(msg)?;
-        let n = hdr.num_regions as usize;
-        let region_len = std::mem::size_of::<VhostUserMemoryRegion>();
-        let hdr_len = std::mem::size_of::<VhostUserMemory>();
-        if n == 0 || msg.payload.len() != hdr_len + n * region_len || msg.fds.len() != n {
-            return Err(format!(
-                "SET_MEM_TABLE: {n} regions, {} payload bytes, {} fds",
-                msg.payload.len(),
-                msg.fds.len()
-            ));
-        }
-        let mut table = Vec::with_capacity(n);
-        for (k, fd) in std::mem::take(&mut msg.fds).into_iter().enumerate() {
-            let off = hdr_len + k * region_len;
-            let r = VhostUserMemoryRegion::from_slice(&msg.payload[off..off + region_len])
-                .copied()
-                .ok_or("SET_MEM_TABLE: bad region")?;
-            table.push((r, fd));
-        }
-        let map = MemoryMap::from_table(table).map_err(|e| e.to_string())?;
-        self.publish(map);
+        self.shared_mem.publish(ram.clone());
+        self.memory = map;
         Ok(Reply::Ack)
     }
 
-    fn publish(&mut self, map: MemoryMap) {
-        self.shared_mem.publish(map.guest_memory().clone());
-        self.memory = map;
-    }
-
-    fn get_config(&self, msg: &Message) -> HandlerResult {
-        let c = payload::<VhostUserConfig>(msg)?;
-        let (offset, size) = (c.offset as usize, c.size as usize);
-        let mut out = c.as_slice().to_vec();
-        if size == 0 || offset + size > vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE as usize
-        {
-            // An empty payload tells the frontend the read failed.
-            let mut bad = c;
-            bad.size = 0;
-            return Ok(Reply::Payload(bad.as_slice().to_vec()));
-        }
+    fn get_config(&self, offset: u32, size: u32) -> Reply {
         let space = self.export.config_space();
-        let mut data = vec![0u8; size];
-        for (k, b) in data.iter_mut().enumerate() {
-            *b = space.get(offset + k).copied().unwrap_or(0);
-        }
-        out.extend_from_slice(&data);
-        Ok(Reply::Payload(out))
+        let mut out = VhostUserConfig::new(offset, size, VhostUserConfigFlags::empty())
+            .as_slice()
+            .to_vec();
+        // decode() bounded offset + size by MAX_CONFIG_BYTES; bytes past
+        // our config space read as zero.
+        out.extend((offset..offset + size).map(|k| space.get(k as usize).copied().unwrap_or(0)));
+        Reply::Payload(out)
     }
 
-    fn set_config(&self, msg: &Message) -> HandlerResult {
-        let c = payload::<VhostUserConfig>(msg)?;
-        let hdr = std::mem::size_of::<VhostUserConfig>();
-        let (offset, size) = (c.offset as usize, c.size as usize);
-        let data = msg
-            .payload
-            .get(hdr..hdr + size)
-            .ok_or("SET_CONFIG: payload shorter than its size")?;
+    fn set_config(&self, offset: usize, data: &[u8]) {
+        let space = self.export.config_space();
         for (k, b) in data.iter().enumerate() {
             if offset + k == CONFIG_WRITEBACK_OFFSET {
                 let wb = *b != 0;
@@ -394,12 +410,7 @@ impl<'a> Session<'a> {
                     self.export.id,
                     if wb { "writeback" } else { "writethrough" }
                 );
-            } else if self
-                .export
-                .config_space()
-                .get(offset + k)
-                .is_none_or(|old| old != b)
-            {
+            } else if space.get(offset + k).is_none_or(|old| old != b) {
                 log::debug!(
                     "export {}: ignoring write to config byte {}",
                     self.export.id,
@@ -407,7 +418,6 @@ impl<'a> Session<'a> {
                 );
             }
         }
-        Ok(Reply::Ack)
     }
 
     fn start_vring_if_ready(&mut self, i: usize) -> Result<(), String> {
@@ -423,19 +433,26 @@ impl<'a> Session<'a> {
         } else {
             v.size
         };
-        let gpa = |va: u64, what: &str| {
-            self.memory.va_to_gpa(va).ok_or_else(|| {
-                format!("vring {i}: {what} address {va:#x} is not in any memory region")
+        if !self.features_set {
+            return Err(format!("vring {i}: cannot start before SET_FEATURES"));
+        }
+        let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let sizes = queue::ring_sizes(size, event_idx);
+        let gpa = |va: u64, len: u64, what: &str| {
+            self.memory.va_range_to_gpa(va, len).ok_or_else(|| {
+                format!(
+                    "vring {i}: {what} at {va:#x} ({len} bytes) is not inside one memory region"
+                )
             })
         };
         let setup = QueueSetup {
             index: i as u16,
             size,
-            desc_table: gpa(desc, "descriptor table")?,
-            avail_ring: gpa(avail, "avail ring")?,
-            used_ring: gpa(used, "used ring")?,
+            desc_table: gpa(desc, sizes.desc, "descriptor table")?,
+            avail_ring: gpa(avail, sizes.avail, "avail ring")?,
+            used_ring: gpa(used, sizes.used, "used ring")?,
             next_avail: v.base,
-            event_idx: self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            event_idx,
             indirect: self.features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0,
             kick: kick.clone(),
             call: v.call.clone(),
@@ -462,12 +479,9 @@ fn u64_reply(v: u64) -> Reply {
     Reply::Payload(VhostUserU64::new(v).as_slice().to_vec())
 }
 
-fn payload<T: ByteValued>(msg: &Message) -> Result<T, String> {
-    msg.payload_as::<T>().ok_or_else(|| {
-        format!(
-            "payload of {} bytes, expected {}",
-            msg.payload.len(),
-            std::mem::size_of::<T>()
-        )
-    })
+fn take_fd(msg: &mut Message) -> Result<OwnedFd, String> {
+    // decode() checked the count; this only guards against a mismatch.
+    msg.fds
+        .pop()
+        .ok_or_else(|| "message carries no file descriptor".to_string())
 }

@@ -5,53 +5,34 @@ use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-pub const HEADER_LEN: usize = 12;
-pub const FLAG_VERSION_1: u32 = 0x1;
-pub const FLAG_VERSION_MASK: u32 = 0x3;
-pub const FLAG_REPLY: u32 = 0x4;
-pub const FLAG_NEED_REPLY: u32 = 0x8;
+use super::message::{parse_header, BadHeader, Header, HEADER_LEN};
+pub use super::message::{FLAG_REPLY, FLAG_VERSION_1};
 
-/// One message from the frontend.
-pub struct Message {
-    pub request: u32,
-    pub flags: u32,
+/// One frame from the frontend: a checked header, its payload (at most
+/// [`super::message::max_payload`] bytes) and the fds that came with it.
+pub(crate) struct Message {
+    pub header: Header,
     pub payload: Vec<u8>,
     pub fds: Vec<OwnedFd>,
 }
 
 impl Message {
     pub fn need_reply(&self) -> bool {
-        self.flags & FLAG_NEED_REPLY != 0
-    }
-
-    /// The payload as a plain-old-data struct, if it is exactly that size.
-    pub fn payload_as<T: vm_memory::ByteValued>(&self) -> Option<T> {
-        if self.payload.len() < std::mem::size_of::<T>() {
-            return None;
-        }
-        T::from_slice(&self.payload[..std::mem::size_of::<T>()]).copied()
-    }
-
-    pub fn take_fd(&mut self) -> Option<OwnedFd> {
-        if self.fds.is_empty() {
-            None
-        } else {
-            Some(self.fds.remove(0))
-        }
+        self.header.need_reply()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     #[error("frontend closed the connection")]
     Closed,
     #[error("socket error: {0}")]
     Io(#[from] io::Error),
-    #[error("bad message header (flags {flags:#x}, size {size})")]
-    BadHeader { flags: u32, size: u32 },
+    #[error(transparent)]
+    BadHeader(#[from] BadHeader),
 }
 
 fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> Result<(), FrameError> {
@@ -82,7 +63,7 @@ fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> Result<(), FrameError> {
 }
 
 /// Receive one message. Descriptors arrive with the header.
-pub fn recv_message(stream: &UnixStream) -> Result<Message, FrameError> {
+pub(crate) fn recv_message(stream: &UnixStream) -> Result<Message, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
     let mut iov = [libc::iovec {
@@ -108,17 +89,12 @@ pub fn recv_message(stream: &UnixStream) -> Result<Message, FrameError> {
     if n < HEADER_LEN {
         read_exact(stream, &mut header[n..])?;
     }
-    let word =
-        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-    let (request, flags, size) = (word(0), word(4), word(8));
-    if flags & FLAG_VERSION_MASK != FLAG_VERSION_1 || size as usize > MAX_MSG_SIZE {
-        return Err(FrameError::BadHeader { flags, size });
-    }
-    let mut payload = vec![0u8; size as usize];
+    let header = parse_header(&header)?;
+    // parse_header bounded the size by the request's largest payload.
+    let mut payload = vec![0u8; header.size as usize];
     read_exact(stream, &mut payload)?;
     Ok(Message {
-        request,
-        flags,
+        header,
         payload,
         fds,
     })

@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod frontend;
 pub mod guest;
 pub mod qemu_img;
 pub mod qmp;
+pub mod recorder;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 

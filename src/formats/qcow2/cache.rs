@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
 
 use crate::formats::ChildRef;
 use crate::uring::{AlignedBuf, IoVec};
@@ -99,17 +98,18 @@ fn set_bits(raw: &mut [u8], i: usize, bits: usize, v: u64) {
 }
 
 /// Read `len` bytes at `offset` of `file` into a fresh buffer.
-pub async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<Arc<AlignedBuf>> {
-    let buf = Arc::new(AlignedBuf::zeroed(len, 4096));
-    file.read(offset, &IoVec::from_buf(buf.clone())).await?;
-    Ok(buf)
+pub async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+    let buf = IoVec::from_buf(AlignedBuf::zeroed(len, 4096));
+    file.read(offset, &buf).await?;
+    buf.into_buf()
+        .ok_or_else(|| io::Error::other("read buffer still in use after the read"))
 }
 
 /// Write `bytes` at `offset` of `file`.
 pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Result<()> {
     let mut buf = AlignedBuf::zeroed(bytes.len(), 4096);
     buf.as_mut_slice().copy_from_slice(bytes);
-    file.write(offset, &IoVec::from_buf(Arc::new(buf))).await
+    file.write(offset, &IoVec::from_buf(buf)).await
 }
 
 struct Entry {

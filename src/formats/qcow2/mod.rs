@@ -223,9 +223,9 @@ impl Qcow2Driver {
     /// Contents for the part of a new cluster the write does not cover.
     async fn cow_source(&self, pos: u64, len: usize, from_backing: bool) -> io::Result<IoVec> {
         if !from_backing {
-            return Ok(IoVec::from_buf(self.zeros.clone()).slice(0, len));
+            return Ok(IoVec::from_shared(self.zeros.clone()).slice(0, len));
         }
-        let buf = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(len, 4096)));
+        let buf = IoVec::from_buf(AlignedBuf::zeroed(len, 4096));
         self.read_backing(pos, &buf).await?;
         Ok(buf)
     }
@@ -348,7 +348,7 @@ impl Qcow2Driver {
                 }
             };
             if explicit {
-                let z = IoVec::from_buf(self.zeros.clone()).slice(0, n as usize);
+                let z = IoVec::from_shared(self.zeros.clone()).slice(0, n as usize);
                 self.do_write(offset + at, &z).await?;
             }
         }
@@ -549,16 +549,13 @@ mod tests {
             assert_eq!(q.size(), 64 << 20);
             let mut buf = AlignedBuf::zeroed(8192, 4096);
             buf.as_mut_slice().fill(0x77);
-            let buf = Arc::new(buf);
-            q.write((64 << 20) - 8192, &IoVec::from_buf(buf.clone()))
+            q.write((64 << 20) - 8192, &IoVec::from_buf(buf))
                 .await
                 .unwrap();
-            let back = Arc::new(AlignedBuf::zeroed(8192, 4096));
-            q.read((64 << 20) - 8192, &IoVec::from_buf(back.clone()))
-                .await
-                .unwrap();
+            let back = IoVec::from_buf(AlignedBuf::zeroed(8192, 4096));
+            q.read((64 << 20) - 8192, &back).await.unwrap();
             q.do_flush().await.unwrap();
-            back.as_slice().to_vec()
+            back.into_buf().unwrap().as_slice().to_vec()
         })
         .unwrap();
         assert!(out.iter().all(|&b| b == 0x77));

@@ -29,9 +29,11 @@ pub enum ChainError {
     BadIndirect,
     #[error("indirect table length {0} is not a non-zero multiple of 16")]
     BadIndirectLength(u32),
-    #[error("chain data exceeds 4 GiB")]
-    TooLarge,
 }
+
+/// Most entries an indirect table may have: the largest queue size, hence
+/// the longest chain any driver may build. Longer tables are not walked.
+pub const MAX_INDIRECT: u32 = 32768;
 
 /// One guest buffer: guest-physical address and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,10 +43,37 @@ pub struct Buffer {
 }
 
 /// A chain split into its device-readable and device-writable buffers.
+///
+/// At most `max_descs` buffers (plus one) are kept, so a hostile chain costs
+/// no more memory than a legal one; the rest are only counted in `excess`,
+/// except that the last device-writable buffer is always kept last (it
+/// holds the status byte, so even an oversized request can be answered).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Chain {
     pub readable: Vec<Buffer>,
     pub writable: Vec<Buffer>,
+    /// Non-empty descriptors beyond `max_descs` that were not kept.
+    pub excess: usize,
+}
+
+impl Chain {
+    fn keep(&mut self, buf: Buffer, writable: bool, max_descs: usize) {
+        if self.readable.len() + self.writable.len() < max_descs {
+            if writable {
+                self.writable.push(buf);
+            } else {
+                self.readable.push(buf);
+            }
+            return;
+        }
+        self.excess += 1;
+        if writable {
+            match self.writable.last_mut() {
+                Some(last) => *last = buf,
+                None => self.writable.push(buf),
+            }
+        }
+    }
 }
 
 struct Desc {
@@ -73,7 +102,8 @@ fn read_desc(mem: &GuestRam, table: GuestAddress, idx: u16) -> Result<Desc, Chai
 }
 
 /// Walk the chain starting at `head` in the table at `table` of `queue_size`
-/// entries. At most `max_descs` descriptors are accepted in total.
+/// entries, keeping at most `max_descs` buffers (see [`Chain`]). A chain that
+/// visits more descriptors than its table has loops and is refused.
 pub fn walk(
     mem: &GuestRam,
     table: GuestAddress,
@@ -83,17 +113,17 @@ pub fn walk(
     max_descs: usize,
 ) -> Result<Chain, ChainError> {
     let mut chain = Chain::default();
-    let (mut table, mut size, mut idx) = (table, queue_size, head);
+    let (mut table, mut size, mut idx) = (table, queue_size as u32, head);
     let mut in_indirect = false;
-    let mut count = 0usize;
-    let mut total: u64 = 0;
+    // Descriptors visited in the current table.
+    let mut count = 0u32;
     loop {
-        if idx >= size {
+        if idx as u32 >= size {
             return Err(ChainError::IndexOutOfRange(idx));
         }
         count += 1;
-        if count > max_descs {
-            return Err(ChainError::TooLong(max_descs));
+        if count > size {
+            return Err(ChainError::TooLong(size as usize));
         }
         let d = read_desc(mem, table, idx)?;
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
@@ -106,36 +136,27 @@ pub fn walk(
             if d.len == 0 || !(d.len as u64).is_multiple_of(DESC_SIZE) {
                 return Err(ChainError::BadIndirectLength(d.len));
             }
-            let entries = d.len as u64 / DESC_SIZE;
-            if entries > max_descs as u64 {
-                return Err(ChainError::TooLong(max_descs));
+            let entries = d.len / DESC_SIZE as u32;
+            if entries > MAX_INDIRECT {
+                return Err(ChainError::TooLong(MAX_INDIRECT as usize));
             }
             table = GuestAddress(d.addr);
-            size = entries as u16;
+            size = entries;
             idx = 0;
             in_indirect = true;
             count = 0;
             continue;
         }
-        total += d.len as u64;
-        if total > u32::MAX as u64 {
-            return Err(ChainError::TooLarge);
-        }
         let buf = Buffer {
             addr: GuestAddress(d.addr),
             len: d.len,
         };
-        if d.flags & VIRTQ_DESC_F_WRITE != 0 {
-            if d.len > 0 {
-                chain.writable.push(buf);
-            }
-        } else {
-            if !chain.writable.is_empty() {
-                return Err(ChainError::ReadableAfterWritable);
-            }
-            if d.len > 0 {
-                chain.readable.push(buf);
-            }
+        let writable = d.flags & VIRTQ_DESC_F_WRITE != 0;
+        if !writable && !chain.writable.is_empty() {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        if d.len > 0 {
+            chain.keep(buf, writable, max_descs);
         }
         if d.flags & VIRTQ_DESC_F_NEXT == 0 {
             return Ok(chain);
@@ -265,11 +286,19 @@ pub(crate) mod tests {
             walk(&m, GuestAddress(T), 8, 0, true, 8),
             Err(ChainError::BadIndirectLength(0))
         );
-        // Huge table.
-        put_desc(&m, T, 0, it, 16 * 4096, VIRTQ_DESC_F_INDIRECT, 0);
+        // A table longer than any queue.
+        put_desc(
+            &m,
+            T,
+            0,
+            it,
+            16 * (MAX_INDIRECT + 1),
+            VIRTQ_DESC_F_INDIRECT,
+            0,
+        );
         assert_eq!(
             walk(&m, GuestAddress(T), 8, 0, true, 8),
-            Err(ChainError::TooLong(8))
+            Err(ChainError::TooLong(MAX_INDIRECT as usize))
         );
         // Nested.
         put_desc(&m, T, 0, it, 32, VIRTQ_DESC_F_INDIRECT, 0);
@@ -289,18 +318,46 @@ pub(crate) mod tests {
         put_desc(&m, it, 1, 0x30000, 1, N, 0);
         assert_eq!(
             walk(&m, GuestAddress(T), 8, 0, true, 8),
-            Err(ChainError::TooLong(8))
+            Err(ChainError::TooLong(2))
         );
     }
 
     #[test]
-    fn over_four_gib() {
+    fn over_four_gib_is_walked_and_left_to_the_request_checks() {
         let m = memory();
         put_desc(&m, T, 0, 0x10000, u32::MAX, N, 1);
-        put_desc(&m, T, 1, 0x10000, 16, W, 0);
+        put_desc(&m, T, 1, 0x10000, u32::MAX, N, 2);
+        put_desc(&m, T, 2, 0x10000, 16, W, 0);
+        let c = walk(&m, GuestAddress(T), 8, 0, true, 8).unwrap();
+        assert_eq!((c.readable.len(), c.writable.len()), (2, 1));
+    }
+
+    #[test]
+    fn long_indirect_chains_keep_max_descs_buffers_and_the_status_last() {
+        let m = memory();
+        let it = 0x8000;
+        const N_DESCS: u16 = 2000;
+        put_desc(&m, it, 0, 0x10000, 16, N, 1);
+        for i in 1..N_DESCS - 1 {
+            put_desc(&m, it, i, 0x20000 + i as u64 * 8, 8, N | W, i + 1);
+        }
+        put_desc(&m, it, N_DESCS - 1, 0x30000, 1, W, 0);
+        put_desc(&m, T, 0, it, 16 * N_DESCS as u32, VIRTQ_DESC_F_INDIRECT, 0);
+        let c = walk(&m, GuestAddress(T), 256, 0, true, 256).unwrap();
+        assert_eq!(c.readable.len() + c.writable.len(), 256);
+        assert_eq!(c.excess, N_DESCS as usize - 256);
         assert_eq!(
-            walk(&m, GuestAddress(T), 8, 0, true, 8),
-            Err(ChainError::TooLarge)
+            c.writable.last(),
+            Some(&Buffer {
+                addr: GuestAddress(0x30000),
+                len: 1
+            })
+        );
+        // A loop in a long table is still a loop.
+        put_desc(&m, it, N_DESCS - 1, 0x30000, 1, N | W, 1);
+        assert_eq!(
+            walk(&m, GuestAddress(T), 256, 0, true, 256),
+            Err(ChainError::TooLong(N_DESCS as usize))
         );
     }
 }

@@ -25,6 +25,25 @@ pub const CONFIG_LEN: usize = 60;
 /// Largest single data segment we advertise (size_max).
 pub const SIZE_MAX: u32 = 1 << 20;
 
+/// Most data segments per request we advertise, whatever the queue size.
+///
+/// Every request in flight costs memory in proportion to its segments (its
+/// kept descriptors, 16 bytes each, and its host iovec, 16 bytes a piece),
+/// and a queue may hold up to 32768 requests, so seg_max must not grow with
+/// the queue: `queue size − 2` would allow 32766 segments, about 1 MiB of
+/// bookkeeping per request and 32 GiB per queue. 254 is what the default
+/// 256-entry queue gives (queue minus header and status), so defaults are
+/// unchanged; guests split larger requests themselves (Linux sizes its
+/// requests by seg_max and size_max), and with size_max a request carries
+/// up to 254 MiB, which no bounce buffer has to hold (they are chunked).
+pub const SEG_MAX_CAP: u32 = 254;
+
+/// seg_max for a queue of `queue_size` entries: the queue minus header and
+/// status descriptors, at most [`SEG_MAX_CAP`].
+pub fn seg_max_for(queue_size: u16) -> u32 {
+    (queue_size as u32).saturating_sub(2).clamp(1, SEG_MAX_CAP)
+}
+
 /// Static properties of an exported disk.
 #[derive(Clone, Debug)]
 pub struct BlkGeometry {
@@ -35,10 +54,9 @@ pub struct BlkGeometry {
 }
 
 impl BlkGeometry {
-    /// Segments per request the guest may use: the queue minus header and
-    /// status descriptors.
+    /// Data segments per request the guest may use (see [`SEG_MAX_CAP`]).
     pub fn seg_max(&self) -> u32 {
-        (self.queue_size as u32).saturating_sub(2).max(1)
+        self.limits.seg_max
     }
 
     pub fn features(&self) -> u64 {
@@ -72,7 +90,7 @@ impl BlkGeometry {
         };
         let bs = self.limits.block_size;
         put(&mut c, 0, &(capacity / SECTOR_SIZE).to_le_bytes());
-        put(&mut c, 8, &SIZE_MAX.to_le_bytes());
+        put(&mut c, 8, &self.limits.size_max.to_le_bytes());
         put(&mut c, 12, &self.seg_max().to_le_bytes());
         // geometry (16..20) left zero: guests compute their own.
         put(&mut c, 20, &bs.to_le_bytes());
@@ -109,6 +127,8 @@ mod tests {
             read_only,
             limits: Limits {
                 block_size: 4096,
+                size_max: SIZE_MAX,
+                seg_max: seg_max_for(256),
                 max_discard_sectors: 1 << 21,
                 max_write_zeroes_sectors: 1 << 20,
                 max_segments: 1,
@@ -127,6 +147,8 @@ mod tests {
         );
         assert_eq!(u32_at(8), SIZE_MAX);
         assert_eq!(u32_at(12), 254, "seg_max = queue size - 2");
+        assert_eq!((seg_max_for(2), seg_max_for(128)), (1, 126));
+        assert_eq!(seg_max_for(32768), SEG_MAX_CAP, "capped for big queues");
         assert_eq!(u32_at(20), 4096, "blk_size");
         assert_eq!(c[CONFIG_WRITEBACK_OFFSET], 1);
         assert_eq!(u16::from_le_bytes([c[34], c[35]]), 4, "num_queues");

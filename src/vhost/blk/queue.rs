@@ -37,6 +37,25 @@ pub struct QueueSetup {
     pub call: Arc<CallFd>,
 }
 
+/// Bytes of guest memory each part of a split virtqueue occupies.
+pub struct RingSizes {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// Ring sizes for a queue of `size` entries (at most 32768: no overflow).
+pub fn ring_sizes(size: u16, event_idx: bool) -> RingSizes {
+    let (n, event) = (size as u64, if event_idx { 2 } else { 0 });
+    RingSizes {
+        desc: 16 * n,
+        // flags, idx, ring[n], used_event
+        avail: 4 + 2 * n + event,
+        // flags, idx, ring[n] of (id, len), avail_event
+        used: 4 + 8 * n + event,
+    }
+}
+
 /// The guest's interrupt eventfd. The frontend may replace it while the
 /// queue runs (QEMU does when it reprograms MSI-X), hence the lock.
 #[derive(Default)]
@@ -62,9 +81,16 @@ pub struct QueueControl {
     /// Set by the task when it has stopped: the next avail index.
     stopped: Mutex<Option<u16>>,
     stopped_cv: Condvar,
+    /// The rings' guest-physical ranges: memory they need while running.
+    rings: [(u64, u64); 3],
 }
 
 impl QueueControl {
+    /// (gpa, len) of the descriptor table, avail ring and used ring.
+    pub fn ring_ranges(&self) -> [(u64, u64); 3] {
+        self.rings
+    }
+
     /// Make the queue look at its avail ring again (to stop, or after a
     /// drained section).
     pub fn wake(&self) {
@@ -150,6 +176,18 @@ pub fn start(
     q.set_event_idx(setup.event_idx);
     q.set_next_avail(setup.next_avail);
     let (gen, mem) = shared_mem.load();
+    let sz = ring_sizes(setup.size, setup.event_idx);
+    let rings = [
+        (setup.desc_table, sz.desc),
+        (setup.avail_ring, sz.avail),
+        (setup.used_ring, sz.used),
+    ];
+    if let Some((gpa, len)) = rings.iter().find(|(g, l)| mem.host_range(*g, *l).is_none()) {
+        return Err(format!(
+            "queue {}: ring at gpa {gpa:#x} ({len} bytes) is not inside one memory region",
+            setup.index
+        ));
+    }
     // The used index lives in guest memory; resume from it.
     let used = q
         .used_idx(mem.mmap(), Ordering::Acquire)
@@ -167,6 +205,7 @@ pub fn start(
         kick: setup.kick.clone(),
         stopped: Mutex::new(None),
         stopped_cv: Condvar::new(),
+        rings,
     });
     export.add_running(&control);
     let ctl = control.clone();
@@ -303,7 +342,7 @@ impl Worker {
             let q = self.queue.borrow();
             (GuestAddress(q.desc_table()), q.size())
         };
-        let max = self.export.max_descs.max(size as usize);
+        let max = self.export.max_descs;
         let used_len = match chain::walk(&mem, table, size, head, self.indirect, max) {
             Err(e) => {
                 self.stats().record_invalid();

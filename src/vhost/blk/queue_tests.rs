@@ -11,6 +11,7 @@ mod fake_guest {
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    use super::super::config::seg_max_for;
     use super::super::queue::{self, CallFd, QueueControl, QueueSetup};
     use super::super::request::*;
     use super::super::state::ExportState;
@@ -27,6 +28,8 @@ mod fake_guest {
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
     const INDIRECT: u16 = 4;
+    /// size_max of the test device.
+    const SEG: u32 = 1 << 16;
 
     fn eventfd() -> File {
         // SAFETY: plain syscall, checked below, then owned by the File.
@@ -67,6 +70,7 @@ mod fake_guest {
         kick: Arc<File>,
         call: File,
         control: Arc<QueueControl>,
+        export: Arc<ExportState>,
         avail_idx: u16,
         _thread: IoThread,
     }
@@ -81,6 +85,8 @@ mod fake_guest {
             serial[..6].copy_from_slice(b"serial");
             let limits = Limits {
                 block_size: 512,
+                size_max: SEG,
+                seg_max: seg_max_for(QSIZE),
                 max_discard_sectors: 1 << 16,
                 max_write_zeroes_sectors: 1 << 16,
                 max_segments: 1,
@@ -88,6 +94,7 @@ mod fake_guest {
             };
             let backend = BlockBackend::new("test", open_null(DISK), read_only);
             let export = ExportState::new("test", backend, limits, QSIZE as usize, 1);
+            let state = export.clone();
             let thread = IoThread::start("test-queue", std::time::Duration::ZERO).unwrap();
             let kick = Arc::new(eventfd());
             let call = eventfd();
@@ -111,6 +118,7 @@ mod fake_guest {
                 kick,
                 call,
                 control,
+                export: state,
                 avail_idx: 0,
                 _thread: thread,
             }
@@ -198,6 +206,34 @@ mod fake_guest {
             self.desc(DESC, 0, 0x10000, 16, NEXT, 1);
             self.desc(DESC, 1, 0x30000, 1, WRITE, 0);
             self.mem().write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
+        }
+
+        /// Requests refused before reaching the disk, per the queue's stats.
+        fn invalid(&self) -> u64 {
+            self.export.stats[0].snapshot().invalid
+        }
+
+        /// Submit `head` and expect an IOERR status at `status`, counted
+        /// as invalid.
+        fn refused(&mut self, head: u16, status: u64, what: &str) {
+            let before = self.invalid();
+            self.mem().write_obj(0xffu8, GuestAddress(status)).unwrap();
+            assert_eq!(self.submit(head), 1, "{what}: used length");
+            assert_eq!(self.status(status), VIRTIO_BLK_S_IOERR, "{what}");
+            assert_eq!(self.invalid(), before + 1, "{what}: invalid counter");
+        }
+
+        /// An indirect chain in the table at `table`: a header of `kind`,
+        /// `segs` data descriptors of `len` bytes (all over the same guest
+        /// buffer) with `data_flags`, and a status byte.
+        fn indirect_chain(&self, table: u64, kind: u32, segs: u16, len: u32, data_flags: u16) {
+            self.header(0x10000, kind, 0);
+            self.desc(table, 0, 0x10000, 16, NEXT, 1);
+            for i in 1..=segs {
+                self.desc(table, i, 0x40000, len, NEXT | data_flags, i + 1);
+            }
+            self.desc(table, segs + 1, 0x30000, 1, WRITE, 0);
+            self.desc(DESC, 0, table, 16 * (segs as u32 + 2), INDIRECT, 0);
         }
 
         fn still_serves(&mut self) {
@@ -332,10 +368,11 @@ mod fake_guest {
         assert_eq!(g.submit(0), 0);
         g.desc(DESC, 0, MEM as u64 + 0x1000, 32, INDIRECT, 0);
         assert_eq!(g.submit(0), 0);
-        // A huge descriptor (chain over 4 GiB).
+        // A huge descriptor: a chain over 4 GiB is an oversized request.
+        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
         g.desc(DESC, 0, 0x10000, u32::MAX, NEXT, 1);
-        g.desc(DESC, 1, 0x30000, 16, WRITE, 0);
-        assert_eq!(g.submit(0), 0);
+        g.desc(DESC, 1, 0x30000, 1, WRITE, 0);
+        g.refused(0, 0x30000, "4 GiB write");
         g.still_serves();
     }
 
@@ -454,5 +491,75 @@ mod fake_guest {
         }
         let id = g.mem().read_obj::<u32>(GuestAddress(USED + 4)).unwrap();
         assert_eq!(id, 0);
+    }
+
+    #[test]
+    fn segments_over_size_max_and_requests_over_the_cap_are_refused() {
+        let mut g = Guest::new(false, true);
+        let seg_max = seg_max_for(QSIZE) as u16;
+        // A segment just over size_max, both directions.
+        g.write_chain(SEG + 512);
+        g.refused(0, 0x30000, "write segment over size_max");
+        g.header(0x10000, VIRTIO_BLK_T_IN, 0);
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+        g.desc(DESC, 1, 0x40000, SEG + 512, NEXT | WRITE, 2);
+        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        g.refused(0, 0x30000, "read segment over size_max");
+        // Exactly the cap: seg_max segments of size_max.
+        g.indirect_chain(0x8000, VIRTIO_BLK_T_IN, seg_max, SEG, WRITE);
+        assert_eq!(g.submit(0), seg_max as u32 * SEG + 1);
+        assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
+        // One segment more: over seg_max and over seg_max × size_max.
+        g.indirect_chain(0x8000, VIRTIO_BLK_T_IN, seg_max + 1, SEG, WRITE);
+        g.refused(0, 0x30000, "read over the cap");
+        g.indirect_chain(0x8000, VIRTIO_BLK_T_OUT, seg_max + 1, 512, 0);
+        g.refused(0, 0x30000, "write with too many segments");
+        g.still_serves();
+    }
+
+    #[test]
+    fn a_two_thousand_descriptor_chain_is_refused_and_the_queue_goes_on() {
+        let mut g = Guest::new(false, true);
+        for (kind, flags) in [(VIRTIO_BLK_T_IN, WRITE), (VIRTIO_BLK_T_OUT, 0)] {
+            g.indirect_chain(0x80000, kind, 1998, 512, flags);
+            g.refused(0, 0x30000, "2,000 descriptors");
+            g.still_serves();
+        }
+    }
+
+    #[test]
+    fn data_in_the_wrong_direction_is_refused() {
+        let mut g = Guest::new(false, true);
+        // A read whose data the device would read.
+        g.header(0x10000, VIRTIO_BLK_T_IN, 0);
+        g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+        g.desc(DESC, 1, 0x20000, 512, NEXT, 2);
+        g.desc(DESC, 2, 0x30000, 1, WRITE, 0);
+        g.refused(0, 0x30000, "read with device-readable data");
+        // A write whose data the device would write.
+        g.header(0x10000, VIRTIO_BLK_T_OUT, 0);
+        g.desc(DESC, 1, 0x20000, 512, NEXT | WRITE, 2);
+        g.refused(0, 0x30000, "write with device-writable data");
+        // Reads and writes without data.
+        g.bare_chain(VIRTIO_BLK_T_IN);
+        g.refused(0, 0x30000, "read without data");
+        g.bare_chain(VIRTIO_BLK_T_OUT);
+        g.refused(0, 0x30000, "write without data");
+        // Flush with data either way; get-id reading data or without room.
+        for flags in [NEXT, NEXT | WRITE] {
+            g.header(0x10000, VIRTIO_BLK_T_FLUSH, 0);
+            g.desc(DESC, 1, 0x20000, 512, flags, 2);
+            g.refused(0, 0x30000, "flush with data");
+        }
+        g.header(0x10000, VIRTIO_BLK_T_GET_ID, 0);
+        g.desc(DESC, 1, 0x20000, 20, NEXT, 2);
+        g.refused(0, 0x30000, "get-id with device-readable data");
+        g.bare_chain(VIRTIO_BLK_T_GET_ID);
+        g.refused(0, 0x30000, "get-id without a buffer");
+        // Discard whose segment the device would write.
+        g.header(0x10000, VIRTIO_BLK_T_DISCARD, 0);
+        g.desc(DESC, 1, 0x20000, 16, NEXT | WRITE, 2);
+        g.refused(0, 0x30000, "discard with device-writable data");
+        g.still_serves();
     }
 }

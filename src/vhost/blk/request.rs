@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vm_memory::GuestAddress;
 
 use super::chain::{Buffer, Chain};
-use crate::uring::IoVec;
+use crate::uring::{IoVec, IOV_MAX};
 use crate::vhost::memory::GuestRam;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -32,6 +32,11 @@ const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub block_size: u32,
+    /// Largest data segment (size_max).
+    pub size_max: u32,
+    /// Most data segments in one read or write (seg_max). With `size_max`
+    /// it caps a request's data at `seg_max × size_max` bytes.
+    pub seg_max: u32,
     pub max_discard_sectors: u32,
     pub max_write_zeroes_sectors: u32,
     /// Segments per discard / write-zeroes request.
@@ -157,7 +162,10 @@ fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Re
 }
 
 /// Translate guest buffers into host iovecs, refusing anything outside the
-/// guest's memory regions.
+/// guest's memory regions, and lists of more than [`IOV_MAX`] host pieces
+/// (buffers split at region boundaries): at most 2 pieces per segment with
+/// regions of at least `size_max`, so only a frontend with tiny regions
+/// meets this, and it bounds a request's iovec whatever the memory layout.
 pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
     let mut iov = Vec::with_capacity(bufs.len());
     for b in bufs {
@@ -173,9 +181,15 @@ pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
                 b.addr.0, b.len
             )));
         }
+        if iov.len() > IOV_MAX {
+            return Err(ioerr(format!(
+                "data split into over {IOV_MAX} pieces at memory region boundaries"
+            )));
+        }
     }
     // SAFETY: every pointer lies inside one mapped guest region (checked by
-    // for_each_piece), and `mem` (the keepalive) keeps the mappings alive.
+    // for_each_piece), which only the kernel and volatile copies touch, and
+    // `mem` (the keepalive) keeps the mappings alive.
     Ok(unsafe { IoVec::from_raw(iov, Some(mem.clone())) })
 }
 
@@ -190,6 +204,32 @@ fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
         )));
     }
     Ok(offset)
+}
+
+/// The data buffers of a read or write against the advertised limits: at
+/// most `seg_max` segments of at most `size_max` bytes. O(segments), no
+/// allocation.
+fn check_data(bufs: &[Buffer], total: u64, limits: &Limits) -> Result<(), Reject> {
+    if bufs.len() > limits.seg_max as usize {
+        return Err(ioerr(format!(
+            "{} data segments, max {}",
+            bufs.len(),
+            limits.seg_max
+        )));
+    }
+    if let Some(b) = bufs.iter().find(|b| b.len > limits.size_max) {
+        return Err(ioerr(format!(
+            "data segment of {} bytes, max {}",
+            b.len, limits.size_max
+        )));
+    }
+    // Implied by the two checks above; kept so the cap stays explicit.
+    // u32 × u32 cannot overflow u64; the used length must fit a u32.
+    let cap = (limits.seg_max as u64 * limits.size_max as u64).min(u32::MAX as u64 - 1);
+    if total > cap {
+        return Err(ioerr(format!("{total} data bytes, max {cap}")));
+    }
+    Ok(())
 }
 
 fn parse_segment(
@@ -261,32 +301,184 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    if chain.excess > 0 {
+        return (
+            req,
+            Err(ioerr(format!(
+                "chain of over {} descriptors",
+                chain.readable.len() + chain.writable.len() + chain.excess
+            ))),
+        );
+    }
+    // Data the device would write (besides the status byte) and read
+    // (besides the header). Each request type has one direction at most.
     let in_data = writable_len - 1;
     let out_data = stream_len(&chain.readable) - HEADER_LEN as u64;
+    let direction = |name: &str, allow_in: bool, allow_out: bool| {
+        if in_data > 0 && !allow_in {
+            Err(ioerr(format!(
+                "{name} with {in_data} device-writable data bytes"
+            )))
+        } else if out_data > 0 && !allow_out {
+            Err(ioerr(format!(
+                "{name} with {out_data} device-readable data bytes"
+            )))
+        } else {
+            Ok(())
+        }
+    };
     let action = match kind {
-        VIRTIO_BLK_T_IN => byte_range(sector, in_data, limits).and_then(|offset| {
-            let data = to_iovec(mem, &sub_buffers(&chain.writable, 0, in_data))?;
+        VIRTIO_BLK_T_IN => direction("read", true, false).and_then(|()| {
+            if in_data == 0 {
+                return Err(ioerr("read without data buffers"));
+            }
+            let bufs = sub_buffers(&chain.writable, 0, in_data);
+            check_data(&bufs, in_data, limits)?;
+            let offset = byte_range(sector, in_data, limits)?;
+            let data = to_iovec(mem, &bufs)?;
+            // Fits: check_data caps it below u32::MAX.
             req.data_written = in_data as u32;
             Ok(Op::Read { offset, data })
         }),
-        VIRTIO_BLK_T_OUT => byte_range(sector, out_data, limits).and_then(|offset| {
-            let data = to_iovec(
-                mem,
-                &sub_buffers(&chain.readable, HEADER_LEN as u64, out_data),
-            )?;
+        VIRTIO_BLK_T_OUT => direction("write", false, true).and_then(|()| {
+            if out_data == 0 {
+                return Err(ioerr("write without data buffers"));
+            }
+            let bufs = sub_buffers(&chain.readable, HEADER_LEN as u64, out_data);
+            check_data(&bufs, out_data, limits)?;
+            let offset = byte_range(sector, out_data, limits)?;
+            let data = to_iovec(mem, &bufs)?;
             Ok(Op::Write { offset, data })
         }),
-        VIRTIO_BLK_T_FLUSH => Ok(Op::Flush),
-        VIRTIO_BLK_T_GET_ID => {
+        VIRTIO_BLK_T_FLUSH => direction("flush", false, false).map(|()| Op::Flush),
+        VIRTIO_BLK_T_GET_ID => direction("get-id", true, false).and_then(|()| {
+            if in_data == 0 {
+                return Err(ioerr("get-id without a buffer for the id"));
+            }
             let n = in_data.min(VIRTIO_BLK_ID_BYTES as u64);
             to_iovec(mem, &sub_buffers(&chain.writable, 0, n)).map(|data| {
                 req.data_written = n as u32;
                 Op::GetId { data }
             })
-        }
-        VIRTIO_BLK_T_DISCARD => parse_segment(mem, chain, false, limits),
-        VIRTIO_BLK_T_WRITE_ZEROES => parse_segment(mem, chain, true, limits),
+        }),
+        VIRTIO_BLK_T_DISCARD => direction("discard", false, true)
+            .and_then(|()| parse_segment(mem, chain, false, limits)),
+        VIRTIO_BLK_T_WRITE_ZEROES => direction("write-zeroes", false, true)
+            .and_then(|()| parse_segment(mem, chain, true, limits)),
         other => Err(unsupp(format!("request type {other}"))),
     };
     (req, action)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::super::chain::tests::memory;
+    use super::*;
+
+    const HEADER: u64 = 0x1000;
+    const STATUS: u64 = 0x9000;
+
+    fn limits() -> Limits {
+        Limits {
+            block_size: 512,
+            size_max: 4096,
+            seg_max: 4,
+            max_discard_sectors: 8,
+            max_write_zeroes_sectors: 8,
+            max_segments: 1,
+            serial: [0; VIRTIO_BLK_ID_BYTES],
+        }
+    }
+
+    fn buf(addr: u64, len: u32) -> Buffer {
+        Buffer {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    /// Parse a write whose readable part is `readable` (header first).
+    fn write_with(readable: Vec<Buffer>) -> Result<Op, Reject> {
+        let mem = Arc::new(memory());
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        mem.mmap().write_slice(&h, GuestAddress(HEADER)).unwrap();
+        let chain = Chain {
+            readable,
+            writable: vec![buf(STATUS, 1)],
+            excess: 0,
+        };
+        let (req, op) = parse(&mem, &chain, &limits());
+        assert!(req.has_status());
+        op
+    }
+
+    #[test]
+    fn data_segments_are_held_to_seg_max_and_size_max() {
+        let segs = |n: u64, len: u32| {
+            let mut v = vec![buf(HEADER, 16)];
+            v.extend((0..n).map(|i| buf(0x10000 + i * 0x2000, len)));
+            v
+        };
+        // At the cap: seg_max segments of size_max.
+        assert!(matches!(write_with(segs(4, 4096)), Ok(Op::Write { .. })));
+        let refused = |r: Result<Op, Reject>| match r {
+            Err(e) => e,
+            Ok(op) => panic!("{} accepted", op.name()),
+        };
+        let e = refused(write_with(segs(5, 512)));
+        assert_eq!(e.status, VIRTIO_BLK_S_IOERR);
+        assert!(e.reason.contains("5 data segments"), "{}", e.reason);
+        let e = refused(write_with(segs(1, 4096 + 512)));
+        assert!(e.reason.contains("segment of 4608 bytes"), "{}", e.reason);
+        // Header and data in one descriptor: only the data part counts.
+        assert!(write_with(vec![buf(HEADER, 16 + 4096)]).is_ok());
+        let e = refused(write_with(vec![buf(HEADER, 16 + 8192)]));
+        assert!(e.reason.contains("segment of 8192 bytes"), "{}", e.reason);
+    }
+
+    #[test]
+    fn the_total_cap_holds_on_its_own() {
+        let mut l = limits();
+        l.seg_max = u32::MAX;
+        l.size_max = u32::MAX;
+        let big = [buf(0, u32::MAX), buf(0, u32::MAX)];
+        let e = check_data(&big, 2 * u32::MAX as u64, &l).unwrap_err();
+        assert_eq!(e.status, VIRTIO_BLK_S_IOERR);
+        let l = limits();
+        let e = check_data(&[buf(0, 4096)], 5 * 4096, &l).unwrap_err();
+        assert!(e.reason.contains("max 16384"), "{}", e.reason);
+    }
+
+    #[test]
+    fn data_split_into_too_many_pieces_is_refused() {
+        use vm_memory::GuestMemoryMmap;
+        // Three adjacent 4 KiB regions; each buffer crosses a boundary.
+        let ranges: Vec<_> = (0..3u64)
+            .map(|i| (GuestAddress(i * 0x1000), 0x1000))
+            .collect();
+        let mem = Arc::new(GuestRam::new(
+            GuestMemoryMmap::from_ranges(&ranges).unwrap(),
+        ));
+        let crossing = |n: usize| vec![buf(0x800, 0x1000); n];
+        let iov = to_iovec(&mem, &crossing(IOV_MAX / 2)).ok().unwrap();
+        assert_eq!(iov.iovecs().len(), IOV_MAX);
+        let e = to_iovec(&mem, &crossing(IOV_MAX / 2 + 1)).err().unwrap();
+        assert_eq!(e.status, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn chains_with_descriptors_beyond_the_limit_are_io_errors() {
+        let mem = Arc::new(memory());
+        let chain = Chain {
+            readable: vec![buf(HEADER, 16)],
+            writable: vec![buf(0x10000, 512), buf(STATUS, 1)],
+            excess: 3000,
+        };
+        let (req, op) = parse(&mem, &chain, &limits());
+        assert!(req.has_status());
+        assert_eq!(op.err().map(|e| e.status), Some(VIRTIO_BLK_S_IOERR));
+    }
 }

@@ -1,0 +1,170 @@
+use super::*;
+
+fn header(request: FrontendReq, size: usize) -> Header {
+    Header {
+        request: request as u32,
+        flags: FLAG_VERSION_1,
+        size: size as u32,
+    }
+}
+
+fn region(gpa: u64, size: u64, va: u64) -> [u8; REGION_LEN] {
+    let mut raw = [0u8; REGION_LEN];
+    raw.copy_from_slice(VhostUserMemoryRegion::new(gpa, size, va, 0).as_slice());
+    raw
+}
+
+fn table(regions: &[[u8; REGION_LEN]]) -> Vec<u8> {
+    let mut p = (regions.len() as u32).to_le_bytes().to_vec();
+    p.extend_from_slice(&[0; 4]);
+    for r in regions {
+        p.extend_from_slice(r);
+    }
+    p
+}
+
+#[test]
+fn huge_sizes_and_bad_versions_break_the_stream() {
+    let mut raw = [0u8; HEADER_LEN];
+    raw[0..4].copy_from_slice(&(FrontendReq::SET_FEATURES as u32).to_le_bytes());
+    raw[4..8].copy_from_slice(&1u32.to_le_bytes());
+    raw[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(parse_header(&raw).is_err());
+    raw[8..12].copy_from_slice(&9u32.to_le_bytes());
+    assert!(
+        parse_header(&raw).is_err(),
+        "SET_FEATURES payload is 8 bytes"
+    );
+    raw[8..12].copy_from_slice(&8u32.to_le_bytes());
+    assert!(parse_header(&raw).is_ok());
+    raw[4..8].copy_from_slice(&2u32.to_le_bytes());
+    assert!(parse_header(&raw).is_err(), "version 2");
+    // Unknown requests are bounded by the protocol's message size.
+    raw[0..4].copy_from_slice(&999u32.to_le_bytes());
+    raw[4..8].copy_from_slice(&1u32.to_le_bytes());
+    raw[8..12].copy_from_slice(&(MAX_MSG_SIZE as u32 + 1).to_le_bytes());
+    assert!(parse_header(&raw).is_err());
+}
+
+#[test]
+fn payload_sizes_and_fds_must_match_the_request() {
+    let h = header(FrontendReq::SET_FEATURES, 4);
+    assert!(matches!(
+        decode(&h, &[0; 4], 0, 1),
+        Err(DecodeError::Size { got: 4, want: 8 })
+    ));
+    let h = header(FrontendReq::SET_FEATURES, 8);
+    assert!(matches!(
+        decode(&h, &[0; 8], 0, 1),
+        Ok(Request::SetFeatures(0))
+    ));
+    assert!(matches!(
+        decode(&h, &[0; 8], 1, 1),
+        Err(DecodeError::Fds { got: 1, .. })
+    ));
+    let h = header(FrontendReq::SET_VRING_KICK, 8);
+    assert!(decode(&h, &0u64.to_le_bytes(), 0, 1).is_err(), "no fd");
+    assert!(
+        decode(&h, &0x100u64.to_le_bytes(), 1, 1).is_err(),
+        "nofd + fd"
+    );
+    assert!(
+        decode(&h, &1u64.to_le_bytes(), 1, 1).is_err(),
+        "queue 1 of 1"
+    );
+    assert!(decode(&h, &0x200u64.to_le_bytes(), 1, 1).is_err(), "bit 9");
+    assert!(matches!(
+        decode(&h, &0u64.to_le_bytes(), 1, 1),
+        Ok(Request::SetVringKick {
+            index: 0,
+            has_fd: true
+        })
+    ));
+}
+
+#[test]
+fn queue_sizes_must_be_powers_of_two_up_to_32768() {
+    let h = header(FrontendReq::SET_VRING_NUM, 8);
+    let state = |index: u32, num: u32| VhostUserVringState::new(index, num).as_slice().to_vec();
+    for bad in [0, 3, 65536, 1 << 31] {
+        assert!(decode(&h, &state(0, bad), 0, 2).is_err(), "size {bad}");
+    }
+    assert!(decode(&h, &state(2, 256), 0, 2).is_err(), "queue 2 of 2");
+    assert!(matches!(
+        decode(&h, &state(1, 32768), 0, 2),
+        Ok(Request::SetVringNum {
+            index: 1,
+            num: 32768
+        })
+    ));
+}
+
+#[test]
+fn memory_tables_are_checked_region_by_region_and_pairwise() {
+    let h = |p: &[u8]| header(FrontendReq::SET_MEM_TABLE, p.len());
+    let ok = table(&[region(0, 0x1000, 0x10000), region(0x1000, 0x1000, 0x20000)]);
+    assert!(decode(&h(&ok), &ok, 2, 1).is_ok());
+    assert!(decode(&h(&ok), &ok, 1, 1).is_err(), "one fd missing");
+    assert!(decode(&h(&ok), &ok, 3, 1).is_err(), "one fd extra");
+    let gpa_overlap = table(&[region(0, 0x2000, 0x10000), region(0x1000, 0x1000, 0x20000)]);
+    assert!(decode(&h(&gpa_overlap), &gpa_overlap, 2, 1).is_err());
+    let va_overlap = table(&[region(0, 0x1000, 0x10000), region(0x1000, 0x1000, 0x10800)]);
+    assert!(decode(&h(&va_overlap), &va_overlap, 2, 1).is_err());
+    let zero = table(&[region(0, 0, 0x10000)]);
+    assert!(decode(&h(&zero), &zero, 1, 1).is_err());
+    let wrap = table(&[region(u64::MAX - 0xfff, 0x2000, 0x10000)]);
+    assert!(decode(&h(&wrap), &wrap, 1, 1).is_err());
+    let mut short = ok.clone();
+    short.pop();
+    assert!(decode(&h(&short), &short, 2, 1).is_err());
+    let mut lying = ok.clone();
+    lying[0] = 3; // claims three regions, carries two
+    assert!(decode(&h(&lying), &lying, 3, 1).is_err());
+}
+
+#[test]
+fn config_accesses_stay_in_range() {
+    let cfg = |offset: u32, size: u32, data: usize| {
+        let mut p = VhostUserConfig::new(
+            offset,
+            size,
+            vhost::vhost_user::message::VhostUserConfigFlags::empty(),
+        )
+        .as_slice()
+        .to_vec();
+        p.extend(std::iter::repeat_n(0u8, data));
+        p
+    };
+    let h = |p: &[u8]| header(FrontendReq::GET_CONFIG, p.len());
+    let p = cfg(0, 60, 60);
+    assert!(matches!(
+        decode(&h(&p), &p, 0, 1),
+        Ok(Request::GetConfig {
+            offset: 0,
+            size: 60
+        })
+    ));
+    for p in [
+        cfg(0, 0, 0),
+        cfg(200, 100, 100),
+        cfg(u32::MAX, 2, 2),
+        cfg(0, 60, 10),
+    ] {
+        assert!(decode(&h(&p), &p, 0, 1).is_err());
+    }
+}
+
+#[test]
+fn reply_bits_and_unknown_requests_are_refused() {
+    let mut h = header(FrontendReq::GET_FEATURES, 0);
+    h.flags |= FLAG_REPLY;
+    assert!(decode(&h, &[], 0, 1).is_err());
+    h.flags = FLAG_VERSION_1 | 0x100;
+    assert!(decode(&h, &[], 0, 1).is_err());
+    let h = Header {
+        request: 999,
+        flags: FLAG_VERSION_1,
+        size: 0,
+    };
+    assert!(matches!(decode(&h, &[], 0, 1), Err(DecodeError::Unknown)));
+}
