@@ -170,18 +170,20 @@ mod tests {
         p
     }
 
+    fn create(path: &std::path::Path) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap()
+    }
+
     #[test]
     fn writev_then_readv_round_trip_and_fsync() {
         let path = scratch("rw");
-        let f = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap(),
-        );
+        let f = Arc::new(create(&path));
         let t = IoThread::start("ops-test", Duration::ZERO).unwrap();
         let file = f.clone();
         let out = t.handle().block_on(move || async move {
@@ -211,15 +213,7 @@ mod tests {
     #[test]
     fn lists_longer_than_iov_max_go_in_several_calls() {
         let path = scratch("iovmax");
-        let f = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap(),
-        );
+        let f = Arc::new(create(&path));
         let t = IoThread::start("ops-iovmax", Duration::ZERO).unwrap();
         let file = f.clone();
         // 2,500 pieces of 3 bytes, each from a different place in the buffer.
