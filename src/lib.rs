@@ -1,10 +1,12 @@
 //! ringblk: a vhost-user-blk storage daemon on io_uring.
 //!
-//! Layers, each a module, imports pointing down only:
-//! `control` and `vhost` use `graph`; `graph` uses `formats` through the
+//! Layers, each a module, imports pointing down only: `daemon` (the
+//! object the command line builds) uses all below; `control` and `vhost`
+//! use `graph`; `graph` uses `formats` through the
 //! driver trait; `formats` use `uring`.
 
 pub mod control;
+pub mod daemon;
 pub mod formats;
 #[doc(hidden)]
 pub mod fuzzing;

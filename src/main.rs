@@ -14,25 +14,17 @@ use cli::{
     BackingPolicyArg, CacheArg, Cli, Command, CreateArgs, CreateFormat, CtlArgs, FormatArg,
     ServeArgs,
 };
-use ringblk::control::{ctl, ControlServer, Daemon};
+use ringblk::control::ctl;
+use ringblk::daemon::{ExportConfig, StorageDaemon};
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{
-    all_nodes, drain_all_begin, drain_all_end, open_image, open_null, BackingPolicy, BlockBackend,
-    ImageFormat, ImageOptions, Node,
+    open_image, open_null, BackingPolicy, BlockBackend, ImageFormat, ImageOptions, Node,
 };
-use ringblk::uring::IoThread;
-use ringblk::vhost::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
-use ringblk::vhost::blk::export::BlkExport;
-use ringblk::vhost::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
-use ringblk::vhost::blk::state::ExportState;
-use ringblk::vhost::server::VhostServer;
 
 const DEFAULT_IMAGE: &str = "ringblk.qcow2";
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
-/// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
-const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -260,68 +252,30 @@ fn print_attach_help(sock: &Path, args: &ServeArgs) {
 fn serve(args: ServeArgs) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let (root, what) = open_root(&args)?;
-    let backend = BlockBackend::new(&args.id, root, args.read_only);
-    let bs = args.logical_block_size as u64;
-    if backend.size() < bs {
-        return Err(format!("{what}: smaller than one {bs}-byte block"));
-    }
-
+    let mut daemon = StorageDaemon::default();
+    // The simple form: one iothread per queue.
     let mut iothreads = Vec::new();
     for i in 0..args.num_queues {
-        iothreads.push(
-            IoThread::start(
-                &format!("iothread{i}"),
-                std::time::Duration::from_micros(args.poll_max_us),
-            )
-            .map_err(|e| format!("cannot start iothread: {e}"))?,
-        );
+        let poll = std::time::Duration::from_micros(args.poll_max_us);
+        iothreads.push(daemon.add_iothread(&format!("iothread{i}"), poll)?);
     }
-    let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
-    serial[..args.serial.len()].copy_from_slice(args.serial.as_bytes());
-    let geometry = BlkGeometry {
-        num_queues: args.num_queues,
-        queue_size: args.queue_size,
-        read_only: args.read_only,
-        limits: Limits {
-            block_size: args.logical_block_size,
-            size_max: SIZE_MAX,
-            seg_max: seg_max_for(args.queue_size),
-            max_discard_sectors: MAX_DISCARD_SECTORS,
-            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
-            max_segments: 1,
-            serial,
-        },
-    };
-    let state = ExportState::new(
-        &args.id,
-        backend.clone(),
-        geometry.limits.clone(),
-        geometry.seg_max() as usize + 2,
-        args.num_queues,
-    );
-    let export = Arc::new(BlkExport {
-        id: args.id.clone(),
-        geometry,
-        state,
-        iothreads: iothreads.iter().map(|t| t.handle()).collect(),
-        socket: absolute(&args.socket),
-        connected: AtomicBool::new(false),
-    });
-    let server = VhostServer::bind(&args.socket, args.socket_mode, export.clone())
-        .map_err(|e| e.to_string())?;
-    let stopper = server.stopper().map_err(|e| e.to_string())?;
-    let control = match &args.control {
-        Some(path) => Some(
-            ControlServer::start(
-                path,
-                Daemon::new(vec![export.clone()], request_quit),
-                args.control_max_clients as usize,
-            )
-            .map_err(|e| format!("control socket: {e}"))?,
-        ),
-        None => None,
-    };
-    drop(export);
+    let backend = daemon
+        .add_export(ExportConfig {
+            id: args.id.clone(),
+            root,
+            read_only: args.read_only,
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            logical_block_size: args.logical_block_size,
+            serial: args.serial.clone(),
+            socket: args.socket.clone(),
+            socket_mode: args.socket_mode,
+            iothreads,
+        })
+        .map_err(|e| format!("{what}: {e}"))?;
+    if let Some(path) = &args.control {
+        daemon.start_control(path, args.control_max_clients as usize, request_quit)?;
+    }
 
     print_attach_help(&args.socket, &args);
     println!("ringblk: serving {what}");
@@ -333,6 +287,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );
+    drop(backend);
     if let Some(path) = &args.control {
         println!(
             "ringblk: control socket {} (try: ringblk ctl {} query-block-exports)",
@@ -342,11 +297,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let _ = std::io::stdout().flush();
 
-    let server_thread = std::thread::Builder::new()
-        .name("vhost".into())
-        .spawn(move || server.serve())
-        .map_err(|e| e.to_string())?;
-
     let sig = wait_for_signal(&signals);
     let quit = QUIT_REQUESTED.load(Ordering::SeqCst);
     if quit {
@@ -354,75 +304,5 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     } else {
         log::info!("signal {sig} received, shutting down");
     }
-    shutdown(ShutdownParts {
-        control,
-        reason: if quit { "host-qmp-quit" } else { "host-signal" },
-        stopper,
-        server_thread,
-        backends: vec![backend],
-        iothreads,
-    })
-}
-
-struct ShutdownParts {
-    control: Option<ControlServer>,
-    reason: &'static str,
-    stopper: vmm_sys_util::eventfd::EventFd,
-    server_thread: std::thread::JoinHandle<()>,
-    backends: Vec<Arc<BlockBackend>>,
-    iothreads: Vec<IoThread>,
-}
-
-/// The shutdown order: exports stop -> drain_all -> eject -> references
-/// dropped -> nodes close (flush) -> nothing left open.
-fn shutdown(p: ShutdownParts) -> Result<(), String> {
-    let mut failed = Vec::new();
-    // Control clients go first: their drained sections end, so the exports
-    // can finish what the guest already submitted.
-    if let Some(c) = p.control {
-        c.shutdown(p.reason);
-    }
-    // 1. Stop the exports: the frontend is disconnected once its queues have
-    //    finished their in-flight requests.
-    let _ = p.stopper.write(1);
-    if p.server_thread.join().is_err() {
-        failed.push("the vhost thread panicked".to_string());
-    }
-    // 2. Quiesce everything and wait for every request in the graph.
-    drain_all_begin();
-    // 3. Flush what the guest wrote, then detach every tree.
-    let mut roots = Vec::new();
-    for b in &p.backends {
-        let bb = b.clone();
-        match p.iothreads[0]
-            .handle()
-            .block_on(move || async move { bb.flush().await })
-        {
-            Err(ringblk::graph::BackendError::Ejected { .. }) | Ok(()) => {}
-            Err(e) => failed.push(format!("final flush failed: {e}")),
-        }
-        roots.extend(b.eject());
-    }
-    drain_all_end();
-    // 4. Our references go; each node closes (qcow2 writes back its caches
-    //    and marks itself clean, files sync) as its refcount reaches zero.
-    drop(roots);
-    drop(p.backends);
-    for t in p.iothreads {
-        t.stop();
-    }
-    // 5. Nothing may stay open.
-    let left: Vec<String> = all_nodes().iter().map(|n| n.name().to_string()).collect();
-    if !left.is_empty() {
-        failed.push(format!(
-            "nodes still open after shutdown: {}",
-            left.join(", ")
-        ));
-    }
-    if failed.is_empty() {
-        log::info!("shut down cleanly");
-        Ok(())
-    } else {
-        Err(failed.join("; "))
-    }
+    daemon.shutdown(if quit { "host-qmp-quit" } else { "host-signal" })
 }
