@@ -11,6 +11,7 @@ pub mod formats;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod graph;
+mod opts;
 pub mod size;
 pub mod uring;
 pub mod vhost;

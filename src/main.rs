@@ -5,7 +5,6 @@ mod cli;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
@@ -15,7 +14,8 @@ use cli::{
     ServeArgs,
 };
 use ringblk::control::ctl;
-use ringblk::daemon::{ExportConfig, StorageDaemon};
+use ringblk::daemon::qsd::{self, QsdArgs};
+use ringblk::daemon::{quit_requested, request_quit, ExportConfig, ExportListener, StorageDaemon};
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
@@ -28,11 +28,15 @@ const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Create(args) => create(args),
-        Command::Ctl(args) => ctl_command(args),
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let qsd_form = args.first().is_some_and(|a| {
+        let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
+        qsd::OPTIONS.contains(&name)
+    });
+    let result = if qsd_form {
+        serve_qsd(&args)
+    } else {
+        run_command(Cli::parse().command)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,6 +45,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_command(command: Command) -> Result<(), String> {
+    match command {
+        Command::Serve(args) => serve(args),
+        Command::Create(args) => create(args),
+        Command::Ctl(args) => ctl_command(args),
+    }
+}
+
+/// qemu-storage-daemon's command line (`ringblk --blockdev ... --export ...`).
+fn serve_qsd(args: &[String]) -> Result<(), String> {
+    let signals = block_shutdown_signals();
+    let parsed = QsdArgs::parse(args)?;
+    let mut daemon = StorageDaemon::default();
+    let setup = match qsd::build(&mut daemon, &parsed) {
+        Ok(s) => s,
+        Err(e) => {
+            // Close what the options before the bad one opened.
+            if let Err(close) = daemon.shutdown("host-error") {
+                log::error!("{close}");
+            }
+            return Err(e);
+        }
+    };
+    if let Some(p) = &setup.pidfile {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            if let Err(close) = daemon.shutdown("host-error") {
+                log::error!("{close}");
+            }
+            return Err(format!("--pidfile {}: {e}", p.display()));
+        }
+    }
+    for line in &setup.exports {
+        println!("{line}");
+    }
+    let _ = std::io::stdout().flush();
+    let sig = wait_for_signal(&signals);
+    log::info!("signal {sig} received, shutting down");
+    let reason = if quit_requested() {
+        "host-qmp-quit"
+    } else {
+        "host-signal"
+    };
+    let r = daemon.shutdown(reason);
+    if let Some(p) = &setup.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    r
 }
 
 /// Block SIGINT and SIGTERM in every thread; the main thread takes them
@@ -55,15 +108,6 @@ fn block_shutdown_signals() -> libc::sigset_t {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
-}
-
-/// Set by QMP `quit` before it raises SIGTERM, to name the reason.
-static QUIT_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-fn request_quit() {
-    QUIT_REQUESTED.store(true, Ordering::SeqCst);
-    // SAFETY: kill on our own pid; the main thread takes it with sigwait.
-    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
 }
 
 fn ctl_command(args: CtlArgs) -> Result<(), String> {
@@ -143,6 +187,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
                 qcow2: Qcow2Options::default(),
                 force_share: false,
                 backing: BackingPolicy::Any,
+                auto_names: false,
             })
             .map_err(|e| format!("backing file: {e}"))?;
             Some(BlockBackend::new("backing", node, true).size())
@@ -220,6 +265,7 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
             BackingPolicyArg::SameDir => BackingPolicy::SameDir,
             BackingPolicyArg::None => BackingPolicy::None,
         },
+        auto_names: false,
     };
     let node = open_image(&opts).map_err(|e| e.to_string())?;
     let mut what = absolute(&path).display().to_string();
@@ -268,7 +314,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             queue_size: args.queue_size,
             logical_block_size: args.logical_block_size,
             serial: args.serial.clone(),
-            socket: args.socket.clone(),
+            listener: ExportListener::Path(args.socket.clone()),
             socket_mode: args.socket_mode,
             iothreads,
         })
@@ -298,7 +344,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let _ = std::io::stdout().flush();
 
     let sig = wait_for_signal(&signals);
-    let quit = QUIT_REQUESTED.load(Ordering::SeqCst);
+    let quit = quit_requested();
     if quit {
         log::info!("quit requested on the control socket, shutting down");
     } else {

@@ -1,11 +1,15 @@
 //! The daemon object: it owns the iothreads, the exports (each a
 //! BlockBackend, a virtio-blk device and the thread serving its vhost-user
 //! socket) and the control server, and shuts them down in one documented
-//! order. The command line builds it; `main.rs` only parses arguments and
-//! waits for signals.
+//! order. The command lines build it (the simple `serve` form and QSD's
+//! options, `qsd`); `main.rs` only parses arguments and waits for signals.
 
+pub mod keyval;
+pub mod qsd;
+
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,7 +17,9 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{ControlServer, Daemon as ControlTarget};
-use crate::graph::{all_nodes, drain_all_begin, drain_all_end, BackendError, BlockBackend, Node};
+use crate::graph::{
+    all_nodes, drain_all_begin, drain_all_end, find_node, BackendError, BlockBackend, Node,
+};
 use crate::uring::IoThread;
 use crate::vhost::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
 use crate::vhost::blk::export::BlkExport;
@@ -23,6 +29,45 @@ use crate::vhost::server::VhostServer;
 
 /// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Permission bits of a vhost-user socket unless told otherwise.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// QMP clients connected at once unless told otherwise.
+pub const DEFAULT_CONTROL_CLIENTS: usize = 16;
+
+/// Set by QMP `quit` before it raises SIGTERM, to name the reason.
+static QUIT_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// QMP `quit`: the main thread, waiting for SIGTERM, carries it out.
+pub fn request_quit() {
+    QUIT_REQUESTED.store(true, Ordering::SeqCst);
+    // SAFETY: kill on our own pid; the main thread takes it with sigwait.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+/// True once QMP `quit` asked for the shutdown under way.
+pub fn quit_requested() -> bool {
+    QUIT_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Where an export's frontends connect.
+pub enum ExportListener {
+    /// A socket ringblk creates at this path.
+    Path(PathBuf),
+    /// A listening socket the caller created, passed as this fd.
+    Fd(RawFd),
+}
+
+impl ExportListener {
+    pub fn describe(&self) -> String {
+        match self {
+            ExportListener::Path(p) => std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+            ExportListener::Fd(fd) => format!("fd {fd}"),
+        }
+    }
+}
 
 /// What an export serves and how the device looks to the guest.
 pub struct ExportConfig {
@@ -34,7 +79,7 @@ pub struct ExportConfig {
     pub logical_block_size: u32,
     /// Up to 20 bytes.
     pub serial: String,
-    pub socket: PathBuf,
+    pub listener: ExportListener,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
     /// Indices into the daemon's iothreads: queue k runs on `iothreads[k mod n]`.
@@ -50,7 +95,13 @@ struct RunningExport {
 
 #[derive(Default)]
 pub struct StorageDaemon {
-    iothreads: Vec<IoThread>,
+    /// Iothreads and their ids (`--object iothread,id=`).
+    iothreads: Vec<(String, IoThread)>,
+    /// The iothread of exports that name none (QSD runs them in its main
+    /// loop; ours is one shared iothread).
+    shared_iothread: Option<usize>,
+    /// Nodes added with `--blockdev`: the daemon holds them open.
+    nodes: Vec<Arc<Node>>,
     exports: Vec<RunningExport>,
     control: Option<ControlServer>,
 }
@@ -61,8 +112,44 @@ impl StorageDaemon {
     pub fn add_iothread(&mut self, name: &str, poll_max: Duration) -> Result<usize, String> {
         let t = IoThread::start(name, poll_max)
             .map_err(|e| format!("cannot start iothread {name}: {e}"))?;
-        self.iothreads.push(t);
+        self.iothreads.push((name.to_string(), t));
         Ok(self.iothreads.len() - 1)
+    }
+
+    /// `--object iothread,id=ID`: ids are unique.
+    pub fn add_named_iothread(&mut self, id: &str, poll_max: Duration) -> Result<(), String> {
+        if self.iothreads.iter().any(|(n, _)| n == id) {
+            return Err(format!("attempt to add duplicate property '{id}'"));
+        }
+        self.add_iothread(id, poll_max).map(|_| ())
+    }
+
+    /// The iothreads named `ids`, or the shared one if `ids` is empty.
+    pub fn iothreads_for(&mut self, ids: &[String]) -> Result<Vec<usize>, String> {
+        if ids.is_empty() {
+            let shared = match self.shared_iothread {
+                Some(i) => i,
+                None => {
+                    let i = self.add_iothread("main-iothread", Duration::from_micros(32))?;
+                    self.shared_iothread = Some(i);
+                    i
+                }
+            };
+            return Ok(vec![shared]);
+        }
+        ids.iter()
+            .map(|id| {
+                self.iothreads
+                    .iter()
+                    .position(|(n, _)| n == id)
+                    .ok_or_else(|| format!("Cannot find iothread {id}"))
+            })
+            .collect()
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        find_node(name)
     }
 
     /// Export `cfg.root` on `cfg.socket`; frontends are accepted from now on.
@@ -76,7 +163,7 @@ impl StorageDaemon {
         let threads = cfg
             .iothreads
             .iter()
-            .map(|&i| self.iothreads.get(i).map(|t| t.handle()))
+            .map(|&i| self.iothreads.get(i).map(|(_, t)| t.handle()))
             .collect::<Option<Vec<_>>>()
             .filter(|t| !t.is_empty())
             .ok_or_else(|| format!("export {}: no such iothread", cfg.id))?;
@@ -116,11 +203,14 @@ impl StorageDaemon {
             geometry,
             state,
             iothreads: threads,
-            socket: std::path::absolute(&cfg.socket).unwrap_or_else(|_| cfg.socket.clone()),
+            socket: PathBuf::from(cfg.listener.describe()),
             connected: AtomicBool::new(false),
         });
-        let server = VhostServer::bind(&cfg.socket, cfg.socket_mode, export.clone())
-            .map_err(|e| e.to_string())?;
+        let server = match &cfg.listener {
+            ExportListener::Path(p) => VhostServer::bind(p, cfg.socket_mode, export.clone()),
+            ExportListener::Fd(fd) => VhostServer::from_fd(*fd, export.clone()),
+        }
+        .map_err(|e| format!("export {}: {e}", cfg.id))?;
         let stopper = server.stopper().map_err(|e| e.to_string())?;
         let server = std::thread::Builder::new()
             .name("vhost".into())
@@ -176,7 +266,7 @@ impl StorageDaemon {
         let mut roots = Vec::new();
         for b in &backends {
             // Every export has an iothread, so there is one to flush on.
-            if let Some(t) = self.iothreads.first() {
+            if let Some((_, t)) = self.iothreads.first() {
                 let bb = b.clone();
                 match t.handle().block_on(move || async move { bb.flush().await }) {
                     Err(BackendError::Ejected { .. }) | Ok(()) => {}
@@ -188,7 +278,8 @@ impl StorageDaemon {
         drain_all_end();
         drop(roots);
         drop(backends);
-        for t in self.iothreads {
+        drop(self.nodes);
+        for (_, t) in self.iothreads {
             t.stop();
         }
         let left: Vec<String> = all_nodes().iter().map(|n| n.name().to_string()).collect();

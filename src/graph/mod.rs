@@ -5,6 +5,7 @@
 //! flows").
 
 mod backend;
+mod blockdev;
 mod drain;
 mod in_flight;
 mod node;
@@ -13,6 +14,7 @@ mod parent;
 mod registry;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps};
+pub use blockdev::{blockdev_add, BlockdevError};
 pub use drain::{drain_all_begin, drain_all_end, DrainError};
 pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};
 pub use node::{Child, ChildRole, Node};

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::node::{Child, ChildRole, Node};
+use super::registry::auto_node_name;
 use crate::formats::file::open_file;
 use crate::formats::qcow2::{self, Qcow2Driver, Qcow2Error, Qcow2Options};
 use crate::formats::{
@@ -48,6 +49,9 @@ pub struct ImageOptions {
     /// as qemu-img's `-U`): others may write while we read.
     pub force_share: bool,
     pub backing: BackingPolicy,
+    /// Name the nodes `#blockNNN` (blockdev-add's inline children) instead
+    /// of `fileN` / `fmtN` by depth in the chain.
+    pub auto_names: bool,
 }
 
 /// Deepest backing chain we follow (a loop would be infinitely deep).
@@ -147,37 +151,26 @@ fn open_layer(
     } else {
         opts.block_size
     };
-    let file = FileDriver::open(path, read_only, opts.cache, block_size)?;
-    file.lock(ImageLock::for_open(read_only, opts.force_share))?;
-    let file = Node::new(&format!("file{depth}"), Box::new(file), Vec::new());
-    let file_child = Child {
-        role: ChildRole::File,
-        node: file.clone(),
+    let lock = Some(ImageLock::for_open(read_only, opts.force_share));
+    let (file_name, name) = if opts.auto_names {
+        (auto_node_name(), auto_node_name())
+    } else {
+        (format!("file{depth}"), format!("fmt{depth}"))
     };
-    let name = format!("fmt{depth}");
+    let file = open_file_node(&file_name, path, read_only, opts.cache, block_size, lock)?;
     match format {
         ImageFormat::Raw | ImageFormat::Auto => {
-            let raw = if probed {
+            if probed {
                 log::warn!(
                     "{}: format probed as raw; guest writes that would make it look like an image format naming other files are refused (give the format explicitly to lift this)",
                     path.display()
                 );
-                RawDriver::probed(file, read_only)
-            } else {
-                RawDriver::new(file, read_only)
-            };
-            Ok(Node::new(&name, Box::new(raw), vec![file_child]))
+            }
+            Ok(open_raw_node(&name, file, read_only, probed))
         }
         ImageFormat::Qcow2 => {
-            let file_ref: ChildRef = file;
-            let io_err = |source| OpenError::Io {
-                path: path.to_path_buf(),
-                source,
-            };
-            let (h, _) = uring::block_on(|| qcow2::read_header(&file_ref))
-                .map_err(io_err)?
-                .map_err(|e| qcow2_error(path, e))?;
-            let backing = match (&h.backing_file, &h.backing_format) {
+            let header = read_qcow2_header(path, &file)?;
+            let backing = match (&header.backing_file, &header.backing_format) {
                 (None, _) => None,
                 (Some(b), None) => {
                     return Err(invalid(
@@ -202,24 +195,93 @@ fn open_layer(
                     Some(layer)
                 }
             };
-            let backing_ref: Option<ChildRef> = backing.clone().map(|b| b as ChildRef);
-            let display = path.display().to_string();
-            let qopts = opts.qcow2;
-            let driver = uring::block_on(|| {
-                Qcow2Driver::open(&display, file_ref.clone(), backing_ref, read_only, qopts)
-            })
-            .map_err(io_err)?
-            .map_err(|e| qcow2_error(path, e))?;
-            let mut children = vec![file_child];
-            if let Some(b) = backing {
-                children.push(Child {
-                    role: ChildRole::Backing,
-                    node: b,
-                });
-            }
-            Ok(Node::new(&name, Box::new(driver), children))
+            open_qcow2_node(&name, path, file, read_only, backing, opts.qcow2)
         }
     }
+}
+
+/// A `file` protocol node named `name` over the host file at `path`,
+/// locked as `lock` says (None: no locks, QEMU's `locking=off`).
+pub(crate) fn open_file_node(
+    name: &str,
+    path: &Path,
+    read_only: bool,
+    cache: CacheMode,
+    block_size: usize,
+    lock: Option<ImageLock>,
+) -> Result<Arc<Node>, OpenError> {
+    let file = FileDriver::open(path, read_only, cache, block_size)?;
+    if let Some(lock) = lock {
+        file.lock(lock)?;
+    }
+    Ok(Node::new(name, Box::new(file), Vec::new()))
+}
+
+/// A `raw` format node over `file`; `probed` if the format was guessed.
+pub(crate) fn open_raw_node(
+    name: &str,
+    file: Arc<Node>,
+    read_only: bool,
+    probed: bool,
+) -> Arc<Node> {
+    let child = Child {
+        role: ChildRole::File,
+        node: file.clone(),
+    };
+    let raw = if probed {
+        RawDriver::probed(file, read_only)
+    } else {
+        RawDriver::new(file, read_only)
+    };
+    Node::new(name, Box::new(raw), vec![child])
+}
+
+/// The header of the qcow2 image in `file` (from `path`, for messages).
+pub(crate) fn read_qcow2_header(
+    path: &Path,
+    file: &Arc<Node>,
+) -> Result<qcow2::header::Header, OpenError> {
+    let file_ref: ChildRef = file.clone();
+    let (h, _) = uring::block_on(|| qcow2::read_header(&file_ref))
+        .map_err(|source| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .map_err(|e| qcow2_error(path, e))?;
+    Ok(h)
+}
+
+/// A `qcow2` format node over `file` with `backing` as its backing child.
+pub(crate) fn open_qcow2_node(
+    name: &str,
+    path: &Path,
+    file: Arc<Node>,
+    read_only: bool,
+    backing: Option<Arc<Node>>,
+    qopts: Qcow2Options,
+) -> Result<Arc<Node>, OpenError> {
+    let file_ref: ChildRef = file.clone();
+    let backing_ref: Option<ChildRef> = backing.clone().map(|b| b as ChildRef);
+    let display = path.display().to_string();
+    let driver = uring::block_on(|| {
+        Qcow2Driver::open(&display, file_ref.clone(), backing_ref, read_only, qopts)
+    })
+    .map_err(|source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?
+    .map_err(|e| qcow2_error(path, e))?;
+    let mut children = vec![Child {
+        role: ChildRole::File,
+        node: file,
+    }];
+    if let Some(b) = backing {
+        children.push(Child {
+            role: ChildRole::Backing,
+            node: b,
+        });
+    }
+    Ok(Node::new(name, Box::new(driver), children))
 }
 
 /// A `null` node of `size` bytes.

@@ -51,6 +51,14 @@ pub fn all_nodes() -> Vec<Arc<Node>> {
 }
 
 /// The open node called `name`.
+/// A name for a node nobody named (QEMU's `#blockNNN`; users cannot
+/// give names starting with '#').
+pub(crate) fn auto_node_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("#block{n:03}")
+}
+
 pub fn find_node(name: &str) -> Option<Arc<Node>> {
     all_nodes().into_iter().find(|n| n.name() == name)
 }

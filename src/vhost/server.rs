@@ -2,7 +2,7 @@
 //! the previous leaves. The daemon never exits because a client left.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -18,8 +18,9 @@ use super::socket::{wait_for, Wake};
 pub struct VhostServer {
     listener: UnixListener,
     path: PathBuf,
-    /// Removes the socket file when the server goes.
-    _file: SocketFile,
+    /// Removes the socket file when the server goes (none for a socket
+    /// the caller passed as an fd).
+    _file: Option<SocketFile>,
     stop: EventFd,
     export: Arc<BlkExport>,
 }
@@ -31,7 +32,53 @@ impl VhostServer {
         Ok(VhostServer {
             listener,
             path: path.to_path_buf(),
-            _file: file,
+            _file: Some(file),
+            stop: EventFd::new(libc::EFD_CLOEXEC)?,
+            export,
+        })
+    }
+
+    /// Listen on a socket the caller created and passed as inherited fd
+    /// `fd` (QSD's `addr.type=fd`): it must be a listening Unix socket.
+    pub fn from_fd(fd: RawFd, export: Arc<BlkExport>) -> io::Result<Self> {
+        let invalid =
+            |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd}: {what}"));
+        let int_opt = |opt| -> io::Result<libc::c_int> {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `v`.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("fd {fd}: not a socket ({})", io::Error::last_os_error()),
+                ));
+            }
+            Ok(v)
+        };
+        if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX {
+            return Err(invalid("not a Unix socket"));
+        }
+        if int_opt(libc::SO_ACCEPTCONN)? != 1 {
+            return Err(invalid("not a listening socket"));
+        }
+        // SAFETY: fcntl on an fd we just saw is an open socket.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: the fd is an open listening Unix socket the caller handed
+        // over to us; nothing else in this process owns it.
+        let listener = unsafe { UnixListener::from_raw_fd(fd) };
+        Ok(VhostServer {
+            listener,
+            path: PathBuf::from(format!("fd {fd}")),
+            _file: None,
             stop: EventFd::new(libc::EFD_CLOEXEC)?,
             export,
         })

@@ -98,6 +98,19 @@ impl Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
         cmd.arg("serve").arg("--socket").arg(sock).args(args);
         configure(&mut cmd);
+        Self::spawn(cmd, sock)
+    }
+
+    /// Start ringblk with qemu-storage-daemon's options (`--blockdev`,
+    /// `--export`, ...); `sock` is one export's socket.
+    pub fn start_qsd(sock: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
+        cmd.args(args);
+        configure(&mut cmd);
+        Self::spawn(cmd, sock)
+    }
+
+    fn spawn(mut cmd: Command, sock: &Path) -> Daemon {
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -1,0 +1,271 @@
+//! qemu-storage-daemon's command line: `--blockdev`, `--export`,
+//! `--object iothread`, `--chardev socket` + `--monitor`, `--pidfile`, so a
+//! QSD command line runs with the binary's name changed. Options are
+//! applied in order, as QSD does: a node or iothread must come before the
+//! export that uses it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::keyval;
+use super::{ExportConfig, ExportListener, StorageDaemon};
+use crate::graph::blockdev_add;
+use crate::opts::Opts;
+
+/// The QSD options ringblk takes (each with a value but `--daemonize`).
+pub const OPTIONS: [&str; 8] = [
+    "--blockdev",
+    "--export",
+    "--object",
+    "--chardev",
+    "--monitor",
+    "--pidfile",
+    "--daemonize",
+    "--nbd-server",
+];
+
+/// A QSD command line, split into options and values.
+pub struct QsdArgs {
+    pub options: Vec<(String, String)>,
+}
+
+impl QsdArgs {
+    /// Split `args` (without the program name): `--opt value` or
+    /// `--opt=value`. Unknown options are errors naming them.
+    pub fn parse(args: &[String]) -> Result<QsdArgs, String> {
+        let mut options = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let (name, inline) = match a.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+                _ => (a.clone(), None),
+            };
+            if !OPTIONS.contains(&name.as_str()) {
+                return Err(format!("{name}: unrecognized option"));
+            }
+            if name == "--daemonize" {
+                return Err("--daemonize is not supported: run ringblk in the foreground under a service manager (systemd, a container runtime)".into());
+            }
+            if name == "--nbd-server" {
+                return Err("--nbd-server: ringblk serves vhost-user-blk exports only".into());
+            }
+            let value = match inline {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("{name}: requires an argument"))?,
+            };
+            options.push((name, value));
+        }
+        Ok(QsdArgs { options })
+    }
+}
+
+/// What the command line asked for besides the objects themselves.
+#[derive(Default)]
+pub struct QsdSetup {
+    /// Written once everything is set up; removed at exit.
+    pub pidfile: Option<PathBuf>,
+    /// "ringblk: listening on ..." lines for the banner.
+    pub exports: Vec<String>,
+}
+
+struct Chardev {
+    id: String,
+    path: PathBuf,
+}
+
+/// Apply every option to `daemon`, in order.
+pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, String> {
+    let mut setup = QsdSetup::default();
+    let mut chardevs = Vec::new();
+    for (name, value) in &args.options {
+        let implied = match name.as_str() {
+            "--object" => Some("qom-type"),
+            "--chardev" => Some("backend"),
+            "--export" => Some("type"),
+            "--monitor" => Some("chardev"),
+            _ => None,
+        };
+        let ctx = |e: String| format!("{name} {value}: {e}");
+        if name == "--pidfile" {
+            setup.pidfile = Some(PathBuf::from(value));
+            continue;
+        }
+        let map = keyval::parse(value, implied).map_err(ctx)?;
+        match name.as_str() {
+            "--blockdev" => {
+                let node = blockdev_add(Value::Object(map)).map_err(|e| ctx(e.0))?;
+                daemon.nodes.push(node);
+            }
+            "--object" => add_object(daemon, map).map_err(ctx)?,
+            "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),
+            "--monitor" => monitor(daemon, map, &chardevs).map_err(ctx)?,
+            "--export" => setup.exports.push(export(daemon, map).map_err(ctx)?),
+            _ => unreachable!("QsdArgs::parse admits only OPTIONS"),
+        }
+    }
+    Ok(setup)
+}
+
+fn add_object(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<(), String> {
+    let mut o = Opts::new(map);
+    let kind = o.required_string("qom-type")?;
+    if kind != "iothread" {
+        return Err(format!(
+            "object type '{kind}' is not supported (only iothread)"
+        ));
+    }
+    let id = o.required_string("id")?;
+    // QEMU's default adaptive polling limit is 32 µs.
+    let poll = o.size("poll-max-ns")?.unwrap_or(32_768);
+    o.size("poll-grow")?;
+    o.size("poll-shrink")?;
+    o.size("aio-max-batch")?;
+    o.finish()?;
+    daemon.add_named_iothread(&id, Duration::from_nanos(poll))
+}
+
+fn chardev(map: Map<String, Value>) -> Result<Chardev, String> {
+    let mut o = Opts::new(map);
+    let backend = o.required_string("backend")?;
+    if backend != "socket" {
+        return Err(format!(
+            "chardev backend '{backend}' is not supported (only socket)"
+        ));
+    }
+    let id = o.required_string("id")?;
+    let path = PathBuf::from(o.required_string("path")?);
+    if !o.bool("server", false)? {
+        return Err("only server=on sockets are supported".into());
+    }
+    if o.bool("wait", true)? {
+        return Err("wait=on is not supported: give wait=off".into());
+    }
+    o.finish()?;
+    Ok(Chardev { id, path })
+}
+
+fn monitor(
+    daemon: &mut StorageDaemon,
+    map: Map<String, Value>,
+    chardevs: &[Chardev],
+) -> Result<(), String> {
+    let mut o = Opts::new(map);
+    let id = o.required_string("chardev")?;
+    o.choice("mode", &["control"])?;
+    o.bool("pretty", false)?;
+    o.finish()?;
+    let c = chardevs
+        .iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| format!("chardev '{id}' not found"))?;
+    daemon.start_control(&c.path, super::DEFAULT_CONTROL_CLIENTS, super::request_quit)
+}
+
+/// `--export type=vhost-user-blk,...`; returns its banner line.
+fn export(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<String, String> {
+    let mut o = Opts::new(map);
+    let kind = o.required_string("type")?;
+    if kind != "vhost-user-blk" {
+        return Err(format!(
+            "export type '{kind}' is not supported (only vhost-user-blk)"
+        ));
+    }
+    let id = o.required_string("id")?;
+    let node_name = o.required_string("node-name")?;
+    let root = daemon
+        .node(&node_name)
+        .ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
+    let writable = o.bool("writable", false)?;
+    o.bool("writethrough", false)?;
+    let num_queues = o.size("num-queues")?.unwrap_or(1);
+    let num_queues = u16::try_from(num_queues)
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| format!("num-queues must be from 1 to 64, not {num_queues}"))?;
+    let logical_block_size = match o.size("logical-block-size")?.unwrap_or(512) {
+        n @ (512 | 4096) => n as u32,
+        n => return Err(format!("logical-block-size must be 512 or 4096, not {n}")),
+    };
+    let iothreads = match o.take("iothread") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err("Invalid parameter type for 'iothread', expected: string".to_string()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("Invalid parameter type for 'iothread', expected: string".into()),
+    };
+    o.bool("fixed-iothread", false)?;
+    let mut addr = o.nested("addr")?;
+    let listener = match addr.required_string("type")?.as_str() {
+        "unix" => ExportListener::Path(PathBuf::from(addr.required_string("path")?)),
+        "fd" => {
+            let s = addr.required_string("str")?;
+            let fd = s
+                .parse::<i32>()
+                .map_err(|_| format!("addr.str: '{s}' is not a file descriptor number"))?;
+            ExportListener::Fd(fd)
+        }
+        other => return Err(format!("addr.type '{other}' is not supported (unix or fd)")),
+    };
+    addr.finish()?;
+    o.finish()?;
+    let iothreads = daemon.iothreads_for(&iothreads)?;
+    let line = format!(
+        "ringblk: listening on {} (export {id}, node {node_name}, {num_queues} queue(s){})",
+        listener.describe(),
+        if writable { "" } else { ", read-only" }
+    );
+    daemon.add_export(ExportConfig {
+        id,
+        root,
+        read_only: !writable,
+        num_queues,
+        queue_size: 256,
+        logical_block_size,
+        serial: String::new(),
+        listener,
+        socket_mode: super::DEFAULT_SOCKET_MODE,
+        iothreads,
+    })?;
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_with_and_without_equals() {
+        let a = QsdArgs::parse(&args(&[
+            "--blockdev",
+            "driver=null-co,node-name=n",
+            "--pidfile=/p",
+        ]))
+        .unwrap();
+        assert_eq!(a.options[0].0, "--blockdev");
+        assert_eq!(a.options[1], ("--pidfile".into(), "/p".into()));
+    }
+
+    #[test]
+    fn unknown_and_unsupported_options_are_named() {
+        let e = QsdArgs::parse(&args(&["--bogus", "x"])).err().unwrap();
+        assert!(e.contains("--bogus"), "{e}");
+        let e = QsdArgs::parse(&args(&["--daemonize"])).err().unwrap();
+        assert!(e.contains("--daemonize"), "{e}");
+        let e = QsdArgs::parse(&args(&["--export"])).err().unwrap();
+        assert!(e.contains("requires an argument"), "{e}");
+    }
+}

@@ -1,0 +1,217 @@
+//! `blockdev-add`: building nodes from QEMU's `BlockdevOptions`
+//! (qapi/block-core.json) for the drivers ringblk has: `file`, `raw`,
+//! `qcow2` and `null-co`, with their children given inline (an object) or
+//! by node name (a string).
+//!
+//! Options arrive as JSON (QMP, `--blockdev '{...}'`) or as QEMU's dotted
+//! `key=value` form, where every value is a string: typed getters accept
+//! both, as QEMU's input visitors do. Unknown keys are errors naming them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::node::Node;
+use super::open::{
+    open_file_node, open_qcow2_node, open_raw_node, read_qcow2_header, BackingPolicy, ImageFormat,
+    ImageOptions,
+};
+use super::registry::{auto_node_name, find_node};
+use crate::formats::qcow2::Qcow2Options;
+use crate::formats::{CacheMode, ImageLock, NullDriver};
+use crate::opts::Opts;
+
+/// QEMU's size of a `null-co` node when none is given.
+const NULL_DEFAULT_SIZE: u64 = 1 << 30;
+
+/// Why a `blockdev-add` failed, in QEMU's words where QEMU has them.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BlockdevError(pub String);
+
+impl From<String> for BlockdevError {
+    fn from(s: String) -> Self {
+        BlockdevError(s)
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
+    Err(BlockdevError(msg.into()))
+}
+
+/// Options every driver takes (BlockdevOptions' base).
+struct Common {
+    node_name: String,
+    read_only: bool,
+    direct: bool,
+}
+
+fn common(o: &mut Opts, top: bool, inherited_ro: bool) -> Result<Common, BlockdevError> {
+    let node_name = match o.string("node-name")? {
+        Some(n) => {
+            if n.is_empty() || n.starts_with('#') || n.len() > 31 {
+                return err(format!("Invalid node-name: '{n}'"));
+            }
+            if find_node(&n).is_some() {
+                return err(format!("Duplicate nodes with node-name='{n}'"));
+            }
+            n
+        }
+        None if top => return err("A top-level node needs a node-name"),
+        None => auto_node_name(),
+    };
+    let read_only = o.bool("read-only", inherited_ro)?;
+    // auto-read-only: we never fall back to read-only on EACCES; accepted.
+    o.bool("auto-read-only", false)?;
+    o.choice("discard", &["ignore", "unmap"])?;
+    match o.choice("detect-zeroes", &["off", "on", "unmap"])?.as_str() {
+        "off" => {}
+        other => return err(format!("detect-zeroes={other} is not supported by ringblk")),
+    }
+    let mut cache = o.nested("cache")?;
+    let direct = cache.bool("direct", false)?;
+    if cache.bool("no-flush", false)? {
+        return err("cache.no-flush=on is not supported by ringblk");
+    }
+    cache.finish()?;
+    Ok(Common {
+        node_name,
+        read_only,
+        direct,
+    })
+}
+
+/// Add the node `options` describe (and its inline children); returns it.
+/// The caller holds the only reference: dropping it closes the nodes.
+pub fn blockdev_add(options: Value) -> Result<Arc<Node>, BlockdevError> {
+    let Value::Object(map) = options else {
+        return err("Invalid parameter type, expected: object");
+    };
+    add(Opts::new(map), true, false)
+}
+
+fn add(mut o: Opts, top: bool, inherited_ro: bool) -> Result<Arc<Node>, BlockdevError> {
+    let driver = o.required_string("driver")?;
+    let c = common(&mut o, top, inherited_ro)?;
+    let node = match driver.as_str() {
+        "file" => add_file(&mut o, &c)?,
+        "raw" => {
+            let file = child(&mut o, "file", c.read_only)?.ok_or_else(|| {
+                BlockdevError(format!("Parameter '{}' is missing", o.name("file")))
+            })?;
+            if o.size("offset")?.unwrap_or(0) != 0 || o.size("size")?.is_some() {
+                return err("raw offset and size are not supported by ringblk");
+            }
+            open_raw_node(&c.node_name, file, c.read_only, false)
+        }
+        "qcow2" => add_qcow2(&mut o, &c)?,
+        "null-co" => {
+            let size = o.size("size")?.unwrap_or(NULL_DEFAULT_SIZE);
+            o.bool("read-zeroes", false)?;
+            Node::new(&c.node_name, Box::new(NullDriver::new(size)), Vec::new())
+        }
+        other => return err(format!("Unknown driver '{other}'")),
+    };
+    o.finish()?;
+    Ok(node)
+}
+
+fn add_file(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
+    let filename = PathBuf::from(o.required_string("filename")?);
+    // The kernel interface is always io_uring here; the choice is accepted.
+    o.choice("aio", &["threads", "native", "io_uring"])?;
+    let lock = match o.choice("locking", &["auto", "on", "off"])?.as_str() {
+        "off" => None,
+        _ => Some(ImageLock::for_open(c.read_only, false)),
+    };
+    o.size("aio-max-batch")?;
+    let cache = if c.direct {
+        CacheMode::None
+    } else {
+        CacheMode::Writeback
+    };
+    open_file_node(&c.node_name, &filename, c.read_only, cache, 512, lock)
+        .map_err(|e| BlockdevError(e.to_string()))
+}
+
+/// A child given inline (an object: added now, with a generated name) or
+/// by reference (a string: an existing node).
+fn child(o: &mut Opts, key: &str, read_only: bool) -> Result<Option<Arc<Node>>, BlockdevError> {
+    let prefix = format!("{}.", o.name(key));
+    match o.take(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(name)) => find_node(&name)
+            .map(Some)
+            .ok_or_else(|| BlockdevError(format!("Cannot find device='' nor node-name='{name}'"))),
+        Some(Value::Object(map)) => add(Opts::nested_in(map, prefix), false, read_only).map(Some),
+        Some(_) => err(format!(
+            "Invalid parameter type for '{}', expected: BlockdevRef",
+            o.name(key)
+        )),
+    }
+}
+
+fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
+    let file = child(o, "file", c.read_only)?
+        .ok_or_else(|| BlockdevError(format!("Parameter '{}' is missing", o.name("file"))))?;
+    let mut qopts = Qcow2Options::default();
+    if let Some(n) = o.size("l2-cache-size")? {
+        qopts.l2_cache_bytes = n;
+    }
+    if let Some(n) = o.size("refcount-cache-size")? {
+        qopts.refcount_cache_bytes = n;
+    }
+    if let Some(total) = o.size("cache-size")? {
+        // QEMU splits a total between the caches; give refcounts a quarter.
+        qopts.refcount_cache_bytes = total / 4;
+        qopts.l2_cache_bytes = total - total / 4;
+    }
+    let path = PathBuf::from(file.filename().unwrap_or_default());
+    let backing = match o.take("backing") {
+        // null: no backing file, whatever the image says.
+        Some(Value::Null) => None,
+        Some(v) => {
+            o.put_back("backing", v);
+            child(o, "backing", true)?
+        }
+        // Absent: the one the image names, opened as ringblk serve would.
+        None => backing_from_image(&path, &file)?,
+    };
+    open_qcow2_node(&c.node_name, &path, file, c.read_only, backing, qopts)
+        .map_err(|e| BlockdevError(e.to_string()))
+}
+
+/// The backing chain a qcow2 image names in its header, read-only.
+fn backing_from_image(path: &Path, file: &Arc<Node>) -> Result<Option<Arc<Node>>, BlockdevError> {
+    let h = read_qcow2_header(path, file).map_err(|e| BlockdevError(e.to_string()))?;
+    let Some(b) = h.backing_file else {
+        return Ok(None);
+    };
+    let format = match h.backing_format.as_deref() {
+        Some("raw") => ImageFormat::Raw,
+        Some("qcow2") => ImageFormat::Qcow2,
+        Some(other) => return err(format!("{}: backing format '{other}' is not supported", path.display())),
+        None => {
+            return err(format!(
+                "{}: its backing file '{b}' has no recorded format, and ringblk never probes backing files",
+                path.display()
+            ))
+        }
+    };
+    let bpath = path.parent().unwrap_or(Path::new(".")).join(&b);
+    let opts = ImageOptions {
+        path: bpath,
+        format,
+        read_only: true,
+        cache: CacheMode::Writeback,
+        block_size: 512,
+        qcow2: Qcow2Options::default(),
+        force_share: false,
+        backing: BackingPolicy::Any,
+        auto_names: true,
+    };
+    super::open::open_image(&opts)
+        .map(Some)
+        .map_err(|e| BlockdevError(format!("{}: backing file: {e}", path.display())))
+}

@@ -1,0 +1,341 @@
+//! qemu-storage-daemon's command line, unchanged: the same options run
+//! ringblk and qemu-storage-daemon, and every export serves a libblkio
+//! client.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::qemu_img::{assert_clean, qemu_img};
+use common::qmp::Qmp;
+use common::*;
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// Three chains (raw over file, qcow2 over a raw backing file, null-co),
+/// three exports over two iothreads, a QMP monitor and a pid file.
+fn command_line(dir: &TestDir) -> Vec<String> {
+    let d = |f: &str| s(&dir.path(f));
+    vec![
+        "--object".into(),
+        "iothread,id=io0".into(),
+        "--object".into(),
+        "iothread,id=io1,poll-max-ns=0".into(),
+        "--blockdev".into(),
+        format!("driver=file,node-name=f0,filename={},cache.direct=on,aio=io_uring", d("plain.raw")),
+        "--blockdev".into(),
+        "driver=raw,node-name=r0,file=f0".into(),
+        "--blockdev".into(),
+        format!("driver=qcow2,node-name=q0,file.driver=file,file.filename={}", d("top.qcow2")),
+        "--blockdev".into(),
+        r#"{"driver": "null-co", "node-name": "n0", "size": 67108864}"#.into(),
+        "--export".into(),
+        format!("type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path={},writable=on,iothread=io0", d("e0.sock")),
+        "--export".into(),
+        format!("type=vhost-user-blk,id=e1,node-name=q0,addr.type=unix,addr.path={},writable=on,num-queues=2,iothread=io1", d("e1.sock")),
+        "--export".into(),
+        format!("vhost-user-blk,id=e2,node-name=n0,addr.type=unix,addr.path={},iothread=io1", d("e2.sock")),
+        "--chardev".into(),
+        format!("socket,id=mon0,path={},server=on,wait=off", d("qmp.sock")),
+        "--monitor".into(),
+        "chardev=mon0".into(),
+        "--pidfile".into(),
+        d("daemon.pid"),
+    ]
+}
+
+fn images(dir: &TestDir) {
+    make_raw(&dir.path("plain.raw"), 64 * MIB);
+    make_raw(&dir.path("base.raw"), 64 * MIB);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &s(&dir.path("top.qcow2")),
+    ]);
+}
+
+/// Write and read back 64 KiB on every queue of the export at `sock`.
+fn verify_export(sock: &Path, queues: usize, writable: bool, round: u64) {
+    let mut c = if writable {
+        connect(sock, queues as i32).unwrap()
+    } else {
+        connect_read_only(sock).unwrap()
+    };
+    let len = 65536;
+    for q in 0..c.queues.len() {
+        let at = (q as u64 + 2 * round) * len as u64;
+        if writable {
+            pattern(&mut c.buf()[..len], at, round);
+            assert_eq!(c.run(q, Req::Write(at, 0, len)), 0);
+        }
+        assert_eq!(c.run(q, Req::Read(at, len, len)), 0);
+        if writable {
+            let (a, b) = c.buf().split_at(len);
+            assert!(
+                a == &b[..len],
+                "{}: queue {q} read back other data",
+                sock.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_qsd_command_line_runs_unchanged() {
+    let dir = TestDir::new("qsd-cli");
+    images(&dir);
+    let args = command_line(&dir);
+    let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    let d = Daemon::start_qsd(&dir.path("e0.sock"), &argv, |_| {});
+    let pid: i32 = std::fs::read_to_string(dir.path("daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, d.pid());
+    verify_export(&dir.path("e0.sock"), 1, true, 0);
+    verify_export(&dir.path("e1.sock"), 2, true, 0);
+    verify_export(&dir.path("e2.sock"), 1, false, 0);
+    // Two iothreads for three exports and four queues: no thread per queue.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    // (iou-wrk-* are io_uring's own workers, started by the kernel.)
+    let mut io: Vec<&String> = threads
+        .iter()
+        .filter(|n| n.starts_with("io") && !n.starts_with("iou-wrk"))
+        .collect();
+    io.sort();
+    assert_eq!(io, ["io0", "io1"], "threads: {threads:?}");
+    assert!(!threads.iter().any(|n| n == "main-iothread"), "{threads:?}");
+    let mut q = Qmp::connect(&dir.path("qmp.sock"));
+    let exports = q.ok("query-block-exports", json!({}));
+    assert_eq!(exports.as_array().unwrap().len(), 3, "{exports}");
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    for n in ["f0", "r0", "q0", "n0"] {
+        assert!(
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["node-name"] == n),
+            "{n} missing: {nodes}"
+        );
+    }
+    drop(q);
+    assert!(d.stop().success());
+    assert!(
+        !dir.path("daemon.pid").exists(),
+        "the pid file goes at exit"
+    );
+    assert!(!dir.path("e0.sock").exists());
+    assert_clean(&dir.path("top.qcow2"));
+}
+
+/// The same command line is one qemu-storage-daemon takes, and its exports
+/// serve the same client: ringblk is a drop-in.
+#[test]
+fn qemu_storage_daemon_takes_the_same_command_line() {
+    let dir = TestDir::new("qsd-same");
+    images(&dir);
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .args(command_line(&dir))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon is required (scripts/test installs it)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.path("daemon.pid").exists() {
+        assert!(
+            qsd.try_wait().unwrap().is_none(),
+            "qemu-storage-daemon refused the command line"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    verify_export(&dir.path("e0.sock"), 1, true, 1);
+    verify_export(&dir.path("e1.sock"), 2, true, 1);
+    verify_export(&dir.path("e2.sock"), 1, false, 1);
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+}
+
+/// `iothread` as a list (newer QEMU's form): queue k on iothread k mod n.
+#[test]
+fn an_iothread_list_spreads_the_queues() {
+    let dir = TestDir::new("qsd-iothreads");
+    let sock = dir.path("e.sock");
+    let export = format!(
+        "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={},num-queues=4,iothread.0=a,iothread.1=b",
+        s(&sock)
+    );
+    let d = Daemon::start_qsd(
+        &sock,
+        &[
+            "--object",
+            "iothread,id=a",
+            "--object",
+            "iothread,id=b",
+            "--blockdev",
+            "driver=null-co,node-name=n",
+            "--export",
+            &export,
+        ],
+        |_| {},
+    );
+    verify_export(&sock, 4, false, 0);
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "a") && names.iter().any(|n| n == "b"),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("iothread")),
+        "{names:?}"
+    );
+    assert!(d.stop().success());
+}
+
+/// A listening socket passed as an inherited fd (`addr.type=fd`).
+#[test]
+fn an_export_on_a_socket_passed_as_an_fd() {
+    let dir = TestDir::new("qsd-fd");
+    let sock = dir.path("passed.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let d = Daemon::start_qsd(
+        &sock,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0,size=16M",
+            "--export",
+            "type=vhost-user-blk,id=e0,node-name=n0,addr.type=fd,addr.str=10",
+        ],
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: dup2 is async-signal-safe; between fork and exec it
+            // puts our listener at fd 10 (without close-on-exec).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(fd, 10) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    verify_export(&sock, 1, false, 0);
+    assert!(d.stop().success());
+    drop(listener);
+}
+
+/// Run ringblk with `args`, expecting it to refuse them; its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringblk"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn bad_options_are_errors_naming_the_key() {
+    let dir = TestDir::new("qsd-bad");
+    make_raw(&dir.path("a.raw"), MIB);
+    let a = s(&dir.path("a.raw"));
+    let sock = s(&dir.path("x.sock"));
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--bogus".into(), "1".into()], "'--bogus'"),
+        (
+            vec!["--blockdev".into(), "driver=null-co,node-name=n".into(), "--bogus".into(), "1".into()],
+            "--bogus: unrecognized option",
+        ),
+        (vec!["--daemonize".into()], "--daemonize is not supported"),
+        (
+            vec!["--blockdev".into(), format!("driver=file,node-name=f,filename={a},bogus=1")],
+            "Parameter 'bogus' is unexpected",
+        ),
+        (
+            vec!["--blockdev".into(), format!("driver=raw,node-name=r,file.driver=file,file.filename={a},file.bogus=1")],
+            "Parameter 'file.bogus' is unexpected",
+        ),
+        (
+            vec!["--blockdev".into(), "driver=file,node-name=f".into()],
+            "Parameter 'filename' is missing",
+        ),
+        (
+            vec!["--blockdev".into(), format!("driver=file,node-name=f,filename={a},read-only=maybe")],
+            "Invalid parameter type for 'read-only', expected: boolean",
+        ),
+        (
+            vec!["--blockdev".into(), "driver=vmdk,node-name=v".into()],
+            "Unknown driver 'vmdk'",
+        ),
+        (
+            vec![
+                "--blockdev".into(), "driver=null-co,node-name=n".into(),
+                "--blockdev".into(), "driver=null-co,node-name=n".into(),
+            ],
+            "Duplicate nodes with node-name='n'",
+        ),
+        (
+            vec!["--export".into(), format!("type=vhost-user-blk,id=e,node-name=nothing,addr.type=unix,addr.path={sock}")],
+            "node-name='nothing'",
+        ),
+        (
+            vec![
+                "--blockdev".into(), "driver=null-co,node-name=n".into(),
+                "--export".into(), format!("type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={sock},iothread=nope"),
+            ],
+            "Cannot find iothread nope",
+        ),
+        (
+            vec![
+                "--blockdev".into(), "driver=null-co,node-name=n".into(),
+                "--export".into(), format!("type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={sock},colour=red"),
+            ],
+            "Parameter 'colour' is unexpected",
+        ),
+        (vec!["--object".into(), "secret,id=s".into()], "object type 'secret' is not supported"),
+    ];
+    for (args, want) in cases {
+        let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+        let e = refused(&argv);
+        assert!(e.contains(want), "{args:?}: expected '{want}' in: {e}");
+        assert!(
+            !dir.path("x.sock").exists(),
+            "{args:?} left its socket behind"
+        );
+    }
+    // The image is not left locked by a refused command line.
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k", &a])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
