@@ -110,7 +110,12 @@ pub fn virtio_blk_request(data: &[u8]) -> Option<u8> {
 /// node (`null0`) that node-name commands can reach.
 fn qmp_daemon() -> &'static (Arc<Daemon>, Arc<Node>) {
     static DAEMON: OnceLock<(Arc<Daemon>, Arc<Node>)> = OnceLock::new();
-    DAEMON.get_or_init(|| (Daemon::new(Vec::new(), || {}), open_null(1 << 20)))
+    DAEMON.get_or_init(|| {
+        (
+            Daemon::new(Vec::new(), Vec::new(), || {}),
+            open_null(1 << 20),
+        )
+    })
 }
 
 /// Feed `data` to one QMP client as if it arrived on the socket: split it

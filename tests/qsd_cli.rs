@@ -127,6 +127,16 @@ fn a_qsd_command_line_runs_unchanged() {
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     let exports = q.ok("query-block-exports", json!({}));
     assert_eq!(exports.as_array().unwrap().len(), 3, "{exports}");
+    let iothreads = q.ok("query-iothreads", json!({}));
+    let iothreads = iothreads.as_array().unwrap();
+    assert_eq!(iothreads.len(), 2, "{iothreads:?}");
+    for (t, id) in iothreads.iter().zip(["io0", "io1"]) {
+        assert_eq!(t["id"], id);
+        let tid = t["thread-id"].as_i64().unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        assert_eq!(comm.trim(), id, "thread-id {tid} is that iothread");
+    }
+    assert_eq!(iothreads[1]["poll-max-ns"], 0);
     let nodes = q.ok("query-named-block-nodes", json!({}));
     for n in ["f0", "r0", "q0", "n0"] {
         assert!(

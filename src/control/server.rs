@@ -19,6 +19,7 @@ use super::commands;
 use super::json_stream::{Piece, Splitter};
 use super::qmp::{self, QmpError};
 use crate::graph::Node;
+use crate::uring::IoThreadHandle;
 use crate::vhost::blk::export::BlkExport;
 use crate::vhost::listen::{bind_listener, AcceptBackoff, SocketFile};
 use crate::vhost::ratelimit::LogLimiter;
@@ -33,6 +34,8 @@ fn big_lock() -> MutexGuard<'static, ()> {
 /// What commands act on, shared by every client.
 pub struct Daemon {
     pub exports: Vec<Arc<BlkExport>>,
+    /// The daemon's iothreads, for `query-iothreads`.
+    pub iothreads: Vec<IoThreadHandle>,
     clients: Mutex<Vec<Arc<Client>>>,
     shutdown: Box<dyn Fn() + Send + Sync>,
 }
@@ -42,10 +45,12 @@ impl Daemon {
     /// (the daemon's main thread carries it out).
     pub fn new(
         exports: Vec<Arc<BlkExport>>,
+        iothreads: Vec<IoThreadHandle>,
         shutdown: impl Fn() + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Daemon {
             exports,
+            iothreads,
             clients: Mutex::new(Vec::new()),
             shutdown: Box::new(shutdown),
         })

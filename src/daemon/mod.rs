@@ -234,7 +234,9 @@ impl StorageDaemon {
         quit: impl Fn() + Send + Sync + 'static,
     ) -> Result<(), String> {
         let exports = self.exports.iter().map(|e| e.export.clone()).collect();
-        let server = ControlServer::start(path, ControlTarget::new(exports, quit), max_clients)
+        let iothreads = self.iothreads.iter().map(|(_, t)| t.handle()).collect();
+        let target = ControlTarget::new(exports, iothreads, quit);
+        let server = ControlServer::start(path, target, max_clients)
             .map_err(|e| format!("control socket: {e}"))?;
         self.control = Some(server);
         Ok(())

@@ -14,6 +14,9 @@ const RING_ENTRIES: u32 = 2048;
 pub struct IoThreadHandle {
     remote: Arc<Remote>,
     name: Arc<str>,
+    /// The OS thread id (QMP's `thread-id`).
+    tid: i32,
+    poll_max: std::time::Duration,
 }
 
 impl IoThreadHandle {
@@ -42,6 +45,15 @@ impl IoThreadHandle {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    pub fn thread_id(&self) -> i32 {
+        self.tid
+    }
+
+    /// The longest adaptive busy-poll before the thread sleeps.
+    pub fn poll_max(&self) -> std::time::Duration {
+        self.poll_max
+    }
 }
 
 /// An owned iothread; stopping waits for its tasks to finish.
@@ -59,20 +71,24 @@ impl IoThread {
             .name(name.to_string())
             .spawn(move || match Runtime::new(RING_ENTRIES, poll_max) {
                 Ok(rt) => {
-                    let _ = tx.send(Ok(rt.remote.clone()));
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    let _ = tx.send(Ok((rt.remote.clone(), tid)));
                     rt.run();
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
                 }
             })?;
-        let remote = rx
+        let (remote, tid) = rx
             .recv()
             .map_err(|_| io::Error::other("iothread died during start-up"))??;
         Ok(IoThread {
             handle: IoThreadHandle {
                 remote,
                 name: name.into(),
+                tid,
+                poll_max,
             },
             join: Some(join),
         })

@@ -145,3 +145,24 @@ pub fn blockstats(daemon: &Daemon) -> Value {
             .collect(),
     )
 }
+
+/// `query-iothreads`: QEMU's IOThreadInfo for each iothread.
+pub fn iothreads(daemon: &Daemon) -> Value {
+    Value::Array(
+        daemon
+            .iothreads
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.name(),
+                    "thread-id": t.thread_id(),
+                    "poll-max-ns": t.poll_max().as_nanos() as u64,
+                    // QEMU's 0: the default growth and shrink factors.
+                    "poll-grow": 0,
+                    "poll-shrink": 0,
+                    "aio-max-batch": 0,
+                })
+            })
+            .collect(),
+    )
+}
