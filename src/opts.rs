@@ -118,6 +118,11 @@ impl Opts {
         }
     }
 
+    /// What has not been taken.
+    pub(crate) fn into_map(self) -> Map<String, Value> {
+        self.map
+    }
+
     pub(crate) fn finish(self) -> Result<(), String> {
         match self.map.keys().next() {
             Some(k) => Err(format!("Parameter '{}' is unexpected", self.name(k))),

@@ -349,3 +349,129 @@ fn bad_options_are_errors_naming_the_key() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// blockdev-add and blockdev-del over QMP, beside nodes from the command
+/// line: nodes open and close, and nothing in use can be deleted.
+#[test]
+fn blockdev_add_and_del_over_qmp() {
+    let dir = TestDir::new("qsd-blockdev");
+    images(&dir);
+    let e0 = dir.path("e0.sock");
+    let qmp_sock = dir.path("qmp.sock");
+    let export = format!(
+        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={}",
+        s(&e0)
+    );
+    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
+    let d = Daemon::start_qsd(
+        &e0,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            &export,
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=m",
+        ],
+        |_| {},
+    );
+    let mut q = Qmp::connect(&qmp_sock);
+    let names = |q: &mut Qmp| -> Vec<String> {
+        q.ok("query-named-block-nodes", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f1", "filename": s(&dir.path("plain.raw"))}),
+    );
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r1", "file": "f1"}),
+    );
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q1",
+               "file": {"driver": "file", "filename": s(&dir.path("top.qcow2"))}}),
+    );
+    let now = names(&mut q);
+    for n in ["n0", "f1", "r1", "q1"] {
+        assert!(now.iter().any(|x| x == n), "{n} missing from {now:?}");
+    }
+    // The qcow2's file and its backing chain are nodes of their own.
+    assert!(
+        now.iter().filter(|n| n.starts_with("#block")).count() >= 3,
+        "{now:?}"
+    );
+    // The image is locked while the node is open.
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k", &s(&dir.path("plain.raw"))])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "qemu-io wrote to an open node's image");
+
+    let refusals = [
+        (
+            json!({"node-name": "f1"}),
+            "is busy: it is the file child of node 'r1'",
+        ),
+        (json!({"node-name": "n0"}), "is busy: it is in use by 'e0'"),
+        (
+            json!({"node-name": "nothing"}),
+            "Failed to find node with node-name='nothing'",
+        ),
+        (
+            json!({"node-name": "r1", "force": true}),
+            "Parameter 'force' is unexpected",
+        ),
+        (json!({}), "Parameter 'node-name' is missing"),
+    ];
+    for (args, want) in refusals {
+        let (class, desc) = q.err("blockdev-del", args.clone());
+        assert_eq!(class, "GenericError");
+        assert!(desc.contains(want), "{args}: {desc}");
+    }
+    let auto = now
+        .iter()
+        .find(|n| n.starts_with("#block"))
+        .unwrap()
+        .clone();
+    let (_, desc) = q.err("blockdev-del", json!({ "node-name": auto }));
+    assert!(desc.contains("is not owned by the monitor"), "{desc}");
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n0"}),
+    );
+    assert!(
+        desc.contains("Duplicate nodes with node-name='n0'"),
+        "{desc}"
+    );
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "z", "colour": 1}),
+    );
+    assert!(desc.contains("Parameter 'colour' is unexpected"), "{desc}");
+    assert!(
+        !names(&mut q).iter().any(|n| n == "z"),
+        "a refused node stayed"
+    );
+
+    q.ok("blockdev-del", json!({"node-name": "r1"}));
+    q.ok("blockdev-del", json!({"node-name": "f1"}));
+    q.ok("blockdev-del", json!({"node-name": "q1"}));
+    let left = names(&mut q);
+    assert_eq!(left, ["n0"], "everything but the exported node closed");
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k", &s(&dir.path("plain.raw"))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(q);
+    assert!(d.stop().success());
+    assert_clean(&dir.path("top.qcow2"));
+}

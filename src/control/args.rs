@@ -1,55 +1,55 @@
 //! Typed access to a command's arguments, with QMP's error wording for
-//! missing, mistyped and unexpected ones.
+//! missing, mistyped and unexpected ones (the option reader `--blockdev`
+//! uses too, with QMP's strict integers on top).
 
 use serde_json::{Map, Value};
 
 use super::qmp::QmpError;
+use crate::opts::Opts;
 
-pub struct Args {
-    map: Map<String, Value>,
-}
+pub struct Args(Opts);
 
 impl Args {
     pub fn new(map: Map<String, Value>) -> Self {
-        Args { map }
+        Args(Opts::new(map))
     }
 
     /// An argument of any JSON type.
     pub fn take(&mut self, name: &str) -> Option<Value> {
-        self.map.remove(name)
+        self.0.take(name)
     }
 
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
+        self.0.string(name).map_err(QmpError::generic)
+    }
+
+    pub fn str(&mut self, name: &str) -> Result<String, QmpError> {
+        self.0.required_string(name).map_err(QmpError::generic)
+    }
+
+    /// An unsigned integer; QMP takes JSON numbers only ("20G" is a
+    /// string, not a size).
+    pub fn u64(&mut self, name: &str) -> Result<u64, QmpError> {
+        let mistyped = || {
+            QmpError::generic(format!(
+                "Invalid parameter type for '{name}', expected: size"
+            ))
+        };
         match self.take(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(mistyped(name, "string")),
+            None => Err(QmpError::generic(format!("Parameter '{name}' is missing"))),
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(mistyped),
+            Some(_) => Err(mistyped()),
         }
     }
 
-    pub fn u64(&mut self, name: &str) -> Result<u64, QmpError> {
-        match self.take(name) {
-            None => Err(missing(name)),
-            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| mistyped(name, "size")),
-            Some(_) => Err(mistyped(name, "size")),
-        }
+    /// All arguments, as the object they came in (`blockdev-add` takes
+    /// QEMU's BlockdevOptions as its arguments).
+    pub fn into_value(self) -> Value {
+        Value::Object(self.0.into_map())
     }
 
     /// Refuse arguments no one asked for (call after taking the known ones).
     pub fn finish(self) -> Result<(), QmpError> {
-        match self.map.keys().next() {
-            Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
-            None => Ok(()),
-        }
+        self.0.finish().map_err(QmpError::generic)
     }
-}
-
-pub fn missing(name: &str) -> QmpError {
-    QmpError::generic(format!("Parameter '{name}' is missing"))
-}
-
-fn mistyped(name: &str, expected: &str) -> QmpError {
-    QmpError::generic(format!(
-        "Invalid parameter type for '{name}', expected: {expected}"
-    ))
 }

@@ -18,7 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{ControlServer, Daemon as ControlTarget};
 use crate::graph::{
-    all_nodes, drain_all_begin, drain_all_end, find_node, BackendError, BlockBackend, Node,
+    all_nodes, drain_all_begin, drain_all_end, find_node, release_monitor_nodes, BackendError,
+    BlockBackend, Node,
 };
 use crate::uring::IoThread;
 use crate::vhost::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
@@ -100,8 +101,6 @@ pub struct StorageDaemon {
     /// The iothread of exports that name none (QSD runs them in its main
     /// loop; ours is one shared iothread).
     shared_iothread: Option<usize>,
-    /// Nodes added with `--blockdev`: the daemon holds them open.
-    nodes: Vec<Arc<Node>>,
     exports: Vec<RunningExport>,
     control: Option<ControlServer>,
 }
@@ -280,7 +279,7 @@ impl StorageDaemon {
         drain_all_end();
         drop(roots);
         drop(backends);
-        drop(self.nodes);
+        release_monitor_nodes();
         for (_, t) in self.iothreads {
             t.stop();
         }

@@ -98,8 +98,7 @@ pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, Str
         let map = keyval::parse(value, implied).map_err(ctx)?;
         match name.as_str() {
             "--blockdev" => {
-                let node = blockdev_add(Value::Object(map)).map_err(|e| ctx(e.0))?;
-                daemon.nodes.push(node);
+                blockdev_add(Value::Object(map)).map_err(|e| ctx(e.0))?;
             }
             "--object" => add_object(daemon, map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),

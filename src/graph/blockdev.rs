@@ -8,7 +8,7 @@
 //! both, as QEMU's input visitors do. Unknown keys are errors naming them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
@@ -17,7 +17,7 @@ use super::open::{
     open_file_node, open_qcow2_node, open_raw_node, read_qcow2_header, BackingPolicy, ImageFormat,
     ImageOptions,
 };
-use super::registry::{auto_node_name, find_node};
+use super::registry::{all_backends, all_nodes, auto_node_name, find_node};
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{CacheMode, ImageLock, NullDriver};
 use crate::opts::Opts;
@@ -82,13 +82,72 @@ fn common(o: &mut Opts, top: bool, inherited_ro: bool) -> Result<Common, Blockde
     })
 }
 
-/// Add the node `options` describe (and its inline children); returns it.
-/// The caller holds the only reference: dropping it closes the nodes.
+/// Nodes added by `blockdev-add` (QMP or `--blockdev`): the monitor holds
+/// them open until `blockdev-del` or shutdown (QEMU's monitor-owned nodes).
+static MONITOR_OWNED: Mutex<Vec<Arc<Node>>> = Mutex::new(Vec::new());
+
+fn monitor_owned() -> MutexGuard<'static, Vec<Arc<Node>>> {
+    MONITOR_OWNED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Add the node `options` describe (and its inline children), owned by
+/// the monitor until [`blockdev_del`].
 pub fn blockdev_add(options: Value) -> Result<Arc<Node>, BlockdevError> {
     let Value::Object(map) = options else {
         return err("Invalid parameter type, expected: object");
     };
-    add(Opts::new(map), true, false)
+    let node = add(Opts::new(map), true, false)?;
+    monitor_owned().push(node.clone());
+    Ok(node)
+}
+
+/// `blockdev-del`: close a node `blockdev-add` added, unless something
+/// (a parent node, an export) still uses it.
+pub fn blockdev_del(name: &str) -> Result<(), BlockdevError> {
+    let mut owned = monitor_owned();
+    let Some(i) = owned.iter().position(|n| n.name() == name) else {
+        return match find_node(name) {
+            Some(_) => err(format!("Node {name} is not owned by the monitor")),
+            None => err(format!("Failed to find node with node-name='{name}'")),
+        };
+    };
+    if let Some(user) = user_of(&owned[i]) {
+        return err(format!("Node '{name}' is busy: {user}"));
+    }
+    let node = owned.remove(i);
+    drop(owned);
+    // The last reference: the node (and children nobody else holds) close.
+    drop(node);
+    Ok(())
+}
+
+/// Who besides the monitor holds `node`, if anyone.
+fn user_of(node: &Arc<Node>) -> Option<String> {
+    for b in all_backends() {
+        if b.root().is_some_and(|r| Arc::ptr_eq(&r, node)) {
+            return Some(format!("it is in use by '{}'", b.name()));
+        }
+    }
+    for parent in all_nodes() {
+        if let Some(c) = parent
+            .children()
+            .iter()
+            .find(|c| Arc::ptr_eq(&c.node, node))
+        {
+            return Some(format!(
+                "it is the {} child of node '{}'",
+                c.role,
+                parent.name()
+            ));
+        }
+    }
+    None
+}
+
+/// Shutdown: the monitor lets go of every node it holds.
+pub fn release_monitor_nodes() {
+    let nodes = std::mem::take(&mut *monitor_owned());
+    drop(nodes);
 }
 
 fn add(mut o: Opts, top: bool, inherited_ro: bool) -> Result<Arc<Node>, BlockdevError> {

@@ -14,7 +14,7 @@ mod parent;
 mod registry;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps};
-pub use blockdev::{blockdev_add, BlockdevError};
+pub use blockdev::{blockdev_add, blockdev_del, release_monitor_nodes, BlockdevError};
 pub use drain::{drain_all_begin, drain_all_end, DrainError};
 pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};
 pub use node::{Child, ChildRole, Node};

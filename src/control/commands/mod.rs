@@ -1,6 +1,7 @@
 //! The QMP commands, by name. Each runs on its client's thread under the
 //! big control lock, so graph changes never interleave.
 
+mod blockdev;
 mod drain;
 mod query;
 mod resize;
@@ -23,6 +24,8 @@ pub const COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "query-blockstats",
     "query-iothreads",
+    "blockdev-add",
+    "blockdev-del",
     "block_resize",
     "block-drain",
     "block-drained-begin",
@@ -44,6 +47,8 @@ pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: 
         "query-named-block-nodes" => no_args(args).map(|_| query::named_block_nodes()),
         "query-blockstats" => no_args(args).map(|_| query::blockstats(daemon)),
         "query-iothreads" => no_args(args).map(|_| query::iothreads(daemon)),
+        "blockdev-add" => blockdev::add(args),
+        "blockdev-del" => blockdev::del(args),
         "block_resize" => resize::block_resize(daemon, args),
         "block-drain" => drain::block_drain(daemon, args),
         "block-drained-begin" => drain::drained_begin(daemon, sections, args),

@@ -1,0 +1,22 @@
+//! blockdev-add and blockdev-del: the graph builds and closes the nodes;
+//! here the arguments are taken apart and errors become QMP's.
+
+use serde_json::json;
+
+use crate::control::args::Args;
+use crate::control::qmp::{CmdResult, QmpError};
+use crate::graph::{blockdev_add, blockdev_del};
+
+pub fn add(args: Args) -> CmdResult {
+    blockdev_add(args.into_value())
+        .map(|_| json!({}))
+        .map_err(|e| QmpError::generic(e.0))
+}
+
+pub fn del(mut args: Args) -> CmdResult {
+    let name = args.str("node-name")?;
+    args.finish()?;
+    blockdev_del(&name)
+        .map(|()| json!({}))
+        .map_err(|e| QmpError::generic(e.0))
+}
