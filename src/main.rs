@@ -306,18 +306,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         iothreads.push(daemon.add_iothread(&format!("iothread{i}"), poll)?);
     }
     let backend = daemon
-        .add_export(ExportConfig {
-            id: args.id.clone(),
-            root,
-            read_only: args.read_only,
-            num_queues: args.num_queues,
-            queue_size: args.queue_size,
-            logical_block_size: args.logical_block_size,
-            serial: args.serial.clone(),
-            listener: ExportListener::Path(args.socket.clone()),
-            socket_mode: args.socket_mode,
-            iothreads,
-        })
+        .add_export(
+            ExportConfig {
+                id: args.id.clone(),
+                root,
+                read_only: args.read_only,
+                num_queues: args.num_queues,
+                queue_size: args.queue_size,
+                logical_block_size: args.logical_block_size,
+                serial: args.serial.clone(),
+                listener: ExportListener::Path(args.socket.clone()),
+                socket_mode: args.socket_mode,
+            },
+            &iothreads,
+        )
         .map_err(|e| format!("{what}: {e}"))?;
     if let Some(path) = &args.control {
         daemon.start_control(path, args.control_max_clients as usize, request_quit)?;

@@ -21,6 +21,7 @@ use super::qmp::{self, QmpError};
 use crate::graph::Node;
 use crate::uring::IoThreadHandle;
 use crate::vhost::blk::export::BlkExport;
+use crate::vhost::exports::ExportTable;
 use crate::vhost::listen::{bind_listener, AcceptBackoff, SocketFile};
 use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::socket::{wait_for, Wake};
@@ -33,9 +34,11 @@ fn big_lock() -> MutexGuard<'static, ()> {
 
 /// What commands act on, shared by every client.
 pub struct Daemon {
-    pub exports: Vec<Arc<BlkExport>>,
-    /// The daemon's iothreads, for `query-iothreads`.
+    pub exports: Arc<ExportTable>,
+    /// The daemon's iothreads, for `query-iothreads` and `block-export-add`.
     pub iothreads: Vec<IoThreadHandle>,
+    /// Where `block-export-add` puts an export that names no iothread.
+    pub default_iothread: IoThreadHandle,
     clients: Mutex<Vec<Arc<Client>>>,
     shutdown: Box<dyn Fn() + Send + Sync>,
 }
@@ -44,20 +47,22 @@ impl Daemon {
     /// `shutdown` is called by `quit`; it must only start the shutdown
     /// (the daemon's main thread carries it out).
     pub fn new(
-        exports: Vec<Arc<BlkExport>>,
+        exports: Arc<ExportTable>,
         iothreads: Vec<IoThreadHandle>,
+        default_iothread: IoThreadHandle,
         shutdown: impl Fn() + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Daemon {
             exports,
             iothreads,
+            default_iothread,
             clients: Mutex::new(Vec::new()),
             shutdown: Box::new(shutdown),
         })
     }
 
     pub fn export(&self, id: &str) -> Option<Arc<BlkExport>> {
-        self.exports.iter().find(|e| e.id == id).cloned()
+        self.exports.find(id)
     }
 
     pub fn request_shutdown(&self) {

@@ -7,14 +7,10 @@
 pub mod keyval;
 pub mod qsd;
 
-use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{ControlServer, Daemon as ControlTarget};
 use crate::graph::{
@@ -22,16 +18,9 @@ use crate::graph::{
     BlockBackend, Node,
 };
 use crate::uring::IoThread;
-use crate::vhost::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
-use crate::vhost::blk::export::BlkExport;
-use crate::vhost::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
-use crate::vhost::blk::state::ExportState;
-use crate::vhost::server::VhostServer;
+use crate::vhost::exports::ExportTable;
+pub use crate::vhost::exports::{ExportConfig, ExportListener, DEFAULT_SOCKET_MODE};
 
-/// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
-const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Permission bits of a vhost-user socket unless told otherwise.
-pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// QMP clients connected at once unless told otherwise.
 pub const DEFAULT_CONTROL_CLIENTS: usize = 16;
 
@@ -50,50 +39,6 @@ pub fn quit_requested() -> bool {
     QUIT_REQUESTED.load(Ordering::SeqCst)
 }
 
-/// Where an export's frontends connect.
-pub enum ExportListener {
-    /// A socket ringblk creates at this path.
-    Path(PathBuf),
-    /// A listening socket the caller created, passed as this fd.
-    Fd(RawFd),
-}
-
-impl ExportListener {
-    pub fn describe(&self) -> String {
-        match self {
-            ExportListener::Path(p) => std::path::absolute(p)
-                .unwrap_or_else(|_| p.clone())
-                .display()
-                .to_string(),
-            ExportListener::Fd(fd) => format!("fd {fd}"),
-        }
-    }
-}
-
-/// What an export serves and how the device looks to the guest.
-pub struct ExportConfig {
-    pub id: String,
-    pub root: Arc<Node>,
-    pub read_only: bool,
-    pub num_queues: u16,
-    pub queue_size: u16,
-    pub logical_block_size: u32,
-    /// Up to 20 bytes.
-    pub serial: String,
-    pub listener: ExportListener,
-    /// Permission bits of the socket file.
-    pub socket_mode: u32,
-    /// Indices into the daemon's iothreads: queue k runs on `iothreads[k mod n]`.
-    pub iothreads: Vec<usize>,
-}
-
-struct RunningExport {
-    export: Arc<BlkExport>,
-    backend: Arc<BlockBackend>,
-    stopper: EventFd,
-    server: JoinHandle<()>,
-}
-
 #[derive(Default)]
 pub struct StorageDaemon {
     /// Iothreads and their ids (`--object iothread,id=`).
@@ -101,7 +46,7 @@ pub struct StorageDaemon {
     /// The iothread of exports that name none (QSD runs them in its main
     /// loop; ours is one shared iothread).
     shared_iothread: Option<usize>,
-    exports: Vec<RunningExport>,
+    exports: Arc<ExportTable>,
     control: Option<ControlServer>,
 }
 
@@ -151,77 +96,20 @@ impl StorageDaemon {
         find_node(name)
     }
 
-    /// Export `cfg.root` on `cfg.socket`; frontends are accepted from now on.
-    pub fn add_export(&mut self, cfg: ExportConfig) -> Result<Arc<BlockBackend>, String> {
-        if cfg.serial.len() > VIRTIO_BLK_ID_BYTES {
-            return Err(format!(
-                "export {}: serial '{}' is longer than {VIRTIO_BLK_ID_BYTES} bytes",
-                cfg.id, cfg.serial
-            ));
-        }
-        let threads = cfg
-            .iothreads
+    /// Export `cfg.root`, its queues on the daemon's iothreads at
+    /// `iothreads` (queue k on the k mod n-th); frontends are accepted from
+    /// now on.
+    pub fn add_export(
+        &mut self,
+        cfg: ExportConfig,
+        iothreads: &[usize],
+    ) -> Result<Arc<BlockBackend>, String> {
+        let handles = iothreads
             .iter()
             .map(|&i| self.iothreads.get(i).map(|(_, t)| t.handle()))
             .collect::<Option<Vec<_>>>()
-            .filter(|t| !t.is_empty())
             .ok_or_else(|| format!("export {}: no such iothread", cfg.id))?;
-        let backend = BlockBackend::new(&cfg.id, cfg.root, cfg.read_only);
-        let bs = cfg.logical_block_size as u64;
-        if backend.size() < bs {
-            return Err(format!(
-                "export {}: the disk is smaller than one {bs}-byte block",
-                cfg.id
-            ));
-        }
-        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
-        serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
-        let geometry = BlkGeometry {
-            num_queues: cfg.num_queues,
-            queue_size: cfg.queue_size,
-            read_only: cfg.read_only,
-            limits: Limits {
-                block_size: cfg.logical_block_size,
-                size_max: SIZE_MAX,
-                seg_max: seg_max_for(cfg.queue_size),
-                max_discard_sectors: MAX_DISCARD_SECTORS,
-                max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
-                max_segments: 1,
-                serial,
-            },
-        };
-        let state = ExportState::new(
-            &cfg.id,
-            backend.clone(),
-            geometry.limits.clone(),
-            geometry.seg_max() as usize + 2,
-            cfg.num_queues,
-        );
-        let export = Arc::new(BlkExport {
-            id: cfg.id.clone(),
-            geometry,
-            state,
-            iothreads: threads,
-            socket: PathBuf::from(cfg.listener.describe()),
-            connected: AtomicBool::new(false),
-        });
-        let server = match &cfg.listener {
-            ExportListener::Path(p) => VhostServer::bind(p, cfg.socket_mode, export.clone()),
-            ExportListener::Fd(fd) => VhostServer::from_fd(*fd, export.clone()),
-        }
-        .map_err(|e| format!("export {}: {e}", cfg.id))?;
-        let stopper = server.stopper().map_err(|e| e.to_string())?;
-        let server = std::thread::Builder::new()
-            .name("vhost".into())
-            .spawn(move || server.serve())
-            .map_err(|e| format!("export {}: cannot start its thread: {e}", cfg.id))?;
-        self.exports.push(RunningExport {
-            export,
-            backend: backend.clone(),
-            stopper,
-            server,
-        });
-        Ok(backend)
+        self.exports.add(cfg, handles)
     }
 
     /// Open the QMP control socket over the exports added so far. `quit`
@@ -232,9 +120,17 @@ impl StorageDaemon {
         max_clients: usize,
         quit: impl Fn() + Send + Sync + 'static,
     ) -> Result<(), String> {
-        let exports = self.exports.iter().map(|e| e.export.clone()).collect();
+        // Exports added over QMP without an iothread go where command-line
+        // exports without one went, else onto the first iothread; a thread
+        // is started for them only if there is none at all.
+        let shared = match self.shared_iothread {
+            Some(i) => i,
+            None if !self.iothreads.is_empty() => 0,
+            None => self.iothreads_for(&[])?[0],
+        };
+        let default = self.iothreads[shared].1.handle();
         let iothreads = self.iothreads.iter().map(|(_, t)| t.handle()).collect();
-        let target = ControlTarget::new(exports, iothreads, quit);
+        let target = ControlTarget::new(self.exports.clone(), iothreads, default, quit);
         let server = ControlServer::start(path, target, max_clients)
             .map_err(|e| format!("control socket: {e}"))?;
         self.control = Some(server);
@@ -249,20 +145,10 @@ impl StorageDaemon {
     /// files sync) -> nothing may be left open. `reason` is the SHUTDOWN
     /// event's.
     pub fn shutdown(self, reason: &str) -> Result<(), String> {
-        let mut failed = Vec::new();
         if let Some(c) = self.control {
             c.shutdown(reason);
         }
-        for e in &self.exports {
-            let _ = e.stopper.write(1);
-        }
-        let mut backends = Vec::new();
-        for e in self.exports {
-            if e.server.join().is_err() {
-                failed.push(format!("export {}: its vhost thread panicked", e.export.id));
-            }
-            backends.push(e.backend);
-        }
+        let (backends, mut failed) = self.exports.stop_all();
         drain_all_begin();
         let mut roots = Vec::new();
         for b in &backends {

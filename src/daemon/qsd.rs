@@ -10,9 +10,10 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::keyval;
-use super::{ExportConfig, ExportListener, StorageDaemon};
+use super::StorageDaemon;
 use crate::graph::blockdev_add;
 use crate::opts::Opts;
+use crate::vhost::exports::ExportOptions;
 
 /// The QSD options ringblk takes (each with a value but `--daemonize`).
 pub const OPTIONS: [&str; 8] = [
@@ -167,74 +168,17 @@ fn monitor(
 
 /// `--export type=vhost-user-blk,...`; returns its banner line.
 fn export(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<String, String> {
-    let mut o = Opts::new(map);
-    let kind = o.required_string("type")?;
-    if kind != "vhost-user-blk" {
-        return Err(format!(
-            "export type '{kind}' is not supported (only vhost-user-blk)"
-        ));
-    }
-    let id = o.required_string("id")?;
-    let node_name = o.required_string("node-name")?;
-    let root = daemon
-        .node(&node_name)
-        .ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
-    let writable = o.bool("writable", false)?;
-    o.bool("writethrough", false)?;
-    let num_queues = o.size("num-queues")?.unwrap_or(1);
-    let num_queues = u16::try_from(num_queues)
-        .ok()
-        .filter(|n| (1..=64).contains(n))
-        .ok_or_else(|| format!("num-queues must be from 1 to 64, not {num_queues}"))?;
-    let logical_block_size = match o.size("logical-block-size")?.unwrap_or(512) {
-        n @ (512 | 4096) => n as u32,
-        n => return Err(format!("logical-block-size must be 512 or 4096, not {n}")),
-    };
-    let iothreads = match o.take("iothread") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(a)) => a
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err("Invalid parameter type for 'iothread', expected: string".to_string()),
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err("Invalid parameter type for 'iothread', expected: string".into()),
-    };
-    o.bool("fixed-iothread", false)?;
-    let mut addr = o.nested("addr")?;
-    let listener = match addr.required_string("type")?.as_str() {
-        "unix" => ExportListener::Path(PathBuf::from(addr.required_string("path")?)),
-        "fd" => {
-            let s = addr.required_string("str")?;
-            let fd = s
-                .parse::<i32>()
-                .map_err(|_| format!("addr.str: '{s}' is not a file descriptor number"))?;
-            ExportListener::Fd(fd)
-        }
-        other => return Err(format!("addr.type '{other}' is not supported (unix or fd)")),
-    };
-    addr.finish()?;
-    o.finish()?;
+    let ExportOptions { config, iothreads } = ExportOptions::parse(map)?;
     let iothreads = daemon.iothreads_for(&iothreads)?;
     let line = format!(
-        "ringblk: listening on {} (export {id}, node {node_name}, {num_queues} queue(s){})",
-        listener.describe(),
-        if writable { "" } else { ", read-only" }
+        "ringblk: listening on {} (export {}, node {}, {} queue(s){})",
+        config.listener.describe(),
+        config.id,
+        config.root.name(),
+        config.num_queues,
+        if config.read_only { ", read-only" } else { "" }
     );
-    daemon.add_export(ExportConfig {
-        id,
-        root,
-        read_only: !writable,
-        num_queues,
-        queue_size: 256,
-        logical_block_size,
-        serial: String::new(),
-        listener,
-        socket_mode: super::DEFAULT_SOCKET_MODE,
-        iothreads,
-    })?;
+    daemon.add_export(config, &iothreads)?;
     Ok(line)
 }
 

@@ -1,6 +1,7 @@
 //! The device side of vhost-user, serving a virtio-blk device.
 
 pub mod blk;
+pub mod exports;
 pub mod listen;
 pub mod memory;
 pub(crate) mod message;

@@ -3,6 +3,7 @@
 
 mod blockdev;
 mod drain;
+mod export;
 mod query;
 mod resize;
 mod target;
@@ -26,6 +27,8 @@ pub const COMMANDS: &[&str] = &[
     "query-iothreads",
     "blockdev-add",
     "blockdev-del",
+    "block-export-add",
+    "block-export-del",
     "block_resize",
     "block-drain",
     "block-drained-begin",
@@ -49,6 +52,8 @@ pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: 
         "query-iothreads" => no_args(args).map(|_| query::iothreads(daemon)),
         "blockdev-add" => blockdev::add(args),
         "blockdev-del" => blockdev::del(args),
+        "block-export-add" => export::add(daemon, args),
+        "block-export-del" => export::del(daemon, args),
         "block_resize" => resize::block_resize(daemon, args),
         "block-drain" => drain::block_drain(daemon, args),
         "block-drained-begin" => drain::drained_begin(daemon, sections, args),

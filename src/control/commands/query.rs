@@ -13,12 +13,14 @@ pub fn block_exports(daemon: &Daemon) -> Value {
     Value::Array(
         daemon
             .exports
+            .list()
             .iter()
             .map(|e| {
                 let b = &e.state.backend;
                 json!({
                     "id": e.id,
                     "type": "vhost-user-blk",
+                    "shutting-down": false,
                     "node-name": b.root().map(|n| n.name().to_string()),
                     "num-queues": e.geometry.num_queues,
                     "socket": e.socket.display().to_string(),
@@ -127,6 +129,7 @@ pub fn blockstats(daemon: &Daemon) -> Value {
     Value::Array(
         daemon
             .exports
+            .list()
             .iter()
             .map(|e| {
                 let per_queue: Vec<StatsSnapshot> =

@@ -50,16 +50,12 @@ pub fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpError> {
         (None, Some(name)) => {
             let node = find_node(&name)
                 .ok_or_else(|| QmpError::not_found(format!("Cannot find node '{name}'")))?;
-            let export = daemon
-                .exports
-                .iter()
-                .find(|e| {
-                    e.state
-                        .backend
-                        .root()
-                        .is_some_and(|r| Arc::ptr_eq(&r, &node))
-                })
-                .cloned();
+            let export = daemon.exports.list().into_iter().find(|e| {
+                e.state
+                    .backend
+                    .root()
+                    .is_some_and(|r| Arc::ptr_eq(&r, &node))
+            });
             Ok(Target { node, export })
         }
     }

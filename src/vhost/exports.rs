@@ -1,0 +1,307 @@
+//! The running exports: each a BlockBackend over a node, a virtio-blk
+//! device, and the thread serving its vhost-user socket. Exports are added
+//! from the command line and by QMP `block-export-add`, and removed by
+//! `block-export-del` and at shutdown.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use serde_json::{Map, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
+use super::blk::export::BlkExport;
+use super::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
+use super::blk::state::ExportState;
+use super::server::VhostServer;
+use crate::graph::{find_node, BlockBackend, Node};
+use crate::opts::Opts;
+use crate::uring::IoThreadHandle;
+
+/// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Permission bits of a vhost-user socket unless told otherwise.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Virtqueue size the device is set up for when nobody says (seg_max
+/// follows from it; the frontend picks the real size).
+const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Where an export's frontends connect.
+pub enum ExportListener {
+    /// A socket ringblk creates at this path.
+    Path(PathBuf),
+    /// A listening socket the caller created, passed as this fd.
+    Fd(RawFd),
+}
+
+impl ExportListener {
+    pub fn describe(&self) -> String {
+        match self {
+            ExportListener::Path(p) => std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+            ExportListener::Fd(fd) => format!("fd {fd}"),
+        }
+    }
+}
+
+/// What an export serves and how the device looks to the guest.
+pub struct ExportConfig {
+    pub id: String,
+    pub root: Arc<Node>,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub logical_block_size: u32,
+    /// Up to 20 bytes.
+    pub serial: String,
+    pub listener: ExportListener,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+}
+
+/// QEMU's BlockExportOptions for `type=vhost-user-blk`, read from
+/// `--export` or `block-export-add`; `iothreads` are still names.
+pub struct ExportOptions {
+    pub config: ExportConfig,
+    pub iothreads: Vec<String>,
+}
+
+impl ExportOptions {
+    pub fn parse(map: Map<String, Value>) -> Result<ExportOptions, String> {
+        let mut o = Opts::new(map);
+        let kind = o.required_string("type")?;
+        if kind != "vhost-user-blk" {
+            return Err(format!(
+                "export type '{kind}' is not supported (only vhost-user-blk)"
+            ));
+        }
+        let id = o.required_string("id")?;
+        let node_name = o.required_string("node-name")?;
+        let root = find_node(&node_name)
+            .ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
+        let writable = o.bool("writable", false)?;
+        o.bool("writethrough", false)?;
+        let n = o.size("num-queues")?.unwrap_or(1);
+        let num_queues = u16::try_from(n)
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| format!("num-queues must be from 1 to 64, not {n}"))?;
+        let logical_block_size = match o.size("logical-block-size")?.unwrap_or(512) {
+            n @ (512 | 4096) => n as u32,
+            n => return Err(format!("logical-block-size must be 512 or 4096, not {n}")),
+        };
+        let mistyped = || "Invalid parameter type for 'iothread', expected: string".to_string();
+        let iothreads = match o.take("iothread") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s],
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(mistyped()),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(mistyped()),
+        };
+        o.bool("fixed-iothread", false)?;
+        let mut addr = o.nested("addr")?;
+        let listener = match addr.required_string("type")?.as_str() {
+            "unix" => ExportListener::Path(PathBuf::from(addr.required_string("path")?)),
+            "fd" => {
+                let s = addr.required_string("str")?;
+                let fd = s
+                    .parse::<RawFd>()
+                    .map_err(|_| format!("addr.str: '{s}' is not a file descriptor number"))?;
+                ExportListener::Fd(fd)
+            }
+            other => return Err(format!("addr.type '{other}' is not supported (unix or fd)")),
+        };
+        addr.finish()?;
+        o.finish()?;
+        Ok(ExportOptions {
+            config: ExportConfig {
+                id,
+                root,
+                read_only: !writable,
+                num_queues,
+                queue_size: DEFAULT_QUEUE_SIZE,
+                logical_block_size,
+                serial: String::new(),
+                listener,
+                socket_mode: DEFAULT_SOCKET_MODE,
+            },
+            iothreads,
+        })
+    }
+}
+
+struct RunningExport {
+    export: Arc<BlkExport>,
+    backend: Arc<BlockBackend>,
+    stopper: EventFd,
+    server: JoinHandle<()>,
+}
+
+impl RunningExport {
+    /// Stop accepting frontends, let the connected one's in-flight requests
+    /// complete, disconnect it, and let go of the node.
+    fn stop(self) -> Result<Arc<BlockBackend>, String> {
+        let _ = self.stopper.write(1);
+        let joined = self.server.join();
+        let id = &self.export.id;
+        joined.map_err(|_| format!("export {id}: its vhost thread panicked"))?;
+        Ok(self.backend)
+    }
+}
+
+/// Every running export.
+#[derive(Default)]
+pub struct ExportTable {
+    exports: Mutex<Vec<RunningExport>>,
+}
+
+impl ExportTable {
+    fn lock(&self) -> MutexGuard<'_, Vec<RunningExport>> {
+        self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Start serving `cfg`; queue k runs on `iothreads[k mod n]`.
+    pub fn add(
+        &self,
+        cfg: ExportConfig,
+        iothreads: Vec<IoThreadHandle>,
+    ) -> Result<Arc<BlockBackend>, String> {
+        let id = cfg.id.clone();
+        if self.lock().iter().any(|e| e.export.id == id) {
+            return Err(format!("Block export id '{id}' is already in use"));
+        }
+        if cfg.serial.len() > VIRTIO_BLK_ID_BYTES {
+            return Err(format!(
+                "export {id}: serial '{}' is longer than {VIRTIO_BLK_ID_BYTES} bytes",
+                cfg.serial
+            ));
+        }
+        if iothreads.is_empty() {
+            return Err(format!("export {id}: no iothread"));
+        }
+        let backend = BlockBackend::new(&id, cfg.root, cfg.read_only);
+        let bs = cfg.logical_block_size as u64;
+        if backend.size() < bs {
+            backend.eject();
+            return Err(format!(
+                "export {id}: the disk is smaller than one {bs}-byte block"
+            ));
+        }
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+        serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
+        let geometry = BlkGeometry {
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            read_only: cfg.read_only,
+            limits: Limits {
+                block_size: cfg.logical_block_size,
+                size_max: SIZE_MAX,
+                seg_max: seg_max_for(cfg.queue_size),
+                max_discard_sectors: MAX_DISCARD_SECTORS,
+                max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+                max_segments: 1,
+                serial,
+            },
+        };
+        let state = ExportState::new(
+            &id,
+            backend.clone(),
+            geometry.limits.clone(),
+            geometry.seg_max() as usize + 2,
+            cfg.num_queues,
+        );
+        let export = Arc::new(BlkExport {
+            id: id.clone(),
+            geometry,
+            state,
+            iothreads,
+            socket: PathBuf::from(cfg.listener.describe()),
+            connected: AtomicBool::new(false),
+        });
+        let server = match &cfg.listener {
+            ExportListener::Path(p) => VhostServer::bind(p, cfg.socket_mode, export.clone()),
+            ExportListener::Fd(fd) => VhostServer::from_fd(*fd, export.clone()),
+        };
+        let started = server.and_then(|server| {
+            let stopper = server.stopper()?;
+            let thread = std::thread::Builder::new()
+                .name("vhost".into())
+                .spawn(move || server.serve())?;
+            Ok((stopper, thread))
+        });
+        let (stopper, server) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                backend.eject();
+                return Err(format!("export {id}: {e}"));
+            }
+        };
+        self.lock().push(RunningExport {
+            export,
+            backend: backend.clone(),
+            stopper,
+            server,
+        });
+        Ok(backend)
+    }
+
+    /// The exports, in the order they were added.
+    pub fn list(&self) -> Vec<Arc<BlkExport>> {
+        self.lock().iter().map(|e| e.export.clone()).collect()
+    }
+
+    pub fn find(&self, id: &str) -> Option<Arc<BlkExport>> {
+        self.lock()
+            .iter()
+            .find(|e| e.export.id == id)
+            .map(|e| e.export.clone())
+    }
+
+    /// `block-export-del`: stop export `id` and detach it from its node.
+    /// Unless `hard`, an export with a frontend connected is refused.
+    pub fn remove(&self, id: &str, hard: bool) -> Result<(), String> {
+        let running = {
+            let mut all = self.lock();
+            let i = all
+                .iter()
+                .position(|e| e.export.id == id)
+                .ok_or_else(|| format!("Export '{id}' is not found"))?;
+            if !hard && all[i].export.is_connected() {
+                return Err(format!("export '{id}' is in use"));
+            }
+            all.remove(i)
+        };
+        // Outside the table's lock: stopping waits for the frontend's
+        // requests, and queries must not wait meanwhile.
+        let backend = running.stop()?;
+        backend.eject();
+        Ok(())
+    }
+
+    /// Stop every export (shutdown): all stop accepting at once, then each
+    /// finishes; their BlockBackends, still attached, are returned.
+    pub fn stop_all(&self) -> (Vec<Arc<BlockBackend>>, Vec<String>) {
+        let all = std::mem::take(&mut *self.lock());
+        for e in &all {
+            let _ = e.stopper.write(1);
+        }
+        let (mut backends, mut failed) = (Vec::new(), Vec::new());
+        for e in all {
+            match e.stop() {
+                Ok(b) => backends.push(b),
+                Err(err) => failed.push(err),
+            }
+        }
+        (backends, failed)
+    }
+}

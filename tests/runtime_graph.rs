@@ -1,0 +1,243 @@
+//! The graph changes at run time while a guest writes: disks are added,
+//! exported, unexported and deleted over QMP, beside an export under load
+//! on a shared iothread.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::qemu_img::{assert_clean, qemu_img};
+use common::qmp::Qmp;
+use common::*;
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+const BLK: usize = 64 * 1024;
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// Open fds and threads of `pid`, io_uring's own workers aside.
+fn fds_and_threads(pid: i32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|n| !n.starts_with("iou-wrk"))
+        .count();
+    (fds, threads)
+}
+
+#[test]
+fn exports_come_and_go_while_another_is_written() {
+    let dir = TestDir::new("runtime-graph");
+    let a_img = dir.path("a.raw");
+    make_raw(&a_img, 64 * MIB);
+    let a_sock = dir.path("a.sock");
+    let qmp_sock = dir.path("qmp.sock");
+    let blockdev = format!(
+        "driver=raw,node-name=a,file.driver=file,file.filename={},file.cache.direct=on",
+        s(&a_img)
+    );
+    let export = format!(
+        "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path={},writable=on,iothread=io0",
+        s(&a_sock)
+    );
+    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
+    let d = Daemon::start_qsd(
+        &a_sock,
+        &[
+            "--object",
+            "iothread,id=io0",
+            "--blockdev",
+            &blockdev,
+            "--export",
+            &export,
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=m",
+        ],
+        |_| {},
+    );
+    let pid = d.pid();
+    let mut q = Qmp::connect(&qmp_sock);
+    let base = fds_and_threads(pid);
+
+    // Export A: write a block, read it back, forever, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut a = connect(&a_sock, 1).unwrap();
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let blk = round % 512;
+                pattern(&mut a.buf()[..BLK], blk, round);
+                assert_eq!(
+                    a.run(0, Req::Write(blk * BLK as u64, 0, BLK)),
+                    0,
+                    "A: write"
+                );
+                assert_eq!(
+                    a.run(0, Req::Read(blk * BLK as u64, BLK, BLK)),
+                    0,
+                    "A: read"
+                );
+                let (w, r) = a.buf().split_at(BLK);
+                assert!(w == &r[..BLK], "A: block {blk} read back other data");
+                round += 1;
+            }
+            round
+        })
+    };
+
+    for i in 0..20u64 {
+        let img = dir.path(&format!("b{i}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &s(&img), "32M"]);
+        let b_sock = dir.path(&format!("b{i}.sock"));
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "b",
+                   "file": {"driver": "file", "filename": s(&img)}}),
+        );
+        q.ok(
+            "block-export-add",
+            json!({"type": "vhost-user-blk", "id": "eb", "node-name": "b", "writable": true,
+                   "iothread": "io0", "addr": {"type": "unix", "path": s(&b_sock)}}),
+        );
+        let mut b = connect(&b_sock, 1).unwrap();
+        pattern(&mut b.buf()[..BLK], i, 1);
+        assert_eq!(b.run(0, Req::Write(0, 0, BLK)), 0);
+        assert_eq!(b.run(0, Req::Read(0, BLK, BLK)), 0);
+        let (w, r) = b.buf().split_at(BLK);
+        assert!(w == &r[..BLK], "B{i}: read back other data");
+        // In use: safe mode refuses, blockdev-del too.
+        let (_, desc) = q.err("block-export-del", json!({"id": "eb"}));
+        assert!(desc.contains("in use"), "{desc}");
+        let (_, desc) = q.err("blockdev-del", json!({"node-name": "b"}));
+        assert!(desc.contains("busy"), "{desc}");
+        // Mid-I/O: requests in flight when the export goes complete
+        // successfully or never; none fails.
+        for k in 0..8 {
+            submit(
+                &mut b.queues[0],
+                b.region.addr,
+                Req::Write(k * BLK as u64, 0, BLK),
+                k as usize,
+            );
+        }
+        // Kick them off without waiting for any.
+        b.queues[0].do_io(&mut [], 0, None, None).unwrap();
+        q.ok("block-export-del", json!({"id": "eb", "mode": "hard"}));
+        let ev = q.event();
+        assert_eq!(ev["event"], "BLOCK_EXPORT_DELETED");
+        assert_eq!(ev["data"]["id"], "eb");
+        while let Some(c) = wait_one_for(&mut b.queues[0], Duration::from_millis(200)) {
+            assert_eq!(c.ret, 0, "B{i}: a request failed as its export went");
+        }
+        drop(b);
+        q.ok("blockdev-del", json!({"node-name": "b"}));
+        assert!(!b_sock.exists(), "B{i}'s socket stayed");
+        assert_clean(&img);
+    }
+    let exports = q.ok("query-block-exports", json!({}));
+    assert_eq!(exports.as_array().unwrap().len(), 1, "{exports}");
+
+    stop.store(true, Ordering::SeqCst);
+    let rounds = writer.join().unwrap();
+    assert!(rounds > 0);
+    // Nothing left behind by twenty exports and their nodes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = fds_and_threads(pid);
+        if now.0 <= base.0 && now.1 <= base.1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fds and threads {now:?}, before {base:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(q);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn export_add_errors_change_nothing() {
+    let dir = TestDir::new("export-errors");
+    let sock = dir.path("a.sock");
+    let qmp_sock = dir.path("qmp.sock");
+    let export = format!(
+        "type=vhost-user-blk,id=ea,node-name=n,addr.type=unix,addr.path={}",
+        s(&sock)
+    );
+    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
+    let d = Daemon::start_qsd(
+        &sock,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n",
+            "--export",
+            &export,
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=m",
+        ],
+        |_| {},
+    );
+    let mut q = Qmp::connect(&qmp_sock);
+    let other = s(&dir.path("b.sock"));
+    let cases = [
+        (
+            json!({"type": "vhost-user-blk", "id": "eb", "node-name": "missing",
+                "addr": {"type": "unix", "path": other}}),
+            "node-name='missing'",
+        ),
+        (
+            json!({"type": "vhost-user-blk", "id": "eb", "node-name": "n",
+                "addr": {"type": "unix", "path": s(&sock)}}),
+            "another process is listening",
+        ),
+        (
+            json!({"type": "vhost-user-blk", "id": "ea", "node-name": "n",
+                "addr": {"type": "unix", "path": other}}),
+            "Block export id 'ea' is already in use",
+        ),
+        (
+            json!({"type": "nbd", "id": "eb", "node-name": "n"}),
+            "export type 'nbd' is not supported",
+        ),
+        (
+            json!({"type": "vhost-user-blk", "id": "eb", "node-name": "n", "iothread": "nope",
+                "addr": {"type": "unix", "path": other}}),
+            "Cannot find iothread nope",
+        ),
+        (
+            json!({"type": "vhost-user-blk", "id": "eb", "node-name": "n", "bogus": 1,
+                "addr": {"type": "unix", "path": other}}),
+            "Parameter 'bogus' is unexpected",
+        ),
+    ];
+    for (args, want) in cases {
+        let (_, desc) = q.err("block-export-add", args.clone());
+        assert!(desc.contains(want), "{args}: {desc}");
+        let exports = q.ok("query-block-exports", json!({}));
+        assert_eq!(exports.as_array().unwrap().len(), 1, "{args}: {exports}");
+        assert!(!dir.path("b.sock").exists(), "{args}: a socket stayed");
+    }
+    let (_, desc) = q.err("block-export-del", json!({"id": "nothing"}));
+    assert!(desc.contains("Export 'nothing' is not found"), "{desc}");
+    // The first export still serves.
+    assert!(connect_read_only(&sock).is_ok());
+    drop(q);
+    assert!(d.stop().success());
+}
