@@ -4,6 +4,7 @@ pub mod blk;
 pub mod listen;
 pub mod memory;
 pub(crate) mod message;
+pub mod notify_fd;
 pub mod ratelimit;
 pub mod server;
 pub mod session;

@@ -20,6 +20,7 @@ use super::blk::export::BlkExport;
 use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
 use super::memory::{MemoryMap, SharedMemory};
 use super::message::{self, Request};
+use super::notify_fd;
 use super::ratelimit::LogLimiter;
 use super::socket::{self, FrameError, Message};
 
@@ -322,9 +323,9 @@ impl<'a> Session<'a> {
                 if !self.features_set {
                     return Err(format!("vring {index}: kick fd before SET_FEATURES"));
                 }
-                let fd = take_fd(msg)?;
+                let kick = notify_fd::accept(take_fd(msg)?, index, "kick")?;
                 self.stop_vring(index);
-                self.vrings[index].kick = Some(Arc::new(File::from(fd)));
+                self.vrings[index].kick = Some(Arc::new(kick));
                 if !self.protocol_features_acked() {
                     self.vrings[index].enabled = true;
                 }
@@ -332,8 +333,11 @@ impl<'a> Session<'a> {
                 Ok(Reply::Ack)
             }
             Request::SetVringCall { index, has_fd } => {
-                let fd = if has_fd { Some(take_fd(msg)?) } else { None };
-                self.vrings[index].call.set(fd.map(File::from));
+                let call = match has_fd {
+                    true => Some(notify_fd::accept(take_fd(msg)?, index, "call")?),
+                    false => None,
+                };
+                self.vrings[index].call.set(call);
                 Ok(Reply::Ack)
             }
             Request::SetVringErr => Ok(Reply::Ack),

@@ -21,6 +21,7 @@ use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
 use crate::uring::{self, ops};
 use crate::vhost::memory::{GuestRam, SharedMemory};
+use crate::vhost::notify_fd;
 use crate::vhost::ratelimit::LogLimiter;
 
 /// Everything a queue needs to start, gathered by the vhost session.
@@ -66,11 +67,17 @@ impl CallFd {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 
-    /// Signal the guest; false if the write failed.
+    /// Signal the guest; false if the write failed. Never blocks: the fd
+    /// is non-blocking (`notify_fd::accept`), and a counter the frontend
+    /// saturated already reads as signalled, so that notification is
+    /// simply dropped.
     fn signal(&self) -> bool {
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Some(f) = guard.as_ref() else { return true };
-        uring::signal_eventfd(f.as_raw_fd()).is_ok()
+        match uring::signal_eventfd(f.as_raw_fd()) {
+            Ok(()) => true,
+            Err(e) => notify_fd::already_signalled(&e),
+        }
     }
 }
 
@@ -94,8 +101,11 @@ impl QueueControl {
     /// Make the queue look at its avail ring again (to stop, or after a
     /// drained section).
     pub fn wake(&self) {
-        if let Err(e) = uring::signal_eventfd(self.kick.as_raw_fd()) {
-            log::error!("cannot wake a queue: {e}");
+        match uring::signal_eventfd(self.kick.as_raw_fd()) {
+            Ok(()) => {}
+            // Saturated: the task sees the kick fd readable anyway.
+            Err(e) if notify_fd::already_signalled(&e) => {}
+            Err(e) => log::error!("cannot wake a queue: {e}"),
         }
     }
 
@@ -251,7 +261,15 @@ impl Worker {
         let poller = uring::add_poller(self.clone());
         while !self.control.stop.load(Ordering::Acquire) {
             self.process_avail(true);
-            if let Err(e) = ops::read_eventfd(self.kick.as_raw_fd()).await {
+            let kicked = match ops::read_eventfd(self.kick.as_raw_fd()).await {
+                // A non-blocking eventfd read on a kernel that does not
+                // retry it in the ring: wait for it in the ring instead.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ops::wait_readable(self.kick.as_raw_fd()).await
+                }
+                r => r,
+            };
+            if let Err(e) = kicked {
                 log::error!(
                     "queue {}: kick eventfd failed: {e}; stopping the queue",
                     self.index
