@@ -1,11 +1,11 @@
 //! One frontend connection: the vhost-user message state machine.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserU64,
@@ -28,8 +28,8 @@ use super::socket::{self, FrameError, Message};
 const MAX_MEM_SLOTS: u64 = 509;
 /// How long the rest of a started frame may take to arrive, and a reply
 /// to be taken: a frontend that stalls mid-frame, or stops reading our
-/// replies, is disconnected instead of holding the daemon (and its
-/// shutdown) forever.
+/// replies, is disconnected instead of holding the export forever. The
+/// daemon's shutdown does not wait for it: it abandons the frame at once.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn protocol_features() -> VhostUserProtocolFeatures {
@@ -72,6 +72,8 @@ pub struct Session<'a> {
     shared_mem: Arc<SharedMemory>,
     vrings: Vec<Vring>,
     log: LogLimiter,
+    /// Signalled when the daemon shuts down (set by `run`).
+    stop_fd: RawFd,
 }
 
 impl<'a> Session<'a> {
@@ -87,21 +89,13 @@ impl<'a> Session<'a> {
             shared_mem: SharedMemory::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             log: LogLimiter::default(),
+            stop_fd: -1,
         }
     }
 
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
     pub fn run(&mut self, stop_fd: i32) {
-        // Reads start only once poll says the socket is readable, so the
-        // timeout bounds a stall inside a frame, not idle time between frames.
-        let timeouts = self
-            .stream
-            .set_read_timeout(Some(STALL_TIMEOUT))
-            .and_then(|()| self.stream.set_write_timeout(Some(STALL_TIMEOUT)));
-        if let Err(e) = timeouts {
-            log::error!("export {}: cannot set socket timeouts: {e}", self.export.id);
-            return;
-        }
+        self.stop_fd = stop_fd;
         loop {
             match socket::wait_for(self.stream.as_raw_fd(), stop_fd) {
                 Ok(socket::Wake::Ready) => {}
@@ -117,7 +111,9 @@ impl<'a> Session<'a> {
                     break;
                 }
             }
-            match socket::recv_message(self.stream) {
+            // The bound starts with the frame: idle time between frames is
+            // the frontend's to take.
+            match socket::recv_message(self.stream, self.bound()) {
                 Ok(msg) => {
                     if let Err(e) = self.dispatch(msg) {
                         log::error!("export {}: {e}; closing the connection", self.export.id);
@@ -135,6 +131,14 @@ impl<'a> Session<'a> {
             }
         }
         self.reset();
+    }
+
+    /// How long from now a frame or reply may take.
+    fn bound(&self) -> socket::Bound {
+        socket::Bound {
+            deadline: Instant::now() + STALL_TIMEOUT,
+            stop_fd: self.stop_fd,
+        }
     }
 
     /// Stop every queue (their requests finish) and forget the frontend's state.
@@ -161,7 +165,7 @@ impl<'a> Session<'a> {
         };
         // Unused fds (refused messages) are closed when `msg` drops.
         let sent = match result {
-            Ok(Reply::Payload(p)) => socket::send_reply(self.stream, code, &p),
+            Ok(Reply::Payload(p)) => socket::send_reply(self.stream, code, &p, self.bound()),
             Ok(Reply::Ack) => self.ack(&msg, 0),
             Err(e) => {
                 if self.log.allow("refused message") {
@@ -169,7 +173,12 @@ impl<'a> Session<'a> {
                 }
                 if FrontendReq::try_from(code) == Ok(FrontendReq::GET_CONFIG) {
                     // A config header with size 0 tells the frontend the read failed.
-                    socket::send_reply(self.stream, code, VhostUserConfig::default().as_slice())
+                    socket::send_reply(
+                        self.stream,
+                        code,
+                        VhostUserConfig::default().as_slice(),
+                        self.bound(),
+                    )
                 } else if message::has_payload_reply(code) {
                     return Err(format!("{name} refused ({e})"));
                 } else {
@@ -181,12 +190,13 @@ impl<'a> Session<'a> {
     }
 
     /// Acknowledge a request if the frontend asked for it (REPLY_ACK).
-    fn ack(&self, msg: &Message, status: u64) -> std::io::Result<()> {
+    fn ack(&self, msg: &Message, status: u64) -> Result<(), FrameError> {
         if msg.need_reply() && self.reply_ack() {
             socket::send_reply(
                 self.stream,
                 msg.header.request,
                 VhostUserU64::new(status).as_slice(),
+                self.bound(),
             )
         } else {
             Ok(())
