@@ -74,32 +74,52 @@ pub struct Session<'a> {
     log: LogLimiter,
     /// Signalled when the daemon shuts down (set by `run`).
     stop_fd: RawFd,
+    /// Signalled by the SIGBUS handler when the frontend shrank a memory
+    /// file under us (see guest_fault).
+    poison_fd: Arc<OwnedFd>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(export: &'a BlkExport, stream: &'a UnixStream) -> Self {
+    pub fn new(export: &'a BlkExport, stream: &'a UnixStream) -> std::io::Result<Self> {
         let n = export.geometry.num_queues as usize;
-        Session {
+        // SAFETY: plain syscall; the result is checked before use.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let poison_fd = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+        Ok(Session {
             export,
             stream,
             features: 0,
             features_set: false,
             protocol: 0,
-            memory: MemoryMap::default(),
+            memory: MemoryMap::empty_with_poison_fd(poison_fd.clone()),
             shared_mem: SharedMemory::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             log: LogLimiter::default(),
             stop_fd: -1,
-        }
+            poison_fd,
+        })
     }
 
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
     pub fn run(&mut self, stop_fd: i32) {
         self.stop_fd = stop_fd;
         loop {
-            match socket::wait_for(self.stream.as_raw_fd(), stop_fd) {
-                Ok(socket::Wake::Ready) => {}
-                Ok(socket::Wake::Stop) => {
+            let alarm = self.poison_fd.as_raw_fd();
+            match socket::wait_for_or_alarm(self.stream.as_raw_fd(), stop_fd, alarm) {
+                Ok(Some(socket::Wake::Ready)) => {}
+                Ok(None) => {
+                    log::error!(
+                        "export {}: the frontend shrank its guest memory under us (the \
+                         accesses past its end read zeros); disconnecting it",
+                        self.export.id
+                    );
+                    break;
+                }
+                Ok(Some(socket::Wake::Stop)) => {
                     log::info!(
                         "export {}: disconnecting the frontend (shutdown)",
                         self.export.id
@@ -266,7 +286,7 @@ impl<'a> Session<'a> {
                     .into_iter()
                     .zip(std::mem::take(&mut msg.fds))
                     .collect();
-                let map = MemoryMap::from_table(table).map_err(|e| e.to_string())?;
+                let map = self.memory.replaced_by(table).map_err(|e| e.to_string())?;
                 self.publish(map)
             }
             Request::AddMemReg(r) => {

@@ -323,6 +323,16 @@ impl Worker {
             return false;
         }
         let mem = self.memory();
+        if mem.poisoned() {
+            // The frontend shrank guest memory under us; its session hangs
+            // up on it. Stop reading rings that now read as zeros.
+            log::error!(
+                "queue {}: guest memory shrank under us; the queue stops",
+                self.index
+            );
+            self.broken.set(true);
+            return false;
+        }
         let mut heads = Vec::new();
         let mut found = false;
         loop {
