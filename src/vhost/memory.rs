@@ -263,20 +263,24 @@ impl Drop for GuestMapping {
     }
 }
 
-/// The page size of a mapping of `file`: huge pages on hugetlbfs.
-fn page_size_of(file: &File) -> usize {
+/// The filesystem `file` lives on: (magic, block size), if fstatfs works.
+fn filesystem_of(file: &File) -> Option<(i64, usize)> {
     use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs into a zeroed struct we own; the fd is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0)
+        .then_some((st.f_type as i64, st.f_bsize as usize))
+}
+
+/// The page size of a mapping on filesystem `fs`: huge pages on hugetlbfs.
+fn page_size_on(fs: Option<(i64, usize)>) -> usize {
     // SAFETY: sysconf has no side effects.
     let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    // SAFETY: fstatfs into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the fd is open.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
-        && st.f_type as i64 == libc::HUGETLBFS_MAGIC as i64
-    {
-        return (st.f_bsize as usize).max(base);
+    match fs {
+        Some((magic, bsize)) if magic == libc::HUGETLBFS_MAGIC as i64 => bsize.max(base),
+        _ => base,
     }
-    base
 }
 
 /// One region of the map: what the frontend said, vm-memory's view, and
@@ -314,7 +318,14 @@ fn map_region(
     if meta.is_file() && meta.len() < offset + size {
         return Err(bad(&format!("its file is only {} bytes", meta.len())));
     }
-    let page = page_size_of(&file);
+    let fs = filesystem_of(&file);
+    // A FUSE file's pages come from its server, which may be the frontend:
+    // it could stall our every access to guest memory (and the iothread
+    // making it) for as long as it likes.
+    if fs.is_some_and(|(magic, _)| magic == libc::FUSE_SUPER_MAGIC as i64) {
+        return Err(bad("its file is on FUSE, whose server could stall our accesses"));
+    }
+    let page = page_size_on(fs);
     let (prot, flags) = (
         libc::PROT_READ | libc::PROT_WRITE,
         libc::MAP_SHARED | libc::MAP_NORESERVE,

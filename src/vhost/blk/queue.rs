@@ -24,6 +24,9 @@ use crate::vhost::memory::{GuestRam, SharedMemory};
 use crate::vhost::notify_fd;
 use crate::vhost::ratelimit::LogLimiter;
 
+/// How often a queue slow to stop says so.
+const STOP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Everything a queue needs to start, gathered by the vhost session.
 pub struct QueueSetup {
     pub index: u16,
@@ -83,6 +86,7 @@ impl CallFd {
 
 /// Shared between the vhost thread and the queue's task.
 pub struct QueueControl {
+    index: u16,
     stop: AtomicBool,
     kick: Arc<File>,
     /// Set by the task when it has stopped: the next avail index.
@@ -115,15 +119,28 @@ impl QueueControl {
         self.stop.store(true, Ordering::Release);
         // Wake the task if it sleeps on the kick eventfd.
         self.wake();
+        // Nothing the frontend does can hold the task now (its fds are
+        // non-blocking eventfds, its memory faults are absorbed): what we
+        // wait for is the backend finishing in-flight requests, which we
+        // must not abandon. Say so if that takes long.
+        let started = Instant::now();
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(idx) = *stopped {
                 return idx;
             }
-            stopped = self
+            let (guard, timeout) = self
                 .stopped_cv
-                .wait(stopped)
+                .wait_timeout(stopped, STOP_REPORT_INTERVAL)
                 .unwrap_or_else(|e| e.into_inner());
+            stopped = guard;
+            if timeout.timed_out() && stopped.is_none() {
+                log::warn!(
+                    "queue {}: still stopping after {} s: waiting for its in-flight requests",
+                    self.index,
+                    started.elapsed().as_secs()
+                );
+            }
         }
     }
 }
@@ -211,6 +228,7 @@ pub fn start(
         ));
     }
     let control = Arc::new(QueueControl {
+        index: setup.index,
         stop: AtomicBool::new(false),
         kick: setup.kick.clone(),
         stopped: Mutex::new(None),
