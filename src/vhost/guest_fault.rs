@@ -134,7 +134,10 @@ fn find(addr: usize) -> Option<&'static Slot> {
             std::hint::spin_loop();
             continue;
         }
-        let (start, len) = (s.start.load(Ordering::Acquire), s.len.load(Ordering::Acquire));
+        let (start, len) = (
+            s.start.load(Ordering::Acquire),
+            s.len.load(Ordering::Acquire),
+        );
         if s.seq.load(Ordering::Acquire) != seq {
             continue;
         }

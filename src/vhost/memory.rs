@@ -11,8 +11,8 @@ use vhost::vhost_user::message::VhostUserMemoryRegion;
 
 use super::guest_fault;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress, MmapRegion, VolatileSlice,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, MmapRegion, VolatileSlice,
 };
 
 /// A region (or table of regions) that is wrong whatever else is mapped.
@@ -264,21 +264,21 @@ impl Drop for GuestMapping {
 }
 
 /// The filesystem `file` lives on: (magic, block size), if fstatfs works.
-fn filesystem_of(file: &File) -> Option<(i64, usize)> {
+fn filesystem_of(file: &File) -> Option<(libc::__fsword_t, usize)> {
     use std::os::fd::AsRawFd;
     // SAFETY: fstatfs into a zeroed struct we own; the fd is open.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     (unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0)
-        .then_some((st.f_type as i64, st.f_bsize as usize))
+        .then_some((st.f_type, st.f_bsize as usize))
 }
 
 /// The page size of a mapping on filesystem `fs`: huge pages on hugetlbfs.
-fn page_size_on(fs: Option<(i64, usize)>) -> usize {
+fn page_size_on(fs: Option<(libc::__fsword_t, usize)>) -> usize {
     // SAFETY: sysconf has no side effects.
     let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     match fs {
-        Some((magic, bsize)) if magic == libc::HUGETLBFS_MAGIC as i64 => bsize.max(base),
+        Some((magic, bsize)) if magic == libc::HUGETLBFS_MAGIC => bsize.max(base),
         _ => base,
     }
 }
@@ -322,8 +322,10 @@ fn map_region(
     // A FUSE file's pages come from its server, which may be the frontend:
     // it could stall our every access to guest memory (and the iothread
     // making it) for as long as it likes.
-    if fs.is_some_and(|(magic, _)| magic == libc::FUSE_SUPER_MAGIC as i64) {
-        return Err(bad("its file is on FUSE, whose server could stall our accesses"));
+    if fs.is_some_and(|(magic, _)| magic == libc::FUSE_SUPER_MAGIC) {
+        return Err(bad(
+            "its file is on FUSE, whose server could stall our accesses",
+        ));
     }
     let page = page_size_on(fs);
     let (prot, flags) = (
@@ -400,10 +402,10 @@ impl MemoryMap {
         let mem =
             GuestMemoryMmap::from_arc_regions(regions.iter().map(|m| m.region.clone()).collect())
                 .map_err(|e| MemoryError::BadRegion {
-                    gpa: 0,
-                    size: 0,
-                    reason: format!("regions overlap or are invalid: {e}"),
-                })?;
+                gpa: 0,
+                size: 0,
+                reason: format!("regions overlap or are invalid: {e}"),
+            })?;
         let mappings = regions.iter().map(|m| m.mapping.clone()).collect();
         Ok(MemoryMap {
             regions,

@@ -276,5 +276,9 @@ fn poll3(fd: RawFd, stop_fd: RawFd, alarm_fd: RawFd) -> io::Result<(bool, bool, 
             return Err(e);
         }
     }
-    Ok((fds[0].revents != 0, fds[1].revents != 0, fds[2].revents != 0))
+    Ok((
+        fds[0].revents != 0,
+        fds[1].revents != 0,
+        fds[2].revents != 0,
+    ))
 }
