@@ -220,8 +220,9 @@ pub(crate) fn send_reply(
     Ok(())
 }
 
-/// Send one message without file descriptors (the backend channel, whose
-/// socket carries its own write timeout).
+/// Send one message without file descriptors, in one go: for the backend
+/// channel, which is non-blocking (`ExportState::set_backend_channel`), so
+/// a frontend that does not read it fails the send instead of holding us.
 pub fn send_message(
     mut stream: &UnixStream,
     request: u32,
