@@ -145,23 +145,37 @@ fn find(addr: usize) -> Option<&'static Slot> {
     })
 }
 
-/// SIGBUS. Only async-signal-safe work: atomics, mmap, write, sigaction.
+/// Not a fault we absorb: restore the default action. On return the
+/// faulting instruction runs again and the default action (terminate with
+/// a core) takes the process, as if we had never been installed.
+fn fall_back_to_default() {
+    // SAFETY: sigaction is async-signal-safe; a zeroed sigaction with
+    // SIG_DFL and an empty mask is valid.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
+
+/// SIGBUS. Only async-signal-safe work: atomics, mmap, write, sigaction;
+/// errno is saved and restored around them.
 extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; its location is valid for this thread.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    absorb(info);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+fn absorb(info: *mut libc::siginfo_t) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     // BUS_ADRERR is "beyond the end of the file"; anything else (hardware
     // errors, alignment) is not ours to hide.
     let slot = (code == libc::BUS_ADRERR).then(|| find(addr)).flatten();
     let Some(slot) = slot else {
-        // SAFETY: restoring the default action is async-signal-safe. On
-        // return the faulting instruction runs again and the default
-        // action (terminate with a core) takes the process, as if we had
-        // never been installed.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
-        }
+        fall_back_to_default();
         return;
     };
     let page = slot.page.load(Ordering::Acquire).max(1);
@@ -185,12 +199,8 @@ extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::
         )
     };
     if r == libc::MAP_FAILED {
-        // SAFETY: as above: fall back to the default action and re-fault.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
-        }
+        // Out of mappings (vm.max_map_count), say: we cannot absorb it.
+        fall_back_to_default();
         return;
     }
     slot.poisoned.store(true, Ordering::Release);
@@ -254,5 +264,40 @@ mod tests {
             libc::close(fd);
             libc::close(efd);
         }
+    }
+
+    #[test]
+    fn a_sigbus_outside_guest_memory_still_kills() {
+        // Install the handler, as a daemon with guest memory has.
+        drop(register(0x1000, 0x1000, 4096, -1).unwrap());
+        // SAFETY: the child only makes system calls and touches its own
+        // mapping before _exit or dying; no locks, no allocation.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: as above, all in the child.
+            unsafe {
+                let fd = libc::memfd_create(c"ringblk-fault-child".as_ptr(), 0);
+                libc::ftruncate(fd, 4096);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                ) as *const u8;
+                libc::ftruncate(fd, 0);
+                std::ptr::read_volatile(p);
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+            "child status {status:#x}"
+        );
     }
 }
