@@ -213,10 +213,23 @@ fn pipes_and_sockets_as_kick_fd_are_refused() {
 }
 
 /// Queue 0 running with its call eventfd (created blocking) saturated at
-/// 2^64 - 2, and one request completed since.
-fn saturated_call_queue(sock: &Path) -> (Frontend, GuestMem, Virtqueue) {
+/// 2^64 - 2, and two requests completed since. With `reblock`, the
+/// frontend first clears the O_NONBLOCK the daemon set on the eventfd
+/// (the flag is shared between the two processes).
+fn saturated_call_queue(sock: &Path, reblock: bool) -> (Frontend, GuestMem, Virtqueue) {
     let (fe, mem) = frontend_with_memory(sock);
     let mut q = Virtqueue::start(&fe, &mem, 64);
+    let call = q.call.as_raw_fd();
+    // SAFETY: fcntl on our own fd.
+    let flags = unsafe { libc::fcntl(call, libc::F_GETFL) };
+    assert_ne!(flags & libc::O_NONBLOCK, 0, "the daemon left it blocking");
+    if reblock {
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::fcntl(call, libc::F_SETFL, flags & !libc::O_NONBLOCK) },
+            0
+        );
+    }
     q.call.write(u64::MAX - 1).unwrap();
     let data = DATA_BASE;
     for k in 0..2u16 {
@@ -244,8 +257,17 @@ fn saturated_call_queue(sock: &Path) -> (Frontend, GuestMem, Virtqueue) {
 
 #[test]
 fn a_saturated_call_eventfd_does_not_wedge_the_queue() {
-    let mut s = start("liveness-call-saturated");
-    let (fe, mem, _q) = saturated_call_queue(&s.d.sock);
+    saturated_call_eventfd("liveness-call-saturated", false);
+}
+
+#[test]
+fn a_call_eventfd_made_blocking_again_and_saturated_does_not_wedge_the_queue() {
+    saturated_call_eventfd("liveness-call-reblocked", true);
+}
+
+fn saturated_call_eventfd(name: &str, reblock: bool) {
+    let mut s = start(name);
+    let (fe, mem, _q) = saturated_call_queue(&s.d.sock, reblock);
     // Stopping the queue waits for its task, which would be stuck writing
     // the call fd if it blocked.
     let t = Instant::now();
@@ -263,7 +285,7 @@ fn a_saturated_call_eventfd_does_not_wedge_the_queue() {
 #[test]
 fn sigterm_with_a_saturated_call_eventfd_is_bounded() {
     let s = start("liveness-sigterm-wedged");
-    let (_fe, _mem, _q) = saturated_call_queue(&s.d.sock);
+    let (_fe, _mem, _q) = saturated_call_queue(&s.d.sock, true);
     s.sigterm("SIGTERM with a saturated call eventfd");
 }
 

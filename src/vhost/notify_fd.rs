@@ -1,11 +1,12 @@
-//! Kick and call descriptors from the frontend: only eventfds, and only
-//! used non-blocking.
+//! Kick and call descriptors from the frontend: only eventfds.
 //!
-//! A queue's iothread writes call fds and the io_uring reads kick fds; a
-//! pipe, a socket or a blocking eventfd the frontend saturated would park
-//! that thread (and every export it serves) in the kernel, and with it
-//! `QueueControl::stop_and_wait`, the next frontend and the daemon's
-//! shutdown.
+//! A queue's iothread writes call fds and its ring reads kick fds. A pipe
+//! or a socket behaves in ways an eventfd cannot (a full pipe, a read that
+//! returns less than 8 bytes, data that is not a counter), so only
+//! eventfds are accepted. How they are used never depends on their flags,
+//! which the frontend shares and may change at any time: the call write
+//! goes through the ring with RWF_NOWAIT (`ops::signal_eventfd_nowait`),
+//! and a queue is woken to stop through its waker, not its kick fd.
 
 use std::fs::File;
 use std::io;
@@ -18,11 +19,12 @@ fn is_eventfd(fd: &OwnedFd) -> io::Result<bool> {
     Ok(info.lines().any(|l| l.starts_with("eventfd-count:")))
 }
 
-/// Set O_NONBLOCK. The flag lives on the open file description, which the
+/// Set O_NONBLOCK, which a RWF_NOWAIT write to an eventfd needs to be
+/// tried at all. The flag lives on the open file description, which the
 /// frontend shares with us through SCM_RIGHTS: the frontend's copy becomes
 /// non-blocking too. QEMU and libblkio create these eventfds non-blocking
-/// already, and an eventfd is read and written whole (8 bytes), so a
-/// frontend that relied on blocking only loses its own waits.
+/// already. A frontend that clears the flag again only loses its own
+/// guest notifications.
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     let raw = fd.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own; no pointers involved.
@@ -41,7 +43,7 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 /// Accept `fd` as vring `index`'s `what` ("kick" or "call") descriptor if
-/// it is an eventfd, made non-blocking.
+/// it is an eventfd, and make it non-blocking.
 pub fn accept(fd: OwnedFd, index: usize, what: &str) -> Result<File, String> {
     match is_eventfd(&fd) {
         Ok(true) => {}
@@ -51,13 +53,6 @@ pub fn accept(fd: OwnedFd, index: usize, what: &str) -> Result<File, String> {
     set_nonblocking(&fd)
         .map_err(|e| format!("vring {index}: cannot make the {what} fd non-blocking: {e}"))?;
     Ok(File::from(fd))
-}
-
-/// Whether a failed eventfd write only found the counter saturated (at
-/// 2^64 - 2). A saturated eventfd already reads as signalled, so the
-/// wake-up the write was for is not lost.
-pub fn already_signalled(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
 }
 
 #[cfg(test)]
