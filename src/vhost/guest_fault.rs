@@ -104,6 +104,9 @@ pub fn register(start: usize, len: usize, page: usize, notify_fd: i32) -> io::Re
     Ok(Registration { slot })
 }
 
+/// Replaces whatever SIGBUS handler was there: the Rust runtime's, which
+/// only reports stack overflows (those raise SIGSEGV on Linux) and
+/// otherwise restores the default action, as `fall_back_to_default` does.
 fn install_handler() {
     // SAFETY: a zeroed sigaction is a valid starting point; we set the
     // handler, SA_SIGINFO (it takes three arguments) and an empty mask.

@@ -34,7 +34,7 @@ pub(crate) enum FrameError {
     Io(#[from] io::Error),
     #[error(transparent)]
     BadHeader(#[from] BadHeader),
-    #[error("the frontend stalled in the middle of a message")]
+    #[error("the frontend stalled: a message or our reply did not get through in time")]
     Stalled,
     #[error("the daemon is shutting down")]
     Stopped,
