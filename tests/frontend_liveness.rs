@@ -467,3 +467,41 @@ fn a_frontend_that_shrinks_its_memory_is_disconnected() {
     s.still_serving("memory shrunk under the daemon");
     s.sigterm("after memory shrunk under the daemon");
 }
+
+#[test]
+fn memory_shrunk_before_the_queue_starts_disconnects_the_frontend() {
+    let mut s = start("liveness-shrink-early");
+    let (fe, mem) = frontend_with_memory(&s.d.sock);
+    vring_layout(&fe, &mem);
+    // The daemon reads the used ring's index on the vhost thread when the
+    // queue starts: that access faults once the memfd is empty.
+    // SAFETY: emptying our own memfd; we touch its mapping no more.
+    assert_eq!(unsafe { libc::ftruncate(mem.fd.as_raw_fd(), 0) }, 0);
+    let (kick, call) = (
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let nofd = 0u64.to_le_bytes();
+    assert_eq!(fe.ack(R::SET_VRING_CALL, &nofd, &[call.as_raw_fd()]), 0);
+    assert_eq!(fe.ack(R::SET_VRING_KICK, &nofd, &[kick.as_raw_fd()]), 0);
+    fe.send(
+        R::SET_VRING_ENABLE as u32,
+        VERSION_1 | NEED_REPLY,
+        &vring_state(0, 1),
+        &[],
+    );
+    // The ack (whatever it says) may come first; then the hang-up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match fe.recv(left) {
+            Answer::Closed => break,
+            Answer::Reply(..) => {}
+            Answer::Timeout => panic!("the frontend was not disconnected"),
+        }
+    }
+    assert!(s.d.stderr().contains("shrank its guest memory"));
+    drop((fe, mem));
+    s.still_serving("memory shrunk before the queue starts");
+    s.sigterm("after memory shrunk before the queue starts");
+}
