@@ -153,9 +153,11 @@ pub async fn read_eventfd(fd: RawFd, owner: Option<KeepAlive>) -> io::Result<()>
 /// (which a frontend sharing the eventfd can clear at any time): the write
 /// goes through the ring with RWF_NOWAIT, so the kernel neither sleeps in
 /// it nor hands it to a worker thread; a write that would wait fails with
-/// EAGAIN instead (on an eventfd without O_NONBLOCK, always). The operation
-/// starts now; dropping the returned future lets it complete on its own.
-/// `owner` as for [`read_eventfd`].
+/// EAGAIN instead (on an eventfd without O_NONBLOCK, always). The write is
+/// submitted at once (one system call, as a plain write(2) would be), not
+/// at the end of the loop turn: a notification is for someone waiting.
+/// Dropping the returned future lets it complete on its own. `owner` as
+/// for [`read_eventfd`].
 pub fn signal_eventfd_nowait(
     fd: RawFd,
     owner: Option<KeepAlive>,
@@ -166,7 +168,11 @@ pub fn signal_eventfd_nowait(
         .rw_flags(libc::RWF_NOWAIT)
         .build();
     let keep: Box<dyn std::any::Any> = Box::new((buf, owner));
-    let op = with_reactor(|r| r.start(e, Some(keep)));
+    let op = with_reactor(|r| {
+        let op = r.start(e, Some(keep));
+        r.submit_now();
+        op
+    });
     async move {
         match to_result(op.await)? {
             8 => Ok(()),

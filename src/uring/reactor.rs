@@ -128,6 +128,15 @@ impl Reactor {
         }
     }
 
+    /// Hand everything queued to the kernel now, without waiting.
+    pub(super) fn submit_now(&self) {
+        if let Err(e) = self.ring.borrow().submit() {
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+        }
+    }
+
     /// Submit everything queued and sleep until at least `want` completions.
     pub(super) fn submit_and_wait(&self, want: usize) {
         let ring = self.ring.borrow();
