@@ -15,6 +15,6 @@ mod reactor;
 pub use eventfd::signal_eventfd;
 pub use executor::{add_poller, block_on, on_turn_end, remove_poller, spawn};
 pub use iothread::{IoThread, IoThreadHandle};
-pub use iovec::{AlignedBuf, IoVec, IOV_MAX};
+pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
 pub use lock::AsyncMutex;
 pub use poll::Poller;

@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, types};
 
 use super::executor::with_reactor;
-use super::iovec::{IoVec, IOV_MAX};
+use super::iovec::{IoVec, KeepAlive, IOV_MAX};
 
 fn to_result(res: i32) -> io::Result<usize> {
     if res < 0 {
@@ -134,22 +134,59 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
 }
 
 /// Wait until an eventfd is signalled (reading resets its counter). This is
-/// how kicks and other notifications reach a task.
-pub async fn read_eventfd(fd: RawFd) -> io::Result<()> {
+/// how kicks and other notifications reach a task. `owner` (the file, say)
+/// is kept until the kernel is done with the fd, so its number cannot be
+/// reused under the operation. Dropping the future cancels the wait.
+pub async fn read_eventfd(fd: RawFd, owner: Option<KeepAlive>) -> io::Result<()> {
     let buf = Box::new(0u64);
     let ptr = &*buf as *const u64 as *mut u8;
     let e = opcode::Read::new(types::Fd(fd), ptr, 8).build();
-    let op = with_reactor(|r| r.start(e, Some(buf as Box<dyn std::any::Any>)));
+    let keep: Box<dyn std::any::Any> = Box::new((buf, owner));
+    let op = with_reactor(|r| r.start(e, Some(keep))).cancel_on_drop();
     match to_result(op.await)? {
         8 => Ok(()),
         _ => Err(io::Error::other("short eventfd read")),
     }
 }
 
-/// Wait until `fd` is readable (POLLIN).
-pub async fn wait_readable(fd: RawFd) -> io::Result<()> {
+/// Add 1 to an eventfd without ever waiting, whatever its O_NONBLOCK flag
+/// (which a frontend sharing the eventfd can clear at any time): the write
+/// goes through the ring with RWF_NOWAIT, so the kernel neither sleeps in
+/// it nor hands it to a worker thread; a write that would wait fails with
+/// EAGAIN instead (on an eventfd without O_NONBLOCK, always). The write is
+/// submitted at once (one system call, as a plain write(2) would be), not
+/// at the end of the loop turn: a notification is for someone waiting.
+/// Dropping the returned future lets it complete on its own. `owner` as
+/// for [`read_eventfd`].
+pub fn signal_eventfd_nowait(
+    fd: RawFd,
+    owner: Option<KeepAlive>,
+) -> impl std::future::Future<Output = io::Result<()>> {
+    let buf = Box::new(1u64);
+    let ptr = &*buf as *const u64 as *const u8;
+    let e = opcode::Write::new(types::Fd(fd), ptr, 8)
+        .rw_flags(libc::RWF_NOWAIT)
+        .build();
+    let keep: Box<dyn std::any::Any> = Box::new((buf, owner));
+    let op = with_reactor(|r| {
+        let op = r.start(e, Some(keep));
+        r.submit_now();
+        op
+    });
+    async move {
+        match to_result(op.await)? {
+            8 => Ok(()),
+            _ => Err(io::Error::other("short eventfd write")),
+        }
+    }
+}
+
+/// Wait until `fd` is readable (POLLIN); `owner` as for [`read_eventfd`].
+/// Dropping the future cancels the wait.
+pub async fn wait_readable(fd: RawFd, owner: Option<KeepAlive>) -> io::Result<()> {
     let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
-    let op = with_reactor(|r| r.start(e, None));
+    let keep = owner.map(|o| Box::new(o) as Box<dyn std::any::Any>);
+    let op = with_reactor(|r| r.start(e, keep)).cancel_on_drop();
     to_result(op.await).map(|_| ())
 }
 
@@ -292,6 +329,34 @@ mod tests {
     }
 
     #[test]
+    fn eventfd_signal_never_waits_whatever_the_flags() {
+        let t = IoThread::start("ops-nowait", Duration::ZERO).unwrap();
+        for (nonblock, saturated) in [(true, false), (true, true), (false, true), (false, false)] {
+            let flags = libc::EFD_CLOEXEC | if nonblock { libc::EFD_NONBLOCK } else { 0 };
+            // SAFETY: plain syscall; checked.
+            let fd = unsafe { libc::eventfd(0, flags) };
+            assert!(fd >= 0);
+            if saturated {
+                let v = u64::MAX - 1;
+                // SAFETY: 8-byte write from a valid u64.
+                let n = unsafe { libc::write(fd, &v as *const u64 as *const libc::c_void, 8) };
+                assert_eq!(n, 8);
+            }
+            let r = t
+                .handle()
+                .block_on(move || signal_eventfd_nowait(fd, None))
+                .map_err(|e| e.raw_os_error());
+            if saturated || !nonblock {
+                assert_eq!(r, Err(Some(libc::EAGAIN)), "nonblock {nonblock}");
+            } else {
+                assert_eq!(r, Ok(()));
+            }
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    #[test]
     fn eventfd_wait_and_cross_thread_wake() {
         // SAFETY: plain syscall; checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -300,7 +365,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         t.handle().run(move || {
             crate::uring::spawn(async move {
-                let r = read_eventfd(fd).await;
+                let r = read_eventfd(fd, None).await;
                 tx.send(r.is_ok()).unwrap();
             })
         });

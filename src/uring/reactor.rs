@@ -8,12 +8,14 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use io_uring::{squeue, IoUring};
+use io_uring::{opcode, squeue, IoUring};
 
 use super::executor;
 
 /// user_data of the read on the iothread's message eventfd.
 pub(super) const MESSAGE_TOKEN: u64 = u64::MAX;
+/// user_data of cancellations (their own completions are not waited for).
+const CANCEL_TOKEN: u64 = u64::MAX - 1;
 
 enum SlotState {
     Free,
@@ -106,7 +108,33 @@ impl Reactor {
             slots[idx].state = SlotState::Done(-e.raw_os_error().unwrap_or(libc::EAGAIN));
             slots[idx].keep = None;
         }
-        Op { idx, done: false }
+        Op {
+            idx,
+            done: false,
+            cancel_on_drop: false,
+        }
+    }
+
+    /// Ask the kernel to cancel the operation in slot `idx` (best effort:
+    /// if the request cannot be queued, the operation stays pending until
+    /// it completes or the ring goes). The slot stays taken until the
+    /// operation's own completion, so `idx` names no other operation.
+    fn cancel(&self, idx: usize) {
+        let e = opcode::AsyncCancel::new(idx as u64)
+            .build()
+            .user_data(CANCEL_TOKEN);
+        if let Err(e) = self.push(&e) {
+            log::warn!("cannot cancel an abandoned I/O operation: {e}");
+        }
+    }
+
+    /// Hand everything queued to the kernel now, without waiting.
+    pub(super) fn submit_now(&self) {
+        if let Err(e) = self.ring.borrow().submit() {
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+        }
     }
 
     /// Submit everything queued and sleep until at least `want` completions.
@@ -143,6 +171,11 @@ impl Reactor {
                     let ud = cqe.user_data();
                     if ud == MESSAGE_TOKEN {
                         message = Some(cqe.result());
+                        continue;
+                    }
+                    if ud == CANCEL_TOKEN {
+                        // The cancelled operation completes on its own
+                        // (with -ECANCELED, or its result if it won).
                         continue;
                     }
                     let Some(slot) = slots.get_mut(ud as usize) else {
@@ -190,6 +223,17 @@ impl Reactor {
 pub struct Op {
     idx: usize,
     done: bool,
+    /// Dropping it before completion cancels it in the kernel: for waits
+    /// that may never end (a kick nobody sends).
+    cancel_on_drop: bool,
+}
+
+impl Op {
+    /// Cancel the operation if it is dropped before it completes.
+    pub(super) fn cancel_on_drop(mut self) -> Self {
+        self.cancel_on_drop = true;
+        self
+    }
 }
 
 impl Future for Op {
@@ -239,6 +283,10 @@ impl Drop for Op {
                 r.free.borrow_mut().push(idx);
             } else {
                 slot.state = SlotState::Abandoned;
+                drop(slots);
+                if self.cancel_on_drop {
+                    r.cancel(idx);
+                }
             }
         });
     }

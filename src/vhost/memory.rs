@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
+
+use super::guest_fault;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress, MmapRegion, VolatileSlice,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, MmapRegion, VolatileSlice,
 };
 
 /// A region (or table of regions) that is wrong whatever else is mapped.
@@ -90,6 +92,8 @@ struct HostRegion {
 pub struct GuestRam {
     mmap: GuestMemoryMmap,
     regions: Vec<HostRegion>,
+    /// The mappings `mmap` borrows (empty when vm-memory owns them).
+    mappings: Vec<Arc<GuestMapping>>,
 }
 
 // SAFETY: the host pointers point into mappings owned by `mmap`, which is
@@ -111,7 +115,25 @@ impl GuestRam {
                 })
             })
             .collect();
-        GuestRam { mmap, regions }
+        GuestRam {
+            mmap,
+            regions,
+            mappings: Vec::new(),
+        }
+    }
+
+    fn with_mappings(mmap: GuestMemoryMmap, mappings: Vec<Arc<GuestMapping>>) -> Self {
+        GuestRam {
+            mappings,
+            ..Self::new(mmap)
+        }
+    }
+
+    /// Whether the frontend shrank a file under this memory (our accesses
+    /// past its end read zeros since): time to hang up on it. One relaxed
+    /// load unless some mapping was ever poisoned.
+    pub fn poisoned(&self) -> bool {
+        guest_fault::any_poisoned() && self.mappings.iter().any(|m| m.poisoned())
     }
 
     pub fn empty() -> Self {
@@ -190,8 +212,10 @@ impl GuestRam {
 /// An immutable snapshot of the frontend's memory; changes build a new one.
 #[derive(Clone)]
 pub struct MemoryMap {
-    regions: Vec<(RegionInfo, Arc<GuestRegionMmap>)>,
+    regions: Vec<Mapped>,
     mem: Arc<GuestRam>,
+    /// Signalled by the SIGBUS handler when a region shrinks (see guest_fault).
+    poison_fd: Option<Arc<OwnedFd>>,
 }
 
 impl Default for MemoryMap {
@@ -199,14 +223,81 @@ impl Default for MemoryMap {
         MemoryMap {
             regions: Vec::new(),
             mem: Arc::new(GuestRam::empty()),
+            poison_fd: None,
         }
     }
+}
+
+/// A guest memory region mapped by us (so that it is registered for
+/// SIGBUS survival before anyone touches it, and unregistered before it is
+/// unmapped). vm-memory's region borrows it; whoever holds that region
+/// holds this too.
+pub struct GuestMapping {
+    ptr: *mut u8,
+    len: usize,
+    registration: Option<guest_fault::Registration>,
+    /// The session's eventfd the SIGBUS handler signals; open while registered.
+    _notify: Option<Arc<OwnedFd>>,
+}
+
+// SAFETY: the mapping is plain shared memory, usable from any thread; the
+// raw pointer is only handed to munmap on drop.
+unsafe impl Send for GuestMapping {}
+// SAFETY: as above; no interior mutability.
+unsafe impl Sync for GuestMapping {}
+
+impl GuestMapping {
+    /// Whether the frontend shrank the file under this mapping.
+    pub fn poisoned(&self) -> bool {
+        self.registration.as_ref().is_some_and(|r| r.poisoned())
+    }
+}
+
+impl Drop for GuestMapping {
+    fn drop(&mut self) {
+        // Unregister first: once unmapped, the addresses may be reused.
+        drop(self.registration.take());
+        // SAFETY: our own mapping, created in `map_region`; nothing uses it
+        // any more (this is the last reference).
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The filesystem `file` lives on: (magic, block size), if fstatfs works.
+fn filesystem_of(file: &File) -> Option<(libc::__fsword_t, usize)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs into a zeroed struct we own; the fd is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0)
+        .then_some((st.f_type, st.f_bsize as usize))
+}
+
+/// The page size of a mapping on filesystem `fs`: huge pages on hugetlbfs.
+fn page_size_on(fs: Option<(libc::__fsword_t, usize)>) -> usize {
+    // SAFETY: sysconf has no side effects.
+    let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    match fs {
+        Some((magic, bsize)) if magic == libc::HUGETLBFS_MAGIC => bsize.max(base),
+        _ => base,
+    }
+}
+
+/// One region of the map: what the frontend said, vm-memory's view, and
+/// the mapping behind it.
+#[derive(Clone)]
+struct Mapped {
+    info: RegionInfo,
+    region: Arc<GuestRegionMmap>,
+    mapping: Arc<GuestMapping>,
 }
 
 fn map_region(
     r: &VhostUserMemoryRegion,
     fd: OwnedFd,
-) -> Result<(RegionInfo, Arc<GuestRegionMmap>), MemoryError> {
+    notify: Option<&Arc<OwnedFd>>,
+) -> Result<Mapped, MemoryError> {
+    use std::os::fd::AsRawFd;
     let (gpa, size, user_addr, offset) =
         (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset);
     let bad = |reason: &str| MemoryError::BadRegion {
@@ -216,59 +307,131 @@ fn map_region(
     };
     check_region(r)?;
     let size_usize = usize::try_from(size).map_err(|_| bad("too large"))?;
+    let file_offset = libc::off_t::try_from(offset).map_err(|_| bad("offset too large"))?;
     let file = File::from(fd);
     // Touching a mapping beyond the end of its file is SIGBUS: refuse a
     // region its file cannot back (offset + size cannot wrap: check_region).
+    // The file may still shrink later: see guest_fault.
     let meta = file
         .metadata()
         .map_err(|e| bad(&format!("cannot stat its fd: {e}")))?;
     if meta.is_file() && meta.len() < offset + size {
         return Err(bad(&format!("its file is only {} bytes", meta.len())));
     }
-    let mapping = MmapRegion::from_file(FileOffset::new(file, offset), size_usize)
+    let fs = filesystem_of(&file);
+    // A FUSE file's pages come from its server, which may be the frontend:
+    // it could stall our every access to guest memory (and the iothread
+    // making it) for as long as it likes.
+    if fs.is_some_and(|(magic, _)| magic == libc::FUSE_SUPER_MAGIC) {
+        return Err(bad(
+            "its file is on FUSE, whose server could stall our accesses",
+        ));
+    }
+    let page = page_size_on(fs);
+    let (prot, flags) = (
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_NORESERVE,
+    );
+    // SAFETY: a new mapping at an address the kernel picks; the result is
+    // checked. The fd may be closed afterwards (the mapping keeps the file).
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size_usize,
+            prot,
+            flags,
+            file.as_raw_fd(),
+            file_offset,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(bad(&format!(
+            "mmap failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut mapping = GuestMapping {
+        ptr: ptr as *mut u8,
+        len: size_usize,
+        registration: None,
+        _notify: notify.cloned(),
+    };
+    let notify_fd = notify.map_or(-1, |f| f.as_raw_fd());
+    mapping.registration = Some(
+        guest_fault::register(ptr as usize, size_usize, page, notify_fd)
+            .map_err(|e| bad(&e.to_string()))?,
+    );
+    let mapping = Arc::new(mapping);
+    // SAFETY: `ptr..ptr + size` is the mapping just created with `prot`
+    // and `flags`; every holder of the region also holds `mapping`, which
+    // unmaps it only when the last of them is gone.
+    let raw = unsafe { MmapRegion::build_raw(ptr as *mut u8, size_usize, prot, flags) }
         .map_err(|e| bad(&format!("mmap failed: {e}")))?;
     let region =
-        GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| bad("invalid region"))?;
-    Ok((
-        RegionInfo {
+        GuestRegionMmap::new(raw, GuestAddress(gpa)).ok_or_else(|| bad("invalid region"))?;
+    Ok(Mapped {
+        info: RegionInfo {
             gpa,
             size,
             user_addr,
         },
-        Arc::new(region),
-    ))
+        region: Arc::new(region),
+        mapping,
+    })
 }
 
 impl MemoryMap {
-    fn rebuild(regions: Vec<(RegionInfo, Arc<GuestRegionMmap>)>) -> Result<Self, MemoryError> {
+    /// No memory yet; a SIGBUS in regions added later signals `poison_fd`.
+    pub fn empty_with_poison_fd(poison_fd: Arc<OwnedFd>) -> Self {
+        MemoryMap {
+            poison_fd: Some(poison_fd),
+            ..MemoryMap::default()
+        }
+    }
+
+    fn rebuild(&self, regions: Vec<Mapped>) -> Result<Self, MemoryError> {
+        let poison_fd = self.poison_fd.clone();
         if regions.is_empty() {
             // vm-memory refuses an empty collection; no regions is valid here
             // (the frontend removed its last one).
-            return Ok(MemoryMap::default());
+            return Ok(MemoryMap {
+                poison_fd,
+                ..MemoryMap::default()
+            });
         }
         let mem =
-            GuestMemoryMmap::from_arc_regions(regions.iter().map(|(_, r)| r.clone()).collect())
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|m| m.region.clone()).collect())
                 .map_err(|e| MemoryError::BadRegion {
-                    gpa: 0,
-                    size: 0,
-                    reason: format!("regions overlap or are invalid: {e}"),
-                })?;
+                gpa: 0,
+                size: 0,
+                reason: format!("regions overlap or are invalid: {e}"),
+            })?;
+        let mappings = regions.iter().map(|m| m.mapping.clone()).collect();
         Ok(MemoryMap {
             regions,
-            mem: Arc::new(GuestRam::new(mem)),
+            mem: Arc::new(GuestRam::with_mappings(mem, mappings)),
+            poison_fd,
         })
     }
 
-    /// SET_MEM_TABLE: replace everything.
+    /// SET_MEM_TABLE: replace everything (without a poison eventfd).
     pub fn from_table(table: Vec<(VhostUserMemoryRegion, OwnedFd)>) -> Result<Self, MemoryError> {
+        MemoryMap::default().replaced_by(table)
+    }
+
+    /// SET_MEM_TABLE: replace everything, keeping the poison eventfd.
+    pub fn replaced_by(
+        &self,
+        table: Vec<(VhostUserMemoryRegion, OwnedFd)>,
+    ) -> Result<Self, MemoryError> {
         let infos: Vec<_> = table.iter().map(|(r, _)| *r).collect();
         check_disjoint(&infos)?;
         let mut regions = table
             .into_iter()
-            .map(|(r, fd)| map_region(&r, fd))
+            .map(|(r, fd)| map_region(&r, fd, self.poison_fd.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        regions.sort_by_key(|(i, _)| i.gpa);
-        Self::rebuild(regions)
+        regions.sort_by_key(|m| m.info.gpa);
+        self.rebuild(regions)
     }
 
     /// ADD_MEM_REG.
@@ -276,14 +439,14 @@ impl MemoryMap {
         let mut infos: Vec<_> = self
             .regions
             .iter()
-            .map(|(i, _)| VhostUserMemoryRegion::new(i.gpa, i.size, i.user_addr, 0))
+            .map(|m| VhostUserMemoryRegion::new(m.info.gpa, m.info.size, m.info.user_addr, 0))
             .collect();
         infos.push(*r);
         check_disjoint(&infos)?;
         let mut regions = self.regions.clone();
-        regions.push(map_region(r, fd)?);
-        regions.sort_by_key(|(i, _)| i.gpa);
-        Self::rebuild(regions)
+        regions.push(map_region(r, fd, self.poison_fd.as_ref())?);
+        regions.sort_by_key(|m| m.info.gpa);
+        self.rebuild(regions)
     }
 
     /// REM_MEM_REG. Requests still using the region keep it mapped until
@@ -293,11 +456,14 @@ impl MemoryMap {
         let mut regions = self.regions.clone();
         let before = regions.len();
         let user_addr = r.user_addr;
-        regions.retain(|(i, _)| !(i.gpa == gpa && i.size == size && i.user_addr == user_addr));
+        regions.retain(|m| {
+            let i = &m.info;
+            !(i.gpa == gpa && i.size == size && i.user_addr == user_addr)
+        });
         if regions.len() == before {
             return Err(MemoryError::NotFound { gpa, size });
         }
-        Self::rebuild(regions)
+        self.rebuild(regions)
     }
 
     pub fn num_regions(&self) -> usize {
@@ -308,8 +474,9 @@ impl MemoryMap {
     pub fn va_to_gpa(&self, va: u64) -> Option<u64> {
         self.regions
             .iter()
-            .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
-            .map(|(i, _)| i.gpa + (va - i.user_addr))
+            .map(|m| &m.info)
+            .find(|i| va >= i.user_addr && va - i.user_addr < i.size)
+            .map(|i| i.gpa + (va - i.user_addr))
     }
 
     /// Translate `[va, va + len)` to guest-physical addresses, if the whole
@@ -317,9 +484,10 @@ impl MemoryMap {
     pub fn va_range_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
         self.regions
             .iter()
-            .find(|(i, _)| va >= i.user_addr && va - i.user_addr < i.size)
-            .filter(|(i, _)| len <= i.size - (va - i.user_addr))
-            .map(|(i, _)| i.gpa + (va - i.user_addr))
+            .map(|m| &m.info)
+            .find(|i| va >= i.user_addr && va - i.user_addr < i.size)
+            .filter(|i| len <= i.size - (va - i.user_addr))
+            .map(|i| i.gpa + (va - i.user_addr))
     }
 
     pub fn guest_memory(&self) -> &Arc<GuestRam> {

@@ -2,9 +2,11 @@
 
 pub mod blk;
 pub mod exports;
+pub mod guest_fault;
 pub mod listen;
 pub mod memory;
 pub(crate) mod message;
+pub mod notify_fd;
 pub mod ratelimit;
 pub mod server;
 pub mod session;

@@ -114,7 +114,10 @@ impl VhostServer {
             backoff.succeeded();
             log::info!("export {}: frontend connected", self.export.id);
             self.export.connected.store(true, Ordering::SeqCst);
-            Session::new(&self.export, &stream).run(self.stop.as_raw_fd());
+            match Session::new(&self.export, &stream) {
+                Ok(mut session) => session.run(self.stop.as_raw_fd()),
+                Err(e) => log::error!("export {}: cannot serve the frontend: {e}", self.export.id),
+            }
             self.export.state.set_backend_channel(None);
             self.export.connected.store(false, Ordering::SeqCst);
         }

@@ -1,11 +1,11 @@
 //! One frontend connection: the vhost-user message state machine.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserU64,
@@ -20,6 +20,7 @@ use super::blk::export::BlkExport;
 use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
 use super::memory::{MemoryMap, SharedMemory};
 use super::message::{self, Request};
+use super::notify_fd;
 use super::ratelimit::LogLimiter;
 use super::socket::{self, FrameError, Message};
 
@@ -27,8 +28,8 @@ use super::socket::{self, FrameError, Message};
 const MAX_MEM_SLOTS: u64 = 509;
 /// How long the rest of a started frame may take to arrive, and a reply
 /// to be taken: a frontend that stalls mid-frame, or stops reading our
-/// replies, is disconnected instead of holding the daemon (and its
-/// shutdown) forever.
+/// replies, is disconnected instead of holding the export forever. The
+/// daemon's shutdown does not wait for it: it abandons the frame at once.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn protocol_features() -> VhostUserProtocolFeatures {
@@ -71,40 +72,54 @@ pub struct Session<'a> {
     shared_mem: Arc<SharedMemory>,
     vrings: Vec<Vring>,
     log: LogLimiter,
+    /// Signalled when the daemon shuts down (set by `run`).
+    stop_fd: RawFd,
+    /// Signalled by the SIGBUS handler when the frontend shrank a memory
+    /// file under us (see guest_fault).
+    poison_fd: Arc<OwnedFd>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(export: &'a BlkExport, stream: &'a UnixStream) -> Self {
+    pub fn new(export: &'a BlkExport, stream: &'a UnixStream) -> std::io::Result<Self> {
         let n = export.geometry.num_queues as usize;
-        Session {
+        // SAFETY: plain syscall; the result is checked before use.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let poison_fd = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+        Ok(Session {
             export,
             stream,
             features: 0,
             features_set: false,
             protocol: 0,
-            memory: MemoryMap::default(),
+            memory: MemoryMap::empty_with_poison_fd(poison_fd.clone()),
             shared_mem: SharedMemory::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             log: LogLimiter::default(),
-        }
+            stop_fd: -1,
+            poison_fd,
+        })
     }
 
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
     pub fn run(&mut self, stop_fd: i32) {
-        // Reads start only once poll says the socket is readable, so the
-        // timeout bounds a stall inside a frame, not idle time between frames.
-        let timeouts = self
-            .stream
-            .set_read_timeout(Some(STALL_TIMEOUT))
-            .and_then(|()| self.stream.set_write_timeout(Some(STALL_TIMEOUT)));
-        if let Err(e) = timeouts {
-            log::error!("export {}: cannot set socket timeouts: {e}", self.export.id);
-            return;
-        }
+        self.stop_fd = stop_fd;
         loop {
-            match socket::wait_for(self.stream.as_raw_fd(), stop_fd) {
-                Ok(socket::Wake::Ready) => {}
-                Ok(socket::Wake::Stop) => {
+            let alarm = self.poison_fd.as_raw_fd();
+            match socket::wait_for_or_alarm(self.stream.as_raw_fd(), stop_fd, alarm) {
+                Ok(Some(socket::Wake::Ready)) => {}
+                Ok(None) => {
+                    log::error!(
+                        "export {}: the frontend shrank its guest memory under us (the \
+                         accesses past its end read zeros); disconnecting it",
+                        self.export.id
+                    );
+                    break;
+                }
+                Ok(Some(socket::Wake::Stop)) => {
                     log::info!(
                         "export {}: disconnecting the frontend (shutdown)",
                         self.export.id
@@ -116,7 +131,9 @@ impl<'a> Session<'a> {
                     break;
                 }
             }
-            match socket::recv_message(self.stream) {
+            // The bound starts with the frame: idle time between frames is
+            // the frontend's to take.
+            match socket::recv_message(self.stream, self.bound()) {
                 Ok(msg) => {
                     if let Err(e) = self.dispatch(msg) {
                         log::error!("export {}: {e}; closing the connection", self.export.id);
@@ -134,6 +151,14 @@ impl<'a> Session<'a> {
             }
         }
         self.reset();
+    }
+
+    /// How long from now a frame or reply may take.
+    fn bound(&self) -> socket::Bound {
+        socket::Bound {
+            deadline: Instant::now() + STALL_TIMEOUT,
+            stop_fd: self.stop_fd,
+        }
     }
 
     /// Stop every queue (their requests finish) and forget the frontend's state.
@@ -160,7 +185,7 @@ impl<'a> Session<'a> {
         };
         // Unused fds (refused messages) are closed when `msg` drops.
         let sent = match result {
-            Ok(Reply::Payload(p)) => socket::send_reply(self.stream, code, &p),
+            Ok(Reply::Payload(p)) => socket::send_reply(self.stream, code, &p, self.bound()),
             Ok(Reply::Ack) => self.ack(&msg, 0),
             Err(e) => {
                 if self.log.allow("refused message") {
@@ -168,7 +193,12 @@ impl<'a> Session<'a> {
                 }
                 if FrontendReq::try_from(code) == Ok(FrontendReq::GET_CONFIG) {
                     // A config header with size 0 tells the frontend the read failed.
-                    socket::send_reply(self.stream, code, VhostUserConfig::default().as_slice())
+                    socket::send_reply(
+                        self.stream,
+                        code,
+                        VhostUserConfig::default().as_slice(),
+                        self.bound(),
+                    )
                 } else if message::has_payload_reply(code) {
                     return Err(format!("{name} refused ({e})"));
                 } else {
@@ -180,12 +210,13 @@ impl<'a> Session<'a> {
     }
 
     /// Acknowledge a request if the frontend asked for it (REPLY_ACK).
-    fn ack(&self, msg: &Message, status: u64) -> std::io::Result<()> {
+    fn ack(&self, msg: &Message, status: u64) -> Result<(), FrameError> {
         if msg.need_reply() && self.reply_ack() {
             socket::send_reply(
                 self.stream,
                 msg.header.request,
                 VhostUserU64::new(status).as_slice(),
+                self.bound(),
             )
         } else {
             Ok(())
@@ -255,7 +286,7 @@ impl<'a> Session<'a> {
                     .into_iter()
                     .zip(std::mem::take(&mut msg.fds))
                     .collect();
-                let map = MemoryMap::from_table(table).map_err(|e| e.to_string())?;
+                let map = self.memory.replaced_by(table).map_err(|e| e.to_string())?;
                 self.publish(map)
             }
             Request::AddMemReg(r) => {
@@ -322,9 +353,9 @@ impl<'a> Session<'a> {
                 if !self.features_set {
                     return Err(format!("vring {index}: kick fd before SET_FEATURES"));
                 }
-                let fd = take_fd(msg)?;
+                let kick = notify_fd::accept(take_fd(msg)?, index, "kick")?;
                 self.stop_vring(index);
-                self.vrings[index].kick = Some(Arc::new(File::from(fd)));
+                self.vrings[index].kick = Some(Arc::new(kick));
                 if !self.protocol_features_acked() {
                     self.vrings[index].enabled = true;
                 }
@@ -332,8 +363,11 @@ impl<'a> Session<'a> {
                 Ok(Reply::Ack)
             }
             Request::SetVringCall { index, has_fd } => {
-                let fd = if has_fd { Some(take_fd(msg)?) } else { None };
-                self.vrings[index].call.set(fd.map(File::from));
+                let call = match has_fd {
+                    true => Some(notify_fd::accept(take_fd(msg)?, index, "call")?),
+                    false => None,
+                };
+                self.vrings[index].call.set(call);
                 Ok(Reply::Ack)
             }
             Request::SetVringErr => Ok(Reply::Ack),

@@ -380,6 +380,11 @@ impl Virtqueue {
         self.kick.write(1).unwrap();
     }
 
+    /// The used ring's index as the daemon last wrote it (no call fd read).
+    pub fn used_idx(&self, mem: &GuestMem) -> u16 {
+        mem.read_u16(self.used + 2)
+    }
+
     /// Wait until `n` more chains were used; returns (head, len) of each.
     pub fn wait_used(&mut self, mem: &GuestMem, n: usize, limit: Duration) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + limit;
@@ -446,6 +451,23 @@ pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Threads of process `pid`.
+pub fn task_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Bytes we sent that the peer has not read yet (SIOCOUTQ on a Unix
+/// stream socket): zero once the daemon consumed everything.
+pub fn unread_by_peer(sock: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through a valid pointer.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n as usize
 }
 
 /// A field of /proc/PID/status in KiB (VmHWM, VmRSS).

@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,9 @@ use super::stats::OpKind;
 use crate::uring::{self, ops};
 use crate::vhost::memory::{GuestRam, SharedMemory};
 use crate::vhost::ratelimit::LogLimiter;
+
+/// How often a queue slow to stop says so.
+const STOP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Everything a queue needs to start, gathered by the vhost session.
 pub struct QueueSetup {
@@ -59,25 +62,37 @@ pub fn ring_sizes(size: u16, event_idx: bool) -> RingSizes {
 /// The guest's interrupt eventfd. The frontend may replace it while the
 /// queue runs (QEMU does when it reprograms MSI-X), hence the lock.
 #[derive(Default)]
-pub struct CallFd(Mutex<Option<File>>);
+pub struct CallFd(Mutex<Option<Arc<File>>>);
 
 impl CallFd {
     pub fn set(&self, fd: Option<File>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = fd.map(Arc::new);
     }
 
-    /// Signal the guest; false if the write failed.
-    fn signal(&self) -> bool {
+    /// Signal the guest, on the queue's iothread. Never blocks, whatever
+    /// the frontend does to the eventfd it shares with us: the write goes
+    /// through the ring with RWF_NOWAIT. It fails (EAGAIN) when the counter
+    /// is saturated, which already reads as signalled, or when the frontend
+    /// made the eventfd blocking again; either way only that notification
+    /// is dropped, so the result is not waited for.
+    fn signal(&self) {
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(f) = guard.as_ref() else { return true };
-        uring::signal_eventfd(f.as_raw_fd()).is_ok()
+        let Some(f) = guard.as_ref() else { return };
+        let owner: uring::KeepAlive = f.clone();
+        drop(ops::signal_eventfd_nowait(f.as_raw_fd(), Some(owner)));
     }
 }
 
 /// Shared between the vhost thread and the queue's task.
 pub struct QueueControl {
+    index: u16,
     stop: AtomicBool,
-    kick: Arc<File>,
+    /// Set by `wake`: look at the avail ring again.
+    woken: AtomicBool,
+    /// The task's waker while it waits for a kick. Waking goes through it,
+    /// never through the kick eventfd, which the frontend shares and may
+    /// have saturated or made blocking.
+    waker: Mutex<Option<Waker>>,
     /// Set by the task when it has stopped: the next avail index.
     stopped: Mutex<Option<u16>>,
     stopped_cv: Condvar,
@@ -94,8 +109,10 @@ impl QueueControl {
     /// Make the queue look at its avail ring again (to stop, or after a
     /// drained section).
     pub fn wake(&self) {
-        if let Err(e) = uring::signal_eventfd(self.kick.as_raw_fd()) {
-            log::error!("cannot wake a queue: {e}");
+        self.woken.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 
@@ -103,17 +120,30 @@ impl QueueControl {
     /// return the next avail index (for GET_VRING_BASE).
     pub fn stop_and_wait(&self) -> u16 {
         self.stop.store(true, Ordering::Release);
-        // Wake the task if it sleeps on the kick eventfd.
+        // Wake the task if it waits for a kick.
         self.wake();
+        // Nothing the frontend does can hold the task now (its fds are
+        // non-blocking eventfds, its memory faults are absorbed): what we
+        // wait for is the backend finishing in-flight requests, which we
+        // must not abandon. Say so if that takes long.
+        let started = Instant::now();
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(idx) = *stopped {
                 return idx;
             }
-            stopped = self
+            let (guard, timeout) = self
                 .stopped_cv
-                .wait(stopped)
+                .wait_timeout(stopped, STOP_REPORT_INTERVAL)
                 .unwrap_or_else(|e| e.into_inner());
+            stopped = guard;
+            if timeout.timed_out() && stopped.is_none() {
+                log::warn!(
+                    "queue {}: still stopping after {} s: waiting for its in-flight requests",
+                    self.index,
+                    started.elapsed().as_secs()
+                );
+            }
         }
     }
 }
@@ -201,8 +231,10 @@ pub fn start(
         ));
     }
     let control = Arc::new(QueueControl {
+        index: setup.index,
         stop: AtomicBool::new(false),
-        kick: setup.kick.clone(),
+        woken: AtomicBool::new(false),
+        waker: Mutex::new(None),
         stopped: Mutex::new(None),
         stopped_cv: Condvar::new(),
         rings,
@@ -232,6 +264,24 @@ pub fn start(
     Ok(control)
 }
 
+/// The next kick: the frontend signalled the kick eventfd.
+async fn wait_kick(kick: Arc<File>) -> std::io::Result<()> {
+    let fd = kick.as_raw_fd();
+    let owner: uring::KeepAlive = kick;
+    match ops::read_eventfd(fd, Some(owner.clone())).await {
+        // A non-blocking eventfd read on a kernel that does not retry it in
+        // the ring: wait for it in the ring, then read again.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            ops::wait_readable(fd, Some(owner.clone())).await?;
+            match ops::read_eventfd(fd, Some(owner)).await {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                r => r,
+            }
+        }
+        r => r,
+    }
+}
+
 impl Worker {
     fn memory(&self) -> Arc<GuestRam> {
         let gen = self.shared_mem.generation();
@@ -249,16 +299,36 @@ impl Worker {
             std::thread::current().name().unwrap_or("?")
         );
         let poller = uring::add_poller(self.clone());
+        // The wait for the next kick outlives wake-ups (drained sections
+        // ending); dropping it cancels it in the ring.
+        let mut next_kick = None;
         while !self.control.stop.load(Ordering::Acquire) {
             self.process_avail(true);
-            if let Err(e) = ops::read_eventfd(self.kick.as_raw_fd()).await {
-                log::error!(
-                    "queue {}: kick eventfd failed: {e}; stopping the queue",
-                    self.index
-                );
-                break;
+            let kick = next_kick.get_or_insert_with(|| Box::pin(wait_kick(self.kick.clone())));
+            let kicked = poll_fn(|cx| {
+                *self.control.waker.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(cx.waker().clone());
+                // After publishing the waker: a wake before it is seen here.
+                if self.control.woken.swap(false, Ordering::AcqRel) {
+                    return Poll::Ready(None);
+                }
+                kick.as_mut().poll(cx).map(Some)
+            })
+            .await;
+            match kicked {
+                None => {}
+                Some(Ok(())) => next_kick = None,
+                Some(Err(e)) => {
+                    log::error!(
+                        "queue {}: kick eventfd failed: {e}; stopping the queue",
+                        self.index
+                    );
+                    break;
+                }
             }
         }
+        drop(next_kick);
+        *self.control.waker.lock().unwrap_or_else(|e| e.into_inner()) = None;
         uring::remove_poller(poller);
         // Let every request finish before reporting where we stopped.
         poll_fn(|cx| {
@@ -305,6 +375,16 @@ impl Worker {
             return false;
         }
         let mem = self.memory();
+        if mem.poisoned() {
+            // The frontend shrank guest memory under us; its session hangs
+            // up on it. Stop reading rings that now read as zeros.
+            log::error!(
+                "queue {}: guest memory shrank under us; the queue stops",
+                self.index
+            );
+            self.broken.set(true);
+            return false;
+        }
         let mut heads = Vec::new();
         let mut found = false;
         loop {
@@ -459,8 +539,8 @@ impl Worker {
             .borrow_mut()
             .needs_notification(mem.mmap())
             .unwrap_or(true);
-        if needed && !self.call.signal() && self.log.allow("call eventfd") {
-            log::warn!("queue {}: call eventfd write failed", self.index);
+        if needed {
+            self.call.signal();
         }
     }
 }

@@ -31,9 +31,11 @@ mod fake_guest {
     /// size_max of the test device.
     const SEG: u32 = 1 << 16;
 
+    /// Non-blocking, as the session makes every kick and call fd
+    /// (`notify_fd::accept`): call writes are tried only on those.
     fn eventfd() -> File {
         // SAFETY: plain syscall, checked below, then owned by the File.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         assert!(fd >= 0);
         // SAFETY: fresh fd owned by nobody else.
         unsafe { File::from_raw_fd(fd) }
