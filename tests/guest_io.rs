@@ -105,7 +105,7 @@ fn guest_sees_an_online_resize_and_uses_the_new_end() {
         "guest saw a different size"
     );
     assert!(
-        d.stderr().contains("sent CONFIG_CHANGE_MSG"),
+        d.log_shows("sent CONFIG_CHANGE_MSG"),
         "no config-change message was sent"
     );
     assert!(d.stop().success());

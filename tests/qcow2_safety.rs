@@ -467,8 +467,7 @@ fn refcount_maze_fails_the_write_not_the_daemon() {
         "the failing write took {took:?}"
     );
     assert!(
-        d.stderr()
-            .contains("in use, past the end of the image file"),
+        d.log_shows("in use, past the end of the image file"),
         "{}",
         d.stderr()
     );

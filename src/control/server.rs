@@ -202,7 +202,6 @@ fn accept_loop(
                 continue;
             }
         };
-        backoff.succeeded();
         if daemon.clients().len() >= max_clients {
             if refusals.allow("QMP client refused") {
                 log::warn!("QMP socket: refusing a client: {max_clients} are connected");
@@ -212,11 +211,17 @@ fn accept_loop(
         }
         let client = match Client::new(NEXT_CLIENT.fetch_add(1, Ordering::Relaxed)) {
             Ok(c) => Arc::new(c),
+            // Out of fds after the accept: the same pacing as a failed
+            // accept, or every queued connection would cost a log line.
             Err(e) => {
-                log::warn!("QMP socket: {e}");
+                drop(stream);
+                if !backoff.failed(Path::new("QMP socket"), &e, stop.as_raw_fd()) {
+                    return;
+                }
                 continue;
             }
         };
+        backoff.succeeded();
         daemon.clients().push(client.clone());
         let d = daemon.clone();
         let c = client.clone();

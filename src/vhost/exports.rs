@@ -28,6 +28,9 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Virtqueue size the device is set up for when nobody says (seg_max
 /// follows from it; the frontend picks the real size).
 const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The serial (GET_ID) of exports from `--export` and `block-export-add`:
+/// qemu-storage-daemon's, so guests see the same disk either way.
+const QSD_SERIAL: &str = "vhost_user_blk";
 
 /// Where an export's frontends connect.
 pub enum ExportListener {
@@ -131,7 +134,7 @@ impl ExportOptions {
                 num_queues,
                 queue_size: DEFAULT_QUEUE_SIZE,
                 logical_block_size,
-                serial: String::new(),
+                serial: QSD_SERIAL.to_string(),
                 listener,
                 socket_mode: DEFAULT_SOCKET_MODE,
             },

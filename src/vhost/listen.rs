@@ -209,7 +209,7 @@ impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(10);
     const MAX: Duration = Duration::from_secs(1);
 
-    /// A successful accept: the next failure starts over.
+    /// A connection taken and set up: the next failure starts over.
     pub fn succeeded(&mut self) {
         self.delay = Duration::ZERO;
     }
@@ -219,7 +219,7 @@ impl AcceptBackoff {
     pub fn failed(&mut self, what: &Path, e: &io::Error, stop_fd: RawFd) -> bool {
         self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
         log::warn!(
-            "{}: accept failed: {e}; retrying in {:?}",
+            "{}: cannot take a new connection: {e}; retrying in {:?}",
             what.display(),
             self.delay
         );

@@ -181,6 +181,20 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// True once the daemon's log contains `needle`; false if it does not
+    /// within 10 s (the log is read from its pipe by another thread, so a
+    /// line written just now may not have arrived yet).
+    pub fn log_shows(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.stderr().contains(needle) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
