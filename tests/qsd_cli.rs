@@ -181,6 +181,10 @@ fn qemu_storage_daemon_takes_the_same_command_line() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its monitor answering says its main loop runs and the exports are up.
+    let mut q = Qmp::connect(&dir.path("qmp.sock"));
+    let exports = q.ok("query-block-exports", json!({}));
+    assert_eq!(exports.as_array().unwrap().len(), 3, "{exports}");
     verify_export(&dir.path("e0.sock"), 1, true, 1);
     verify_export(&dir.path("e1.sock"), 2, true, 1);
     verify_export(&dir.path("e2.sock"), 1, false, 1);
