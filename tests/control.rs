@@ -66,22 +66,26 @@ fn greeting_negotiation_and_ids() {
     assert_eq!(e["id"], "vda");
     assert_eq!(e["type"], "vhost-user-blk");
     assert_eq!(e["node-name"], "fmt0");
-    assert_eq!(e["num-queues"], 1);
-    assert_eq!(e["connected"], false);
-    assert!(e["socket"].as_str().unwrap().ends_with("sock"));
+    assert_eq!(e["x-num-queues"], 1);
+    assert_eq!(e["x-connected"], false);
+    assert!(e["x-socket"].as_str().unwrap().ends_with("sock"));
     let c = connect(&d.sock, 1).unwrap();
-    assert_eq!(q.ok("query-block-exports", json!({}))[0]["connected"], true);
+    assert_eq!(
+        q.ok("query-block-exports", json!({}))[0]["x-connected"],
+        true
+    );
     drop(c);
     let fmt = q.node("fmt0");
     assert_eq!(fmt["drv"], "raw");
-    assert_eq!(fmt["virtual-size"], 16 << 20);
+    assert_eq!(fmt["image"]["virtual-size"], 16 << 20);
+    assert_eq!(fmt["ro"], false);
     assert_eq!(fmt["file"], img.to_str().unwrap());
     assert_eq!(
-        fmt["children"],
+        fmt["x-children"],
         json!([{"role": "file", "node-name": "file0"}])
     );
     assert_eq!(
-        (fmt["in-flight"].clone(), fmt["quiesce-counter"].clone()),
+        (fmt["x-in-flight"].clone(), fmt["x-quiesce-counter"].clone()),
         (json!(0), json!(0))
     );
     assert_eq!(q.node("file0")["drv"], "file");
@@ -216,8 +220,8 @@ fn bad_input_gets_errors_and_harms_nobody() {
         assert!(desc.contains(want), "{cmd} {args}: {desc}");
     }
     // Nothing above changed the disk or left it drained.
-    assert_eq!(q.node("fmt0")["virtual-size"], 16 << 20);
-    assert_eq!(q.node("fmt0")["quiesce-counter"], 0);
+    assert_eq!(q.node("fmt0")["image"]["virtual-size"], 16 << 20);
+    assert_eq!(q.node("fmt0")["x-quiesce-counter"], 0);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 16 << 20);
 
     // A client that vanishes in the middle of a command: its section ends.
@@ -228,7 +232,7 @@ fn bad_input_gets_errors_and_harms_nobody() {
         );
     }
     eventually(&mut q, "the vanished client's section to end", |q| {
-        q.node("fmt0")["quiesce-counter"] == 0
+        q.node("fmt0")["x-quiesce-counter"] == 0
     });
     // A message that never ends closes that connection only.
     {
@@ -267,8 +271,11 @@ fn sections_nest_belong_to_their_client_and_raise_events() {
     let r = a.ok("block-drained-begin", json!({"node-name": "file0"}));
     assert_eq!(r["node-name"], "file0");
     // Draining the file node drains its parent too (once more).
-    assert_eq!(a.node("fmt0")["quiesce-counter"], 2);
-    assert_eq!(a.ok("query-block-exports", json!({}))[0]["quiesced"], true);
+    assert_eq!(a.node("fmt0")["x-quiesce-counter"], 2);
+    assert_eq!(
+        a.ok("query-block-exports", json!({}))[0]["x-quiesced"],
+        true
+    );
     // Another client sees the events, but cannot end A's sections.
     let ev = b.event();
     assert_eq!(ev["event"], "BLOCK_DRAINED_BEGIN");
@@ -278,13 +285,16 @@ fn sections_nest_belong_to_their_client_and_raise_events() {
     assert!(desc.contains("this client"), "{desc}");
     let r = a.ok("block-drained-end", json!({"node-name": "file0"}));
     assert_eq!(r["quiesce-counter"], 0);
-    assert_eq!(a.node("fmt0")["quiesce-counter"], 1);
+    assert_eq!(a.node("fmt0")["x-quiesce-counter"], 1);
     // A leaves with one section open: it is ended for A.
     drop(a);
     eventually(&mut b, "A's section to end", |q| {
-        q.node("fmt0")["quiesce-counter"] == 0
+        q.node("fmt0")["x-quiesce-counter"] == 0
     });
-    assert_eq!(b.ok("query-block-exports", json!({}))[0]["quiesced"], false);
+    assert_eq!(
+        b.ok("query-block-exports", json!({}))[0]["x-quiesced"],
+        false
+    );
     // The guest is served again.
     let mut c = connect(&d.sock, 1).unwrap();
     assert_eq!(c.run(0, Req::Write(0, 0, 4096)), 0);
@@ -377,16 +387,16 @@ fn drained_section_under_load_stops_io_and_loses_nothing() {
         // the export's node is quiesced, the file below it just idle.)
         for n in ["fmt0", "file0"] {
             let node = q.node(n);
-            assert_eq!(node["in-flight"], 0, "{node}");
+            assert_eq!(node["x-in-flight"], 0, "{node}");
         }
-        assert_eq!(q.node("fmt0")["quiesce-counter"], 1);
+        assert_eq!(q.node("fmt0")["x-quiesce-counter"], 1);
         let e = &q.ok("query-block-exports", json!({}))[0];
         assert_eq!(
-            (e["in-flight"].clone(), e["quiesced"].clone()),
+            (e["x-in-flight"].clone(), e["x-quiesced"].clone()),
             (json!(0), json!(true))
         );
-        let file_requests = q.node("file0")["requests"].as_u64().unwrap();
-        let writes_done = q.ok("query-blockstats", json!({}))[0]["stats"]["write"]["operations"]
+        let file_requests = q.node("file0")["x-requests"].as_u64().unwrap();
+        let writes_done = q.ok("query-blockstats", json!({}))[0]["stats"]["wr_operations"]
             .as_u64()
             .unwrap();
         // Hold the section for a while: nothing may move meanwhile.
@@ -395,13 +405,13 @@ fn drained_section_under_load_stops_io_and_loses_nothing() {
             std::thread::yield_now();
         }
         assert_eq!(
-            q.node("file0")["requests"].as_u64().unwrap(),
+            q.node("file0")["x-requests"].as_u64().unwrap(),
             file_requests,
             "a request reached the file while drained"
         );
         let stats = q.ok("query-blockstats", json!({}));
         assert_eq!(
-            stats[0]["stats"]["write"]["operations"].as_u64().unwrap(),
+            stats[0]["stats"]["wr_operations"].as_u64().unwrap(),
             writes_done
         );
         assert!(total(&completed) <= writes_done);
@@ -426,14 +436,14 @@ fn drained_section_under_load_stops_io_and_loses_nothing() {
     );
     // Per-queue statistics add up.
     let stats = q.ok("query-blockstats", json!({}));
-    let per_queue: Vec<u64> = stats[0]["queues"]
+    let per_queue: Vec<u64> = stats[0]["x-queues"]
         .as_array()
         .unwrap()
         .iter()
         .map(|x| x["stats"]["write"]["operations"].as_u64().unwrap())
         .collect();
     assert_eq!(per_queue, vec![blocks_per_queue, blocks_per_queue]);
-    let w = &stats[0]["stats"]["write"];
+    let w = &stats[0]["x-stats"]["write"];
     assert_eq!(w["bytes"].as_u64().unwrap(), size);
     assert_eq!(w["failed"], 0);
     assert!(w["latency"]["average-ns"].as_u64().unwrap() > 0);
@@ -475,8 +485,8 @@ fn block_resize_grows_raw_and_qcow2_and_clients_see_it() {
         json!({})
     );
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 32 << 20);
-    assert_eq!(q.node("fmt0")["virtual-size"], 32 << 20);
-    assert_eq!(q.node("fmt0")["quiesce-counter"], 0);
+    assert_eq!(q.node("fmt0")["image"]["virtual-size"], 32 << 20);
+    assert_eq!(q.node("fmt0")["x-quiesce-counter"], 0);
     let ev = listener.event();
     assert_eq!(
         (ev["event"].clone(), ev["data"]["size"].clone()),
@@ -658,7 +668,7 @@ fn drains_racing_frontend_disconnects() {
             "the disconnected frontend's requests to finish",
             |q| {
                 let e = &q.ok("query-block-exports", json!({}))[0];
-                e["in-flight"] == 0 && e["connected"] == false
+                e["x-in-flight"] == 0 && e["x-connected"] == false
             },
         );
     }

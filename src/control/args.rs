@@ -27,6 +27,17 @@ impl Args {
         self.0.required_string(name).map_err(QmpError::generic)
     }
 
+    /// A boolean, if given (QMP takes JSON booleans only).
+    pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{name}', expected: boolean"
+            ))),
+        }
+    }
+
     /// An unsigned integer; QMP takes JSON numbers only ("20G" is a
     /// string, not a size).
     pub fn u64(&mut self, name: &str) -> Result<u64, QmpError> {

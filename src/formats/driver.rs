@@ -51,6 +51,10 @@ pub trait BlockDriver: BlockIo {
     fn filename(&self) -> Option<String> {
         None
     }
+    /// True if I/O bypasses the host page cache (O_DIRECT).
+    fn cache_direct(&self) -> bool {
+        false
+    }
     /// The node entered a drained section: no request will arrive until
     /// `drained_end`. Must not wait.
     fn drained_begin(&self) {}

@@ -172,11 +172,6 @@ impl FileDriver {
         &self.path
     }
 
-    /// True when the file is open with O_DIRECT.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -447,6 +442,9 @@ impl BlockDriver for FileDriver {
     fn filename(&self) -> Option<String> {
         Some(self.path.display().to_string())
     }
+    fn cache_direct(&self) -> bool {
+        self.direct
+    }
     fn close(&self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
@@ -504,7 +502,7 @@ mod tests {
         let path = scratch(&disk_dir(), "direct", 1 << 20);
         let drv = Arc::new(FileDriver::open(&path, false, CacheMode::None, 512).unwrap());
         assert!(
-            drv.is_direct(),
+            drv.cache_direct(),
             "O_DIRECT should work on the work tree's disk"
         );
         let t = IoThread::start("file-direct", Duration::ZERO).unwrap();
@@ -539,7 +537,7 @@ mod tests {
         let path = scratch(&disk_dir(), "chunks", DISK as u64);
         std::fs::write(&path, pattern(DISK, 1)).unwrap();
         let drv = Arc::new(FileDriver::open(&path, false, CacheMode::None, 4096).unwrap());
-        assert!(drv.is_direct());
+        assert!(drv.cache_direct());
         let t = IoThread::start("file-chunks", Duration::ZERO).unwrap();
         let d = drv.clone();
         // Not a multiple of the chunk: two whole chunks and a ragged end.
@@ -590,7 +588,7 @@ mod tests {
         const LEN: usize = 1 << 20;
         let path = scratch(&disk_dir(), "budget", (REQUESTS * LEN) as u64);
         let drv = Arc::new(FileDriver::open(&path, false, CacheMode::None, 512).unwrap());
-        assert!(drv.is_direct());
+        assert!(drv.cache_direct());
         let t = IoThread::start("file-budget", Duration::ZERO).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let d = drv.clone();
@@ -628,7 +626,7 @@ mod tests {
         let path = scratch("/dev/shm", "tmpfs", 1 << 20);
         let kernel_allows = open_file(&path, false, true).is_ok();
         let drv = FileDriver::open(&path, false, CacheMode::None, 512).unwrap();
-        assert_eq!(drv.is_direct(), kernel_allows);
+        assert_eq!(drv.cache_direct(), kernel_allows);
         assert_eq!(drv.size(), 1 << 20);
         std::fs::remove_file(&path).unwrap();
     }

@@ -93,6 +93,16 @@ impl Node {
         self.driver.filename()
     }
 
+    /// True if this node's storage (its own, or its file child's) bypasses
+    /// the host page cache (O_DIRECT).
+    pub fn cache_direct(&self) -> bool {
+        self.driver.cache_direct()
+            || self
+                .children
+                .iter()
+                .any(|c| c.role == ChildRole::File && c.node.cache_direct())
+    }
+
     pub(super) fn driver(&self) -> &dyn BlockDriver {
         &*self.driver
     }

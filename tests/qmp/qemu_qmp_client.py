@@ -47,7 +47,8 @@ async def main(sock):
         expect(e.error_class == "DeviceNotFound", f"class {e.error_class}")
 
     stats = await a.execute("query-blockstats")
-    expect("latency" in stats[0]["stats"]["read"], f"stats: {stats}")
+    expect("rd_operations" in stats[0]["stats"], f"stats: {stats}")
+    expect("latency" in stats[0]["x-stats"]["read"], f"stats: {stats}")
     await a.disconnect()
     await b.disconnect()
 

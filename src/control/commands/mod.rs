@@ -36,7 +36,12 @@ pub const COMMANDS: &[&str] = &[
     "quit",
 ];
 
-pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: Args) -> CmdResult {
+pub fn execute(
+    daemon: &Arc<Daemon>,
+    sections: &mut Sections,
+    name: &str,
+    mut args: Args,
+) -> CmdResult {
     // Commands without arguments refuse any before running.
     let no_args = |args: Args| args.finish();
     match name {
@@ -47,8 +52,14 @@ pub fn execute(daemon: &Arc<Daemon>, sections: &mut Sections, name: &str, args: 
             .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({ "name": c })).collect())),
         "query-version" => no_args(args).map(|_| qmp::version()),
         "query-block-exports" => no_args(args).map(|_| query::block_exports(daemon)),
-        "query-named-block-nodes" => no_args(args).map(|_| query::named_block_nodes()),
-        "query-blockstats" => no_args(args).map(|_| query::blockstats(daemon)),
+        "query-named-block-nodes" => {
+            let flat = args.opt_bool("flat")?.unwrap_or(false);
+            args.finish().map(|_| query::named_block_nodes(flat))
+        }
+        "query-blockstats" => {
+            let nodes = args.opt_bool("query-nodes")?.unwrap_or(false);
+            args.finish().map(|_| query::blockstats(daemon, nodes))
+        }
         "query-iothreads" => no_args(args).map(|_| query::iothreads(daemon)),
         "blockdev-add" => blockdev::add(args),
         "blockdev-del" => blockdev::del(args),

@@ -1,0 +1,168 @@
+//! Replies to QEMU-named QMP commands deserialize into QEMU's own types,
+//! generated from its QAPI schema (the `qapi-qmp` crate), and carry the
+//! members qemu-storage-daemon's replies carry for the same command line.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::qemu_img::qemu_img;
+use common::qmp::Qmp;
+use common::*;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+fn command_line(dir: &TestDir) -> Vec<String> {
+    let d = |f: &str| s(&dir.path(f));
+    [
+        "--object", "iothread,id=io0",
+        "--blockdev", &format!("driver=file,node-name=f0,filename={}", d("plain.raw")),
+        "--blockdev", "driver=raw,node-name=r0,file=f0",
+        "--blockdev", &format!("driver=file,node-name=qf,filename={}", d("top.qcow2")),
+        "--blockdev", "driver=qcow2,node-name=q0,file=qf",
+        "--blockdev", "driver=null-co,node-name=n0",
+        "--export", &format!("type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path={},writable=on,iothread=io0", d("e0.sock")),
+        "--export", &format!("type=vhost-user-blk,id=e1,node-name=q0,addr.type=unix,addr.path={},iothread=io0", d("e1.sock")),
+        "--chardev", &format!("socket,id=m,path={},server=on,wait=off", d("qmp.sock")),
+        "--monitor", "chardev=m",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn images(dir: &TestDir) {
+    make_raw(&dir.path("plain.raw"), 16 << 20);
+    make_raw(&dir.path("base.raw"), 16 << 20);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &s(&dir.path("top.qcow2")),
+    ]);
+}
+
+/// The replies to every QEMU-named query this test checks (Null where
+/// the daemon does not have the command: qemu-storage-daemon 7.2 has no
+/// query-iothreads).
+fn queries(q: &mut Qmp) -> Vec<(&'static str, Value)> {
+    [
+        ("query-block-exports", json!({})),
+        ("query-named-block-nodes", json!({})),
+        ("query-named-block-nodes", json!({"flat": true})),
+        ("query-blockstats", json!({})),
+        ("query-blockstats", json!({"query-nodes": true})),
+        ("query-iothreads", json!({})),
+        ("query-version", json!({})),
+    ]
+    .into_iter()
+    .map(|(c, args)| {
+        let r = q.cmd(c, args);
+        (c, r.get("return").cloned().unwrap_or(Value::Null))
+    })
+    .collect()
+}
+
+fn parses<T: DeserializeOwned>(what: &str, v: &Value) {
+    if let Err(e) = serde_json::from_value::<T>(v.clone()) {
+        panic!("{what} does not match QEMU's schema: {e}\n{v:#}");
+    }
+}
+
+/// The top-level member names of every element of a list reply, without
+/// ringblk's own `x-` members.
+fn members(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(std::slice::from_ref(v))
+        .iter()
+        .filter_map(|e| e.as_object())
+        .flat_map(|o| o.keys().filter(|k| !k.starts_with("x-")).cloned())
+        .collect()
+}
+
+#[test]
+fn replies_match_qemus_schema_and_qemu_storage_daemons_members() {
+    let dir = TestDir::new("qapi");
+    images(&dir);
+    let args = command_line(&dir);
+    let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    let d = Daemon::start_qsd(&dir.path("e0.sock"), &argv, |_| {});
+    let mut q = Qmp::connect(&dir.path("qmp.sock"));
+    // Some I/O so statistics are not all zero.
+    let mut c = connect(&d.sock, 1).unwrap();
+    assert_eq!(c.run(0, Req::Write(0, 0, 4096)), 0);
+    assert_eq!(c.run(0, Req::Read(0, 0, 4096)), 0);
+    drop(c);
+    let ours = queries(&mut q);
+    for (cmd, reply) in &ours {
+        assert!(!reply.is_null(), "{cmd} failed");
+        match *cmd {
+            "query-block-exports" => parses::<Vec<qapi_qmp::BlockExportInfo>>(cmd, reply),
+            "query-named-block-nodes" => parses::<Vec<qapi_qmp::BlockDeviceInfo>>(cmd, reply),
+            "query-blockstats" => parses::<Vec<qapi_qmp::BlockStats>>(cmd, reply),
+            "query-iothreads" => parses::<Vec<qapi_qmp::IOThreadInfo>>(cmd, reply),
+            "query-version" => parses::<qapi_qmp::VersionInfo>(cmd, reply),
+            other => unreachable!("{other}"),
+        }
+    }
+    drop(q);
+    assert!(d.stop().success());
+
+    // qemu-storage-daemon with the same command line, same queries.
+    let mut qsd = KillOnDrop(
+        Command::new("qemu-storage-daemon")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon is required (scripts/test installs it)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.path("qmp.sock").exists() {
+        assert!(
+            qsd.0.try_wait().unwrap().is_none(),
+            "qemu-storage-daemon refused the command line"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut q = Qmp::connect(&dir.path("qmp.sock"));
+    let theirs = queries(&mut q);
+    drop(qsd);
+    for ((cmd, mine), (_, reference)) in ours.iter().zip(&theirs) {
+        let missing: Vec<String> = members(reference)
+            .difference(&members(mine))
+            .cloned()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{cmd}: qemu-storage-daemon's reply has members ours lacks: {missing:?}\nours: {mine:#}\ntheirs: {reference:#}"
+        );
+    }
+}
