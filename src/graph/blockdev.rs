@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
-use super::node::Node;
+use super::node::{DetectZeroes, Node};
 use super::open::{
     open_file_node, open_qcow2_node, open_raw_node, read_qcow2_header, BackingPolicy, ImageFormat,
     ImageOptions,
@@ -43,11 +43,20 @@ fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
 /// Options every driver takes (BlockdevOptions' base).
 struct Common {
     node_name: String,
-    read_only: bool,
-    direct: bool,
+    inherit: Inherited,
+    detect_zeroes: DetectZeroes,
 }
 
-fn common(o: &mut Opts, top: bool, inherited_ro: bool) -> Result<Common, BlockdevError> {
+/// What inline children take from their parent unless they say otherwise
+/// (as in QEMU: read-only and the cache options).
+#[derive(Clone, Copy, Default)]
+struct Inherited {
+    read_only: bool,
+    direct: bool,
+    no_flush: bool,
+}
+
+fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, BlockdevError> {
     let node_name = match o.string("node-name")? {
         Some(n) => {
             if n.is_empty() || n.starts_with('#') || n.len() > 31 {
@@ -61,24 +70,29 @@ fn common(o: &mut Opts, top: bool, inherited_ro: bool) -> Result<Common, Blockde
         None if top => return err("A top-level node needs a node-name"),
         None => auto_node_name(),
     };
-    let read_only = o.bool("read-only", inherited_ro)?;
+    let read_only = o.bool("read-only", parent.read_only)?;
     // auto-read-only: we never fall back to read-only on EACCES; accepted.
     o.bool("auto-read-only", false)?;
-    o.choice("discard", &["ignore", "unmap"])?;
-    match o.choice("detect-zeroes", &["off", "on", "unmap"])?.as_str() {
-        "off" => {}
-        other => return err(format!("detect-zeroes={other} is not supported by ringblk")),
-    }
+    let unmap = o.choice("discard", &["ignore", "unmap"])? == "unmap";
+    let detect_zeroes = match o.choice("detect-zeroes", &["off", "on", "unmap"])?.as_str() {
+        "on" => DetectZeroes::On,
+        // QEMU: unmap only where discard=unmap allows it.
+        "unmap" if unmap => DetectZeroes::Unmap,
+        "unmap" => DetectZeroes::On,
+        _ => DetectZeroes::Off,
+    };
     let mut cache = o.nested("cache")?;
-    let direct = cache.bool("direct", false)?;
-    if cache.bool("no-flush", false)? {
-        return err("cache.no-flush=on is not supported by ringblk");
-    }
+    let direct = cache.bool("direct", parent.direct)?;
+    let no_flush = cache.bool("no-flush", parent.no_flush)?;
     cache.finish()?;
     Ok(Common {
         node_name,
-        read_only,
-        direct,
+        inherit: Inherited {
+            read_only,
+            direct,
+            no_flush,
+        },
+        detect_zeroes,
     })
 }
 
@@ -96,7 +110,7 @@ pub fn blockdev_add(options: Value) -> Result<Arc<Node>, BlockdevError> {
     let Value::Object(map) = options else {
         return err("Invalid parameter type, expected: object");
     };
-    let node = add(Opts::new(map), true, false)?;
+    let node = add(Opts::new(map), true, Inherited::default())?;
     monitor_owned().push(node.clone());
     Ok(node)
 }
@@ -150,19 +164,19 @@ pub fn release_monitor_nodes() {
     drop(nodes);
 }
 
-fn add(mut o: Opts, top: bool, inherited_ro: bool) -> Result<Arc<Node>, BlockdevError> {
+fn add(mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, BlockdevError> {
     let driver = o.required_string("driver")?;
-    let c = common(&mut o, top, inherited_ro)?;
+    let c = common(&mut o, top, parent)?;
     let node = match driver.as_str() {
         "file" => add_file(&mut o, &c)?,
         "raw" => {
-            let file = child(&mut o, "file", c.read_only)?.ok_or_else(|| {
+            let file = child(&mut o, "file", c.inherit)?.ok_or_else(|| {
                 BlockdevError(format!("Parameter '{}' is missing", o.name("file")))
             })?;
             if o.size("offset")?.unwrap_or(0) != 0 || o.size("size")?.is_some() {
                 return err("raw offset and size are not supported by ringblk");
             }
-            open_raw_node(&c.node_name, file, c.read_only, false)
+            open_raw_node(&c.node_name, file, c.inherit.read_only, false)
         }
         "qcow2" => add_qcow2(&mut o, &c)?,
         "null-co" => {
@@ -173,6 +187,7 @@ fn add(mut o: Opts, top: bool, inherited_ro: bool) -> Result<Arc<Node>, Blockdev
         other => return err(format!("Unknown driver '{other}'")),
     };
     o.finish()?;
+    node.set_io_options(c.inherit.no_flush, c.detect_zeroes);
     Ok(node)
 }
 
@@ -182,28 +197,35 @@ fn add_file(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
     o.choice("aio", &["threads", "native", "io_uring"])?;
     let lock = match o.choice("locking", &["auto", "on", "off"])?.as_str() {
         "off" => None,
-        _ => Some(ImageLock::for_open(c.read_only, false)),
+        _ => Some(ImageLock::for_open(c.inherit.read_only, false)),
     };
     o.size("aio-max-batch")?;
-    let cache = if c.direct {
+    let cache = if c.inherit.direct {
         CacheMode::None
     } else {
         CacheMode::Writeback
     };
-    open_file_node(&c.node_name, &filename, c.read_only, cache, 512, lock)
-        .map_err(|e| BlockdevError(e.to_string()))
+    open_file_node(
+        &c.node_name,
+        &filename,
+        c.inherit.read_only,
+        cache,
+        512,
+        lock,
+    )
+    .map_err(|e| BlockdevError(e.to_string()))
 }
 
 /// A child given inline (an object: added now, with a generated name) or
 /// by reference (a string: an existing node).
-fn child(o: &mut Opts, key: &str, read_only: bool) -> Result<Option<Arc<Node>>, BlockdevError> {
+fn child(o: &mut Opts, key: &str, inherit: Inherited) -> Result<Option<Arc<Node>>, BlockdevError> {
     let prefix = format!("{}.", o.name(key));
     match o.take(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(name)) => find_node(&name)
             .map(Some)
             .ok_or_else(|| BlockdevError(format!("Cannot find device='' nor node-name='{name}'"))),
-        Some(Value::Object(map)) => add(Opts::nested_in(map, prefix), false, read_only).map(Some),
+        Some(Value::Object(map)) => add(Opts::nested_in(map, prefix), false, inherit).map(Some),
         Some(_) => err(format!(
             "Invalid parameter type for '{}', expected: BlockdevRef",
             o.name(key)
@@ -212,7 +234,7 @@ fn child(o: &mut Opts, key: &str, read_only: bool) -> Result<Option<Arc<Node>>, 
 }
 
 fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
-    let file = child(o, "file", c.read_only)?
+    let file = child(o, "file", c.inherit)?
         .ok_or_else(|| BlockdevError(format!("Parameter '{}' is missing", o.name("file"))))?;
     let mut qopts = Qcow2Options::default();
     if let Some(n) = o.size("l2-cache-size")? {
@@ -232,13 +254,24 @@ fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
         Some(Value::Null) => None,
         Some(v) => {
             o.put_back("backing", v);
-            child(o, "backing", true)?
+            let backing = Inherited {
+                read_only: true,
+                ..c.inherit
+            };
+            child(o, "backing", backing)?
         }
         // Absent: the one the image names, opened as ringblk serve would.
         None => backing_from_image(&path, &file)?,
     };
-    open_qcow2_node(&c.node_name, &path, file, c.read_only, backing, qopts)
-        .map_err(|e| BlockdevError(e.to_string()))
+    open_qcow2_node(
+        &c.node_name,
+        &path,
+        file,
+        c.inherit.read_only,
+        backing,
+        qopts,
+    )
+    .map_err(|e| BlockdevError(e.to_string()))
 }
 
 /// The backing chain a qcow2 image names in its header, read-only.

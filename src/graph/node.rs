@@ -1,7 +1,7 @@
 //! Nodes and child edges.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::in_flight::InFlightCounter;
@@ -48,6 +48,20 @@ pub struct Node {
     pub(super) in_flight: InFlightCounter,
     /// Nesting depth of drained sections covering this node.
     pub(super) quiesce_counter: AtomicU32,
+    /// QEMU's `cache.no-flush`: flushes return at once (data may be lost
+    /// on a host crash; for scratch disks).
+    no_flush: AtomicBool,
+    /// QEMU's `detect-zeroes` (a [`DetectZeroes`] as u8).
+    detect_zeroes: AtomicU8,
+}
+
+/// QEMU's `detect-zeroes`: writes of all-zero data become write-zeroes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectZeroes {
+    Off = 0,
+    On = 1,
+    /// Also let the storage be unmapped.
+    Unmap = 2,
 }
 
 impl Node {
@@ -67,6 +81,8 @@ impl Node {
                 in_flight: InFlightCounter::new(),
                 // A node born inside drain_all is drained like the rest.
                 quiesce_counter: AtomicU32::new(drain::drain_all_depth()),
+                no_flush: AtomicBool::new(false),
+                detect_zeroes: AtomicU8::new(DetectZeroes::Off as u8),
             }
         });
         // A child that is drained already drains its new parent (it could
@@ -101,6 +117,13 @@ impl Node {
                 .children
                 .iter()
                 .any(|c| c.role == ChildRole::File && c.node.cache_direct())
+    }
+
+    /// Options `blockdev-add` sets once, before the node is used.
+    pub(crate) fn set_io_options(&self, no_flush: bool, detect_zeroes: DetectZeroes) {
+        self.no_flush.store(no_flush, Ordering::Relaxed);
+        self.detect_zeroes
+            .store(detect_zeroes as u8, Ordering::Relaxed);
     }
 
     pub(super) fn driver(&self) -> &dyn BlockDriver {
@@ -158,9 +181,17 @@ impl BlockIo for Node {
         self.tracked(|d| d.read(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        let detect = self.detect_zeroes.load(Ordering::Relaxed);
+        if detect != DetectZeroes::Off as u8 && buf.is_zero() {
+            let unmap = detect == DetectZeroes::Unmap as u8;
+            return self.tracked(|d| d.write_zeroes(offset, buf.len() as u64, unmap));
+        }
         self.tracked(|d| d.write(offset, buf))
     }
     fn flush(&self) -> IoFuture<'_> {
+        if self.no_flush.load(Ordering::Relaxed) {
+            return Box::pin(std::future::ready(Ok(())));
+        }
         self.tracked(|d| d.flush())
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {

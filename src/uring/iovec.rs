@@ -218,6 +218,21 @@ impl IoVec {
         }
     }
 
+    /// True if every byte is zero (`detect-zeroes`; read in 4 KiB pieces).
+    pub fn is_zero(&self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let mut off = 0;
+        while off < self.len {
+            let n = (self.len - off).min(chunk.len());
+            self.slice(off, n).copy_to(&mut chunk[..n]);
+            if chunk[..n].iter().any(|&b| b != 0) {
+                return false;
+            }
+            off += n;
+        }
+        true
+    }
+
     /// Copy the list's contents into `dst`, as much as fits.
     pub fn copy_to(&self, dst: &mut [u8]) {
         let mut off = 0;
