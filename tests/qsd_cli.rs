@@ -565,3 +565,58 @@ fn detect_zeroes_and_inherited_cache_options() {
     drop(q);
     assert!(d.stop().success());
 }
+
+/// A raw node with `offset` and `size` exposes that window of its file,
+/// and nothing outside it.
+#[test]
+fn a_raw_window_of_a_file() {
+    let dir = TestDir::new("qsd-window");
+    let img = dir.path("w.raw");
+    make_raw(&img, 16 * MIB);
+    let sock = dir.path("w.sock");
+    let blockdev = format!(
+        "driver=raw,node-name=w,offset=1M,size=4M,file.driver=file,file.filename={}",
+        s(&img)
+    );
+    let export = format!(
+        "type=vhost-user-blk,id=e,node-name=w,addr.type=unix,addr.path={},writable=on",
+        s(&sock)
+    );
+    let d = Daemon::start_qsd(
+        &sock,
+        &["--blockdev", &blockdev, "--export", &export],
+        |_| {},
+    );
+    let mut c = connect(&sock, 1).unwrap();
+    assert_eq!(c.capacity(), 4 * MIB);
+    c.buf()[..4096].fill(0x77);
+    assert_eq!(c.run(0, Req::Write(0, 0, 4096)), 0);
+    assert_eq!(c.run(0, Req::Write(4 * MIB - 4096, 0, 4096)), 0);
+    assert!(
+        c.run(0, Req::Write(4 * MIB, 0, 4096)) < 0,
+        "a write past the window"
+    );
+    drop(c);
+    assert!(d.stop().success());
+    let data = std::fs::read(&img).unwrap();
+    let m = MIB as usize;
+    assert!(data[m..m + 4096].iter().all(|&b| b == 0x77));
+    assert!(data[5 * m - 4096..5 * m].iter().all(|&b| b == 0x77));
+    assert!(data[..m].iter().all(|&b| b == 0), "before the window");
+    assert!(data[5 * m..].iter().all(|&b| b == 0), "after the window");
+    let e = {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringblk"))
+            .args([
+                "--blockdev",
+                &format!(
+                    "driver=raw,node-name=x,offset=15M,size=2M,file.driver=file,file.filename={}",
+                    s(&img)
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(e.contains("past the end of the file"), "{e}");
+}

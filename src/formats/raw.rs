@@ -14,6 +14,10 @@ pub struct RawDriver {
     /// The format was probed, not given: the guest must not make the image
     /// probe as something else (QEMU's rule since CVE-2008-2004).
     probed: bool,
+    /// QEMU's raw `offset`: where the disk starts in the file.
+    offset: u64,
+    /// QEMU's raw `size`; None: the rest of the file.
+    size: Option<u64>,
 }
 
 impl RawDriver {
@@ -22,6 +26,47 @@ impl RawDriver {
             file,
             read_only,
             probed: false,
+            offset: 0,
+            size: None,
+        }
+    }
+
+    /// A raw driver over `size` bytes (default: the rest) of `file` from
+    /// `offset` on, both multiples of 512 and inside the file.
+    pub fn window(
+        file: ChildRef,
+        read_only: bool,
+        offset: u64,
+        size: Option<u64>,
+    ) -> Result<Self, String> {
+        let len = file.size();
+        if !offset.is_multiple_of(512) || size.is_some_and(|s| !s.is_multiple_of(512)) {
+            return Err("raw offset and size must be multiples of 512".into());
+        }
+        if offset > len || size.is_some_and(|s| s > len - offset) {
+            return Err(format!(
+                "offset {offset} and size {size:?} reach past the end of the file ({len} bytes)"
+            ));
+        }
+        Ok(RawDriver {
+            offset,
+            size,
+            ..Self::new(file, read_only)
+        })
+    }
+
+    /// `offset` in the file, for `len` bytes the caller checked against
+    /// `size()` (checked again: a window must never be left).
+    fn at(&self, offset: u64, len: u64) -> io::Result<u64> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(self.offset + offset),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at {offset} are outside the raw node's {} bytes",
+                    self.size()
+                ),
+            )),
         }
     }
 
@@ -85,27 +130,46 @@ pub fn names_other_files(sector: &[u8]) -> Option<&'static str> {
 
 impl BlockIo for RawDriver {
     fn size(&self) -> u64 {
-        self.file.size()
+        self.size
+            .unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        self.file.read(offset, buf)
+        match self.at(offset, buf.len() as u64) {
+            Ok(at) => self.file.read(at, buf),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
         if self.probed && offset < PROBE_LEN as u64 && !buf.is_empty() {
             return Box::pin(self.write_probed_head(offset, buf));
         }
-        self.file.write(offset, buf)
+        match self.at(offset, buf.len() as u64) {
+            Ok(at) => self.file.write(at, buf),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
     fn flush(&self) -> IoFuture<'_> {
         self.file.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
-        self.file.discard(offset, len)
+        match self.at(offset, len) {
+            Ok(at) => self.file.discard(at, len),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
-        self.file.write_zeroes(offset, len, may_unmap)
+        match self.at(offset, len) {
+            Ok(at) => self.file.write_zeroes(at, len, may_unmap),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
     fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        if self.offset != 0 || self.size.is_some() {
+            return Box::pin(std::future::ready(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a raw node with an offset or size cannot be resized",
+            ))));
+        }
         self.file.grow(new_size)
     }
 }

@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::node::{DetectZeroes, Node};
 use super::open::{
-    open_file_node, open_qcow2_node, open_raw_node, read_qcow2_header, BackingPolicy, ImageFormat,
-    ImageOptions,
+    open_file_node, open_qcow2_node, open_raw_node, open_raw_window, read_qcow2_header,
+    BackingPolicy, ImageFormat, ImageOptions,
 };
 use super::registry::{all_backends, all_nodes, auto_node_name, find_node};
 use crate::formats::qcow2::Qcow2Options;
@@ -173,10 +173,13 @@ fn add(mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, BlockdevE
             let file = child(&mut o, "file", c.inherit)?.ok_or_else(|| {
                 BlockdevError(format!("Parameter '{}' is missing", o.name("file")))
             })?;
-            if o.size("offset")?.unwrap_or(0) != 0 || o.size("size")?.is_some() {
-                return err("raw offset and size are not supported by ringblk");
+            let offset = o.size("offset")?.unwrap_or(0);
+            let size = o.size("size")?;
+            if offset == 0 && size.is_none() {
+                open_raw_node(&c.node_name, file, c.inherit.read_only, false)
+            } else {
+                open_raw_window(&c.node_name, file, c.inherit.read_only, offset, size)?
             }
-            open_raw_node(&c.node_name, file, c.inherit.read_only, false)
         }
         "qcow2" => add_qcow2(&mut o, &c)?,
         "null-co" => {

@@ -224,14 +224,30 @@ pub(crate) fn open_raw_node(
     read_only: bool,
     probed: bool,
 ) -> Arc<Node> {
+    let raw = if probed {
+        RawDriver::probed(file.clone(), read_only)
+    } else {
+        RawDriver::new(file.clone(), read_only)
+    };
+    raw_node(name, file, raw)
+}
+
+/// A `raw` node over the bytes `[offset, offset + size)` of `file`.
+pub(crate) fn open_raw_window(
+    name: &str,
+    file: Arc<Node>,
+    read_only: bool,
+    offset: u64,
+    size: Option<u64>,
+) -> Result<Arc<Node>, String> {
+    let raw = RawDriver::window(file.clone(), read_only, offset, size)?;
+    Ok(raw_node(name, file, raw))
+}
+
+fn raw_node(name: &str, file: Arc<Node>, raw: RawDriver) -> Arc<Node> {
     let child = Child {
         role: ChildRole::File,
-        node: file.clone(),
-    };
-    let raw = if probed {
-        RawDriver::probed(file, read_only)
-    } else {
-        RawDriver::new(file, read_only)
+        node: file,
     };
     Node::new(name, Box::new(raw), vec![child])
 }
