@@ -27,46 +27,6 @@ fn cpu_time(pid: i32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
-/// Names of the threads of process `pid`.
-fn thread_names(pid: i32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect()
-}
-
-/// Open fds and threads of process `pid`; io_uring's own workers
-/// (iou-wrk-*), which the kernel starts and retires, are not ours.
-fn fds_and_threads(pid: i32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let threads = thread_names(pid)
-        .iter()
-        .filter(|n| !n.starts_with("iou-wrk"))
-        .count();
-    (fds, threads)
-}
-
-/// Wait (bounded: client threads and queue fds go a moment after their
-/// connection) until `pid` is back to at most `base` fds and threads.
-fn assert_nothing_leaked(pid: i32, base: (usize, usize)) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = fds_and_threads(pid);
-        if now.0 <= base.0 && now.1 <= base.1 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fds and threads {now:?}, at the start {base:?}; threads {:?}",
-            thread_names(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A client that negotiates and then never reads again.
 fn deaf_client(path: &std::path::Path) -> UnixStream {
     let mut s = UnixStream::connect(path).unwrap();

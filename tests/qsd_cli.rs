@@ -128,11 +128,7 @@ fn a_qsd_command_line_runs_unchanged() {
     verify_export(&dir.path("e1.sock"), 2, true, 0);
     verify_export(&dir.path("e2.sock"), 1, false, 0);
     // Two iothreads for three exports and four queues: no thread per queue.
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect();
+    let threads = thread_names(pid);
     // (iou-wrk-* are io_uring's own workers, started by the kernel.)
     let mut io: Vec<&String> = threads
         .iter()
@@ -233,11 +229,7 @@ fn an_iothread_list_spreads_the_queues() {
         |_| {},
     );
     verify_export(&sock, 4, false, 0);
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect();
+    let names = thread_names(d.pid());
     assert!(
         names.iter().any(|n| n == "a") && names.iter().any(|n| n == "b"),
         "{names:?}"

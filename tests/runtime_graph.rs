@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu_img::{assert_clean, qemu_img};
 use common::qmp::Qmp;
@@ -19,19 +19,6 @@ const BLK: usize = 64 * 1024;
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-/// Open fds and threads of `pid`, io_uring's own workers aside.
-fn fds_and_threads(pid: i32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|n| !n.starts_with("iou-wrk"))
-        .count();
-    (fds, threads)
 }
 
 #[test]
@@ -154,18 +141,7 @@ fn exports_come_and_go_while_another_is_written() {
     let rounds = writer.join().unwrap();
     assert!(rounds > 0);
     // Nothing left behind by twenty exports and their nodes.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = fds_and_threads(pid);
-        if now.0 <= base.0 && now.1 <= base.1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fds and threads {now:?}, before {base:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_nothing_leaked(pid, base);
     drop(q);
     assert!(d.stop().success());
 }
