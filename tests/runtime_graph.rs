@@ -24,35 +24,8 @@ fn s(p: &Path) -> String {
 #[test]
 fn exports_come_and_go_while_another_is_written() {
     let dir = TestDir::new("runtime-graph");
-    let a_img = dir.path("a.raw");
-    make_raw(&a_img, 64 * MIB);
-    let a_sock = dir.path("a.sock");
-    let qmp_sock = dir.path("qmp.sock");
-    let blockdev = format!(
-        "driver=raw,node-name=a,file.driver=file,file.filename={},file.cache.direct=on",
-        s(&a_img)
-    );
-    let export = format!(
-        "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path={},writable=on,iothread=io0",
-        s(&a_sock)
-    );
-    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
-    let d = Daemon::start_qsd(
-        &a_sock,
-        &[
-            "--object",
-            "iothread,id=io0",
-            "--blockdev",
-            &blockdev,
-            "--export",
-            &export,
-            "--chardev",
-            &chardev,
-            "--monitor",
-            "chardev=m",
-        ],
-        |_| {},
-    );
+    let (d, qmp_sock) = qsd_with_export(&dir, 1, true);
+    let a_sock = d.sock.clone();
     let pid = d.pid();
     let mut q = Qmp::connect(&qmp_sock);
     let base = fds_and_threads(pid);
@@ -219,15 +192,16 @@ fn export_add_errors_change_nothing() {
 }
 
 /// A QSD-style daemon: export `ea` (a raw image, writable, `queues`
-/// queues) and a monitor, all on iothread io0.
-fn qsd_with_export(dir: &TestDir, queues: u16) -> (Daemon, std::path::PathBuf) {
+/// queues, O_DIRECT if `direct`) and a monitor, all on iothread io0.
+fn qsd_with_export(dir: &TestDir, queues: u16, direct: bool) -> (Daemon, std::path::PathBuf) {
     let img = dir.path("a.raw");
     make_raw(&img, 128 * MIB);
     let sock = dir.path("a.sock");
     let qmp_sock = dir.path("qmp.sock");
     let blockdev = format!(
-        "driver=raw,node-name=a,file.driver=file,file.filename={}",
-        s(&img)
+        "driver=raw,node-name=a,file.driver=file,file.filename={},file.cache.direct={}",
+        s(&img),
+        if direct { "on" } else { "off" }
     );
     let export = format!(
         "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path={},writable=on,iothread=io0,num-queues={queues}",
@@ -276,7 +250,7 @@ fn add_and_delete_an_export(q: &mut Qmp, sock: &Path) {
 #[test]
 fn a_guest_verifies_while_another_export_comes_and_goes() {
     let dir = TestDir::new("runtime-guest");
-    let (d, qmp_sock) = qsd_with_export(&dir, 2);
+    let (d, qmp_sock) = qsd_with_export(&dir, 2, false);
     let stop = Arc::new(AtomicBool::new(false));
     let churn = {
         let stop = stop.clone();
@@ -309,7 +283,7 @@ fn a_guest_verifies_while_another_export_comes_and_goes() {
 #[test]
 fn draining_one_export_does_not_stall_another_on_its_iothread() {
     let dir = TestDir::new("drain-isolation");
-    let (d, qmp_sock) = qsd_with_export(&dir, 1);
+    let (d, qmp_sock) = qsd_with_export(&dir, 1, false);
     let mut q = Qmp::connect(&qmp_sock);
     let b_sock = dir.path("b.sock");
     q.ok(
