@@ -7,15 +7,14 @@
 //! `key=value` form, where every value is a string: typed getters accept
 //! both, as QEMU's input visitors do. Unknown keys are errors naming them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
 use super::node::{DetectZeroes, Node};
 use super::open::{
-    open_file_node, open_qcow2_node, open_raw_node, open_raw_window, read_qcow2_header,
-    BackingPolicy, ImageFormat, ImageOptions,
+    open_backing_named_by, open_file_node, open_qcow2_node, open_raw_node, open_raw_window,
 };
 use super::registry::{all_backends, all_nodes, auto_node_name, find_node};
 use crate::formats::qcow2::Qcow2Options;
@@ -264,7 +263,7 @@ fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
             child(o, "backing", backing)?
         }
         // Absent: the one the image names, opened as ringblk serve would.
-        None => backing_from_image(&path, &file)?,
+        None => open_backing_named_by(&path, &file).map_err(|e| BlockdevError(e.to_string()))?,
     };
     open_qcow2_node(
         &c.node_name,
@@ -275,38 +274,4 @@ fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
         qopts,
     )
     .map_err(|e| BlockdevError(e.to_string()))
-}
-
-/// The backing chain a qcow2 image names in its header, read-only.
-fn backing_from_image(path: &Path, file: &Arc<Node>) -> Result<Option<Arc<Node>>, BlockdevError> {
-    let h = read_qcow2_header(path, file).map_err(|e| BlockdevError(e.to_string()))?;
-    let Some(b) = h.backing_file else {
-        return Ok(None);
-    };
-    let format = match h.backing_format.as_deref() {
-        Some("raw") => ImageFormat::Raw,
-        Some("qcow2") => ImageFormat::Qcow2,
-        Some(other) => return err(format!("{}: backing format '{other}' is not supported", path.display())),
-        None => {
-            return err(format!(
-                "{}: its backing file '{b}' has no recorded format, and ringblk never probes backing files",
-                path.display()
-            ))
-        }
-    };
-    let bpath = path.parent().unwrap_or(Path::new(".")).join(&b);
-    let opts = ImageOptions {
-        path: bpath,
-        format,
-        read_only: true,
-        cache: CacheMode::Writeback,
-        block_size: 512,
-        qcow2: Qcow2Options::default(),
-        force_share: false,
-        backing: BackingPolicy::Any,
-        auto_names: true,
-    };
-    super::open::open_image(&opts)
-        .map(Some)
-        .map_err(|e| BlockdevError(format!("{}: backing file: {e}", path.display())))
 }

@@ -170,34 +170,72 @@ fn open_layer(
         }
         ImageFormat::Qcow2 => {
             let header = read_qcow2_header(path, &file)?;
-            let backing = match (&header.backing_file, &header.backing_format) {
-                (None, _) => None,
-                (Some(b), None) => {
-                    return Err(invalid(
-                        path,
-                        format!(
-                            "its backing file '{b}' has no recorded format, and ringblk never probes backing files; record it with `qemu-img rebase -u -b '{b}' -F raw|qcow2 {}`",
-                            path.display()
-                        ),
-                    ))
-                }
-                (Some(b), Some(f)) => {
-                    let bformat = match f.as_str() {
-                        "raw" => ImageFormat::Raw,
-                        "qcow2" => ImageFormat::Qcow2,
-                        other => return Err(invalid(path, format!("backing file '{b}' has format '{other}', which is not supported"))),
-                    };
-                    // Relative names are relative to the overlay's folder.
-                    let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
-                    allowed_backing(path, b, &bpath, opts.backing)?;
-                    let layer = open_layer(&bpath, bformat, true, opts, depth + 1)
-                        .map_err(|e| invalid(path, format!("backing file: {e}")))?;
-                    Some(layer)
-                }
-            };
+            let backing = open_backing(path, &header, opts, depth)?;
             open_qcow2_node(&name, path, file, read_only, backing, opts.qcow2)
         }
     }
+}
+
+/// The backing chain the qcow2 header of `path` names (read-only, its
+/// format as recorded: backing files are never probed), `depth` layers
+/// down from the top image.
+fn open_backing(
+    path: &Path,
+    header: &qcow2::header::Header,
+    opts: &ImageOptions,
+    depth: usize,
+) -> Result<Option<Arc<Node>>, OpenError> {
+    let (b, f) = match (&header.backing_file, &header.backing_format) {
+        (None, _) => return Ok(None),
+        (Some(b), None) => {
+            return Err(invalid(
+                path,
+                format!(
+                    "its backing file '{b}' has no recorded format, and ringblk never probes backing files; record it with `qemu-img rebase -u -b '{b}' -F raw|qcow2 {}`",
+                    path.display()
+                ),
+            ))
+        }
+        (Some(b), Some(f)) => (b, f),
+    };
+    let bformat = match f.as_str() {
+        "raw" => ImageFormat::Raw,
+        "qcow2" => ImageFormat::Qcow2,
+        other => {
+            return Err(invalid(
+                path,
+                format!("backing file '{b}' has format '{other}', which is not supported"),
+            ))
+        }
+    };
+    // Relative names are relative to the overlay's folder.
+    let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
+    allowed_backing(path, b, &bpath, opts.backing)?;
+    let layer = open_layer(&bpath, bformat, true, opts, depth + 1)
+        .map_err(|e| invalid(path, format!("backing file: {e}")))?;
+    Ok(Some(layer))
+}
+
+/// The backing chain the qcow2 image in `file` (at `path`) names, as
+/// `blockdev-add` opens it when `backing` is not given: every layer
+/// read-only, nodes named `#blockNNN`.
+pub(crate) fn open_backing_named_by(
+    path: &Path,
+    file: &Arc<Node>,
+) -> Result<Option<Arc<Node>>, OpenError> {
+    let header = read_qcow2_header(path, file)?;
+    let opts = ImageOptions {
+        path: path.to_path_buf(),
+        format: ImageFormat::Qcow2,
+        read_only: true,
+        cache: CacheMode::Writeback,
+        block_size: 512,
+        qcow2: Qcow2Options::default(),
+        force_share: false,
+        backing: BackingPolicy::Any,
+        auto_names: true,
+    };
+    open_backing(path, &header, &opts, 0)
 }
 
 /// A `file` protocol node named `name` over the host file at `path`,
@@ -253,7 +291,7 @@ fn raw_node(name: &str, file: Arc<Node>, raw: RawDriver) -> Arc<Node> {
 }
 
 /// The header of the qcow2 image in `file` (from `path`, for messages).
-pub(crate) fn read_qcow2_header(
+fn read_qcow2_header(
     path: &Path,
     file: &Arc<Node>,
 ) -> Result<qcow2::header::Header, OpenError> {
