@@ -29,11 +29,16 @@ pub trait BlockIo: Send + Sync {
     /// Grow to `new_size` bytes. Drivers that cannot, say so.
     fn grow(&self, new_size: u64) -> IoFuture<'_> {
         let _ = new_size;
-        Box::pin(std::future::ready(Err(io::Error::new(
+        failed(io::Error::new(
             io::ErrorKind::Unsupported,
             "this driver cannot be resized",
-        ))))
+        ))
     }
+}
+
+/// A request that fails before it starts.
+pub(crate) fn failed<'a>(e: io::Error) -> IoFuture<'a> {
+    Box::pin(std::future::ready(Err(e)))
 }
 
 /// A child a format driver reads through (in the graph: a child edge's node).

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use super::driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
+use super::driver::{failed, BlockDriver, BlockIo, ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, IoVec};
 
 /// The bytes a format probe looks at: the first sector.
@@ -55,12 +55,18 @@ impl RawDriver {
         })
     }
 
-    /// `offset` in the file, for `len` bytes the caller checked against
-    /// `size()` (checked again: a window must never be left).
-    fn at(&self, offset: u64, len: u64) -> io::Result<u64> {
+    /// Run `op` at the file offset of `len` bytes at `offset`, which the
+    /// caller checked against `size()` (checked again: a window must never
+    /// be left).
+    fn in_window<'a>(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce(u64) -> IoFuture<'a>,
+    ) -> IoFuture<'a> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size() => Ok(self.offset + offset),
-            _ => Err(io::Error::new(
+            Some(end) if end <= self.size() => op(self.offset + offset),
+            _ => failed(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "{len} bytes at {offset} are outside the raw node's {} bytes",
@@ -134,41 +140,29 @@ impl BlockIo for RawDriver {
             .unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        match self.at(offset, buf.len() as u64) {
-            Ok(at) => self.file.read(at, buf),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.in_window(offset, buf.len() as u64, |at| self.file.read(at, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
         if self.probed && offset < PROBE_LEN as u64 && !buf.is_empty() {
             return Box::pin(self.write_probed_head(offset, buf));
         }
-        match self.at(offset, buf.len() as u64) {
-            Ok(at) => self.file.write(at, buf),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.in_window(offset, buf.len() as u64, |at| self.file.write(at, buf))
     }
     fn flush(&self) -> IoFuture<'_> {
         self.file.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
-        match self.at(offset, len) {
-            Ok(at) => self.file.discard(at, len),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.in_window(offset, len, |at| self.file.discard(at, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
-        match self.at(offset, len) {
-            Ok(at) => self.file.write_zeroes(at, len, may_unmap),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.in_window(offset, len, |at| self.file.write_zeroes(at, len, may_unmap))
     }
     fn grow(&self, new_size: u64) -> IoFuture<'_> {
         if self.offset != 0 || self.size.is_some() {
-            return Box::pin(std::future::ready(Err(io::Error::new(
+            return failed(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a raw node with an offset or size cannot be resized",
-            ))));
+            ));
         }
         self.file.grow(new_size)
     }

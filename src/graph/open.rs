@@ -291,10 +291,7 @@ fn raw_node(name: &str, file: Arc<Node>, raw: RawDriver) -> Arc<Node> {
 }
 
 /// The header of the qcow2 image in `file` (from `path`, for messages).
-fn read_qcow2_header(
-    path: &Path,
-    file: &Arc<Node>,
-) -> Result<qcow2::header::Header, OpenError> {
+fn read_qcow2_header(path: &Path, file: &Arc<Node>) -> Result<qcow2::header::Header, OpenError> {
     let file_ref: ChildRef = file.clone();
     let (h, _) = uring::block_on(|| qcow2::read_header(&file_ref))
         .map_err(|source| OpenError::Io {
