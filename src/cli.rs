@@ -185,7 +185,7 @@ pub struct ServeArgs {
     pub control: Option<PathBuf>,
 
     /// Most QMP clients connected at once; more are refused with an error.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_name = "N", default_value_t = ringblk::daemon::DEFAULT_CONTROL_CLIENTS as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub control_max_clients: u32,
 }
 

@@ -275,17 +275,6 @@ fn an_export_on_a_socket_passed_as_an_fd() {
     drop(listener);
 }
 
-/// Run ringblk with `args`, expecting it to refuse them; its stderr.
-fn refused(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ringblk"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} was accepted");
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
 #[test]
 fn bad_options_are_errors_naming_the_key() {
     let dir = TestDir::new("qsd-bad");
@@ -348,7 +337,7 @@ fn bad_options_are_errors_naming_the_key() {
     ];
     for (args, want) in cases {
         let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-        let e = refused(&argv);
+        let e = ringblk_refuses(&argv);
         assert!(e.contains(want), "{args:?}: expected '{want}' in: {e}");
         assert!(
             !dir.path("x.sock").exists(),
@@ -596,19 +585,12 @@ fn a_raw_window_of_a_file() {
     assert!(data[5 * m - 4096..5 * m].iter().all(|&b| b == 0x77));
     assert!(data[..m].iter().all(|&b| b == 0), "before the window");
     assert!(data[5 * m..].iter().all(|&b| b == 0), "after the window");
-    let e = {
-        let out = Command::new(env!("CARGO_BIN_EXE_ringblk"))
-            .args([
-                "--blockdev",
-                &format!(
-                    "driver=raw,node-name=x,offset=15M,size=2M,file.driver=file,file.filename={}",
-                    s(&img)
-                ),
-            ])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).to_string()
-    };
+    let e = ringblk_refuses(&[
+        "--blockdev",
+        &format!(
+            "driver=raw,node-name=x,offset=15M,size=2M,file.driver=file,file.filename={}",
+            s(&img)
+        ),
+    ]);
     assert!(e.contains("past the end of the file"), "{e}");
 }

@@ -17,27 +17,9 @@ const MIB: u64 = 1 << 20;
 
 /// Run `ringblk serve ARGS` expecting it to refuse to start; its stderr.
 fn refused(args: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
-        .arg("serve")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(!status.success(), "ringblk {args:?} should have failed");
-            return err;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ringblk {args:?} started although it should have been refused");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    ringblk_refuses(&all)
 }
 
 fn tool(name: &str, args: &[&str]) -> Output {

@@ -397,3 +397,28 @@ pub fn assert_nothing_leaked(pid: i32, base: (usize, usize)) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Run `ringblk ARGS` expecting it to refuse to start (bounded: one that
+/// starts anyway is killed and the test fails); its stderr.
+pub fn ringblk_refuses(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(!status.success(), "ringblk {args:?} should have failed");
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ringblk {args:?} started although it should have been refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
