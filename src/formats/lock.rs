@@ -260,4 +260,28 @@ mod tests {
         );
         std::fs::remove_file(&p).unwrap();
     }
+
+    #[test]
+    fn a_reopen_changes_locks_without_a_gap_and_keeps_them_on_a_conflict() {
+        let p = scratch("change");
+        let a = open(&p, true);
+        let rw = ImageLock::for_open(false, false);
+        let ro = ImageLock::for_open(true, false);
+        rw.apply(&a, &p).unwrap();
+        let reader = open(&p, false);
+        assert!(ro.apply(&reader, &p).is_err(), "a writer keeps readers out");
+        rw.change_to(ro, &a, &p).unwrap();
+        ro.apply(&reader, &p).unwrap();
+        // Writing again while a reader that does not share write holds the
+        // file: refused, and our locks stay the read-only ones.
+        let e = ro.change_to(rw, &a, &p).unwrap_err();
+        assert!(e.to_string().contains("\"write\""), "{e}");
+        let other = open(&p, false);
+        ro.apply(&other, &p).unwrap();
+        drop(reader);
+        drop(other);
+        ro.change_to(rw, &a, &p).unwrap();
+        let late = open(&p, false);
+        assert!(ro.apply(&late, &p).is_err(), "writing again");
+    }
 }

@@ -170,7 +170,7 @@ fn buf() -> IoVec {
 
 /// drain_all touches every node in the process: these tests run one at a
 /// time so counters they assert on are theirs alone.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -187,7 +187,7 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 }
 
 /// Wait (bounded) for a condition another thread makes true.
-fn eventually(what: &str, cond: impl Fn() -> bool) {
+pub(super) fn eventually(what: &str, cond: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

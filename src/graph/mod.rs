@@ -41,3 +41,5 @@ pub fn graph_lock() -> MutexGuard<'static, ()> {
 
 #[cfg(test)]
 mod drain_tests;
+#[cfg(test)]
+mod snapshot_tests;

@@ -54,8 +54,9 @@ pub struct ImageOptions {
     pub auto_names: bool,
 }
 
-/// Deepest backing chain we follow (a loop would be infinitely deep).
-const MAX_CHAIN_DEPTH: usize = 16;
+/// Deepest backing chain we follow (a loop would be infinitely deep). Each
+/// live snapshot adds a layer, so chains of dozens are ordinary.
+const MAX_CHAIN_DEPTH: usize = 64;
 
 fn probe(path: &Path) -> Result<ImageFormat, OpenError> {
     let mut head = [0u8; 4];

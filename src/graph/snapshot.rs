@@ -111,13 +111,14 @@ fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, BlockdevErr
         Action::Abort => return err("Transaction aborted using Abort action"),
         Action::SnapshotSync { node, .. } | Action::Snapshot { node, .. } => node.clone(),
     };
-    check_top(&node)?;
+    // Before check_top: an earlier action's overlay is a parent already.
     if earlier.iter().any(|p| Arc::ptr_eq(&p.node, &node)) {
         return err(format!(
             "Node '{}' is snapshotted twice in one transaction",
             node.name()
         ));
     }
+    check_top(&node)?;
     // Everything acknowledged so far must be in the image the overlay
     // will read it from.
     let n = node.clone();

@@ -137,7 +137,14 @@ pub fn create(path: &Path, o: &CreateOptions) -> io::Result<()> {
         .mode(0o644)
         .open(path)?;
     f.write_all(&img)?;
-    f.sync_all()
+    f.sync_all()?;
+    // The new name must survive a crash too: a live snapshot sends guest
+    // writes here from now on.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Create a raw image (sparse) at `path`.
