@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::drain_tests::{eventually, serial};
 use super::*;
 use crate::formats::lock::ImageLock;
-use crate::formats::{BlockIo, CacheMode};
+use crate::formats::CacheMode;
 use crate::uring::{AlignedBuf, IoThread, IoVec};
 
 const SIZE: u64 = 4 << 20;
