@@ -14,6 +14,7 @@ pub struct Qmp {
     pub greeting: Value,
     /// Events seen while waiting for responses.
     pub events: Vec<Value>,
+    timeout: Duration,
 }
 
 impl Qmp {
@@ -27,6 +28,7 @@ impl Qmp {
             writer,
             greeting: Value::Null,
             events: Vec::new(),
+            timeout: Duration::from_secs(60),
         };
         q.greeting = q.recv().expect("greeting");
         q
@@ -79,6 +81,48 @@ impl Qmp {
             if m.get("event").is_some() {
                 return m;
             }
+        }
+    }
+
+    /// How long one read may block before the test fails (60 s unless
+    /// set): a daemon that hangs fails the test instead of blocking it.
+    pub fn set_timeout(&mut self, limit: Duration) {
+        self.timeout = limit;
+        self.reader.get_ref().set_read_timeout(Some(limit)).unwrap();
+    }
+
+    /// The first event (already seen or new) that `want` accepts, within
+    /// `limit`; the events before it are returned too, in order, and taken
+    /// off the queue.
+    pub fn event_where(
+        &mut self,
+        limit: Duration,
+        mut want: impl FnMut(&Value) -> bool,
+    ) -> (Value, Vec<Value>) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no matching event within {limit:?}; events so far: {before:?}"
+            );
+            let ev = if self.events.is_empty() {
+                self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
+                let m = self.recv().expect("connection closed before an event");
+                if m.get("event").is_none() {
+                    panic!("unexpected reply while waiting for an event: {m}");
+                }
+                m
+            } else {
+                self.events.remove(0)
+            };
+            if want(&ev) {
+                let t = self.timeout;
+                self.set_timeout(t);
+                return (ev, before);
+            }
+            before.push(ev);
         }
     }
 
