@@ -27,6 +27,8 @@ const BS: usize = 4096;
 const QD: usize = 32;
 /// How long a QMP command may take before the test fails.
 const QMP_LIMIT: Duration = Duration::from_secs(10);
+/// Writes a second while an active commit runs (see Writer::set_rate).
+const COMMIT_RATE: u64 = 2000;
 /// How long a job may take to reach a state before the test fails.
 const JOB_LIMIT: Duration = Duration::from_secs(60);
 
@@ -53,6 +55,9 @@ against_both!(
     an_active_commit_under_writes_pivots_the_export_back_onto_its_base,
     a_daemon_killed_during_a_commit_loses_no_flushed_write,
     a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon,
+    cancelling_a_ready_commit_leaves_the_export_on_its_overlay,
+    a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss,
+    snapshot_and_commit_errors_are_qemus_and_change_nothing,
 );
 
 // ---------------------------------------------------------------------
@@ -206,10 +211,11 @@ fn assert_reads_as(c: &mut Client, model: &[u8], what: &str) {
 
 /// A client thread writing 4 KiB blocks at random (never two in flight on
 /// one block) at QD32, keeping a model of the disk; any failed or hung
-/// request fails the test.
+/// request fails the test. Unpaced unless `set_rate` says otherwise.
 struct Writer {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
     handle: JoinHandle<(Vec<u8>, Duration)>,
 }
 
@@ -217,8 +223,11 @@ impl Writer {
     fn start(mut c: Client, seed: u64, mut model: Vec<u8>, name: &'static str) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
-        let (st, dn) = (stop.clone(), done.clone());
+        let rate = Arc::new(AtomicU64::new(0));
+        let (st, dn, rt) = (stop.clone(), done.clone(), rate.clone());
         let handle = std::thread::spawn(move || {
+            // Pacing: writes submitted since `paced_from` at `cur_rate`/s.
+            let (mut cur_rate, mut paced_from, mut paced_n) = (0u64, Instant::now(), 0u64);
             let blocks = model.len() / BS;
             let mut busy = vec![false; blocks];
             let mut slots: Vec<Option<(usize, Instant)>> = vec![None; QD];
@@ -228,11 +237,22 @@ impl Writer {
             let base = c.region.addr;
             loop {
                 let stopping = st.load(Ordering::SeqCst);
+                let r = rt.load(Ordering::SeqCst);
+                if r != cur_rate {
+                    (cur_rate, paced_from, paced_n) = (r, Instant::now(), 0);
+                }
                 if !stopping {
                     for (slot, state) in slots.iter_mut().enumerate() {
                         if state.is_some() {
                             continue;
                         }
+                        if cur_rate > 0
+                            && paced_n as f64
+                                >= paced_from.elapsed().as_secs_f64() * cur_rate as f64
+                        {
+                            break;
+                        }
+                        paced_n += 1;
                         let blk = loop {
                             x ^= x << 13;
                             x ^= x >> 7;
@@ -255,7 +275,13 @@ impl Writer {
                     }
                 }
                 if slots.iter().all(|s| s.is_none()) {
-                    break;
+                    if stopping {
+                        break;
+                    }
+                    // Paced, nothing in flight: the next write is due in
+                    // at most 1/rate s.
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
                 }
                 let got = reap(&mut c.queues[0], Duration::from_secs(30));
                 assert!(!got.is_empty(), "{name}: no write completed within 30 s");
@@ -274,7 +300,20 @@ impl Writer {
             }
             (model, max_lat)
         });
-        Writer { stop, done, handle }
+        Writer {
+            stop,
+            done,
+            rate,
+            handle,
+        }
+    }
+
+    /// At most `per_sec` writes a second from now on (0: unpaced). An
+    /// active commit converges only if the guest dirties clusters slower
+    /// than the job copies them; unpaced, this writer dirties a 64 KiB
+    /// cluster per 4 KiB write, tens of thousands a second.
+    fn set_rate(&self, per_sec: u64) {
+        self.rate.store(per_sec, Ordering::SeqCst);
     }
 
     fn done(&self) -> u64 {
@@ -592,6 +631,7 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     );
     assert_exports_on(&mut q, &[("ea", "s1")], "after the snapshot");
     w.wait_for_more(4096);
+    w.set_rate(COMMIT_RATE);
     let mut events = Vec::new();
     let r = q.ok("block-commit", json!({"job-id": "c0", "device": "s1"}));
     assert_eq!(r, json!({}));
@@ -617,7 +657,7 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     assert_eq!(bjobs[0]["device"], "c0");
     assert_eq!(bjobs[0]["ready"], true);
     // Writes go on while the job mirrors them.
-    w.wait_for_more(4096);
+    w.wait_for_more(1024);
     q.ok("job-complete", json!({"id": "c0"}));
     let (done, before) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_COMPLETED");
     events.extend(before);
@@ -665,8 +705,9 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
 // ---------------------------------------------------------------------
 // 5. SIGKILL during a commit
 
-/// Region written round after round: 256 blocks of 64 KiB.
-const ROUND_BLOCKS: u64 = 256;
+/// Region written round after round: 768 blocks of 64 KiB (48 MiB, more
+/// than a commit copies in one go).
+const ROUND_BLOCKS: u64 = 768;
 const ROUND_BS: usize = 65536;
 
 /// Rounds: every block of the region with round r's pattern, a flush,
@@ -759,15 +800,21 @@ fn a_daemon_killed_during_a_commit_loses_no_flushed_write(which: Impl) {
     // Slow enough that the job is still copying when the daemon dies.
     q.ok(
         "block-commit",
-        json!({"job-id": "c0", "device": "s1", "speed": 4 * MIB}),
+        json!({"job-id": "c0", "device": "s1", "speed": MIB}),
     );
+    let at_commit = durable.load(Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(60),
+        "a round flushed during the commit",
+        || durable.load(Ordering::SeqCst) > at_commit,
+    );
+    let mut jobs = Value::Null;
     wait_until(Duration::from_secs(60), "the commit copying", || {
-        let jobs = q.ok("query-jobs", json!({}));
-        jobs[0]["current-progress"].as_u64().unwrap_or(0) > 0
+        jobs = q.ok("query-jobs", json!({}));
+        let at = jobs[0]["current-progress"].as_u64().unwrap_or(0);
+        at > 0 && at < jobs[0]["total-progress"].as_u64().unwrap_or(0)
     });
-    let jobs = q.ok("query-jobs", json!({}));
     eprintln!("{which:?}: killed with {jobs}");
-    assert_eq!(jobs[0]["id"], "c0", "the job is gone before the kill");
     st.kill9();
     stop.store(true, Ordering::SeqCst);
     writer.join().expect("writer failed before the kill");
@@ -858,4 +905,227 @@ fn a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon(which: Impl) {
     assert_reads_as(&mut c, &model, "qemu-storage-daemon on the chain");
     drop(c);
     assert!(qsd.stop().success());
+}
+
+// ---------------------------------------------------------------------
+// 7. Job control: cancel, manual finalize and dismiss
+
+/// Disk `a` with a writer, snapshotted into `s1` and with writes in it.
+fn busy_overlay(which: Impl, dir: &TestDir, seed: u64) -> (Storage, Qmp, Writer) {
+    let (st, mut q) = start_disks(which, dir, false);
+    let w = Writer::start(
+        connect_to(which, &dir.path("a.sock"), 1),
+        seed,
+        vec![0; DISK as usize],
+        "a",
+    );
+    w.wait_for_more(1024);
+    q.ok(
+        "transaction",
+        json!({"actions": [snap("a", &dir.path("s1.qcow2"), "s1")]}),
+    );
+    w.wait_for_more(2048);
+    w.set_rate(COMMIT_RATE);
+    (st, q, w)
+}
+
+fn node_names(q: &mut Qmp) -> Vec<String> {
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let mut v: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap().to_string())
+        .filter(|n| !n.starts_with('#'))
+        .collect();
+    v.sort();
+    v
+}
+
+fn cancelling_a_ready_commit_leaves_the_export_on_its_overlay(which: Impl) {
+    let dir = TestDir::new("snap-cancel");
+    let (st, mut q, w) = busy_overlay(which, &dir, 7);
+    q.ok("block-commit", json!({"job-id": "c0", "device": "s1"}));
+    q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_READY");
+    w.wait_for_more(1024);
+    q.ok("job-cancel", json!({"id": "c0"}));
+    let (cancelled, mut events) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_CANCELLED");
+    eprintln!("{which:?}: {cancelled}");
+    assert_eq!(cancelled["data"]["device"], "c0");
+    assert_eq!(cancelled["data"]["type"], "commit");
+    let (gone, before) = q.event_where(JOB_LIMIT, |e| {
+        e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == "null"
+    });
+    events.extend(before);
+    events.push(gone);
+    let seq = statuses(&events, "c0");
+    eprintln!("{which:?}: JOB_STATUS_CHANGE c0 after job-cancel: {seq:?}");
+    assert_eq!(seq, ["aborting", "concluded", "null"]);
+    assert_eq!(q.ok("query-jobs", json!({})), json!([]));
+    assert_exports_on(&mut q, &[("ea", "s1")], "after a cancelled commit");
+    assert_eq!(node_names(&mut q), ["a", "s1"]);
+    w.wait_for_more(1024);
+    let (model, _) = w.finish();
+    drop(q);
+    assert!(st.stop().success(), "the daemon exited with an error");
+    let reference = dir.path("a.ref");
+    write_reference(&reference, &model);
+    assert_same(&dir.path("s1.qcow2"), "qcow2", &reference, "the overlay");
+    common::qemu_img::assert_clean(&dir.path("s1.qcow2"));
+}
+
+fn a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss(which: Impl) {
+    let dir = TestDir::new("snap-manual");
+    let (st, mut q, w) = busy_overlay(which, &dir, 8);
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c0", "device": "s1", "auto-finalize": false, "auto-dismiss": false}),
+    );
+    q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_READY");
+    w.wait_for_more(1024);
+    // The older command, by job id ("device").
+    q.ok("block-job-complete", json!({"device": "c0"}));
+    let (pending, _) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_PENDING");
+    eprintln!("{which:?}: {pending}");
+    assert_eq!(pending["data"], json!({"type": "commit", "id": "c0"}));
+    let jobs = q.ok("query-jobs", json!({}));
+    assert_eq!(jobs[0]["status"], "pending", "{jobs}");
+    // Not pivoted yet (QEMU shows the job's implicit filter node above
+    // s1, "#blockNNN", as the export's node while the job runs).
+    let e = export_nodes(&mut q);
+    eprintln!("{which:?}: exports while pending: {e:?}");
+    assert_ne!(e[0].1, "a", "pivoted onto the base before job-finalize");
+    // (No writes are awaited here: QEMU holds the job's final drained
+    // section from PENDING until job-finalize, so the export's writes wait.)
+    q.ok("job-finalize", json!({"id": "c0"}));
+    let (done, _) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "commit failed: {done}");
+    q.event_where(JOB_LIMIT, |e| {
+        e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == "concluded"
+    });
+    let jobs = q.ok("query-jobs", json!({}));
+    eprintln!("{which:?}: query-jobs once concluded: {jobs}");
+    assert_eq!(jobs[0]["id"], "c0");
+    assert_eq!(jobs[0]["status"], "concluded");
+    assert!(jobs[0].get("error").is_none(), "{jobs}");
+    assert_exports_on(&mut q, &[("ea", "a")], "after finalize");
+    q.ok("job-dismiss", json!({"id": "c0"}));
+    q.event_where(JOB_LIMIT, |e| {
+        e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == "null"
+    });
+    assert_eq!(q.ok("query-jobs", json!({})), json!([]));
+    assert_eq!(node_names(&mut q), ["a"], "the committed overlay stayed");
+    w.wait_for_more(1024);
+    let (model, _) = w.finish();
+    drop(q);
+    assert!(st.stop().success(), "the daemon exited with an error");
+    let reference = dir.path("a.ref");
+    write_reference(&reference, &model);
+    assert_same(
+        &dir.path("a.raw"),
+        "raw",
+        &reference,
+        "the base after commit",
+    );
+}
+
+// ---------------------------------------------------------------------
+// 8. Errors, in QEMU's words
+
+fn snapshot_and_commit_errors_are_qemus_and_change_nothing(which: Impl) {
+    let dir = TestDir::new("snap-errors");
+    let (st, mut q) = start_disks(which, &dir, true);
+    q.ok(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "a", "snapshot-file": s(&dir.path("s1.qcow2")),
+               "snapshot-node-name": "s1", "format": "qcow2"}),
+    );
+    let x = dir.path("x.qcow2");
+    let sync = |extra: Value| {
+        let mut args =
+            json!({"snapshot-file": s(&x), "snapshot-node-name": "x", "format": "qcow2"});
+        args.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        args
+    };
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        // `device` names a BlockBackend; an export's has no name.
+        (
+            "blockdev-snapshot-sync",
+            sync(json!({"device": "a"})),
+            "GenericError",
+            "Cannot find device='a' nor node-name=''",
+        ),
+        (
+            "blockdev-snapshot-sync",
+            sync(json!({"node-name": "nope"})),
+            "GenericError",
+            "Cannot find device='' nor node-name='nope'",
+        ),
+        // Only the top of a chain takes an overlay.
+        (
+            "blockdev-snapshot-sync",
+            sync(json!({"node-name": "a"})),
+            "GenericError",
+            "Node 'a' is busy: node is used as backing hd of 's1'",
+        ),
+        (
+            "blockdev-snapshot-sync",
+            json!({"node-name": "s1", "snapshot-file": s(&x), "snapshot-node-name": "b",
+                   "format": "qcow2"}),
+            "GenericError",
+            "New overlay node-name already in use",
+        ),
+        (
+            "block-commit",
+            json!({"job-id": "c0", "device": "nope"}),
+            "DeviceNotFound",
+            "Device 'nope' not found",
+        ),
+        (
+            "block-commit",
+            json!({"job-id": "c0", "device": "b"}),
+            "GenericError",
+            "cannot commit an image into itself",
+        ),
+        (
+            "job-complete",
+            json!({"id": "c9"}),
+            "GenericError",
+            "Job not found",
+        ),
+        (
+            "job-cancel",
+            json!({"id": "c9"}),
+            "GenericError",
+            "Job not found",
+        ),
+        (
+            "job-dismiss",
+            json!({"id": "c9"}),
+            "GenericError",
+            "Job not found",
+        ),
+        (
+            "block-job-complete",
+            json!({"device": "c9"}),
+            "DeviceNotActive",
+            "Block job 'c9' not found",
+        ),
+    ];
+    let nodes = node_names(&mut q);
+    for (cmd, args, class, desc) in cases {
+        let (c, d) = q.err(cmd, args.clone());
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            (class, desc),
+            "{cmd} {args}: another error"
+        );
+        assert_eq!(node_names(&mut q), nodes, "{cmd} {args} changed the graph");
+        assert_exports_on(&mut q, &[("ea", "s1"), ("eb", "b")], cmd);
+        assert!(!x.exists(), "{cmd} {args} created {}", x.display());
+    }
+    drop(q);
+    assert!(st.stop().success(), "the daemon exited with an error");
 }

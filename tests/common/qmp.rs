@@ -15,6 +15,8 @@ pub struct Qmp {
     /// Events seen while waiting for responses.
     pub events: Vec<Value>,
     timeout: Duration,
+    /// The last command sent (named when a read fails).
+    last: String,
 }
 
 impl Qmp {
@@ -29,6 +31,7 @@ impl Qmp {
             greeting: Value::Null,
             events: Vec::new(),
             timeout: Duration::from_secs(60),
+            last: String::new(),
         };
         q.greeting = q.recv().expect("greeting");
         q
@@ -52,7 +55,10 @@ impl Qmp {
     /// The next message, or None at end of stream.
     pub fn recv(&mut self) -> Option<Value> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("read from QMP (after {}): {e}", self.last));
         if n == 0 {
             return None;
         }
@@ -128,6 +134,7 @@ impl Qmp {
 
     pub fn cmd(&mut self, name: &str, args: Value) -> Value {
         let req = json!({"execute": name, "arguments": args});
+        self.last = req.to_string();
         self.send_raw(format!("{req}\n").as_bytes());
         self.response()
     }
