@@ -1,5 +1,5 @@
 //! The QMP socket: accepts clients up to a limit, one thread each.
-//! Commands run under one big lock (QEMU's BQL counterpart), so drains
+//! Commands run under the graph lock (QEMU's BQL counterpart), so drains
 //! and graph changes from different clients never interleave.
 
 use std::io::{self, Write};
@@ -25,12 +25,6 @@ use crate::vhost::exports::ExportTable;
 use crate::vhost::listen::{bind_listener, AcceptBackoff, SocketFile};
 use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::socket::{wait_for, Wake};
-
-static BIG_LOCK: Mutex<()> = Mutex::new(());
-
-fn big_lock() -> MutexGuard<'static, ()> {
-    BIG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What commands act on, shared by every client.
 pub struct Daemon {
@@ -141,6 +135,13 @@ impl ControlServer {
             .name("qmp-accept".into())
             .spawn(move || accept_loop(listener, d, s, t, max_clients))?;
         log::info!("QMP control socket on {}", path.display());
+        // Jobs announce their progress to every client.
+        let events = Arc::downgrade(&daemon);
+        crate::graph::job::set_event_sink(move |name, data| {
+            if let Some(d) = events.upgrade() {
+                d.emit(name, data);
+            }
+        });
         Ok(ControlServer {
             _file: file,
             stop,
@@ -283,7 +284,7 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
         true
     });
     {
-        let _g = big_lock();
+        let _g = crate::graph::graph_lock();
         sections.end_all();
     }
     daemon.clients().retain(|c| c.id != client.id);
@@ -330,7 +331,7 @@ pub(crate) fn respond(
             ))
         }
     } else {
-        let _g = big_lock();
+        let _g = crate::graph::graph_lock();
         log::debug!("QMP client {client_id}: {}", req.execute);
         commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
     };

@@ -138,7 +138,8 @@ impl StorageDaemon {
     }
 
     /// Shut down in this order: control clients are told and disconnected
-    /// (their drained sections end) -> exports stop accepting work, each
+    /// (their drained sections end) -> jobs are cancelled (their graph
+    /// changes undone, their threads gone) -> exports stop accepting work, each
     /// frontend is disconnected once its in-flight requests completed ->
     /// drain_all -> every BlockBackend is flushed and its tree ejected ->
     /// our references go, so nodes close (qcow2 writes back its caches,
@@ -147,6 +148,10 @@ impl StorageDaemon {
     pub fn shutdown(self, reason: &str) -> Result<(), String> {
         if let Some(c) = self.control {
             c.shutdown(reason);
+        }
+        {
+            let _g = crate::graph::graph_lock();
+            crate::graph::job::cancel_all();
         }
         let (backends, mut failed) = self.exports.stop_all();
         drain_all_begin();

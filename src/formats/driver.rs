@@ -64,4 +64,35 @@ pub trait BlockDriver: BlockIo {
     /// `drained_end`. Must not wait.
     fn drained_begin(&self) {}
     fn drained_end(&self) {}
+    /// Switch between read-only and read-write use. Called on the control
+    /// thread with the node drained and, before going read-only, flushed.
+    fn reopen(&self, read_only: bool) -> Result<(), String> {
+        if read_only == self.is_read_only() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the {} driver cannot be reopened read-{}",
+                self.driver_name(),
+                if read_only { "only" } else { "write" }
+            ))
+        }
+    }
+    /// Replace the backing image (drained). Drivers without one refuse.
+    fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), String> {
+        let _ = backing;
+        Err(format!(
+            "the {} driver has no backing image",
+            self.driver_name()
+        ))
+    }
+    /// Whether this layer itself holds the data at guest `offset` (rather
+    /// than showing its backing image's). Layers without a backing image
+    /// hold everything.
+    fn is_allocated(&self, offset: u64) -> BoolFuture<'_> {
+        let _ = offset;
+        Box::pin(std::future::ready(Ok(true)))
+    }
 }
+
+/// An answer that needs I/O (metadata lookups).
+pub type BoolFuture<'a> = Pin<Box<dyn Future<Output = io::Result<bool>> + 'a>>;

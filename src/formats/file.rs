@@ -4,13 +4,14 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::bounce;
 use super::driver::{BlockDriver, BlockIo, IoFuture};
+use super::lock::Perms;
 use super::{ImageLock, OpenError};
 use crate::uring::{ops, AlignedBuf, IoVec};
 
@@ -30,9 +31,14 @@ const SAFE_DIRECT_ALIGN: usize = 4096;
 const ZERO_CHUNK: u64 = 1 << 20;
 
 pub struct FileDriver {
-    file: File,
+    /// The open file; replaced (in a drained section) when a node opened
+    /// read-only is reopened read-write. Requests read `fd` without a lock.
+    file: Mutex<File>,
+    fd: AtomicI32,
     path: PathBuf,
-    read_only: bool,
+    read_only: AtomicBool,
+    /// The image locks held on `file`, if any (QEMU's `locking=off`: none).
+    lock: Mutex<Option<ImageLock>>,
     direct: bool,
     /// Memory alignment O_DIRECT needs (1 when buffered).
     mem_align: usize,
@@ -150,9 +156,11 @@ impl FileDriver {
             meta.len()
         };
         Ok(FileDriver {
-            file,
+            fd: AtomicI32::new(file.as_raw_fd()),
+            file: Mutex::new(file),
             path: path.to_path_buf(),
-            read_only,
+            read_only: AtomicBool::new(read_only),
+            lock: Mutex::new(None),
             direct,
             mem_align,
             offset_align,
@@ -165,7 +173,80 @@ impl FileDriver {
     /// Take QEMU-compatible image locks on the open file; they are held
     /// until the driver is dropped.
     pub fn lock(&self, lock: ImageLock) -> Result<(), OpenError> {
-        lock.apply(&self.file, &self.path)
+        lock.apply(&self.locked_file(), &self.path)?;
+        *self.held_lock() = Some(lock);
+        Ok(())
+    }
+
+    fn locked_file(&self) -> MutexGuard<'_, File> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held_lock(&self) -> MutexGuard<'_, Option<ImageLock>> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_ro(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Switch between read-only and read-write use (the caller has drained
+    /// the node): the image locks follow, and a file opened read-only is
+    /// opened again for writing, after checking it is still the same file.
+    fn do_reopen(&self, read_only: bool) -> Result<(), OpenError> {
+        if read_only == self.is_ro() {
+            return Ok(());
+        }
+        let io_err = |source| OpenError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = self.locked_file();
+        let mut lock = self.held_lock();
+        let new_lock = lock.map(|old| ImageLock::for_open(read_only, old.shared == Perms::ALL));
+        let writable_fd = {
+            // SAFETY: fcntl on a valid fd we own.
+            let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDWR
+        };
+        if read_only || writable_fd {
+            if let (Some(old), Some(new)) = (*lock, new_lock) {
+                old.change_to(new, &file, &self.path)?;
+            }
+            *lock = new_lock;
+            self.read_only.store(read_only, Ordering::Release);
+            return Ok(());
+        }
+        let new_file = open_file(&self.path, false, self.direct).map_err(io_err)?;
+        let (old_meta, new_meta) = (
+            file.metadata().map_err(io_err)?,
+            new_file.metadata().map_err(io_err)?,
+        );
+        if (old_meta.dev(), old_meta.ino()) != (new_meta.dev(), new_meta.ino()) {
+            return Err(OpenError::Invalid {
+                path: self.path.clone(),
+                reason: "the file was replaced since it was opened; not reopening it".into(),
+            });
+        }
+        if let (Some(old), Some(new)) = (*lock, new_lock) {
+            // Our own locks on the old file would look like someone else's.
+            old.release(&file);
+            if let Err(e) = new.apply(&new_file, &self.path) {
+                if let Err(again) = old.apply(&file, &self.path) {
+                    log::error!(
+                        "{}: could not take its locks back: {again}",
+                        self.path.display()
+                    );
+                }
+                return Err(e);
+            }
+        }
+        self.fd.store(new_file.as_raw_fd(), Ordering::Release);
+        // No request is in flight (drained), so the old fd may close.
+        *file = new_file;
+        *lock = new_lock;
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -173,7 +254,7 @@ impl FileDriver {
     }
 
     fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.fd.load(Ordering::Acquire)
     }
 
     fn read_only_error(&self) -> io::Error {
@@ -258,7 +339,7 @@ impl FileDriver {
     }
 
     async fn do_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Err(self.read_only_error());
         }
         if !self.direct || buf.is_aligned(self.mem_align) {
@@ -344,7 +425,7 @@ impl FileDriver {
     }
 
     async fn do_write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Err(self.read_only_error());
         }
         if may_unmap && self.punch_hole(offset, len).await? {
@@ -382,7 +463,7 @@ impl BlockIo for FileDriver {
     }
     fn flush(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            if self.read_only {
+            if self.is_ro() {
                 return Ok(());
             }
             ops::fsync(self.fd(), true).await
@@ -390,7 +471,7 @@ impl BlockIo for FileDriver {
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
         Box::pin(async move {
-            if self.read_only {
+            if self.is_ro() {
                 return Err(self.read_only_error());
             }
             // Discard is advisory: where holes are unsupported it does nothing.
@@ -402,7 +483,7 @@ impl BlockIo for FileDriver {
     }
     fn grow(&self, new_size: u64) -> IoFuture<'_> {
         Box::pin(async move {
-            if self.read_only {
+            if self.is_ro() {
                 return Err(self.read_only_error());
             }
             let old = self.size();
@@ -415,8 +496,9 @@ impl BlockIo for FileDriver {
                     ),
                 ));
             }
-            if self.file.metadata()?.is_file() {
-                self.file.set_len(new_size)?;
+            let file = self.locked_file();
+            if file.metadata()?.is_file() {
+                file.set_len(new_size)?;
             } else if new_size > old {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -437,7 +519,10 @@ impl BlockDriver for FileDriver {
         "file"
     }
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.is_ro()
+    }
+    fn reopen(&self, read_only: bool) -> Result<(), String> {
+        self.do_reopen(read_only).map_err(|e| e.to_string())
     }
     fn filename(&self) -> Option<String> {
         Some(self.path.display().to_string())
@@ -446,7 +531,7 @@ impl BlockDriver for FileDriver {
         self.direct
     }
     fn close(&self) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Ok(());
         }
 

@@ -84,13 +84,8 @@ impl ImageLock {
             path: path.to_path_buf(),
             source,
         };
-        for bit in 0..PERM_NAMES.len() {
-            if self.perm.has_bit(bit) {
-                set_read_lock(file, PERM_BASE + bit as i64).map_err(err)?;
-            }
-            if !self.shared.has_bit(bit) {
-                set_read_lock(file, SHARED_BASE + bit as i64).map_err(err)?;
-            }
+        for byte in self.bytes() {
+            set_read_lock(file, byte).map_err(err)?;
         }
         let conflict = |reason: String| OpenError::Locked {
             path: path.to_path_buf(),
@@ -116,6 +111,54 @@ impl ImageLock {
         }
         Ok(())
     }
+}
+
+impl ImageLock {
+    /// The lock bytes this holder keeps.
+    fn bytes(self) -> impl Iterator<Item = i64> {
+        (0..PERM_NAMES.len()).flat_map(move |bit| {
+            let held = self.perm.has_bit(bit).then_some(PERM_BASE + bit as i64);
+            let unshared = (!self.shared.has_bit(bit)).then_some(SHARED_BASE + bit as i64);
+            held.into_iter().chain(unshared)
+        })
+    }
+
+    /// Change the locks held on `file` from `self` to `new` (a reopen):
+    /// take and check the new ones first, then let go of the bytes only
+    /// the old ones used. On a conflict the old locks are left as they were.
+    pub fn change_to(self, new: ImageLock, file: &File, path: &Path) -> Result<(), OpenError> {
+        if let Err(e) = new.apply(file, path) {
+            for b in new.bytes().filter(|b| !self.bytes().any(|o| o == *b)) {
+                let _ = unlock(file, b);
+            }
+            return Err(e);
+        }
+        for b in self.bytes().filter(|b| !new.bytes().any(|n| n == *b)) {
+            unlock(file, b).map_err(|source| OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Let go of every lock byte on `file` (before the same process takes
+    /// them on another open file description of the image, which would
+    /// otherwise see these as someone else's).
+    pub fn release(self, file: &File) {
+        for b in self.bytes() {
+            let _ = unlock(file, b);
+        }
+    }
+}
+
+fn unlock(file: &File, byte: i64) -> io::Result<()> {
+    let fl = flock_at(libc::F_UNLCK, byte);
+    // SAFETY: fcntl with a valid fd and a pointer to an initialised flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn flock_at(kind: libc::c_int, byte: i64) -> libc::flock {

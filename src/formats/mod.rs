@@ -10,7 +10,8 @@ pub mod null;
 pub mod qcow2;
 pub mod raw;
 
-pub use driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
+pub(crate) use driver::failed;
+pub use driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};
 pub use file::{CacheMode, FileDriver};
 pub use lock::ImageLock;
 pub use null::NullDriver;

@@ -1,6 +1,7 @@
 //! `raw`: the identity format. Byte offsets pass straight to the child.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::driver::{failed, BlockDriver, BlockIo, ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, IoVec};
@@ -10,7 +11,7 @@ const PROBE_LEN: usize = 512;
 
 pub struct RawDriver {
     file: ChildRef,
-    read_only: bool,
+    read_only: AtomicBool,
     /// The format was probed, not given: the guest must not make the image
     /// probe as something else (QEMU's rule since CVE-2008-2004).
     probed: bool,
@@ -24,7 +25,7 @@ impl RawDriver {
     pub fn new(file: ChildRef, read_only: bool) -> Self {
         RawDriver {
             file,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             probed: false,
             offset: 0,
             size: None,
@@ -173,7 +174,12 @@ impl BlockDriver for RawDriver {
         "raw"
     }
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+    fn reopen(&self, read_only: bool) -> Result<(), String> {
+        // The graph reopens the file child; raw itself only checks.
+        self.read_only.store(read_only, Ordering::Release);
+        Ok(())
     }
     fn close(&self) -> io::Result<()> {
         // The child node closes itself when its last reference goes.

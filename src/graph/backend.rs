@@ -165,6 +165,32 @@ impl BlockBackend {
         Ok(())
     }
 
+    /// Point this backend at `new` instead of its current root (a snapshot's
+    /// overlay, a commit's base), in the caller's drained section. The new
+    /// edge is attached before the old one goes, so the drain the backend
+    /// is under never lapses in between. Requests already inside the old
+    /// tree finish there; new ones go to `new`.
+    pub fn replace_root(&self, new: Arc<Node>) -> Result<Arc<Node>, BackendError> {
+        let me: Weak<dyn Parent> = self.me.clone();
+        let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = root.take() else {
+            return Err(BackendError::Ejected {
+                backend: self.name.clone(),
+            });
+        };
+        let edge = new.parents.attach(me, false);
+        *root = Some(Attached {
+            node: new.clone(),
+            edge,
+        });
+        drop(root);
+        if new.quiesce_counter() > 0 {
+            new.parents.drained_begin();
+        }
+        old.node.parents.detach(old.edge);
+        Ok(old.node)
+    }
+
     /// Detach the tree. Requests already inside it finish; new ones fail with
     /// `Ejected`. Returns the old root so the caller decides when it closes.
     pub fn eject(&self) -> Option<Arc<Node>> {

@@ -58,12 +58,7 @@ struct Inherited {
 fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, BlockdevError> {
     let node_name = match o.string("node-name")? {
         Some(n) => {
-            if n.is_empty() || n.starts_with('#') || n.len() > 31 {
-                return err(format!("Invalid node-name: '{n}'"));
-            }
-            if find_node(&n).is_some() {
-                return err(format!("Duplicate nodes with node-name='{n}'"));
-            }
+            check_new_node_name(&n)?;
             n
         }
         None if top => return err("A top-level node needs a node-name"),
@@ -95,6 +90,17 @@ fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, Blockdev
     })
 }
 
+/// Refuse a name a new node cannot take: malformed, or in use.
+pub(super) fn check_new_node_name(n: &str) -> Result<(), BlockdevError> {
+    if n.is_empty() || n.starts_with('#') || n.len() > 31 {
+        return err(format!("Invalid node-name: '{n}'"));
+    }
+    if find_node(n).is_some() {
+        return err(format!("Duplicate nodes with node-name='{n}'"));
+    }
+    Ok(())
+}
+
 /// Nodes added by `blockdev-add` (QMP or `--blockdev`): the monitor holds
 /// them open until `blockdev-del` or shutdown (QEMU's monitor-owned nodes).
 static MONITOR_OWNED: Mutex<Vec<Arc<Node>>> = Mutex::new(Vec::new());
@@ -112,6 +118,12 @@ pub fn blockdev_add(options: Value) -> Result<Arc<Node>, BlockdevError> {
     let node = add(Opts::new(map), true, Inherited::default())?;
     monitor_owned().push(node.clone());
     Ok(node)
+}
+
+/// The monitor takes a reference on `node`, as if `blockdev-add` had
+/// made it (an overlay nothing else would hold).
+pub(super) fn monitor_adopt(node: Arc<Node>) {
+    monitor_owned().push(node);
 }
 
 /// `blockdev-del`: close a node `blockdev-add` added, unless something

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::in_flight::InFlightCounter;
 use super::parent::{Parent, Parents};
@@ -30,6 +30,7 @@ impl fmt::Display for ChildRole {
 
 /// An edge from a parent node to a child node. Holding it keeps the child
 /// open (the Arc's count is the node's refcount).
+#[derive(Clone)]
 pub struct Child {
     pub role: ChildRole,
     pub node: Arc<Node>,
@@ -40,9 +41,10 @@ pub struct Child {
 pub struct Node {
     name: String,
     driver: Box<dyn BlockDriver>,
-    children: Vec<Child>,
-    /// The id of this node's edge in each child's parent list.
-    child_edges: Vec<u64>,
+    /// Child edges, each with the id of this node's entry in the child's
+    /// parent list. Changed only on the control thread in drained sections
+    /// (a new backing image); the driver keeps its own references for I/O.
+    children: Mutex<Vec<(Child, u64)>>,
     pub(super) parents: Parents,
     /// Requests inside this node's driver right now, on any iothread.
     pub(super) in_flight: InFlightCounter,
@@ -68,15 +70,17 @@ impl Node {
     pub fn new(name: &str, driver: Box<dyn BlockDriver>, children: Vec<Child>) -> Arc<Self> {
         let node = Arc::new_cyclic(|me: &Weak<Node>| {
             let me: Weak<dyn Parent> = me.clone();
-            let child_edges = children
-                .iter()
-                .map(|c| c.node.parents.attach(me.clone(), false))
+            let children = children
+                .into_iter()
+                .map(|c| {
+                    let edge = c.node.parents.attach(me.clone(), false);
+                    (c, edge)
+                })
                 .collect();
             Node {
                 name: name.to_string(),
                 driver,
-                children,
-                child_edges,
+                children: Mutex::new(children),
                 parents: Parents::default(),
                 in_flight: InFlightCounter::new(),
                 // A node born inside drain_all is drained like the rest.
@@ -87,7 +91,7 @@ impl Node {
         });
         // A child that is drained already drains its new parent (it could
         // not be called while the parent was being built).
-        for c in &node.children {
+        for c in node.children() {
             if c.node.quiesce_counter() > 0 {
                 c.node.parents.drained_begin();
             }
@@ -114,7 +118,7 @@ impl Node {
     pub fn cache_direct(&self) -> bool {
         self.driver.cache_direct()
             || self
-                .children
+                .children()
                 .iter()
                 .any(|c| c.role == ChildRole::File && c.node.cache_direct())
     }
@@ -130,9 +134,113 @@ impl Node {
         &*self.driver
     }
 
-    /// Child edges (the Vec also holds the references keeping them open).
-    pub fn children(&self) -> &[Child] {
-        &self.children
+    fn edges(&self) -> MutexGuard<'_, Vec<(Child, u64)>> {
+        self.children.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The child edges right now.
+    pub fn children(&self) -> Vec<Child> {
+        self.edges().iter().map(|(c, _)| c.clone()).collect()
+    }
+
+    /// The child in `role`, if any (the first: there is one of each).
+    pub fn child(&self, role: ChildRole) -> Option<Arc<Node>> {
+        self.edges()
+            .iter()
+            .find(|(c, _)| c.role == role)
+            .map(|(c, _)| c.node.clone())
+    }
+
+    /// The host file this node's data lives in: its own, or its `file`
+    /// child's (what a qcow2 overlay names as its backing file).
+    pub fn image_filename(&self) -> Option<String> {
+        self.filename()
+            .or_else(|| self.child(ChildRole::File)?.image_filename())
+    }
+
+    /// Give this node a new backing image (None: none). The caller holds
+    /// the node drained: no request can see the old and the new at once.
+    pub(crate) fn set_backing(self: &Arc<Self>, backing: Option<Arc<Node>>) -> Result<(), String> {
+        self.driver
+            .set_backing(backing.clone().map(|b| b as crate::formats::ChildRef))?;
+        let me: Weak<dyn Parent> = Arc::downgrade(self) as Weak<dyn Parent>;
+        let mut edges = self.edges();
+        let old = edges
+            .iter()
+            .position(|(c, _)| c.role == ChildRole::Backing)
+            .map(|i| edges.remove(i));
+        if let Some(b) = backing {
+            let edge = b.parents.attach(me, false);
+            edges.push((
+                Child {
+                    role: ChildRole::Backing,
+                    node: b.clone(),
+                },
+                edge,
+            ));
+            drop(edges);
+            // A drained child drains its new parent, as in Node::new.
+            if b.quiesce_counter() > 0 {
+                b.parents.drained_begin();
+            }
+        } else {
+            drop(edges);
+        }
+        if let Some((c, edge)) = old {
+            c.node.parents.detach(edge);
+        }
+        Ok(())
+    }
+
+    /// Switch this node and the storage below it (its `file` children)
+    /// between read-only and read-write use, as a snapshot does to the
+    /// image it puts an overlay on and a commit to its base. The caller
+    /// holds the node drained; going read-only, it flushes first. On error
+    /// nothing changed.
+    pub(crate) fn reopen(&self, read_only: bool) -> Result<(), String> {
+        let files: Vec<Arc<Node>> = self
+            .children()
+            .into_iter()
+            .filter(|c| c.role == ChildRole::File)
+            .map(|c| c.node)
+            .collect();
+        let was = self.is_read_only();
+        let ctx = |e: String| format!("node '{}': {e}", self.name);
+        if read_only {
+            // Top down: nothing above writes once this layer refuses to.
+            self.driver.reopen(true).map_err(ctx)?;
+            for (i, f) in files.iter().enumerate() {
+                if let Err(e) = f.reopen(true) {
+                    for f in &files[..i] {
+                        let _ = f.reopen(was);
+                    }
+                    let _ = self.driver.reopen(was);
+                    return Err(ctx(e));
+                }
+            }
+        } else {
+            // Bottom up: the storage must be writable before the format is.
+            for (i, f) in files.iter().enumerate() {
+                if let Err(e) = f.reopen(false) {
+                    for f in &files[..i] {
+                        let _ = f.reopen(true);
+                    }
+                    return Err(ctx(e));
+                }
+            }
+            if let Err(e) = self.driver.reopen(false) {
+                for f in &files {
+                    let _ = f.reopen(true);
+                }
+                return Err(ctx(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this layer itself holds the data at `offset`.
+    pub(crate) async fn is_allocated(&self, offset: u64) -> std::io::Result<bool> {
+        self.driver.is_allocated(offset).await
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -209,7 +317,8 @@ impl Drop for Node {
     /// The last reference is gone: close the driver (flushes it). Children
     /// close after this, as their references drop with `children`.
     fn drop(&mut self) {
-        for (c, edge) in self.children.iter().zip(&self.child_edges) {
+        let edges = std::mem::take(&mut *self.edges());
+        for (c, edge) in &edges {
             c.node.parents.detach(*edge);
         }
         registry::unregister_dead();

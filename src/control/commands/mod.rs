@@ -4,8 +4,10 @@
 mod blockdev;
 mod drain;
 mod export;
+mod job;
 mod query;
 mod resize;
+mod snapshot;
 mod target;
 
 use std::sync::Arc;
@@ -33,6 +35,18 @@ pub const COMMANDS: &[&str] = &[
     "block-drain",
     "block-drained-begin",
     "block-drained-end",
+    "blockdev-snapshot-sync",
+    "blockdev-snapshot",
+    "transaction",
+    "block-commit",
+    "query-jobs",
+    "query-block-jobs",
+    "job-complete",
+    "job-cancel",
+    "job-dismiss",
+    "block-job-complete",
+    "block-job-cancel",
+    "block-job-dismiss",
     "quit",
 ];
 
@@ -69,6 +83,16 @@ pub fn execute(
         "block-drain" => drain::block_drain(daemon, args),
         "block-drained-begin" => drain::drained_begin(daemon, sections, args),
         "block-drained-end" => drain::drained_end(daemon, sections, args),
+        "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(daemon, args),
+        "blockdev-snapshot" => snapshot::blockdev_snapshot(args),
+        "transaction" => snapshot::transaction_cmd(daemon, args),
+        "block-commit" => job::block_commit(daemon, args),
+        "query-jobs" => no_args(args).map(|_| crate::graph::job::query_jobs()),
+        "query-block-jobs" => no_args(args).map(|_| crate::graph::job::query_block_jobs()),
+        "job-complete" | "job-cancel" | "job-dismiss" => job::verb(name, args),
+        "block-job-complete" | "block-job-cancel" | "block-job-dismiss" => {
+            job::block_job_verb(name, args)
+        }
         // The caller starts the shutdown once the reply is out.
         "quit" => no_args(args).map(|_| json!({})),
 

@@ -60,31 +60,45 @@ impl Meta {
         refcount_cache_tables: usize,
     ) -> io::Result<Self> {
         let l1_raw = read_bytes(file, h.l1_table_offset, h.l1_size as usize * 8).await?;
-        let refcounts = if writable {
-            Some(
-                Refcounts::open(
-                    file,
-                    h.refcount_table_offset,
-                    h.refcount_table_clusters,
-                    h.refcount_order,
-                    h.cluster_bits,
-                    refcount_cache_tables,
-                    file.size(),
-                )
-                .await?,
-            )
-        } else {
-            None
-        };
-        Ok(Meta {
+        let mut meta = Meta {
             cluster_bits: h.cluster_bits,
             version: h.version,
             l1: Encoding::Be64.decode(l1_raw.as_slice()),
             l1_offset: h.l1_table_offset,
             l2: TableCache::new(Encoding::Be64, h.cluster_size() as usize, l2_cache_tables),
-            refcounts,
+            refcounts: None,
             header: HeaderBlock { buf: header_bytes },
-        })
+        };
+        if writable {
+            meta.load_refcounts(file, h, refcount_cache_tables).await?;
+        }
+        Ok(meta)
+    }
+
+    /// Read the refcount table, which writing needs (at open, or when an
+    /// image opened read-only is reopened read-write).
+    pub async fn load_refcounts(
+        &mut self,
+        file: &ChildRef,
+        h: &Header,
+        cache_tables: usize,
+    ) -> io::Result<()> {
+        if self.refcounts.is_some() {
+            return Ok(());
+        }
+        self.refcounts = Some(
+            Refcounts::open(
+                file,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+                h.refcount_order,
+                h.cluster_bits,
+                cache_tables,
+                file.size(),
+            )
+            .await?,
+        );
+        Ok(())
     }
 
     fn cs(&self) -> u64 {

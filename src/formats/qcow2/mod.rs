@@ -19,14 +19,14 @@ pub mod mapping;
 pub mod refcount;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use self::cache::read_bytes;
 use self::header::Header;
 use self::inflight::ClusterLocks;
 use self::mapping::{Mapping, Meta, L2_COPIED, L2_ZERO};
-use super::driver::{BlockDriver, BlockIo, ChildRef, IoFuture};
+use super::driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, AsyncMutex, IoVec};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +78,12 @@ pub async fn read_header(file: &ChildRef) -> Result<(Header, Vec<u8>), Qcow2Erro
 pub struct Qcow2Driver {
     name: String,
     file: ChildRef,
-    backing: Option<ChildRef>,
-    read_only: bool,
+    /// Replaced only in drained sections (blockdev-snapshot); read on the
+    /// paths that reach the backing image, never on allocated clusters.
+    backing: RwLock<Option<ChildRef>>,
+    read_only: AtomicBool,
+    /// Refcount cache size, for loading refcounts on a read-write reopen.
+    refcount_cache_tables: usize,
     header: Header,
     size: AtomicU64,
     meta: AsyncMutex<Meta>,
@@ -114,8 +118,9 @@ impl Qcow2Driver {
     ) -> Result<Self, Qcow2Error> {
         let (h, bytes) = read_header(&file).await?;
         h.check_features(!read_only)?;
-        if h.backing_file.is_some() != backing.is_some() {
-            return Err(Qcow2Error::Corrupt("backing file mismatch".into()));
+        if backing.is_some() && h.backing_file.is_none() {
+            // The header names no backing file: a crash would lose the link.
+            log::warn!("{name}: given a backing image its header does not name");
         }
         let cs = h.cluster_size();
         let header_bytes = bytes[..4096.min(cs as usize).min(bytes.len())].to_vec();
@@ -144,8 +149,9 @@ impl Qcow2Driver {
             size: AtomicU64::new(h.size),
             zeros: Arc::new(AlignedBuf::zeroed(cs as usize, 4096)),
             file,
-            backing,
-            read_only,
+            backing: RwLock::new(backing),
+            read_only: AtomicBool::new(read_only),
+            refcount_cache_tables: tables(opts.refcount_cache_bytes),
             header: h,
             meta: AsyncMutex::new(meta),
             allocating: ClusterLocks::default(),
@@ -186,8 +192,26 @@ impl Qcow2Driver {
         })
     }
 
+    fn backing(&self) -> Option<ChildRef> {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn has_backing(&self) -> bool {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn is_ro(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
     async fn read_backing(&self, pos: u64, part: &IoVec) -> io::Result<()> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing() else {
             part.fill_zero();
             return Ok(());
         };
@@ -247,7 +271,7 @@ impl Qcow2Driver {
             }
         };
         let cs = self.cs();
-        let from_backing = prev == Mapping::Unallocated && self.backing.is_some();
+        let from_backing = prev == Mapping::Unallocated && self.has_backing();
         let base = c << self.bits();
         let tail_off = in_off + data.len() as u64;
         let head = self.cow_source(base, in_off as usize, from_backing).await?;
@@ -278,7 +302,7 @@ impl Qcow2Driver {
     }
 
     async fn do_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("{}: read-only", self.name),
@@ -319,7 +343,7 @@ impl Qcow2Driver {
     /// where no backing file shows through); partial clusters get explicit
     /// zeros, or nothing for a discard.
     async fn do_zero(&self, offset: u64, len: u64, zeroes: Option<bool>) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("{}: read-only", self.name),
@@ -375,7 +399,7 @@ impl Qcow2Driver {
 
     /// What zeroing (or discarding) a whole cluster mapped as `prev` takes.
     fn zero_entry(&self, prev: Mapping, zeroes: Option<bool>) -> ZeroAction {
-        let has_backing = self.backing.is_some();
+        let has_backing = self.has_backing();
         let v3 = self.header.version >= 3;
         let unmap = zeroes.unwrap_or(true);
         let cs = self.cs();
@@ -427,7 +451,7 @@ impl Qcow2Driver {
     }
 
     async fn do_flush(&self) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Ok(());
         }
         self.meta.lock().await.flush(&self.file).await?;
@@ -436,7 +460,7 @@ impl Qcow2Driver {
 
     /// Grow the virtual disk to `new_size` bytes (shrinking is refused).
     pub async fn grow(&self, new_size: u64) -> io::Result<()> {
-        if self.read_only {
+        if self.is_ro() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("{}: read-only", self.name),
@@ -489,7 +513,40 @@ impl BlockDriver for Qcow2Driver {
         "qcow2"
     }
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.is_ro()
+    }
+    fn reopen(&self, read_only: bool) -> Result<(), String> {
+        if read_only == self.is_ro() {
+            return Ok(());
+        }
+        if read_only {
+            // The caller flushed: the caches hold nothing dirty.
+            self.read_only.store(true, Ordering::Release);
+            return Ok(());
+        }
+        self.header
+            .check_features(true)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        crate::uring::block_on(|| async {
+            self.meta
+                .lock()
+                .await
+                .load_refcounts(&self.file, &self.header, self.refcount_cache_tables)
+                .await
+        })
+        .and_then(|r| r)
+        .map_err(|e| format!("{}: reading refcounts: {e}", self.name))?;
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
+    }
+    fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), String> {
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        Ok(())
+    }
+    fn is_allocated(&self, offset: u64) -> BoolFuture<'_> {
+        Box::pin(
+            async move { Ok(self.lookup(offset >> self.bits()).await? != Mapping::Unallocated) },
+        )
     }
     fn close(&self) -> io::Result<()> {
         // Write back the caches; the file node below syncs when it closes.

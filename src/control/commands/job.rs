@@ -1,0 +1,98 @@
+//! `block-commit` and the job commands (`query-jobs`, `job-complete`,
+//! `job-cancel`, `job-dismiss` and their `block-job-*` forms).
+
+use serde_json::json;
+
+use crate::control::args::Args;
+use crate::control::qmp::{CmdResult, QmpError};
+use crate::control::server::Daemon;
+use crate::graph::{find_node, job, start_commit, BlockdevError, CommitOptions};
+
+fn reply(r: Result<(), BlockdevError>) -> CmdResult {
+    r.map(|()| json!({})).map_err(|e| QmpError::generic(e.0))
+}
+
+pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
+    let job_id = a.opt_str("job-id")?;
+    let device = a.str("device")?;
+    let base_node = a.opt_str("base-node")?;
+    let base_file = a.opt_str("base")?;
+    let top_node = a.opt_str("top-node")?;
+    let top_file = a.opt_str("top")?;
+    let speed = a.take("speed");
+    let auto_finalize = a.opt_bool("auto-finalize")?.unwrap_or(true);
+    let auto_dismiss = a.opt_bool("auto-dismiss")?.unwrap_or(true);
+    let backing_file = a.opt_str("backing-file")?;
+    a.opt_str("filter-node-name")?;
+    a.opt_str("on-error")?;
+    a.finish()?;
+    if speed.is_some_and(|s| s != json!(0)) {
+        return Err(QmpError::generic(
+            "ringblk does not limit a job's speed; leave out 'speed' or give 0",
+        ));
+    }
+    if !auto_finalize {
+        return Err(QmpError::generic(
+            "ringblk finalizes jobs itself; 'auto-finalize' must be true",
+        ));
+    }
+    if base_file.is_some() || top_file.is_some() || backing_file.is_some() {
+        return Err(QmpError::generic(
+            "Name nodes with 'base-node' and 'top-node'; 'base', 'top' and 'backing-file' are not supported",
+        ));
+    }
+    let top = match daemon.export(&device).and_then(|e| e.state.backend.root()) {
+        Some(root) => root,
+        None => find_node(&device).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{device}' nor node-name='{device}'"
+            ))
+        })?,
+    };
+    if let Some(t) = top_node {
+        if t != top.name() {
+            return Err(QmpError::generic(format!(
+                "ringblk commits only the active layer: 'top-node' must be '{}' (the root of '{device}')",
+                top.name()
+            )));
+        }
+    }
+    let base = match base_node {
+        Some(b) => Some(find_node(&b).ok_or_else(|| {
+            QmpError::generic(format!("Cannot find device='' nor node-name='{b}'"))
+        })?),
+        None => None,
+    };
+    reply(start_commit(CommitOptions {
+        job_id: job_id.unwrap_or_else(|| device.clone()),
+        top,
+        base,
+        auto_dismiss,
+    }))
+}
+
+/// `job-complete`, `job-cancel`, `job-dismiss`: `{"id"}`.
+pub fn verb(name: &str, mut a: Args) -> CmdResult {
+    let id = a.str("id")?;
+    a.finish()?;
+    reply(match name {
+        "job-complete" => job::complete(&id),
+        "job-cancel" => job::cancel(&id),
+        _ => job::dismiss(&id),
+    })
+}
+
+/// `block-job-complete`, `block-job-cancel`, `block-job-dismiss`:
+/// `{"device"}`, which names the job.
+pub fn block_job_verb(name: &str, mut a: Args) -> CmdResult {
+    let id = a.str("device")?;
+    if name == "block-job-cancel" {
+        a.opt_bool("force")?;
+    }
+    a.finish()?;
+    reply(match name {
+        "block-job-complete" => job::complete(&id),
+        "block-job-cancel" => job::cancel(&id),
+        _ => job::dismiss(&id),
+    })
+}

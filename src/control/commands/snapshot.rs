@@ -1,0 +1,168 @@
+//! `blockdev-snapshot-sync`, `blockdev-snapshot` and `transaction`: the
+//! arguments become graph actions; the graph applies them all or none.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::control::args::Args;
+use crate::control::qmp::{CmdResult, QmpError};
+use crate::control::server::Daemon;
+use crate::graph::{find_node, transaction, Action, Node, OverlayMode};
+
+/// A node by QEMU's `device` (here: an export id, whose root node it
+/// means, or else a node name) or `node-name`.
+fn lookup(
+    daemon: &Daemon,
+    device: Option<String>,
+    node_name: Option<String>,
+) -> Result<Arc<Node>, QmpError> {
+    if let Some(d) = &device {
+        if let Some(root) = daemon.export(d).and_then(|e| e.state.backend.root()) {
+            return Ok(root);
+        }
+    }
+    let name = node_name
+        .or(device.clone())
+        .ok_or_else(|| QmpError::generic("Parameter 'device' or 'node-name' is missing"))?;
+    find_node(&name).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{}' nor node-name='{name}'",
+            device.unwrap_or_default()
+        ))
+    })
+}
+
+fn snapshot_sync(daemon: &Daemon, mut a: Args) -> Result<Action, QmpError> {
+    let device = a.opt_str("device")?;
+    let node_name = a.opt_str("node-name")?;
+    let file = a.str("snapshot-file")?;
+    let snap_name = a.opt_str("snapshot-node-name")?;
+    let format = a.opt_str("format")?.unwrap_or_else(|| "qcow2".into());
+    if format != "qcow2" {
+        return Err(QmpError::generic(format!(
+            "Snapshot format '{format}' is not supported (ringblk makes qcow2 overlays)"
+        )));
+    }
+    let mode = match a.opt_str("mode")?.as_deref() {
+        None | Some("absolute-paths") => OverlayMode::AbsolutePaths,
+        Some("existing") => OverlayMode::Existing,
+        Some(m) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'mode' does not accept value '{m}'"
+            )))
+        }
+    };
+    a.finish()?;
+    let node = lookup(daemon, device, node_name)?;
+    Ok(Action::SnapshotSync {
+        node,
+        file: PathBuf::from(file),
+        node_name: snap_name,
+        mode,
+    })
+}
+
+fn snapshot(mut a: Args) -> Result<Action, QmpError> {
+    let node = a.str("node")?;
+    let overlay = a.str("overlay")?;
+    a.finish()?;
+    let find = |n: &str| {
+        find_node(n)
+            .ok_or_else(|| QmpError::generic(format!("Cannot find device='' nor node-name='{n}'")))
+    };
+    Ok(Action::Snapshot {
+        node: find(&node)?,
+        overlay: find(&overlay)?,
+    })
+}
+
+fn run(actions: Vec<Action>) -> CmdResult {
+    transaction(actions)
+        .map(|()| json!({}))
+        .map_err(|e| QmpError::generic(e.0))
+}
+
+pub fn blockdev_snapshot_sync(daemon: &Daemon, args: Args) -> CmdResult {
+    run(vec![snapshot_sync(daemon, args)?])
+}
+
+pub fn blockdev_snapshot(args: Args) -> CmdResult {
+    run(vec![snapshot(args)?])
+}
+
+/// `transaction`: QEMU's TransactionAction list (`{"type", "data"}`).
+pub fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
+    let list = match args.take("actions") {
+        Some(Value::Array(l)) => l,
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'actions', expected: array",
+            ))
+        }
+        None => return Err(QmpError::generic("Parameter 'actions' is missing")),
+    };
+    if let Some(props) = args.take("properties") {
+        let Value::Object(props) = props else {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'properties', expected: object",
+            ));
+        };
+        let mut p = Args::new(props);
+        match p.opt_str("completion-mode")?.as_deref() {
+            None | Some("individual") => {}
+            Some("grouped") => {
+                return Err(QmpError::generic(
+                    "Action 'blockdev-snapshot-sync' does not support Transaction property completion-mode = grouped",
+                ))
+            }
+            Some(m) => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'completion-mode' does not accept value '{m}'"
+                )))
+            }
+        }
+        p.finish()?;
+    }
+    args.finish()?;
+    let mut actions = Vec::with_capacity(list.len());
+    for item in list {
+        let Value::Object(mut item) = item else {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'actions[]', expected: object",
+            ));
+        };
+        let kind = match item.remove("type") {
+            Some(Value::String(t)) => t,
+            _ => return Err(QmpError::generic("Parameter 'type' is missing")),
+        };
+        let data = match item.remove("data") {
+            Some(Value::Object(d)) => d,
+            None => Map::new(),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'data', expected: object",
+                ))
+            }
+        };
+        if let Some(k) = item.keys().next() {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        }
+        let data = Args::new(data);
+        actions.push(match kind.as_str() {
+            "blockdev-snapshot-sync" => snapshot_sync(daemon, data)?,
+            "blockdev-snapshot" => snapshot(data)?,
+            "abort" => {
+                data.finish()?;
+                Action::Abort
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'type' does not accept value '{other}'"
+                )))
+            }
+        });
+    }
+    run(actions)
+}

@@ -1,0 +1,369 @@
+//! Background jobs on the graph, with QEMU's job model: ids, the status
+//! state machine (`created` → `running` → `ready` → `waiting` → `pending`
+//! → `concluded` → `null`, or `aborting` on the way out), the verbs
+//! (`complete`, `cancel`, `dismiss`), `query-jobs` / `query-block-jobs`
+//! answers and the events QMP clients wait for (`JOB_STATUS_CHANGE`,
+//! `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`).
+//!
+//! What a job does is its driver's business (see `commit`). Verbs run on
+//! the control thread under the graph lock; a job's own thread only copies
+//! data, and takes the graph lock to wind up after an error.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+
+use super::blockdev::BlockdevError;
+
+/// QEMU's JobStatus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobStatus {
+    Created,
+    Running,
+    Ready,
+    Waiting,
+    Pending,
+    Aborting,
+    Concluded,
+    Null,
+}
+
+impl JobStatus {
+    fn name(self) -> &'static str {
+        match self {
+            JobStatus::Created => "created",
+            JobStatus::Running => "running",
+            JobStatus::Ready => "ready",
+            JobStatus::Waiting => "waiting",
+            JobStatus::Pending => "pending",
+            JobStatus::Aborting => "aborting",
+            JobStatus::Concluded => "concluded",
+            JobStatus::Null => "null",
+        }
+    }
+}
+
+/// What a kind of job does when a verb reaches it.
+pub(super) trait JobDriver: Send + Sync {
+    /// `job-complete`: finish now (a commit pivots). Errors are the job's
+    /// failure, reported in its completion event.
+    fn complete(&self) -> Result<(), String>;
+    /// Undo the job's graph changes and stop its thread (cancel, failure,
+    /// shutdown).
+    fn abort(&self);
+    /// Whether the job is paused by a drained section right now.
+    fn paused(&self) -> bool;
+    /// Whether the job is copying right now.
+    fn busy(&self) -> bool;
+}
+
+struct State {
+    status: JobStatus,
+    error: Option<String>,
+}
+
+pub struct Job {
+    id: String,
+    /// QEMU's JobType name (`commit`).
+    kind: &'static str,
+    state: Mutex<State>,
+    /// Bytes done and bytes to do, as QEMU counts progress.
+    offset: AtomicU64,
+    len: AtomicU64,
+    speed: u64,
+    auto_dismiss: bool,
+    driver: Mutex<Option<Arc<dyn JobDriver>>>,
+}
+
+type Sink = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+static JOBS: Mutex<Vec<Arc<Job>>> = Mutex::new(Vec::new());
+static EVENT_SINK: Mutex<Option<Sink>> = Mutex::new(None);
+
+fn jobs() -> MutexGuard<'static, Vec<Arc<Job>>> {
+    JOBS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where job events go (the QMP server sends them to its clients).
+pub fn set_event_sink(sink: impl Fn(&str, Value) + Send + Sync + 'static) {
+    *EVENT_SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sink));
+}
+
+fn emit(name: &str, data: Value) {
+    let sink = EVENT_SINK.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(sink) = sink {
+        sink(name, data);
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
+    Err(BlockdevError(msg.into()))
+}
+
+/// The job called `id`, if it exists.
+fn find(id: &str) -> Result<Arc<Job>, BlockdevError> {
+    jobs()
+        .iter()
+        .find(|j| j.id == id)
+        .cloned()
+        .ok_or_else(|| BlockdevError(format!("Job '{id}' not found")))
+}
+
+impl Job {
+    /// Register a new job (status `created`); ids are unique among jobs
+    /// not yet dismissed.
+    pub(super) fn register(
+        id: &str,
+        kind: &'static str,
+        speed: u64,
+        auto_dismiss: bool,
+    ) -> Result<Arc<Job>, BlockdevError> {
+        if id.is_empty() || id.starts_with('#') {
+            return err(format!("Invalid job ID '{id}'"));
+        }
+        let mut all = jobs();
+        if all.iter().any(|j| j.id == id) {
+            return err(format!("Job ID '{id}' already in use"));
+        }
+        let job = Arc::new(Job {
+            id: id.to_string(),
+            kind,
+            state: Mutex::new(State {
+                status: JobStatus::Created,
+                error: None,
+            }),
+            offset: AtomicU64::new(0),
+            len: AtomicU64::new(0),
+            speed,
+            auto_dismiss,
+            driver: Mutex::new(None),
+        });
+        all.push(job.clone());
+        drop(all);
+        job.announce(JobStatus::Created);
+        Ok(job)
+    }
+
+    /// Forget a job whose start failed (it never ran).
+    pub(super) fn unregister(&self) {
+        jobs().retain(|j| j.id != self.id);
+    }
+
+    pub(super) fn set_driver(&self, d: Arc<dyn JobDriver>) {
+        *self.driver.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+    }
+
+    fn driver(&self) -> Option<Arc<dyn JobDriver>> {
+        self.driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(super) fn status(&self) -> JobStatus {
+        self.state().status
+    }
+
+    fn announce(&self, s: JobStatus) {
+        emit(
+            "JOB_STATUS_CHANGE",
+            json!({"id": self.id, "status": s.name()}),
+        );
+    }
+
+    /// Move to `to` and tell the clients.
+    pub(super) fn set_status(&self, to: JobStatus) {
+        self.state().status = to;
+        self.announce(to);
+    }
+
+    pub(super) fn add_len(&self, n: u64) {
+        self.len.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Caught up: all the work there is has been done.
+    pub(super) fn settle_len(&self) {
+        self.len
+            .store(self.offset.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    pub(super) fn add_progress(&self, n: u64) {
+        self.offset.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn progress(&self) -> Value {
+        json!({
+            "type": self.kind,
+            "device": self.id,
+            "len": self.len.load(Ordering::Relaxed),
+            "offset": self.offset.load(Ordering::Relaxed),
+            "speed": self.speed,
+        })
+    }
+
+    /// The job caught up: `ready`, and BLOCK_JOB_READY.
+    pub(super) fn ready(&self) {
+        self.set_status(JobStatus::Ready);
+        emit("BLOCK_JOB_READY", self.progress());
+    }
+
+    /// The job ends: success (`error` None), failure or cancellation.
+    /// Emits QEMU's events in QEMU's order and, with auto-dismiss, goes.
+    pub(super) fn conclude(&self, error: Option<String>, cancelled: bool) {
+        if error.is_none() && !cancelled {
+            self.set_status(JobStatus::Waiting);
+            self.set_status(JobStatus::Pending);
+        } else {
+            self.set_status(JobStatus::Aborting);
+        }
+        let mut data = self.progress();
+        if cancelled {
+            emit("BLOCK_JOB_CANCELLED", data);
+        } else {
+            if let Some(e) = &error {
+                data["error"] = json!(e);
+            }
+            emit("BLOCK_JOB_COMPLETED", data);
+        }
+        self.state().error = error;
+        self.set_status(JobStatus::Concluded);
+        *self.driver.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if self.auto_dismiss {
+            self.dismiss_now();
+        }
+    }
+
+    fn dismiss_now(&self) {
+        self.set_status(JobStatus::Null);
+        self.unregister();
+    }
+
+    fn refuse(&self, verb: &str) -> BlockdevError {
+        BlockdevError(format!(
+            "Job '{}' in state '{}' cannot accept command verb '{verb}'",
+            self.id,
+            self.status().name()
+        ))
+    }
+}
+
+/// `job-complete`: only a job that is `ready`.
+pub fn complete(id: &str) -> Result<(), BlockdevError> {
+    let job = find(id)?;
+    if job.status() != JobStatus::Ready {
+        return Err(job.refuse("complete"));
+    }
+    let Some(d) = job.driver() else {
+        return Err(job.refuse("complete"));
+    };
+    let r = d.complete();
+    job.conclude(r.err(), false);
+    Ok(())
+}
+
+/// `job-cancel`: undo what the job did; it ends with BLOCK_JOB_CANCELLED.
+pub fn cancel(id: &str) -> Result<(), BlockdevError> {
+    let job = find(id)?;
+    let Some(d) = job.driver() else {
+        return Err(job.refuse("cancel"));
+    };
+    d.abort();
+    job.conclude(None, true);
+    Ok(())
+}
+
+/// `job-dismiss`: forget a concluded job.
+pub fn dismiss(id: &str) -> Result<(), BlockdevError> {
+    let job = find(id)?;
+    if job.status() != JobStatus::Concluded {
+        return Err(job.refuse("dismiss"));
+    }
+    job.dismiss_now();
+    Ok(())
+}
+
+/// A job's thread failed: undo its graph changes and report the error.
+/// Runs on a thread of its own, not the job's (which abort joins).
+pub(super) fn fail(job: Arc<Job>, error: String) {
+    let _g = super::graph_lock();
+    let Some(d) = job.driver() else {
+        return; // Completed or cancelled meanwhile.
+    };
+    log::error!("job {}: {error}", job.id);
+    d.abort();
+    job.conclude(Some(error), false);
+}
+
+/// Shutdown: cancel every job before the trees are ejected, so their
+/// graph changes are undone and their threads gone. The caller holds the
+/// graph lock.
+pub fn cancel_all() {
+    let all: Vec<Arc<Job>> = jobs().clone();
+    for j in all {
+        if let Some(d) = j.driver() {
+            log::info!("job {}: cancelled at shutdown", j.id);
+            d.abort();
+            j.conclude(None, true);
+        }
+    }
+}
+
+/// `query-jobs`.
+pub fn query_jobs() -> Value {
+    Value::Array(
+        jobs()
+            .iter()
+            .map(|j| {
+                let st = j.state();
+                let mut v = json!({
+                    "id": j.id,
+                    "type": j.kind,
+                    "status": st.status.name(),
+                    "current-progress": j.offset.load(Ordering::Relaxed),
+                    "total-progress": j.len.load(Ordering::Relaxed),
+                });
+                if let Some(e) = &st.error {
+                    v["error"] = json!(e);
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+/// `query-block-jobs`.
+pub fn query_block_jobs() -> Value {
+    Value::Array(
+        jobs()
+            .iter()
+            .map(|j| {
+                let (status, error) = {
+                    let st = j.state();
+                    (st.status, st.error.clone())
+                };
+                let d = j.driver();
+                let mut v = j.progress();
+                v["busy"] = json!(d.as_ref().is_some_and(|d| d.busy()));
+                v["paused"] = json!(d.as_ref().is_some_and(|d| d.paused()));
+                v["io-status"] = json!("ok");
+                v["ready"] = json!(status == JobStatus::Ready);
+                v["status"] = json!(status.name());
+                v["auto-finalize"] = json!(true);
+                v["auto-dismiss"] = json!(j.auto_dismiss);
+                if let Some(e) = error {
+                    v["error"] = json!(e);
+                }
+                v
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,331 @@
+//! External snapshots and QMP transactions of them (QEMU's
+//! `blockdev-snapshot-sync`, `blockdev-snapshot`, `transaction`).
+//!
+//! A snapshot puts a qcow2 overlay above a node: the overlay's backing
+//! image is the node, every BlockBackend on the node moves to the overlay,
+//! and the node is reopened read-only. A transaction applies several at
+//! once, all or none: it drains every node (`drain_all`, as QEMU does: a
+//! transaction may name any node, and the nodes it does not name keep
+//! their requests for the few milliseconds it takes), prepares each action,
+//! then commits them all or, if one failed, aborts those prepared, in
+//! reverse. Every phase runs on the calling (control) thread with the
+//! iothreads quiesced; no lock is held across phases that an iothread
+//! could want.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::blockdev::{check_new_node_name, monitor_adopt, BlockdevError};
+use super::drain::{drain_all_begin, drain_all_end};
+use super::node::{ChildRole, Node};
+use super::open::{open_file_node, open_qcow2_node};
+use super::registry::{all_backends, all_nodes, find_node};
+use crate::formats::qcow2::create::{create, CreateOptions, DEFAULT_CLUSTER_SIZE};
+use crate::formats::qcow2::Qcow2Options;
+use crate::formats::{BlockIo, CacheMode, ImageLock};
+use crate::uring;
+
+/// Where a `blockdev-snapshot-sync` overlay comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverlayMode {
+    /// Create the file, naming the node's image as its backing file.
+    AbsolutePaths,
+    /// Open the file as it is (the caller made it, backing file and all).
+    Existing,
+}
+
+/// One action of a transaction.
+pub enum Action {
+    /// `blockdev-snapshot-sync`: an overlay file, created or opened here.
+    SnapshotSync {
+        node: Arc<Node>,
+        file: PathBuf,
+        node_name: Option<String>,
+        mode: OverlayMode,
+    },
+    /// `blockdev-snapshot`: an overlay node `blockdev-add` opened.
+    Snapshot { node: Arc<Node>, overlay: Arc<Node> },
+    /// QEMU's `abort`: fails in prepare, to test the abort path.
+    Abort,
+}
+
+/// An action whose prepare succeeded: what commit or abort works on.
+struct Prepared {
+    node: Arc<Node>,
+    overlay: Arc<Node>,
+    /// The overlay file this action created (abort deletes it).
+    created: Option<PathBuf>,
+    /// The overlay was `blockdev-add`ed: abort only unhooks its backing.
+    added: bool,
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
+    Err(BlockdevError(msg.into()))
+}
+
+/// Apply `actions` atomically: all of them, or (on the first error, which
+/// is returned) none.
+pub fn transaction(actions: Vec<Action>) -> Result<(), BlockdevError> {
+    drain_all_begin();
+    let mut prepared: Vec<Prepared> = Vec::new();
+    let mut failure = None;
+    for a in actions {
+        match prepare(a, &prepared) {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    match failure {
+        None => prepared.into_iter().for_each(commit),
+        Some(_) => prepared.into_iter().rev().for_each(abort),
+    }
+    drain_all_end();
+    failure.map_or(Ok(()), Err)
+}
+
+/// Refuse a node that is not at the top of its tree: parent nodes hold
+/// their children for good (only BlockBackends are moved to the overlay).
+pub(super) fn check_top(node: &Arc<Node>) -> Result<(), BlockdevError> {
+    for parent in all_nodes() {
+        if let Some(c) = parent
+            .children()
+            .iter()
+            .find(|c| Arc::ptr_eq(&c.node, node))
+        {
+            return err(format!(
+                "Node '{}' is the {} child of node '{}'; only a node at the top of a tree can be snapshotted",
+                node.name(),
+                c.role,
+                parent.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, BlockdevError> {
+    let node = match &action {
+        Action::Abort => return err("Transaction aborted using Abort action"),
+        Action::SnapshotSync { node, .. } | Action::Snapshot { node, .. } => node.clone(),
+    };
+    check_top(&node)?;
+    if earlier.iter().any(|p| Arc::ptr_eq(&p.node, &node)) {
+        return err(format!(
+            "Node '{}' is snapshotted twice in one transaction",
+            node.name()
+        ));
+    }
+    // Everything acknowledged so far must be in the image the overlay
+    // will read it from.
+    let n = node.clone();
+    uring::block_on(move || async move { n.flush().await })
+        .and_then(|r| r)
+        .map_err(|e| BlockdevError(format!("Failed to flush node '{}': {e}", node.name())))?;
+    match action {
+        Action::SnapshotSync {
+            node,
+            file,
+            node_name,
+            mode,
+        } => prepare_sync(node, &file, node_name, mode),
+        Action::Snapshot { node, overlay } => prepare_with(node, overlay),
+        Action::Abort => unreachable!("returned above"),
+    }
+}
+
+/// The format a backing file entry records for `node`.
+fn backing_format(node: &Node) -> &'static str {
+    match node.driver_name() {
+        "qcow2" => "qcow2",
+        _ => "raw",
+    }
+}
+
+fn prepare_sync(
+    node: Arc<Node>,
+    file: &Path,
+    node_name: Option<String>,
+    mode: OverlayMode,
+) -> Result<Prepared, BlockdevError> {
+    let name = match node_name {
+        Some(n) => {
+            check_new_node_name(&n)?;
+            n
+        }
+        None => super::registry::auto_node_name(),
+    };
+    let mut created = None;
+    if mode == OverlayMode::AbsolutePaths {
+        let Some(backing) = node.image_filename() else {
+            return err(format!(
+                "Node '{}' has no image file an overlay could name as its backing file",
+                node.name()
+            ));
+        };
+        // An absolute name: the overlay may live in another folder.
+        let backing = std::fs::canonicalize(&backing)
+            .map(|p| p.display().to_string())
+            .unwrap_or(backing);
+        let opts = CreateOptions {
+            size: node.size(),
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            backing: Some((&backing, backing_format(&node))),
+        };
+        create(file, &opts).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => BlockdevError(format!(
+                "Could not create '{}': the file exists (ringblk never overwrites one; mode 'existing' uses it as the overlay)",
+                file.display()
+            )),
+            _ => BlockdevError(format!("Could not create '{}': {e}", file.display())),
+        })?;
+        created = Some(file.to_path_buf());
+    }
+    match open_overlay(&name, file, &node) {
+        Ok(overlay) => Ok(Prepared {
+            node,
+            overlay,
+            created,
+            added: false,
+        }),
+        Err(e) => {
+            if let Some(f) = created {
+                let _ = std::fs::remove_file(f);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Open the overlay file at `path` as node `name`, over `backing`.
+fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node>, BlockdevError> {
+    let cache = if backing.cache_direct() {
+        CacheMode::None
+    } else {
+        CacheMode::Writeback
+    };
+    let file = open_file_node(
+        &super::registry::auto_node_name(),
+        path,
+        false,
+        cache,
+        512,
+        Some(ImageLock::for_open(false, false)),
+    )
+    .map_err(|e| BlockdevError(e.to_string()))?;
+    let overlay = open_qcow2_node(
+        name,
+        path,
+        file,
+        false,
+        Some(backing.clone()),
+        Qcow2Options::default(),
+    )
+    .map_err(|e| BlockdevError(e.to_string()))?;
+    if overlay.size() != backing.size() {
+        return err(format!(
+            "The overlay '{}' is {} bytes, node '{}' is {}",
+            path.display(),
+            overlay.size(),
+            backing.name(),
+            backing.size()
+        ));
+    }
+    Ok(overlay)
+}
+
+fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, BlockdevError> {
+    if Arc::ptr_eq(&node, &overlay) {
+        return err("The overlay cannot be the node itself");
+    }
+    if overlay.child(ChildRole::Backing).is_some() {
+        return err(format!(
+            "The overlay '{}' already has a backing image",
+            overlay.name()
+        ));
+    }
+    if all_backends()
+        .iter()
+        .any(|b| b.root().is_some_and(|r| Arc::ptr_eq(&r, &overlay)))
+        || all_nodes()
+            .iter()
+            .any(|n| n.children().iter().any(|c| Arc::ptr_eq(&c.node, &overlay)))
+    {
+        return err(format!(
+            "The overlay '{}' is already in use",
+            overlay.name()
+        ));
+    }
+    if overlay.is_read_only() {
+        return err(format!("The overlay '{}' is read-only", overlay.name()));
+    }
+    if overlay.size() != node.size() {
+        return err(format!(
+            "The overlay '{}' is {} bytes, node '{}' is {}",
+            overlay.name(),
+            overlay.size(),
+            node.name(),
+            node.size()
+        ));
+    }
+    overlay.set_backing(Some(node.clone())).map_err(|e| {
+        BlockdevError(format!(
+            "The overlay '{}' does not support backing images: {e}",
+            overlay.name()
+        ))
+    })?;
+    Ok(Prepared {
+        node,
+        overlay,
+        created: None,
+        added: true,
+    })
+}
+
+fn commit(p: Prepared) {
+    // The node becomes a backing image: nobody writes it any more. It was
+    // flushed in prepare; a failure here leaves it writable, nothing worse.
+    if let Err(e) = p.node.reopen(true) {
+        log::warn!("snapshot: {e}; it stays writable");
+    }
+    let mut moved = 0;
+    for b in all_backends() {
+        if b.root().is_some_and(|r| Arc::ptr_eq(&r, &p.node)) {
+            match b.replace_root(p.overlay.clone()) {
+                Ok(_) => moved += 1,
+                Err(e) => log::error!("snapshot: {e}"),
+            }
+        }
+    }
+    // With no BlockBackend on it, nothing would hold the new overlay: the
+    // monitor does, as QEMU's user would expect to find it.
+    if moved == 0 && !p.added {
+        monitor_adopt(p.overlay.clone());
+    }
+    log::info!(
+        "snapshot: node '{}' is now the backing image of '{}'",
+        p.node.name(),
+        p.overlay.name()
+    );
+}
+
+fn abort(p: Prepared) {
+    if p.added {
+        if let Err(e) = p.overlay.set_backing(None) {
+            log::error!("snapshot abort: {e}");
+        }
+        return;
+    }
+    let name = p.overlay.name().to_string();
+    drop(p.overlay);
+    if find_node(&name).is_some() {
+        log::error!("snapshot abort: overlay '{name}' is still open");
+    }
+    if let Some(f) = p.created {
+        if let Err(e) = std::fs::remove_file(&f) {
+            log::error!("snapshot abort: cannot remove {}: {e}", f.display());
+        }
+    }
+}
