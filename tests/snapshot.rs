@@ -710,7 +710,7 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     assert_eq!(ready["data"]["speed"], 0);
     assert_eq!(
         ready["data"]["len"], ready["data"]["offset"],
-        "READY before catching up"
+        "BLOCK_JOB_READY: len and offset differ (QEMU: equal, the job caught up)"
     );
     events.push(ready);
     let jobs = q.ok("query-jobs", json!({}));
@@ -731,7 +731,10 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     assert!(done["data"].get("error").is_none(), "commit failed: {done}");
     assert_eq!(done["data"]["device"], "c0");
     assert_eq!(done["data"]["type"], "commit");
-    assert_eq!(done["data"]["len"], done["data"]["offset"]);
+    assert_eq!(
+        done["data"]["len"], done["data"]["offset"],
+        "BLOCK_JOB_COMPLETED of a successful job: len and offset differ (QEMU: equal)"
+    );
     events.push(done);
     // auto-dismiss: the job goes (JOB_STATUS_CHANGE null), query-jobs is
     // empty.
