@@ -58,6 +58,7 @@ against_both!(
     cancelling_a_ready_commit_leaves_the_export_on_its_overlay,
     a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss,
     snapshot_and_commit_errors_are_qemus_and_change_nothing,
+    a_transaction_mixes_new_and_added_overlays_on_two_busy_exports,
 );
 
 // ---------------------------------------------------------------------
@@ -1196,4 +1197,93 @@ fn snapshot_and_commit_errors_are_qemus_and_change_nothing(which: Impl) {
     );
     drop(q);
     assert!(st.stop().success(), "the daemon exited with an error");
+}
+
+// ---------------------------------------------------------------------
+// 9. Both snapshot kinds in one transaction
+
+fn a_transaction_mixes_new_and_added_overlays_on_two_busy_exports(which: Impl) {
+    let dir = TestDir::new("snap-mixed");
+    let (st, mut q) = start_disks(which, &dir, true);
+    let wa = Writer::start(
+        connect_to(which, &dir.path("a.sock"), 1),
+        9,
+        vec![0; DISK as usize],
+        "a",
+    );
+    let wb = Writer::start(
+        connect_to(which, &dir.path("b.sock"), 1),
+        10,
+        vec![0; DISK as usize],
+        "b",
+    );
+    let ovb = dir.path("ovb.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &s(&dir.path("b.raw")),
+        "-F",
+        "raw",
+        &s(&ovb),
+    ]);
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "ovb",
+               "file": {"driver": "file", "filename": s(&ovb)}, "backing": null}),
+    );
+    wa.wait_for_more(512);
+    wb.wait_for_more(512);
+    // The second action names no overlay node: nothing happens, and the
+    // node blockdev-add made stays.
+    let a1 = dir.path("a1.qcow2");
+    let nodes = node_names(&mut q);
+    let (class, desc) = q.err(
+        "transaction",
+        json!({"actions": [
+            snap("a", &a1, "a1"),
+            {"type": "blockdev-snapshot", "data": {"node": "b", "overlay": "nope"}},
+        ]}),
+    );
+    eprintln!("{which:?}: blockdev-snapshot of a missing overlay: {class}: {desc}");
+    assert_exports_on(&mut q, &[("ea", "a"), ("eb", "b")], "after the failure");
+    assert_eq!(node_names(&mut q), nodes, "the failure changed the nodes");
+    overlay_removed(which, &a1);
+    wa.wait_for_more(512);
+    wb.wait_for_more(512);
+    q.ok(
+        "transaction",
+        json!({"actions": [
+            snap("a", &a1, "a1"),
+            {"type": "blockdev-snapshot", "data": {"node": "b", "overlay": "ovb"}},
+        ]}),
+    );
+    assert_exports_on(
+        &mut q,
+        &[("ea", "a1"), ("eb", "ovb")],
+        "after the transaction",
+    );
+    wa.wait_for_more(1024);
+    wb.wait_for_more(1024);
+    let (ma, _) = wa.finish();
+    let (mb, _) = wb.finish();
+    drop(q);
+    assert!(st.stop().success(), "the daemon exited with an error");
+    for (top, model, n) in [(&a1, ma, "a"), (&ovb, mb, "b")] {
+        let reference = dir.path(&format!("{n}.ref"));
+        write_reference(&reference, &model);
+        assert_same(top, "qcow2", &reference, n);
+        common::qemu_img::assert_clean(top);
+        assert_eq!(chain(top), [s(top), s(&dir.path(&format!("{n}.raw")))]);
+    }
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        (
+            "GenericError",
+            "Cannot find device='nope' nor node-name='nope'"
+        ),
+        "not in QEMU's words"
+    );
 }
