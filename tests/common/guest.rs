@@ -1,6 +1,6 @@
 //! Booting a Linux guest under QEMU (TCG) attached to a ringblk socket.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -72,6 +72,28 @@ pub fn run_guest_with(
     num_queues: u16,
     mut on_line: impl FnMut(&str),
 ) -> GuestRun {
+    run_guest_inner(sock, test, num_queues, false, |line, _| on_line(line))
+}
+
+/// Like `run_guest_with`; `on_line` may also answer the guest: what it
+/// writes to `input` arrives on the guest's serial console (/dev/ttyS0,
+/// echoed there as typed input is), one line at a time.
+pub fn run_guest_talking(
+    sock: &Path,
+    test: &str,
+    num_queues: u16,
+    on_line: impl FnMut(&str, &mut dyn Write),
+) -> GuestRun {
+    run_guest_inner(sock, test, num_queues, true, on_line)
+}
+
+fn run_guest_inner(
+    sock: &Path,
+    test: &str,
+    num_queues: u16,
+    talking: bool,
+    mut on_line: impl FnMut(&str, &mut dyn Write),
+) -> GuestRun {
     let qemu = "qemu-system-x86_64";
     let found = Command::new(qemu).arg("--version").output();
     assert!(
@@ -109,11 +131,19 @@ pub fn run_guest_with(
         .arg(initramfs())
         .arg("-append")
         .arg(format!("console=ttyS0 quiet panic=-1 rbtest={test}"))
-        .stdin(Stdio::null())
+        .stdin(if talking {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start qemu");
+    let mut input: Box<dyn Write> = match child.stdin.take() {
+        Some(i) => Box::new(i),
+        None => Box::new(std::io::sink()),
+    };
     let out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -135,7 +165,7 @@ pub fn run_guest_with(
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(Some(line)) => {
-                on_line(&line);
+                on_line(&line, &mut *input);
                 console.push_str(&line);
                 console.push('\n');
             }

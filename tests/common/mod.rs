@@ -15,6 +15,7 @@ pub mod guest;
 pub mod qemu_img;
 pub mod qmp;
 pub mod recorder;
+pub mod storage;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 

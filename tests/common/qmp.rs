@@ -14,6 +14,9 @@ pub struct Qmp {
     pub greeting: Value,
     /// Events seen while waiting for responses.
     pub events: Vec<Value>,
+    timeout: Duration,
+    /// The last command sent (named when a read fails).
+    last: String,
 }
 
 impl Qmp {
@@ -27,6 +30,8 @@ impl Qmp {
             writer,
             greeting: Value::Null,
             events: Vec::new(),
+            timeout: Duration::from_secs(60),
+            last: String::new(),
         };
         q.greeting = q.recv().expect("greeting");
         q
@@ -50,7 +55,10 @@ impl Qmp {
     /// The next message, or None at end of stream.
     pub fn recv(&mut self) -> Option<Value> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("read from QMP (after {}): {e}", self.last));
         if n == 0 {
             return None;
         }
@@ -82,8 +90,51 @@ impl Qmp {
         }
     }
 
+    /// How long one read may block before the test fails (60 s unless
+    /// set): a daemon that hangs fails the test instead of blocking it.
+    pub fn set_timeout(&mut self, limit: Duration) {
+        self.timeout = limit;
+        self.reader.get_ref().set_read_timeout(Some(limit)).unwrap();
+    }
+
+    /// The first event (already seen or new) that `want` accepts, within
+    /// `limit`; the events before it are returned too, in order, and taken
+    /// off the queue.
+    pub fn event_where(
+        &mut self,
+        limit: Duration,
+        mut want: impl FnMut(&Value) -> bool,
+    ) -> (Value, Vec<Value>) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no matching event within {limit:?}; events so far: {before:?}"
+            );
+            let ev = if self.events.is_empty() {
+                self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
+                let m = self.recv().expect("connection closed before an event");
+                if m.get("event").is_none() {
+                    panic!("unexpected reply while waiting for an event: {m}");
+                }
+                m
+            } else {
+                self.events.remove(0)
+            };
+            if want(&ev) {
+                let t = self.timeout;
+                self.set_timeout(t);
+                return (ev, before);
+            }
+            before.push(ev);
+        }
+    }
+
     pub fn cmd(&mut self, name: &str, args: Value) -> Value {
         let req = json!({"execute": name, "arguments": args});
+        self.last = req.to_string();
         self.send_raw(format!("{req}\n").as_bytes());
         self.response()
     }

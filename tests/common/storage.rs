@@ -1,0 +1,231 @@
+//! One qemu-storage-daemon command line, run by ringblk or by
+//! qemu-storage-daemon itself: tests of QEMU's QMP semantics are written
+//! once and run against both (QSD is the reference the test is validated
+//! against).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{connect, Client, Daemon};
+
+/// Which daemon runs the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Impl {
+    Ringblk,
+    Qsd,
+}
+
+/// A qemu-storage-daemon command line, built option by option.
+#[derive(Clone, Default)]
+pub struct QsdArgs {
+    args: Vec<String>,
+}
+
+impl QsdArgs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn opt(mut self, name: &str, value: String) -> Self {
+        self.args.push(name.into());
+        self.args.push(value);
+        self
+    }
+
+    pub fn iothread(self, id: &str) -> Self {
+        self.opt("--object", format!("iothread,id={id}"))
+    }
+
+    /// `--blockdev SPEC` (dotted keys or JSON).
+    pub fn blockdev(self, spec: &str) -> Self {
+        self.opt("--blockdev", spec.into())
+    }
+
+    /// A raw image as node `node` (file node inline).
+    pub fn raw(self, node: &str, img: &Path) -> Self {
+        self.blockdev(&format!(
+            "driver=raw,node-name={node},file.driver=file,file.filename={}",
+            img.display()
+        ))
+    }
+
+    /// A qcow2 image as node `node`, its backing chain as its header says.
+    pub fn qcow2(self, node: &str, img: &Path) -> Self {
+        self.blockdev(&format!(
+            "driver=qcow2,node-name={node},file.driver=file,file.filename={}",
+            img.display()
+        ))
+    }
+
+    /// A writable vhost-user-blk export of `node` on `sock`.
+    pub fn export(self, id: &str, node: &str, sock: &Path, iothread: &str, queues: u16) -> Self {
+        self.opt(
+            "--export",
+            format!(
+                "type=vhost-user-blk,id={id},node-name={node},addr.type=unix,addr.path={},writable=on,iothread={iothread},num-queues={queues}",
+                sock.display()
+            ),
+        )
+    }
+
+    /// A QMP monitor on `sock`.
+    pub fn monitor(self, sock: &Path) -> Self {
+        self.opt(
+            "--chardev",
+            format!("socket,id=mon0,path={},server=on,wait=off", sock.display()),
+        )
+        .opt("--monitor", "chardev=mon0".into())
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        self.args.clone()
+    }
+}
+
+/// A running daemon of either kind.
+pub struct Storage {
+    pub which: Impl,
+    ringblk: Option<Daemon>,
+    qsd: Option<Child>,
+    log: PathBuf,
+}
+
+impl Storage {
+    /// Start `which` with `args` plus `--pidfile DIR/daemon.pid`; returns
+    /// once the daemon has set everything up (ringblk: its "listening"
+    /// line; QSD: its pid file, written after the exports are up).
+    /// `sock` is one export's socket.
+    pub fn start(which: Impl, dir: &Path, args: &QsdArgs, sock: &Path) -> Storage {
+        let pidfile = dir.join("daemon.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let mut argv = args.args();
+        argv.push("--pidfile".into());
+        argv.push(pidfile.to_str().unwrap().into());
+        let log = dir.join(format!("daemon-{}.log", std::process::id()));
+        match which {
+            Impl::Ringblk => {
+                let a: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+                Storage {
+                    which,
+                    ringblk: Some(Daemon::start_qsd(sock, &a, |_| {})),
+                    qsd: None,
+                    log,
+                }
+            }
+            Impl::Qsd => {
+                let f = std::fs::File::create(&log).unwrap();
+                let mut child = Command::new("qemu-storage-daemon")
+                    .args(&argv)
+                    .stdin(Stdio::null())
+                    .stdout(f.try_clone().unwrap())
+                    .stderr(f)
+                    .spawn()
+                    .expect("qemu-storage-daemon is required (scripts/test installs it)");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !pidfile.exists() {
+                    if let Some(st) = child.try_wait().unwrap() {
+                        panic!(
+                            "qemu-storage-daemon exited ({st}) before it was up:\n{}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        panic!("qemu-storage-daemon was not up within 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Storage {
+                    which,
+                    ringblk: None,
+                    qsd: Some(child),
+                    log,
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        match (&self.ringblk, &self.qsd) {
+            (Some(d), _) => d.pid(),
+            (_, Some(c)) => c.id() as i32,
+            _ => unreachable!(),
+        }
+    }
+
+    /// What the daemon wrote (ringblk: stderr; QSD: stdout and stderr).
+    pub fn log(&self) -> String {
+        match &self.ringblk {
+            Some(d) => d.stderr(),
+            None => std::fs::read_to_string(&self.log).unwrap_or_default(),
+        }
+    }
+
+    /// SIGTERM, and the exit status (bounded: a daemon that does not exit
+    /// within 60 s is killed and the test fails).
+    pub fn stop(mut self) -> ExitStatus {
+        if let Some(d) = self.ringblk.take() {
+            return d.stop();
+        }
+        let mut c = self.qsd.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("qemu-storage-daemon did not exit within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill9(mut self) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if let Some(d) = self.ringblk.take() {
+            let st = d.wait_exit(Duration::from_secs(30));
+            assert!(!st.success(), "killed daemon reported success");
+        }
+        if let Some(mut c) = self.qsd.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.qsd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Connect a libblkio client to an export of `which`. qemu-storage-daemon
+/// now and then resets a new connection (ECONNRESET, see qsd_cli.rs): only
+/// there is a connection retried, a few times.
+pub fn connect_to(which: Impl, sock: &Path, queues: i32) -> Client {
+    let mut tries = 0;
+    loop {
+        match connect(sock, queues) {
+            Err(e)
+                if which == Impl::Qsd
+                    && e.errno().raw_os_error() == libc::ECONNRESET
+                    && tries < 5 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => {
+                return r.unwrap_or_else(|e| panic!("connect to {}: {e}", sock.display()));
+            }
+        }
+    }
+}
