@@ -398,6 +398,19 @@ fn a_transaction_snapshots_two_busy_exports_on_two_iothreads_twenty_times(which:
         lat[lat.len() - 1],
         la.max(lb)
     );
+    // ringblk logs how long each transaction kept the disks drained.
+    let log = st.log();
+    let mut drained: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("transaction: "))
+        .collect();
+    drained.truncate(3);
+    for l in drained {
+        eprintln!(
+            "{which:?}: {}",
+            l.split("transaction: ").last().unwrap_or(l)
+        );
+    }
     drop(q);
     assert!(st.stop().success(), "the daemon exited with an error");
     for (n, model) in [("a", ma), ("b", mb)] {

@@ -10,6 +10,8 @@ pub enum ErrorClass {
     GenericError,
     CommandNotFound,
     DeviceNotFound,
+    /// QEMU's class for a block job that does not exist.
+    DeviceNotActive,
 }
 
 impl ErrorClass {
@@ -18,6 +20,7 @@ impl ErrorClass {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
             ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
         }
     }
 }

@@ -65,7 +65,8 @@ pub trait BlockDriver: BlockIo {
     fn drained_begin(&self) {}
     fn drained_end(&self) {}
     /// Switch between read-only and read-write use. Called on the control
-    /// thread with the node drained and, before going read-only, flushed.
+    /// thread with the node drained; going read-only, a driver writes back
+    /// what it caches (syncing is left to the next flush).
     fn reopen(&self, read_only: bool) -> Result<(), String> {
         if read_only == self.is_read_only() {
             Ok(())
@@ -77,6 +78,9 @@ pub trait BlockDriver: BlockIo {
             ))
         }
     }
+    /// The backing image has writes no flush covered yet: the next flush
+    /// here must flush it too. Drivers without a backing image ignore it.
+    fn backing_unflushed(&self) {}
     /// Replace the backing image (drained). Drivers without one refuse.
     fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), String> {
         let _ = backing;

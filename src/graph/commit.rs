@@ -39,6 +39,8 @@ use super::snapshot::check_top;
 use crate::formats::{failed, BlockDriver, BlockIo, IoFuture};
 use crate::uring::{self, AlignedBuf, IoThread, IoVec};
 
+/// The filter's driver name (QEMU's is `commit_top` too).
+pub(super) const FILTER_DRIVER: &str = "commit_top";
 /// Dirty tracking granularity: 64 KiB, qcow2's default cluster size.
 const GRANULE_BITS: u32 = 16;
 /// Granules whose allocation the first pass looks up per drained check.
@@ -51,6 +53,8 @@ pub struct CommitOptions {
     pub top: Arc<Node>,
     /// Where the data goes; None: the bottom of the chain (QEMU's default).
     pub base: Option<Arc<Node>>,
+    /// False: `job-complete` stops at `pending` until `job-finalize`.
+    pub auto_finalize: bool,
     pub auto_dismiss: bool,
 }
 
@@ -105,7 +109,7 @@ impl BlockIo for CommitTop {
 
 impl BlockDriver for CommitTop {
     fn driver_name(&self) -> &'static str {
-        "commit_top"
+        FILTER_DRIVER
     }
     fn is_read_only(&self) -> bool {
         self.top.is_read_only()
@@ -126,6 +130,9 @@ struct Commit {
     /// Drained sections covering the top or the base right now.
     paused: AtomicU32,
     stop: AtomicBool,
+    /// `job-complete` began a drained section that `finalize` (or `abort`)
+    /// ends.
+    completing: AtomicBool,
     /// A copy in progress (what a drain waits for).
     busy: InFlightCounter,
     /// Our entries in the top's and the base's parent lists.
@@ -144,7 +151,8 @@ pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
         chain.push(n);
     }
     let Some(bottom) = chain.last().cloned() else {
-        return err(format!("Top image '{}' has no backing file", top.name()));
+        // QEMU's words: the base would be the top itself.
+        return err("cannot commit an image into itself");
     };
     let base = match o.base {
         Some(b) if chain.iter().any(|n| Arc::ptr_eq(n, &b)) => b,
@@ -157,7 +165,7 @@ pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
         }
         None => bottom,
     };
-    let job = Job::register(&o.job_id, "commit", 0, o.auto_dismiss)?;
+    let job = Job::register(&o.job_id, "commit", 0, o.auto_finalize, o.auto_dismiss)?;
     drain_all_begin();
     let started = install(&job, &top, &base);
     drain_all_end();
@@ -223,6 +231,7 @@ fn install(
         dirty,
         paused: AtomicU32::new(0),
         stop: AtomicBool::new(false),
+        completing: AtomicBool::new(false),
         busy: InFlightCounter::new(),
         edges: Mutex::new(Vec::new()),
         io: Mutex::new(None),
@@ -316,7 +325,6 @@ impl Commit {
                     .map_err(|e| format!("reading the allocation at offset {}: {e}", g * gran))?;
                 if allocated {
                     self.dirty.mark(g * gran, gran);
-                    self.job.add_len(gran);
                 }
             }
             g += SCAN_BATCH;
@@ -334,15 +342,11 @@ impl Commit {
                     }
                     drop(busy);
                     self.job.add_progress(len);
-                    if ready {
-                        self.job.add_len(len);
-                    }
                 }
                 None => {
                     drop(busy);
                     if !ready {
                         ready = true;
-                        self.job.settle_len();
                         self.job.ready();
                     }
                     self.dirty
@@ -392,20 +396,22 @@ impl Commit {
 }
 
 impl JobDriver for Commit {
-    fn complete(&self) -> Result<(), String> {
+    fn prepare_completion(&self) -> Result<(), String> {
         drain_all_begin();
-        if let Err(e) = self.catch_up() {
-            drain_all_end();
-            self.abort();
-            return Err(e);
-        }
+        self.completing.store(true, Ordering::SeqCst);
+        self.catch_up().inspect_err(|_| self.abort())
+    }
+
+    fn finalize(&self) {
         let filter = self.take_filter();
         if let Some(f) = &filter {
             move_backends(f, &self.base);
         }
         self.stop.store(true, Ordering::SeqCst);
         self.detach();
-        drain_all_end();
+        if self.completing.swap(false, Ordering::SeqCst) {
+            drain_all_end();
+        }
         self.stop_thread();
         log::info!(
             "job {}: '{}' committed; the disk is on '{}' now",
@@ -415,7 +421,6 @@ impl JobDriver for Commit {
         );
         // The filter goes, and with it the overlays nobody else holds.
         drop(filter);
-        Ok(())
     }
 
     fn abort(&self) {
@@ -441,8 +446,15 @@ impl JobDriver for Commit {
         }
         self.detach();
         drain_all_end();
+        if self.completing.swap(false, Ordering::SeqCst) {
+            drain_all_end();
+        }
         self.stop_thread();
         drop(filter);
+    }
+
+    fn remaining(&self) -> u64 {
+        self.dirty.dirty_bytes()
     }
 
     fn paused(&self) -> bool {

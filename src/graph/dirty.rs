@@ -70,6 +70,16 @@ impl DirtyMap {
         self.wake.notify_all();
     }
 
+    /// Bytes marked (whole granules: an estimate at the disk's end).
+    pub(super) fn dirty_bytes(&self) -> u64 {
+        let bits: u64 = self
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum();
+        bits << self.gran_bits
+    }
+
     pub(super) fn is_clean(&self) -> bool {
         self.words.iter().all(|w| w.load(Ordering::SeqCst) == 0)
     }
@@ -125,10 +135,15 @@ mod tests {
         assert!(m.is_clean());
         m.mark(65536 * 3, 1);
         m.mark(65536 * 4 + 5, 65536 * 30);
+        m.mark(65536 * 60, 65536 * 8); // across a word boundary
         m.mark(65536 * 159, 1 << 30); // past the end: clipped
+        assert_eq!(m.dirty_bytes(), 65536 * (32 + 8 + 1));
+        // Granules 3..=34: two runs of at most 16.
         assert_eq!(m.take_run(), Some((65536 * 3, 65536 * 16)));
         assert_eq!(m.take_run(), Some((65536 * 19, 65536 * 16)));
-        assert_eq!(m.take_run(), Some((65536 * 35, 65536)));
+        // Runs stop at a word's end.
+        assert_eq!(m.take_run(), Some((65536 * 60, 65536 * 4)));
+        assert_eq!(m.take_run(), Some((65536 * 64, 65536 * 4)));
         assert_eq!(m.take_run(), Some((65536 * 159, 65536)));
         assert_eq!(m.take_run(), None);
         assert!(m.is_clean());

@@ -1,9 +1,10 @@
 //! Background jobs on the graph, with QEMU's job model: ids, the status
 //! state machine (`created` → `running` → `ready` → `waiting` → `pending`
 //! → `concluded` → `null`, or `aborting` on the way out), the verbs
-//! (`complete`, `cancel`, `dismiss`), `query-jobs` / `query-block-jobs`
-//! answers and the events QMP clients wait for (`JOB_STATUS_CHANGE`,
-//! `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`).
+//! (`complete`, `finalize`, `cancel`, `dismiss`), `query-jobs` /
+//! `query-block-jobs` answers and the events QMP clients wait for
+//! (`JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, `BLOCK_JOB_PENDING`,
+//! `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`).
 //!
 //! What a job does is its driver's business (see `commit`). Verbs run on
 //! the control thread under the graph lock; a job's own thread only copies
@@ -46,12 +47,18 @@ impl JobStatus {
 
 /// What a kind of job does when a verb reaches it.
 pub(super) trait JobDriver: Send + Sync {
-    /// `job-complete`: finish now (a commit pivots). Errors are the job's
-    /// failure, reported in its completion event.
-    fn complete(&self) -> Result<(), String>;
+    /// `job-complete`: get ready to finish (a commit catches up, inside a
+    /// drained section it keeps until `finalize` or `abort`). An error is
+    /// the job's failure, reported in its completion event; the job has
+    /// undone its graph changes by then.
+    fn prepare_completion(&self) -> Result<(), String>;
+    /// Make the result part of the graph (a commit pivots).
+    fn finalize(&self);
     /// Undo the job's graph changes and stop its thread (cancel, failure,
     /// shutdown).
     fn abort(&self);
+    /// Bytes known to be left to do.
+    fn remaining(&self) -> u64;
     /// Whether the job is paused by a drained section right now.
     fn paused(&self) -> bool;
     /// Whether the job is copying right now.
@@ -68,10 +75,10 @@ pub struct Job {
     /// QEMU's JobType name (`commit`).
     kind: &'static str,
     state: Mutex<State>,
-    /// Bytes done and bytes to do, as QEMU counts progress.
+    /// Bytes done (QEMU's `offset`; its `len` is this plus what is left).
     offset: AtomicU64,
-    len: AtomicU64,
     speed: u64,
+    auto_finalize: bool,
     auto_dismiss: bool,
     driver: Mutex<Option<Arc<dyn JobDriver>>>,
 }
@@ -101,13 +108,18 @@ fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
     Err(BlockdevError(msg.into()))
 }
 
+/// Whether a job called `id` exists (not yet dismissed).
+pub fn exists(id: &str) -> bool {
+    jobs().iter().any(|j| j.id == id)
+}
+
 /// The job called `id`, if it exists.
 fn find(id: &str) -> Result<Arc<Job>, BlockdevError> {
     jobs()
         .iter()
         .find(|j| j.id == id)
         .cloned()
-        .ok_or_else(|| BlockdevError(format!("Job '{id}' not found")))
+        .ok_or_else(|| BlockdevError("Job not found".into()))
 }
 
 impl Job {
@@ -117,6 +129,7 @@ impl Job {
         id: &str,
         kind: &'static str,
         speed: u64,
+        auto_finalize: bool,
         auto_dismiss: bool,
     ) -> Result<Arc<Job>, BlockdevError> {
         if id.is_empty() || id.starts_with('#') {
@@ -134,8 +147,8 @@ impl Job {
                 error: None,
             }),
             offset: AtomicU64::new(0),
-            len: AtomicU64::new(0),
             speed,
+            auto_finalize,
             auto_dismiss,
             driver: Mutex::new(None),
         });
@@ -186,26 +199,24 @@ impl Job {
         self.announce(to);
     }
 
-    pub(super) fn add_len(&self, n: u64) {
-        self.len.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Caught up: all the work there is has been done.
-    pub(super) fn settle_len(&self) {
-        self.len
-            .store(self.offset.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-
     pub(super) fn add_progress(&self, n: u64) {
         self.offset.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// (done, total) in bytes.
+    fn done_and_total(&self) -> (u64, u64) {
+        let done = self.offset.load(Ordering::Relaxed);
+        let left = self.driver().map_or(0, |d| d.remaining());
+        (done, done.saturating_add(left))
+    }
+
     fn progress(&self) -> Value {
+        let (offset, len) = self.done_and_total();
         json!({
             "type": self.kind,
             "device": self.id,
-            "len": self.len.load(Ordering::Relaxed),
-            "offset": self.offset.load(Ordering::Relaxed),
+            "len": len,
+            "offset": offset,
             "speed": self.speed,
         })
     }
@@ -216,13 +227,11 @@ impl Job {
         emit("BLOCK_JOB_READY", self.progress());
     }
 
-    /// The job ends: success (`error` None), failure or cancellation.
-    /// Emits QEMU's events in QEMU's order and, with auto-dismiss, goes.
+    /// The job ends: success (`error` None, after `pending`), failure or
+    /// cancellation. Emits QEMU's events in QEMU's order and, with
+    /// auto-dismiss, goes.
     pub(super) fn conclude(&self, error: Option<String>, cancelled: bool) {
-        if error.is_none() && !cancelled {
-            self.set_status(JobStatus::Waiting);
-            self.set_status(JobStatus::Pending);
-        } else {
+        if error.is_some() || cancelled {
             self.set_status(JobStatus::Aborting);
         }
         let mut data = self.progress();
@@ -256,7 +265,8 @@ impl Job {
     }
 }
 
-/// `job-complete`: only a job that is `ready`.
+/// `job-complete`: only a job that is `ready`. Without auto-finalize it
+/// stops at `pending` (BLOCK_JOB_PENDING) until `job-finalize`.
 pub fn complete(id: &str) -> Result<(), BlockdevError> {
     let job = find(id)?;
     if job.status() != JobStatus::Ready {
@@ -265,8 +275,30 @@ pub fn complete(id: &str) -> Result<(), BlockdevError> {
     let Some(d) = job.driver() else {
         return Err(job.refuse("complete"));
     };
-    let r = d.complete();
-    job.conclude(r.err(), false);
+    if let Err(e) = d.prepare_completion() {
+        job.conclude(Some(e), false);
+        return Ok(());
+    }
+    job.set_status(JobStatus::Waiting);
+    job.set_status(JobStatus::Pending);
+    if job.auto_finalize {
+        d.finalize();
+        job.conclude(None, false);
+    } else {
+        emit("BLOCK_JOB_PENDING", json!({"type": job.kind, "id": job.id}));
+    }
+    Ok(())
+}
+
+/// `job-finalize`: only a job that is `pending`.
+pub fn finalize(id: &str) -> Result<(), BlockdevError> {
+    let job = find(id)?;
+    let d = match (job.status(), job.driver()) {
+        (JobStatus::Pending, Some(d)) => d,
+        _ => return Err(job.refuse("finalize")),
+    };
+    d.finalize();
+    job.conclude(None, false);
     Ok(())
 }
 
@@ -323,13 +355,14 @@ pub fn query_jobs() -> Value {
         jobs()
             .iter()
             .map(|j| {
+                let (done, total) = j.done_and_total();
                 let st = j.state();
                 let mut v = json!({
                     "id": j.id,
                     "type": j.kind,
                     "status": st.status.name(),
-                    "current-progress": j.offset.load(Ordering::Relaxed),
-                    "total-progress": j.len.load(Ordering::Relaxed),
+                    "current-progress": done,
+                    "total-progress": total,
                 });
                 if let Some(e) = &st.error {
                     v["error"] = json!(e);
@@ -357,7 +390,7 @@ pub fn query_block_jobs() -> Value {
                 v["io-status"] = json!("ok");
                 v["ready"] = json!(status == JobStatus::Ready);
                 v["status"] = json!(status.name());
-                v["auto-finalize"] = json!(true);
+                v["auto-finalize"] = json!(j.auto_finalize);
                 v["auto-dismiss"] = json!(j.auto_dismiss);
                 if let Some(e) = error {
                     v["error"] = json!(e);

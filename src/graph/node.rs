@@ -195,8 +195,7 @@ impl Node {
     /// Switch this node and the storage below it (its `file` children)
     /// between read-only and read-write use, as a snapshot does to the
     /// image it puts an overlay on and a commit to its base. The caller
-    /// holds the node drained; going read-only, it flushes first. On error
-    /// nothing changed.
+    /// holds the node drained. On error nothing changed.
     pub(crate) fn reopen(&self, read_only: bool) -> Result<(), String> {
         let files: Vec<Arc<Node>> = self
             .children()
@@ -236,6 +235,12 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// This node's backing image took writes no flush covered (it was
+    /// the active layer until now): our next flush syncs it first.
+    pub(crate) fn backing_unflushed(&self) {
+        self.driver.backing_unflushed();
     }
 
     /// Whether this layer itself holds the data at `offset`.

@@ -4,16 +4,20 @@
 //! A snapshot puts a qcow2 overlay above a node: the overlay's backing
 //! image is the node, every BlockBackend on the node moves to the overlay,
 //! and the node is reopened read-only. A transaction applies several at
-//! once, all or none: it drains every node (`drain_all`, as QEMU does: a
-//! transaction may name any node, and the nodes it does not name keep
-//! their requests for the few milliseconds it takes), prepares each action,
-//! then commits them all or, if one failed, aborts those prepared, in
-//! reverse. Every phase runs on the calling (control) thread with the
-//! iothreads quiesced; no lock is held across phases that an iothread
-//! could want.
+//! once, all or none. First, with the guest still running, it creates the
+//! new overlay files (the slow, synced part). Then it drains every node
+//! (`drain_all`, as QEMU does: a transaction may name any node, and the
+//! nodes it does not name keep their requests for the milliseconds it
+//! takes), prepares each action (open the overlay over the node), then
+//! commits them all or, if one failed, aborts those prepared, in reverse,
+//! and deletes the files it created. Nothing is synced while the guest
+//! waits: the overlay's next flush syncs the old image first. Every phase runs
+//! on the calling (control) thread with the iothreads quiesced; no lock is
+//! held across phases that an iothread could want.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::blockdev::{check_new_node_name, monitor_adopt, BlockdevError};
 use super::drain::{drain_all_begin, drain_all_end};
@@ -23,7 +27,6 @@ use super::registry::{all_backends, all_nodes, find_node};
 use crate::formats::qcow2::create::{create, CreateOptions, DEFAULT_CLUSTER_SIZE};
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{BlockIo, CacheMode, ImageLock};
-use crate::uring;
 
 /// Where a `blockdev-snapshot-sync` overlay comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,8 +56,6 @@ pub enum Action {
 struct Prepared {
     node: Arc<Node>,
     overlay: Arc<Node>,
-    /// The overlay file this action created (abort deletes it).
-    created: Option<PathBuf>,
     /// The overlay was `blockdev-add`ed: abort only unhooks its backing.
     added: bool,
 }
@@ -66,7 +67,27 @@ fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
 /// Apply `actions` atomically: all of them, or (on the first error, which
 /// is returned) none.
 pub fn transaction(actions: Vec<Action>) -> Result<(), BlockdevError> {
+    // Before the drained section, so the guest does not wait for it: the
+    // new overlay files are created and synced.
+    let mut made: Vec<PathBuf> = Vec::new();
+    for a in &actions {
+        if let Action::SnapshotSync {
+            node,
+            file,
+            mode: OverlayMode::AbsolutePaths,
+            ..
+        } = a
+        {
+            if let Err(e) = create_overlay_file(node, file) {
+                remove_files(&made);
+                return Err(e);
+            }
+            made.push(file.clone());
+        }
+    }
+    let started = Instant::now();
     drain_all_begin();
+    let drained = Instant::now();
     let mut prepared: Vec<Prepared> = Vec::new();
     let mut failure = None;
     for a in actions {
@@ -83,11 +104,31 @@ pub fn transaction(actions: Vec<Action>) -> Result<(), BlockdevError> {
         Some(_) => prepared.into_iter().rev().for_each(abort),
     }
     drain_all_end();
+    log::info!(
+        "transaction: {} in {:?} (waiting for requests in flight {:?}, drained {:?})",
+        if failure.is_some() { "aborted" } else { "done" },
+        started.elapsed(),
+        drained - started,
+        drained.elapsed()
+    );
+    if failure.is_some() {
+        // The overlays that used them are closed by now.
+        remove_files(&made);
+    }
     failure.map_or(Ok(()), Err)
 }
 
+fn remove_files(files: &[PathBuf]) {
+    for f in files {
+        if let Err(e) = std::fs::remove_file(f) {
+            log::error!("snapshot abort: cannot remove {}: {e}", f.display());
+        }
+    }
+}
+
 /// Refuse a node that is not at the top of its tree: parent nodes hold
-/// their children for good (only BlockBackends are moved to the overlay).
+/// their children for good (only BlockBackends are moved to the overlay),
+/// and a commit's filter is the job's.
 pub(super) fn check_top(node: &Arc<Node>) -> Result<(), BlockdevError> {
     for parent in all_nodes() {
         if let Some(c) = parent
@@ -95,12 +136,15 @@ pub(super) fn check_top(node: &Arc<Node>) -> Result<(), BlockdevError> {
             .iter()
             .find(|c| Arc::ptr_eq(&c.node, node))
         {
-            return err(format!(
-                "Node '{}' is the {} child of node '{}'; only a node at the top of a tree can be snapshotted",
-                node.name(),
-                c.role,
-                parent.name()
-            ));
+            // QEMU's words for its op blockers.
+            let why = if parent.driver_name() == super::commit::FILTER_DRIVER {
+                "block device is in use by block job: commit".to_string()
+            } else if c.role == ChildRole::Backing {
+                format!("node is used as backing hd of '{}'", parent.name())
+            } else {
+                format!("node is used as {} of '{}'", c.role, parent.name())
+            };
+            return err(format!("Node '{}' is busy: {why}", node.name()));
         }
     }
     Ok(())
@@ -111,6 +155,12 @@ fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, BlockdevErr
         Action::Abort => return err("Transaction aborted using Abort action"),
         Action::SnapshotSync { node, .. } | Action::Snapshot { node, .. } => node.clone(),
     };
+    if node.driver_name() == super::commit::FILTER_DRIVER {
+        return err(format!(
+            "Node '{}' is busy: block device is in use by block job: commit",
+            node.name()
+        ));
+    }
     // Before check_top: an earlier action's overlay is a parent already.
     if earlier.iter().any(|p| Arc::ptr_eq(&p.node, &node)) {
         return err(format!(
@@ -119,19 +169,13 @@ fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, BlockdevErr
         ));
     }
     check_top(&node)?;
-    // Everything acknowledged so far must be in the image the overlay
-    // will read it from.
-    let n = node.clone();
-    uring::block_on(move || async move { n.flush().await })
-        .and_then(|r| r)
-        .map_err(|e| BlockdevError(format!("Failed to flush node '{}': {e}", node.name())))?;
     match action {
         Action::SnapshotSync {
             node,
             file,
             node_name,
-            mode,
-        } => prepare_sync(node, &file, node_name, mode),
+            ..
+        } => prepare_sync(node, &file, node_name),
         Action::Snapshot { node, overlay } => prepare_with(node, overlay),
         Action::Abort => unreachable!("returned above"),
     }
@@ -149,54 +193,63 @@ fn prepare_sync(
     node: Arc<Node>,
     file: &Path,
     node_name: Option<String>,
-    mode: OverlayMode,
 ) -> Result<Prepared, BlockdevError> {
     let name = match node_name {
+        Some(n) if find_node(&n).is_some() => {
+            return err("New overlay node-name already in use");
+        }
         Some(n) => {
             check_new_node_name(&n)?;
             n
         }
         None => super::registry::auto_node_name(),
     };
-    let mut created = None;
-    if mode == OverlayMode::AbsolutePaths {
-        let Some(backing) = node.image_filename() else {
-            return err(format!(
-                "Node '{}' has no image file an overlay could name as its backing file",
-                node.name()
-            ));
-        };
-        // An absolute name: the overlay may live in another folder.
-        let backing = std::fs::canonicalize(&backing)
-            .map(|p| p.display().to_string())
-            .unwrap_or(backing);
-        let opts = CreateOptions {
-            size: node.size(),
-            cluster_size: DEFAULT_CLUSTER_SIZE,
-            backing: Some((&backing, backing_format(&node))),
-        };
-        create(file, &opts).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => BlockdevError(format!(
-                "Could not create '{}': the file exists (ringblk never overwrites one; mode 'existing' uses it as the overlay)",
-                file.display()
-            )),
-            _ => BlockdevError(format!("Could not create '{}': {e}", file.display())),
-        })?;
-        created = Some(file.to_path_buf());
-    }
-    match open_overlay(&name, file, &node) {
-        Ok(overlay) => Ok(Prepared {
-            node,
-            overlay,
-            created,
-            added: false,
-        }),
-        Err(e) => {
-            if let Some(f) = created {
-                let _ = std::fs::remove_file(f);
-            }
-            Err(e)
-        }
+    let overlay = open_overlay(&name, file, &node)?;
+    Ok(Prepared {
+        node,
+        overlay,
+        added: false,
+    })
+}
+
+/// Create the qcow2 file a snapshot of `node` writes into: the node's size,
+/// the node's image (absolute path) and format as its backing file.
+fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), BlockdevError> {
+    let Some(backing) = node.image_filename() else {
+        return err(format!(
+            "Node '{}' has no image file an overlay could name as its backing file",
+            node.name()
+        ));
+    };
+    // An absolute name: the overlay may live in another folder.
+    let backing = std::fs::canonicalize(&backing)
+        .map(|p| p.display().to_string())
+        .unwrap_or(backing);
+    let opts = CreateOptions {
+        size: node.size(),
+        cluster_size: DEFAULT_CLUSTER_SIZE,
+        backing: Some((&backing, backing_format(node))),
+    };
+    create(file, &opts).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => BlockdevError(format!(
+            "Could not create '{}': the file exists (ringblk never overwrites one; mode 'existing' uses it as the overlay)",
+            file.display()
+        )),
+        _ => BlockdevError(format!(
+            "Could not create '{}': {}",
+            file.display(),
+            os_text(&e)
+        )),
+    })
+}
+
+/// An I/O error as QEMU words it: the system's text, without Rust's
+/// "(os error N)".
+fn os_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 
@@ -280,17 +333,20 @@ fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, Blockde
     Ok(Prepared {
         node,
         overlay,
-        created: None,
         added: true,
     })
 }
 
 fn commit(p: Prepared) {
-    // The node becomes a backing image: nobody writes it any more. It was
-    // flushed in prepare; a failure here leaves it writable, nothing worse.
+    // The node becomes a backing image: nobody writes it any more (a
+    // failure leaves it writable, nothing worse). What the guest wrote to
+    // it since its last flush is synced by the overlay's next flush, so the
+    // guest's next flush covers it as before, without a sync here while
+    // the guest waits.
     if let Err(e) = p.node.reopen(true) {
         log::warn!("snapshot: {e}; it stays writable");
     }
+    p.overlay.backing_unflushed();
     let mut moved = 0;
     for b in all_backends() {
         if b.root().is_some_and(|r| Arc::ptr_eq(&r, &p.node)) {
@@ -323,10 +379,5 @@ fn abort(p: Prepared) {
     drop(p.overlay);
     if find_node(&name).is_some() {
         log::error!("snapshot abort: overlay '{name}' is still open");
-    }
-    if let Some(f) = p.created {
-        if let Err(e) = std::fs::remove_file(&f) {
-            log::error!("snapshot abort: cannot remove {}: {e}", f.display());
-        }
     }
 }

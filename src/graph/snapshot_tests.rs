@@ -162,10 +162,10 @@ fn a_snapshot_moves_writes_to_the_overlay_and_locks_the_image_as_a_backing_file(
         "snap-ov",
     )])
     .unwrap_err();
-    assert!(e.0.contains("Duplicate"), "{e}");
+    assert!(e.0.contains("already in use"), "{e}");
     assert!(!ov2.exists());
     let e = transaction(vec![sync(&old, &ov2, OverlayMode::AbsolutePaths, "x")]).unwrap_err();
-    assert!(e.0.contains("backing child"), "only the top: {e}");
+    assert!(e.0.contains("used as backing hd"), "only the top: {e}");
     drop(b);
     drop(top);
     drop(old);
@@ -204,6 +204,7 @@ fn a_commit_pivots_onto_the_base_with_everything_written() {
         job_id: "unit-c0".into(),
         top: b.root().unwrap(),
         base: None,
+        auto_finalize: true,
         auto_dismiss: false,
     })
     .unwrap();
@@ -267,6 +268,7 @@ fn a_commit_reopens_a_base_opened_read_only_for_writing() {
         job_id: "unit-c1".into(),
         top: b.root().unwrap(),
         base: None,
+        auto_finalize: true,
         auto_dismiss: true,
     })
     .unwrap();

@@ -1,10 +1,11 @@
 //! `block-commit` and the job commands (`query-jobs`, `job-complete`,
-//! `job-cancel`, `job-dismiss` and their `block-job-*` forms).
+//! `job-finalize`, `job-cancel`, `job-dismiss` and their `block-job-*`
+//! forms).
 
 use serde_json::json;
 
 use crate::control::args::Args;
-use crate::control::qmp::{CmdResult, QmpError};
+use crate::control::qmp::{CmdResult, ErrorClass, QmpError};
 use crate::control::server::Daemon;
 use crate::graph::{find_node, job, start_commit, BlockdevError, CommitOptions};
 
@@ -31,11 +32,6 @@ pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
             "ringblk does not limit a job's speed; leave out 'speed' or give 0",
         ));
     }
-    if !auto_finalize {
-        return Err(QmpError::generic(
-            "ringblk finalizes jobs itself; 'auto-finalize' must be true",
-        ));
-    }
     if base_file.is_some() || top_file.is_some() || backing_file.is_some() {
         return Err(QmpError::generic(
             "Name nodes with 'base-node' and 'top-node'; 'base', 'top' and 'backing-file' are not supported",
@@ -43,11 +39,8 @@ pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
     }
     let top = match daemon.export(&device).and_then(|e| e.state.backend.root()) {
         Some(root) => root,
-        None => find_node(&device).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='{device}' nor node-name='{device}'"
-            ))
-        })?,
+        None => find_node(&device)
+            .ok_or_else(|| QmpError::not_found(format!("Device '{device}' not found")))?,
     };
     if let Some(t) = top_node {
         if t != top.name() {
@@ -67,32 +60,44 @@ pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
         job_id: job_id.unwrap_or_else(|| device.clone()),
         top,
         base,
+        auto_finalize,
         auto_dismiss,
     }))
 }
 
-/// `job-complete`, `job-cancel`, `job-dismiss`: `{"id"}`.
-pub fn verb(name: &str, mut a: Args) -> CmdResult {
-    let id = a.str("id")?;
-    a.finish()?;
-    reply(match name {
-        "job-complete" => job::complete(&id),
-        "job-cancel" => job::cancel(&id),
-        _ => job::dismiss(&id),
+fn run_verb(verb: &str, id: &str) -> CmdResult {
+    reply(match verb {
+        "complete" => job::complete(id),
+        "finalize" => job::finalize(id),
+        "cancel" => job::cancel(id),
+        _ => job::dismiss(id),
     })
 }
 
-/// `block-job-complete`, `block-job-cancel`, `block-job-dismiss`:
-/// `{"device"}`, which names the job.
+/// `job-complete`, `job-finalize`, `job-cancel`, `job-dismiss`: `{"id"}`.
+pub fn verb(name: &str, mut a: Args) -> CmdResult {
+    let id = a.str("id")?;
+    a.finish()?;
+    run_verb(name.trim_start_matches("job-"), &id)
+}
+
+/// `block-job-complete`, `block-job-cancel` (`{"device"}`, which names
+/// the job), `block-job-finalize`, `block-job-dismiss` (`{"id"}`).
 pub fn block_job_verb(name: &str, mut a: Args) -> CmdResult {
-    let id = a.str("device")?;
-    if name == "block-job-cancel" {
+    let verb = name.trim_start_matches("block-job-");
+    let id = match verb {
+        "complete" | "cancel" => a.str("device")?,
+        _ => a.str("id")?,
+    };
+    if verb == "cancel" {
         a.opt_bool("force")?;
     }
     a.finish()?;
-    reply(match name {
-        "block-job-complete" => job::complete(&id),
-        "block-job-cancel" => job::cancel(&id),
-        _ => job::dismiss(&id),
-    })
+    if !job::exists(&id) {
+        return Err(QmpError {
+            class: ErrorClass::DeviceNotActive,
+            desc: format!("Block job '{id}' not found"),
+        });
+    }
+    run_verb(verb, &id)
 }

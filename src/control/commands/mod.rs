@@ -42,9 +42,11 @@ pub const COMMANDS: &[&str] = &[
     "query-jobs",
     "query-block-jobs",
     "job-complete",
+    "job-finalize",
     "job-cancel",
     "job-dismiss",
     "block-job-complete",
+    "block-job-finalize",
     "block-job-cancel",
     "block-job-dismiss",
     "quit",
@@ -89,8 +91,8 @@ pub fn execute(
         "block-commit" => job::block_commit(daemon, args),
         "query-jobs" => no_args(args).map(|_| crate::graph::job::query_jobs()),
         "query-block-jobs" => no_args(args).map(|_| crate::graph::job::query_block_jobs()),
-        "job-complete" | "job-cancel" | "job-dismiss" => job::verb(name, args),
-        "block-job-complete" | "block-job-cancel" | "block-job-dismiss" => {
+        "job-complete" | "job-finalize" | "job-cancel" | "job-dismiss" => job::verb(name, args),
+        "block-job-complete" | "block-job-finalize" | "block-job-cancel" | "block-job-dismiss" => {
             job::block_job_verb(name, args)
         }
         // The caller starts the shutdown once the reply is out.

@@ -11,25 +11,25 @@ use crate::control::qmp::{CmdResult, QmpError};
 use crate::control::server::Daemon;
 use crate::graph::{find_node, transaction, Action, Node, OverlayMode};
 
-/// A node by QEMU's `device` (here: an export id, whose root node it
-/// means, or else a node name) or `node-name`.
+/// A node by QEMU's `device` (a BlockBackend's name: here an export id,
+/// meaning its root node) or `node-name`.
 fn lookup(
     daemon: &Daemon,
     device: Option<String>,
     node_name: Option<String>,
 ) -> Result<Arc<Node>, QmpError> {
-    if let Some(d) = &device {
-        if let Some(root) = daemon.export(d).and_then(|e| e.state.backend.root()) {
-            return Ok(root);
-        }
+    if let Some(root) = device
+        .as_deref()
+        .and_then(|d| daemon.export(d))
+        .and_then(|e| e.state.backend.root())
+    {
+        return Ok(root);
     }
-    let name = node_name
-        .or(device.clone())
-        .ok_or_else(|| QmpError::generic("Parameter 'device' or 'node-name' is missing"))?;
-    find_node(&name).ok_or_else(|| {
+    node_name.as_deref().and_then(find_node).ok_or_else(|| {
         QmpError::generic(format!(
-            "Cannot find device='{}' nor node-name='{name}'",
-            device.unwrap_or_default()
+            "Cannot find device='{}' nor node-name='{}'",
+            device.unwrap_or_default(),
+            node_name.as_deref().unwrap_or_default()
         ))
     })
 }
@@ -69,8 +69,9 @@ fn snapshot(mut a: Args) -> Result<Action, QmpError> {
     let overlay = a.str("overlay")?;
     a.finish()?;
     let find = |n: &str| {
-        find_node(n)
-            .ok_or_else(|| QmpError::generic(format!("Cannot find device='' nor node-name='{n}'")))
+        find_node(n).ok_or_else(|| {
+            QmpError::generic(format!("Cannot find device='{n}' nor node-name='{n}'"))
+        })
     };
     Ok(Action::Snapshot {
         node: find(&node)?,

@@ -82,6 +82,10 @@ pub struct Qcow2Driver {
     /// paths that reach the backing image, never on allocated clusters.
     backing: RwLock<Option<ChildRef>>,
     read_only: AtomicBool,
+    /// The backing image took writes that were never flushed (it was the
+    /// active layer until a snapshot put us above it): our next flush
+    /// flushes it first, so a guest's flush covers them.
+    backing_unflushed: AtomicBool,
     /// Refcount cache size, for loading refcounts on a read-write reopen.
     refcount_cache_tables: usize,
     header: Header,
@@ -151,6 +155,7 @@ impl Qcow2Driver {
             file,
             backing: RwLock::new(backing),
             read_only: AtomicBool::new(read_only),
+            backing_unflushed: AtomicBool::new(false),
             refcount_cache_tables: tables(opts.refcount_cache_bytes),
             header: h,
             meta: AsyncMutex::new(meta),
@@ -451,10 +456,17 @@ impl Qcow2Driver {
     }
 
     async fn do_flush(&self) -> io::Result<()> {
-        if self.is_ro() {
-            return Ok(());
+        if self.backing_unflushed.swap(false, Ordering::AcqRel) {
+            if let Some(b) = self.backing() {
+                if let Err(e) = b.flush().await {
+                    self.backing_unflushed.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
         }
-        self.meta.lock().await.flush(&self.file).await?;
+        if !self.is_ro() {
+            self.meta.lock().await.flush(&self.file).await?;
+        }
         self.file.flush().await
     }
 
@@ -520,7 +532,11 @@ impl BlockDriver for Qcow2Driver {
             return Ok(());
         }
         if read_only {
-            // The caller flushed: the caches hold nothing dirty.
+            // Dirty tables go to the file now (no sync: that is the next
+            // flush's job); a read-only image never writes them.
+            crate::uring::block_on(|| async { self.meta.lock().await.flush(&self.file).await })
+                .and_then(|r| r)
+                .map_err(|e| format!("{}: writing back metadata: {e}", self.name))?;
             self.read_only.store(true, Ordering::Release);
             return Ok(());
         }
@@ -538,6 +554,9 @@ impl BlockDriver for Qcow2Driver {
         .map_err(|e| format!("{}: reading refcounts: {e}", self.name))?;
         self.read_only.store(false, Ordering::Release);
         Ok(())
+    }
+    fn backing_unflushed(&self) {
+        self.backing_unflushed.store(true, Ordering::Release);
     }
     fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), String> {
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
