@@ -26,7 +26,9 @@ fn a_guest_verifies_its_disk_through_a_live_snapshot_and_commit_on_ringblk() {
     a_guest_verifies_its_disk_through_a_live_snapshot_and_commit(Impl::Ringblk)
 }
 
+/// The reference run, on demand (`-- --ignored`): see tests/snapshot.rs.
 #[test]
+#[ignore = "reference run against qemu-storage-daemon; can hang in QEMU 7.2"]
 fn a_guest_verifies_its_disk_through_a_live_snapshot_and_commit_on_qemu_storage_daemon() {
     a_guest_verifies_its_disk_through_a_live_snapshot_and_commit(Impl::Qsd)
 }

@@ -36,14 +36,23 @@ fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
-/// Every test, once against each daemon.
+/// Every test, once against each daemon. The qemu-storage-daemon runs
+/// show that what the tests expect is QEMU's behaviour; they are not run
+/// by default (`cargo test --test snapshot -- --ignored` runs them):
+/// qemu-storage-daemon 7.2 sometimes stops completing a disk's writes
+/// after a transaction across iothreads (seen here: a writer got no
+/// completion for 30 s), which would make every run a coin toss.
 macro_rules! against_both {
     ($($name:ident),* $(,)?) => {
         mod ringblk {
             $(#[test] fn $name() { super::$name(super::Impl::Ringblk) })*
         }
         mod qemu_storage_daemon {
-            $(#[test] fn $name() { super::$name(super::Impl::Qsd) })*
+            $(
+                #[test]
+                #[ignore = "reference run against qemu-storage-daemon; can hang in QEMU 7.2"]
+                fn $name() { super::$name(super::Impl::Qsd) }
+            )*
         }
     };
 }
