@@ -65,6 +65,7 @@ against_both!(
     a_daemon_killed_during_a_commit_loses_no_flushed_write,
     a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon,
     cancelling_a_ready_commit_leaves_the_export_on_its_overlay,
+    a_daemon_stopped_during_a_commit_cancels_it_and_leaves_a_clean_chain,
     a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss,
     snapshot_and_commit_errors_are_qemus_and_change_nothing,
     a_transaction_mixes_new_and_added_overlays_on_two_busy_exports,
@@ -1057,6 +1058,57 @@ fn cancelling_a_ready_commit_leaves_the_export_on_its_overlay(which: Impl) {
     write_reference(&reference, &model);
     assert_same(&dir.path("s1.qcow2"), "qcow2", &reference, "the overlay");
     common::qemu_img::assert_clean(&dir.path("s1.qcow2"));
+}
+
+fn a_daemon_stopped_during_a_commit_cancels_it_and_leaves_a_clean_chain(which: Impl) {
+    let dir = TestDir::new("snap-stop");
+    let (st, mut q, w) = busy_overlay(which, &dir, 9);
+    q.ok("block-commit", json!({"job-id": "c0", "device": "s1"}));
+    q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_READY");
+    w.wait_for_more(1024);
+    let (model, _) = w.finish();
+    drop(q);
+    // SIGTERM with the job running: it is cancelled, then the disks close.
+    assert!(st.stop().success(), "the daemon exited with an error");
+    let top = dir.path("s1.qcow2");
+    common::qemu_img::assert_clean(&top);
+    assert_eq!(chain(&top), [s(&top), s(&dir.path("a.raw"))]);
+    let reference = dir.path("a.ref");
+    write_reference(&reference, &model);
+    assert_same(&top, "qcow2", &reference, "the overlay chain");
+}
+
+/// A drained section on a commit's base pauses the job (ringblk's
+/// block-drained-begin; QEMU has no such command).
+#[test]
+fn a_drained_section_pauses_a_commit_job() {
+    let dir = TestDir::new("snap-pause");
+    let (st, mut q, w) = busy_overlay(Impl::Ringblk, &dir, 10);
+    q.ok("block-commit", json!({"job-id": "c0", "device": "s1"}));
+    q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_READY");
+    let paused = |q: &mut Qmp| q.ok("query-block-jobs", json!({}))[0]["paused"].clone();
+    assert_eq!(paused(&mut q), json!(false));
+    q.ok("block-drained-begin", json!({"node-name": "a"}));
+    assert_eq!(paused(&mut q), json!(true), "paused inside the section");
+    let busy = q.ok("query-block-jobs", json!({}))[0]["busy"].clone();
+    assert_eq!(busy, json!(false), "and not copying");
+    q.ok("block-drained-end", json!({"node-name": "a"}));
+    assert_eq!(paused(&mut q), json!(false));
+    w.wait_for_more(1024);
+    q.ok("job-complete", json!({"id": "c0"}));
+    let (done, _) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let (model, _) = w.finish();
+    drop(q);
+    assert!(st.stop().success(), "the daemon exited with an error");
+    let reference = dir.path("a.ref");
+    write_reference(&reference, &model);
+    assert_same(
+        &dir.path("a.raw"),
+        "raw",
+        &reference,
+        "the base after commit",
+    );
 }
 
 fn a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss(which: Impl) {
