@@ -24,6 +24,8 @@ half=$((size / 2))
       exit 1
     fi
     grep -E "WRITE:|READ:" /tmp/fio.out || true
+    # The longest request of the pass: the pause a switch cost the guest.
+    grep -E "^ +lat \(" /tmp/fio.out | sed "s/^ */pass $i /" || true
     echo "RB-ITER-$i-DONE"
   done
 ) &
