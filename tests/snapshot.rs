@@ -172,6 +172,13 @@ fn assert_same(top: &Path, top_fmt: &str, reference: &Path, what: &str) {
 
 /// `qemu-img info --backing-chain` of `top`: the chain's filenames, top
 /// first.
+/// `v` deserializes into QEMU's type for it.
+fn schema<T: serde::de::DeserializeOwned>(what: &str, v: &Value) {
+    if let Err(e) = serde_json::from_value::<T>(v.clone()) {
+        panic!("{what} does not match QEMU's schema: {e}\n{v:#}");
+    }
+}
+
 fn chain(top: &Path) -> Vec<String> {
     let out = qemu_img(&["info", "--backing-chain", "--output=json", &s(top)]);
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -736,6 +743,7 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
         ready["data"]["len"], ready["data"]["offset"],
         "BLOCK_JOB_READY: len and offset differ (QEMU: equal, the job caught up)"
     );
+    schema::<qapi_qmp::BLOCK_JOB_READY>("BLOCK_JOB_READY", &ready["data"]);
     events.push(ready);
     let jobs = q.ok("query-jobs", json!({}));
     eprintln!("{which:?}: query-jobs while ready: {jobs}");
@@ -746,6 +754,9 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     eprintln!("{which:?}: query-block-jobs while ready: {bjobs}");
     assert_eq!(bjobs[0]["device"], "c0");
     assert_eq!(bjobs[0]["ready"], true);
+    // QEMU's own types, from its QAPI schema (the qapi-qmp crate).
+    schema::<Vec<qapi_qmp::JobInfo>>("query-jobs", &jobs);
+    schema::<Vec<qapi_qmp::BlockJobInfo>>("query-block-jobs", &bjobs);
     // Writes go on while the job mirrors them.
     w.wait_for_more(1024);
     q.ok("job-complete", json!({"id": "c0"}));
@@ -753,6 +764,10 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     events.extend(before);
     eprintln!("{which:?}: {done}");
     assert!(done["data"].get("error").is_none(), "commit failed: {done}");
+    schema::<qapi_qmp::BLOCK_JOB_COMPLETED>("BLOCK_JOB_COMPLETED", &done["data"]);
+    for e in events.iter().filter(|e| e["event"] == "JOB_STATUS_CHANGE") {
+        schema::<qapi_qmp::JOB_STATUS_CHANGE>("JOB_STATUS_CHANGE", &e["data"]);
+    }
     assert_eq!(done["data"]["device"], "c0");
     assert_eq!(done["data"]["type"], "commit");
     assert_eq!(
