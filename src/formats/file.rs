@@ -203,7 +203,9 @@ impl FileDriver {
         };
         let mut file = self.locked_file();
         let mut lock = self.held_lock();
-        let new_lock = lock.map(|old| ImageLock::for_open(read_only, old.shared == Perms::ALL));
+        // Force-share (`-U`) is for read-only use: writing shares normally.
+        let new_lock =
+            lock.map(|old| ImageLock::for_open(read_only, read_only && old.shared == Perms::ALL));
         let writable_fd = {
             // SAFETY: fcntl on a valid fd we own.
             let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };

@@ -305,6 +305,22 @@ impl BlockBackend {
     }
 }
 
+/// Point every BlockBackend on `from` at `to` (in the caller's drained
+/// section: a snapshot's overlay, a commit's filter or base); returns how
+/// many moved.
+pub(super) fn move_backends(from: &Arc<Node>, to: &Arc<Node>) -> usize {
+    let mut moved = 0;
+    for b in super::registry::all_backends() {
+        if b.root().is_some_and(|r| Arc::ptr_eq(&r, from)) {
+            match b.replace_root(to.clone()) {
+                Ok(_) => moved += 1,
+                Err(e) => log::error!("moving {} to node '{}': {e}", b.name(), to.name()),
+            }
+        }
+    }
+    moved
+}
+
 /// The BlockBackend is its root node's parent.
 impl Parent for BlockBackend {
     fn drained_begin(&self) {

@@ -26,15 +26,15 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::backend::BlockBackend;
-use super::blockdev::BlockdevError;
+use super::backend::move_backends;
+use super::blockdev::{check_new_node_name, BlockdevError};
 use super::dirty::DirtyMap;
 use super::drain::{drain_all_begin, drain_all_end};
 use super::in_flight::{InFlight, InFlightCounter};
 use super::job::{Job, JobDriver, JobStatus};
 use super::node::{Child, ChildRole, Node};
 use super::parent::Parent;
-use super::registry::{all_backends, auto_node_name};
+use super::registry::auto_node_name;
 use super::snapshot::check_top;
 use crate::formats::{failed, BlockDriver, BlockIo, IoFuture};
 use crate::uring::{self, AlignedBuf, IoThread, IoVec};
@@ -53,6 +53,8 @@ pub struct CommitOptions {
     pub top: Arc<Node>,
     /// Where the data goes; None: the bottom of the chain (QEMU's default).
     pub base: Option<Arc<Node>>,
+    /// The filter node's name (default: `#blockNNN`).
+    pub filter_node_name: Option<String>,
     /// False: `job-complete` stops at `pending` until `job-finalize`.
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
@@ -165,9 +167,12 @@ pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
         }
         None => bottom,
     };
-    let job = Job::register(&o.job_id, "commit", 0, o.auto_finalize, o.auto_dismiss)?;
+    if let Some(n) = &o.filter_node_name {
+        check_new_node_name(n)?;
+    }
+    let job = Job::register(&o.job_id, "commit", o.auto_finalize, o.auto_dismiss)?;
     drain_all_begin();
-    let started = install(&job, &top, &base);
+    let started = install(&job, &top, &base, o.filter_node_name);
     drain_all_end();
     let commit = match started {
         Ok(c) => c,
@@ -206,13 +211,14 @@ fn install(
     job: &Arc<Job>,
     top: &Arc<Node>,
     base: &Arc<Node>,
+    filter_name: Option<String>,
 ) -> Result<Arc<Commit>, BlockdevError> {
     let base_was_read_only = base.is_read_only();
     base.reopen(false)
         .map_err(|e| BlockdevError(format!("Cannot commit into '{}': {e}", base.name())))?;
     let dirty = Arc::new(DirtyMap::new(top.size(), GRANULE_BITS));
     let filter = Node::new(
-        &auto_node_name(),
+        &filter_name.unwrap_or_else(auto_node_name),
         Box::new(CommitTop {
             top: top.clone(),
             dirty: dirty.clone(),
@@ -243,16 +249,6 @@ fn install(
     }
     move_backends(top, &filter);
     Ok(commit)
-}
-
-/// Point every BlockBackend on `from` at `to` (in a drained section).
-fn move_backends(from: &Arc<Node>, to: &Arc<Node>) {
-    let on_from = |b: &Arc<BlockBackend>| b.root().is_some_and(|r| Arc::ptr_eq(&r, from));
-    for b in all_backends().iter().filter(|b| on_from(b)) {
-        if let Err(e) = b.replace_root(to.clone()) {
-            log::error!("commit: {e}");
-        }
-    }
 }
 
 impl Commit {

@@ -77,7 +77,6 @@ pub struct Job {
     state: Mutex<State>,
     /// Bytes done (QEMU's `offset`; its `len` is this plus what is left).
     offset: AtomicU64,
-    speed: u64,
     auto_finalize: bool,
     auto_dismiss: bool,
     driver: Mutex<Option<Arc<dyn JobDriver>>>,
@@ -128,7 +127,6 @@ impl Job {
     pub(super) fn register(
         id: &str,
         kind: &'static str,
-        speed: u64,
         auto_finalize: bool,
         auto_dismiss: bool,
     ) -> Result<Arc<Job>, BlockdevError> {
@@ -147,7 +145,6 @@ impl Job {
                 error: None,
             }),
             offset: AtomicU64::new(0),
-            speed,
             auto_finalize,
             auto_dismiss,
             driver: Mutex::new(None),
@@ -217,7 +214,8 @@ impl Job {
             "device": self.id,
             "len": len,
             "offset": offset,
-            "speed": self.speed,
+            // Jobs run unthrottled (block-commit refuses a speed).
+            "speed": 0,
         })
     }
 

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::backend::move_backends;
 use super::blockdev::{check_new_node_name, monitor_adopt, BlockdevError};
 use super::drain::{drain_all_begin, drain_all_end};
 use super::node::{ChildRole, Node};
@@ -347,15 +348,7 @@ fn commit(p: Prepared) {
         log::warn!("snapshot: {e}; it stays writable");
     }
     p.overlay.backing_unflushed();
-    let mut moved = 0;
-    for b in all_backends() {
-        if b.root().is_some_and(|r| Arc::ptr_eq(&r, &p.node)) {
-            match b.replace_root(p.overlay.clone()) {
-                Ok(_) => moved += 1,
-                Err(e) => log::error!("snapshot: {e}"),
-            }
-        }
-    }
+    let moved = move_backends(&p.node, &p.overlay);
     // With no BlockBackend on it, nothing would hold the new overlay: the
     // monitor does, as QEMU's user would expect to find it.
     if moved == 0 && !p.added {

@@ -204,6 +204,7 @@ fn a_commit_pivots_onto_the_base_with_everything_written() {
         job_id: "unit-c0".into(),
         top: b.root().unwrap(),
         base: None,
+        filter_node_name: None,
         auto_finalize: true,
         auto_dismiss: false,
     })
@@ -268,6 +269,7 @@ fn a_commit_reopens_a_base_opened_read_only_for_writing() {
         job_id: "unit-c1".into(),
         top: b.root().unwrap(),
         base: None,
+        filter_node_name: None,
         auto_finalize: true,
         auto_dismiss: true,
     })

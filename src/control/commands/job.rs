@@ -24,9 +24,14 @@ pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
     let auto_finalize = a.opt_bool("auto-finalize")?.unwrap_or(true);
     let auto_dismiss = a.opt_bool("auto-dismiss")?.unwrap_or(true);
     let backing_file = a.opt_str("backing-file")?;
-    a.opt_str("filter-node-name")?;
-    a.opt_str("on-error")?;
+    let filter_node_name = a.opt_str("filter-node-name")?;
+    let on_error = a.opt_str("on-error")?;
     a.finish()?;
+    if on_error.as_deref().is_some_and(|e| e != "report") {
+        return Err(QmpError::generic(
+            "ringblk's jobs end with an error on an I/O error: 'on-error' can only be 'report'",
+        ));
+    }
     if speed.is_some_and(|s| s != json!(0)) {
         return Err(QmpError::generic(
             "ringblk does not limit a job's speed; leave out 'speed' or give 0",
@@ -60,6 +65,7 @@ pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
         job_id: job_id.unwrap_or_else(|| device.clone()),
         top,
         base,
+        filter_node_name,
         auto_finalize,
         auto_dismiss,
     }))
