@@ -63,6 +63,7 @@ against_both!(
     blockdev_snapshot_puts_an_added_overlay_above_a_busy_export,
     an_active_commit_under_writes_pivots_the_export_back_onto_its_base,
     a_daemon_killed_during_a_commit_loses_no_flushed_write,
+    a_daemon_killed_while_a_commit_copies_loses_no_flushed_write,
     a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon,
     cancelling_a_ready_commit_leaves_the_export_on_its_overlay,
     a_daemon_stopped_during_a_commit_cancels_it_and_leaves_a_clean_chain,
@@ -873,7 +874,21 @@ fn round_writer(
 }
 
 fn a_daemon_killed_during_a_commit_loses_no_flushed_write(which: Impl) {
-    let dir = TestDir::new("snap-kill");
+    killed_during_a_commit(which, false);
+}
+
+/// The same, killed right after block-commit returns: the job is still
+/// copying into the base (allocating its clusters).
+fn a_daemon_killed_while_a_commit_copies_loses_no_flushed_write(which: Impl) {
+    killed_during_a_commit(which, true);
+}
+
+fn killed_during_a_commit(which: Impl, at_once: bool) {
+    let dir = TestDir::new(if at_once {
+        "snap-kill-now"
+    } else {
+        "snap-kill"
+    });
     let base = dir.path("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &s(&base), "64M"]);
     let sock = dir.path("a.sock");
@@ -907,12 +922,20 @@ fn a_daemon_killed_during_a_commit_loses_no_flushed_write(which: Impl) {
     // The job runs (copying, or READY and mirroring) while rounds go on;
     // the daemon dies before job-complete.
     q.ok("block-commit", json!({"job-id": "c0", "device": "s1"}));
-    let at_commit = durable.load(Ordering::SeqCst);
-    wait_until(
-        Duration::from_secs(60),
-        "a round flushed during the commit",
-        || durable.load(Ordering::SeqCst) > at_commit,
-    );
+    if at_once {
+        // As soon as the job has copied something.
+        let deadline = Instant::now() + JOB_LIMIT;
+        while q.ok("query-jobs", json!({}))[0]["current-progress"] == 0 {
+            assert!(Instant::now() < deadline, "the job copied nothing");
+        }
+    } else {
+        let at_commit = durable.load(Ordering::SeqCst);
+        wait_until(
+            Duration::from_secs(60),
+            "a round flushed during the commit",
+            || durable.load(Ordering::SeqCst) > at_commit,
+        );
+    }
     let jobs = q.ok("query-jobs", json!({}));
     eprintln!("{which:?}: killed with {jobs}");
     assert_eq!(jobs[0]["id"], "c0", "the job is gone before the kill");
