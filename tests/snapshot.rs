@@ -173,6 +173,20 @@ fn assert_same(top: &Path, top_fmt: &str, reference: &Path, what: &str) {
 
 /// `qemu-img info --backing-chain` of `top`: the chain's filenames, top
 /// first.
+/// The image (chain) at `img` reads exactly as `model`, what the writer
+/// wrote (compared through a reference raw file in `dir`).
+fn holds(dir: &TestDir, img: &Path, fmt: &str, model: &[u8], what: &str) {
+    let reference = dir.path("a.ref");
+    write_reference(&reference, model);
+    assert_same(img, fmt, &reference, what);
+}
+
+/// Stop the daemon (its QMP connection closed first); it must exit cleanly.
+fn stop_cleanly(st: Storage, q: Qmp) {
+    drop(q);
+    assert!(st.stop().success(), "the daemon exited with an error");
+}
+
 /// `v` deserializes into QEMU's type for it.
 fn schema<T: serde::de::DeserializeOwned>(what: &str, v: &Value) {
     if let Err(e) = serde_json::from_value::<T>(v.clone()) {
@@ -429,8 +443,7 @@ fn a_transaction_snapshots_two_busy_exports_on_two_iothreads_twenty_times(which:
             l.split("transaction: ").last().unwrap_or(l)
         );
     }
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
+    stop_cleanly(st, q);
     for (n, model) in [("a", ma), ("b", mb)] {
         let reference = dir.path(&format!("{n}.ref"));
         write_reference(&reference, &model);
@@ -684,9 +697,7 @@ fn blockdev_snapshot_puts_an_added_overlay_above_a_busy_export(which: Impl) {
     assert_eq!(node["backing_file_depth"], 1, "ov's backing: {node}");
     drop((c, q));
     assert!(st.stop().success(), "the daemon exited with an error");
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(&ov, "qcow2", &reference, "the overlay");
+    holds(&dir, &ov, "qcow2", &model, "the overlay");
     common::qemu_img::assert_clean(&ov);
     // The even blocks' round-2 data is in the overlay only.
     let base = std::fs::read(dir.path("a.raw")).unwrap();
@@ -799,14 +810,12 @@ fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Imp
     w.wait_for_more(1024);
     let (model, lat) = w.finish();
     eprintln!("{which:?}: longest write during snapshot + commit: {lat:?}");
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(
+    stop_cleanly(st, q);
+    holds(
+        &dir,
         &dir.path("a.raw"),
         "raw",
-        &reference,
+        &model,
         "the base after commit",
     );
 }
@@ -1008,12 +1017,9 @@ fn a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon(which: Impl) {
     }
     w.wait_for_more(2048);
     let (model, _) = w.finish();
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
+    stop_cleanly(st, q);
     let top = files.last().unwrap().clone();
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(&top, "qcow2", &reference, "qemu-img");
+    holds(&dir, &top, "qcow2", &model, "qemu-img");
     let mut want: Vec<String> = files.iter().map(|f| s(f)).collect();
     want.reverse();
     assert_eq!(chain(&top), want);
@@ -1092,11 +1098,8 @@ fn cancelling_a_ready_commit_leaves_the_export_on_its_overlay(which: Impl) {
     assert_eq!(node_names(&mut q), ["a", "s1"]);
     w.wait_for_more(1024);
     let (model, _) = w.finish();
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(&dir.path("s1.qcow2"), "qcow2", &reference, "the overlay");
+    stop_cleanly(st, q);
+    holds(&dir, &dir.path("s1.qcow2"), "qcow2", &model, "the overlay");
     common::qemu_img::assert_clean(&dir.path("s1.qcow2"));
 }
 
@@ -1113,9 +1116,7 @@ fn a_daemon_stopped_during_a_commit_cancels_it_and_leaves_a_clean_chain(which: I
     let top = dir.path("s1.qcow2");
     common::qemu_img::assert_clean(&top);
     assert_eq!(chain(&top), [s(&top), s(&dir.path("a.raw"))]);
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(&top, "qcow2", &reference, "the overlay chain");
+    holds(&dir, &top, "qcow2", &model, "the overlay chain");
 }
 
 /// A drained section on a commit's base pauses the job (ringblk's
@@ -1139,14 +1140,12 @@ fn a_drained_section_pauses_a_commit_job() {
     let (done, _) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     let (model, _) = w.finish();
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(
+    stop_cleanly(st, q);
+    holds(
+        &dir,
         &dir.path("a.raw"),
         "raw",
-        &reference,
+        &model,
         "the base after commit",
     );
 }
@@ -1194,14 +1193,12 @@ fn a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss
     assert_eq!(node_names(&mut q), ["a"], "the committed overlay stayed");
     w.wait_for_more(1024);
     let (model, _) = w.finish();
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
-    let reference = dir.path("a.ref");
-    write_reference(&reference, &model);
-    assert_same(
+    stop_cleanly(st, q);
+    holds(
+        &dir,
         &dir.path("a.raw"),
         "raw",
-        &reference,
+        &model,
         "the base after commit",
     );
 }
@@ -1309,8 +1306,7 @@ fn snapshot_and_commit_errors_are_qemus_and_change_nothing(which: Impl) {
         "errors not in QEMU's words:\n{}",
         wrong.join("\n")
     );
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
+    stop_cleanly(st, q);
 }
 
 // ---------------------------------------------------------------------
@@ -1383,8 +1379,7 @@ fn a_transaction_mixes_new_and_added_overlays_on_two_busy_exports(which: Impl) {
     wb.wait_for_more(1024);
     let (ma, _) = wa.finish();
     let (mb, _) = wb.finish();
-    drop(q);
-    assert!(st.stop().success(), "the daemon exited with an error");
+    stop_cleanly(st, q);
     for (top, model, n) in [(&a1, ma, "a"), (&ovb, mb, "b")] {
         let reference = dir.path(&format!("{n}.ref"));
         write_reference(&reference, &model);
