@@ -181,6 +181,20 @@ fn holds(dir: &TestDir, img: &Path, fmt: &str, model: &[u8], what: &str) {
     assert_same(img, fmt, &reference, what);
 }
 
+/// The writer stops, the daemon stops cleanly, and the base `a.raw` holds
+/// everything written (after a commit).
+fn the_base_holds_everything_written(dir: &TestDir, st: Storage, q: Qmp, w: Writer) {
+    let (model, _) = w.finish();
+    stop_cleanly(st, q);
+    holds(
+        dir,
+        &dir.path("a.raw"),
+        "raw",
+        &model,
+        "the base after commit",
+    );
+}
+
 /// Stop the daemon (its QMP connection closed first); it must exit cleanly.
 fn stop_cleanly(st: Storage, q: Qmp) {
     drop(q);
@@ -1139,15 +1153,7 @@ fn a_drained_section_pauses_a_commit_job() {
     q.ok("job-complete", json!({"id": "c0"}));
     let (done, _) = q.event_where(JOB_LIMIT, |e| e["event"] == "BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
-    let (model, _) = w.finish();
-    stop_cleanly(st, q);
-    holds(
-        &dir,
-        &dir.path("a.raw"),
-        "raw",
-        &model,
-        "the base after commit",
-    );
+    the_base_holds_everything_written(&dir, st, q, w);
 }
 
 fn a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss(which: Impl) {
@@ -1192,15 +1198,7 @@ fn a_commit_without_auto_finalize_or_auto_dismiss_waits_for_finalize_and_dismiss
     assert_eq!(q.ok("query-jobs", json!({})), json!([]));
     assert_eq!(node_names(&mut q), ["a"], "the committed overlay stayed");
     w.wait_for_more(1024);
-    let (model, _) = w.finish();
-    stop_cleanly(st, q);
-    holds(
-        &dir,
-        &dir.path("a.raw"),
-        "raw",
-        &model,
-        "the base after commit",
-    );
+    the_base_holds_everything_written(&dir, st, q, w);
 }
 
 // ---------------------------------------------------------------------
