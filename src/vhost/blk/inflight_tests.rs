@@ -24,7 +24,7 @@ enum Step {
     PrePut(u16),
     UsedWrite(u16),
     Clear(u16),
-    SetUsedIdx(u16),
+    SetUsedIdx,
 }
 
 /// What the guest sees: the used ring's idx and the heads on it.
@@ -38,7 +38,7 @@ fn run(t: &QueueInflight, ring: &mut FakeRing, steps: &[Step]) {
     for s in steps {
         match *s {
             Step::Mark(h) => t.mark(h),
-            Step::Submit(_) | Step::IoDone(_) => {}
+            Step::Submit(h) | Step::IoDone(h) => assert!(h < QSIZE),
             Step::PrePut(h) => t.pre_put(h),
             Step::UsedWrite(h) => {
                 ring.used.push(h);
@@ -47,7 +47,7 @@ fn run(t: &QueueInflight, ring: &mut FakeRing, steps: &[Step]) {
             // post_put does both writes; the crash between them is
             // simulated in `crash_between_clear_and_used_idx`.
             Step::Clear(h) => t.inflight(h).store(0, Ordering::Relaxed),
-            Step::SetUsedIdx(_) => t
+            Step::SetUsedIdx => t
                 .header_u16(offset_of!(QueueRegionSplit, used_idx))
                 .store(ring.idx, Ordering::Relaxed),
         }
@@ -62,7 +62,7 @@ fn complete(h: u16) -> [Step; 6] {
         PrePut(h),
         UsedWrite(h),
         Clear(h),
-        SetUsedIdx(h),
+        SetUsedIdx,
     ]
 }
 
