@@ -5,9 +5,12 @@
 set -e
 [ "$(ls /sys/block/vda/mq | wc -l)" = 2 ] || { echo "expected 2 queues"; exit 1; }
 echo RESTART-FIO-START
-fio --name=restart --filename=/dev/vda --ioengine=libaio --direct=1 \
-    --rw=randwrite --bssplit=4k/50:16k/30:64k/20 --iodepth=16 \
-    --numjobs=2 --size=48M --offset_increment=48M \
-    --cpus_allowed=0-1 --cpus_allowed_policy=split \
-    --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting
+# Four runs (about 25 s of I/O under TCG), each verifying what it wrote.
+for seed in 1 2 3 4; do
+  fio --name=restart --filename=/dev/vda --ioengine=libaio --direct=1 \
+      --rw=randwrite --bssplit=4k/50:16k/30:64k/20 --iodepth=16 \
+      --numjobs=2 --size=48M --offset_increment=48M --randseed=$seed \
+      --cpus_allowed=0-1 --cpus_allowed_policy=split \
+      --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting
+done
 echo RESTART-FIO-DONE
