@@ -96,8 +96,8 @@ fn serve_qsd(args: &[String]) -> Result<(), String> {
     r
 }
 
-/// Block SIGINT and SIGTERM in every thread; the main thread takes them
-/// with sigwait so shutdown runs in ordinary code.
+/// Block SIGINT, SIGTERM and SIGUSR1 in every thread; the main thread
+/// takes them with sigwait so shutdown runs in ordinary code.
 fn block_shutdown_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local, then pthread_sigmask with it.
     unsafe {
@@ -105,6 +105,7 @@ fn block_shutdown_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -133,6 +134,17 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     // SAFETY: sigwait with a valid set and out-parameter.
     while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
+    if sig == libc::SIGUSR1 {
+        // An upgrade or restart: frontends that track requests in an
+        // inflight region keep their guest. Their queues stop popping and
+        // the requests they started finish without used entries, so the
+        // next daemon on this socket runs them again; then the usual
+        // shutdown flushes and closes the images.
+        log::info!(
+            "SIGUSR1: exiting for a restart; guests with inflight tracking keep their requests"
+        );
+        ringblk::vhost::blk::inflight::begin_detach();
+    }
     sig
 }
 

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::frontend::*;
 use common::*;
-use vhost::vhost_user::message::{FrontendReq as R, VhostUserMemoryRegion};
+use vhost::vhost_user::message::{
+    FrontendReq as R, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 const MIB: u64 = 1 << 20;
@@ -40,6 +42,8 @@ enum Setup {
     Memory,
     /// Queue 0 running.
     Running,
+    /// Features negotiated with INFLIGHT_SHMFD, no memory.
+    Inflight,
 }
 
 /// The frontend's state for one row; `fd` hands out eventfds to attach.
@@ -79,7 +83,158 @@ fn single(r: VhostUserMemoryRegion) -> Vec<u8> {
     p
 }
 
+/// VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size.
+fn inflight(size: u64, offset: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&offset.to_le_bytes());
+    p.extend_from_slice(&num_queues.to_le_bytes());
+    p.extend_from_slice(&queue_size.to_le_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p
+}
+
+/// Region bytes for one queue of 64 (16-byte header, 16-byte entries,
+/// rounded to 64).
+const REGION_64: u64 = 16 + 16 * 64 + 48;
+
+/// A memfd of `len` bytes sealed against shrinking, like the daemon's.
+fn sealed_memfd(len: u64) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: NUL-terminated name; checked.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"hostile-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(raw >= 0);
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sizing and sealing our own memfd.
+    unsafe {
+        assert_eq!(libc::ftruncate(raw, len as i64), 0);
+        assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
+    }
+    fd
+}
+
+fn set_inflight_with(c: &Ctx, fd_len: u64, payload: &[u8]) {
+    let fd = sealed_memfd(fd_len);
+    msg(c, R::SET_INFLIGHT_FD, payload, &[fd.as_raw_fd()]);
+}
+
+fn inflight_rows() -> Vec<(&'static str, Setup, Send, Expect)> {
+    use Expect::*;
+    use Setup::*;
+    vec![
+        (
+            "GET_INFLIGHT_FD without INFLIGHT_SHMFD",
+            Features,
+            |c| msg(c, R::GET_INFLIGHT_FD, &inflight(0, 0, 1, 64), &[]),
+            Disconnect,
+        ),
+        (
+            "GET_INFLIGHT_FD for 0 queues",
+            Inflight,
+            |c| msg(c, R::GET_INFLIGHT_FD, &inflight(0, 0, 0, 64), &[]),
+            Disconnect,
+        ),
+        (
+            "GET_INFLIGHT_FD for more queues than the device has",
+            Inflight,
+            |c| msg(c, R::GET_INFLIGHT_FD, &inflight(0, 0, 200, 64), &[]),
+            Disconnect,
+        ),
+        (
+            "GET_INFLIGHT_FD queue size 100",
+            Inflight,
+            |c| msg(c, R::GET_INFLIGHT_FD, &inflight(0, 0, 1, 100), &[]),
+            Disconnect,
+        ),
+        (
+            "GET_INFLIGHT_FD with a 4 KiB payload",
+            Inflight,
+            |c| {
+                c.fe.send_raw(&header(R::GET_INFLIGHT_FD as u32, VERSION_1, 4096), &[])
+            },
+            Disconnect,
+        ),
+        (
+            "SET_INFLIGHT_FD without INFLIGHT_SHMFD",
+            Features,
+            |c| set_inflight_with(c, 4096, &inflight(REGION_64, 0, 1, 64)),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD without an fd",
+            Inflight,
+            |c| msg(c, R::SET_INFLIGHT_FD, &inflight(REGION_64, 0, 1, 64), &[]),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD with an eventfd",
+            Inflight,
+            |c| {
+                let fds = c.fds(1);
+                msg(c, R::SET_INFLIGHT_FD, &inflight(REGION_64, 0, 1, 64), &fds)
+            },
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD with an unsealed memfd (it could shrink under us)",
+            Inflight,
+            |c| {
+                let fd = c.memfd();
+                msg(c, R::SET_INFLIGHT_FD, &inflight(REGION_64, 0, 1, 64), &[fd])
+            },
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD mmap_size below the layout",
+            Inflight,
+            |c| set_inflight_with(c, 4096, &inflight(REGION_64 - 1, 0, 1, 64)),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD region past the end of its file",
+            Inflight,
+            |c| set_inflight_with(c, 4096, &inflight(REGION_64, 4096, 1, 64)),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD offset not page-aligned",
+            Inflight,
+            |c| set_inflight_with(c, 8192, &inflight(REGION_64, 100, 1, 64)),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD offset + size overflows",
+            Inflight,
+            |c| set_inflight_with(c, 4096, &inflight(u64::MAX - 4095, 4096, 1, 64)),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD queue size 0",
+            Inflight,
+            |c| set_inflight_with(c, 4096, &inflight(REGION_64, 0, 1, 0)),
+            Nack,
+        ),
+        (
+            "SET_INFLIGHT_FD for more queues than the device has",
+            Inflight,
+            |c| set_inflight_with(c, 1 << 20, &inflight(REGION_64 * 9, 0, 9, 64)),
+            Nack,
+        ),
+    ]
+}
+
 fn rows() -> Vec<(&'static str, Setup, Send, Expect)> {
+    let mut rows = base_rows();
+    rows.extend(inflight_rows());
+    rows
+}
+
+fn base_rows() -> Vec<(&'static str, Setup, Send, Expect)> {
     use Expect::*;
     use Setup::*;
     vec![
@@ -590,6 +745,10 @@ fn prepare(sock: &std::path::Path, setup: Setup) -> Ctx {
         spare: Vec::new(),
     };
     if setup == Setup::None {
+        return c;
+    }
+    if setup == Setup::Inflight {
+        c.fe.handshake_with(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         return c;
     }
     c.fe.negotiate_protocol();

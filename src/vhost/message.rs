@@ -6,12 +6,13 @@
 //! checks what depends on state (order of messages, running queues).
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
     MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 
+use super::blk::inflight;
 use super::memory::{self, RegionError};
 
 pub const HEADER_LEN: usize = 12;
@@ -37,6 +38,9 @@ const SINGLE_REGION_LEN: usize = std::mem::size_of::<VhostUserSingleMemoryRegion
 const TABLE_HEADER_LEN: usize = std::mem::size_of::<VhostUserMemory>();
 const REGION_LEN: usize = std::mem::size_of::<VhostUserMemoryRegion>();
 const CONFIG_HEADER_LEN: usize = std::mem::size_of::<VhostUserConfig>();
+pub(crate) const INFLIGHT_LEN: usize = std::mem::size_of::<VhostUserInflight>();
+/// mmap offsets must be page-aligned (the smallest page size we run on).
+const PAGE_SIZE: u64 = 4096;
 
 /// A frame header that passed the stream-level checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +75,7 @@ pub(crate) fn max_payload(request: u32) -> usize {
         Ok(R::GET_CONFIG | R::SET_CONFIG) => CONFIG_HEADER_LEN + MAX_CONFIG_BYTES,
         Ok(R::ADD_MEM_REG | R::REM_MEM_REG) => SINGLE_REGION_LEN,
         Ok(R::SET_VRING_ADDR) => ADDR_LEN,
+        Ok(R::GET_INFLIGHT_FD | R::SET_INFLIGHT_FD) => INFLIGHT_LEN,
         Ok(_) => U64_LEN,
         // Unknown requests are read (to stay in step) and refused.
         Err(_) => MAX_MSG_SIZE,
@@ -153,6 +158,20 @@ pub(crate) enum Request {
     },
     /// One fd.
     SetBackendReqFd,
+    /// The region for `num_queues` queues of `queue_size` entries.
+    GetInflightFd {
+        num_queues: u16,
+        queue_size: u16,
+    },
+    /// One fd; `mmap_size` covers the layout for the queues given and
+    /// `mmap_offset` is page-aligned (the file itself is the session's to
+    /// check).
+    SetInflightFd {
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    },
 }
 
 /// Why a well-framed request is refused (the stream stays usable).
@@ -182,6 +201,8 @@ pub(crate) enum DecodeError {
     Region(#[from] RegionError),
     #[error("config access at {offset} size {size} is out of range")]
     Config { offset: u32, size: u32 },
+    #[error("inflight region: {0}")]
+    Inflight(String),
 }
 
 /// True if `request` is answered with a payload; refusing such a request
@@ -195,7 +216,8 @@ pub(crate) fn has_payload_reply(request: u32) -> bool {
             | R::GET_QUEUE_NUM
             | R::GET_MAX_MEM_SLOTS
             | R::GET_VRING_BASE
-            | R::GET_CONFIG)
+            | R::GET_CONFIG
+            | R::GET_INFLIGHT_FD)
     )
 }
 
@@ -262,6 +284,7 @@ pub(crate) fn decode(
             | R::SET_VRING_CALL
             | R::SET_VRING_ERR
             | R::SET_BACKEND_REQ_FD
+            | R::SET_INFLIGHT_FD
     );
     if !takes_fds {
         fds(nfds, 0, "none")?;
@@ -397,8 +420,58 @@ pub(crate) fn decode(
             fds(nfds, 1, "one")?;
             Request::SetBackendReqFd
         }
+        R::GET_INFLIGHT_FD => {
+            let i = exact::<VhostUserInflight>(payload)?;
+            // The request's mmap fields are ours to fill in the reply.
+            let (num_queues, queue_size) = inflight_shape(&i, num_queues)?;
+            Request::GetInflightFd {
+                num_queues,
+                queue_size,
+            }
+        }
+        R::SET_INFLIGHT_FD => {
+            let i = exact::<VhostUserInflight>(payload)?;
+            fds(nfds, 1, "one")?;
+            let (nq, qs) = inflight_shape(&i, num_queues)?;
+            let (mmap_size, mmap_offset) = (i.mmap_size, i.mmap_offset);
+            let need = inflight::region_size(nq, qs);
+            if mmap_size < need {
+                return Err(DecodeError::Inflight(format!(
+                    "mmap_size {mmap_size} is below the {need} bytes {nq} queues of {qs} need"
+                )));
+            }
+            if !mmap_offset.is_multiple_of(PAGE_SIZE)
+                || mmap_offset.checked_add(mmap_size).is_none()
+            {
+                return Err(DecodeError::Inflight(format!(
+                    "mmap_offset {mmap_offset:#x} is not page-aligned or overflows with size {mmap_size}"
+                )));
+            }
+            Request::SetInflightFd {
+                mmap_size,
+                mmap_offset,
+                num_queues: nq,
+                queue_size: qs,
+            }
+        }
         _ => return Err(DecodeError::Unsupported),
     })
+}
+
+/// Queue count and size of an inflight message: 1 to our queue count,
+/// and a queue size SET_VRING_NUM would accept.
+fn inflight_shape(i: &VhostUserInflight, num_queues: usize) -> Result<(u16, u16), DecodeError> {
+    let (nq, qs) = (i.num_queues, i.queue_size);
+    if nq == 0 || nq as usize > num_queues {
+        return Err(DecodeError::Inflight(format!(
+            "{nq} queues (1 to {num_queues} allowed)"
+        )));
+    }
+    let q = qs as u32;
+    if q == 0 || q > MAX_QUEUE_SIZE || !q.is_power_of_two() {
+        return Err(DecodeError::Inflight(format!("invalid queue size {qs}")));
+    }
+    Ok((nq, qs))
 }
 
 fn region_of(r: &VhostUserSingleMemoryRegion) -> VhostUserMemoryRegion {

@@ -1,4 +1,5 @@
 use super::*;
+use vhost::vhost_user::message::VhostUserInflight;
 
 fn header(request: FrontendReq, size: usize) -> Header {
     Header {
@@ -167,4 +168,78 @@ fn reply_bits_and_unknown_requests_are_refused() {
         size: 0,
     };
     assert!(matches!(decode(&h, &[], 0, 1), Err(DecodeError::Unknown)));
+}
+
+fn inflight_msg(size: u64, offset: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
+    VhostUserInflight::new(size, offset, num_queues, queue_size)
+        .as_slice()
+        .to_vec()
+}
+
+#[test]
+fn inflight_messages_are_sized_and_shaped() {
+    assert_eq!(
+        INFLIGHT_LEN, 24,
+        "QEMU's VhostUserInflight, tail padding included"
+    );
+    assert_eq!(max_payload(FrontendReq::GET_INFLIGHT_FD as u32), 24);
+    assert!(has_payload_reply(FrontendReq::GET_INFLIGHT_FD as u32));
+    assert!(!has_payload_reply(FrontendReq::SET_INFLIGHT_FD as u32));
+
+    let get = header(FrontendReq::GET_INFLIGHT_FD, 24);
+    assert!(matches!(
+        decode(&get, &inflight_msg(0, 0, 2, 128), 0, 2),
+        Ok(Request::GetInflightFd {
+            num_queues: 2,
+            queue_size: 128
+        })
+    ));
+    for (nq, qs, why) in [
+        (0, 128, "no queues"),
+        (3, 128, "more queues than the device"),
+        (1, 0, "queue size 0"),
+        (1, 96, "not a power of two"),
+    ] {
+        assert!(
+            decode(&get, &inflight_msg(0, 0, nq, qs), 0, 2).is_err(),
+            "{why}"
+        );
+    }
+    assert!(
+        decode(&get, &inflight_msg(0, 0, 1, 128), 1, 2).is_err(),
+        "GET carries no fd"
+    );
+    assert!(decode(&header(FrontendReq::GET_INFLIGHT_FD, 20), &[0; 20], 0, 2).is_err());
+
+    let set = header(FrontendReq::SET_INFLIGHT_FD, 24);
+    let need = inflight::region_size(2, 128);
+    assert!(matches!(
+        decode(&set, &inflight_msg(need, 4096, 2, 128), 1, 2),
+        Ok(Request::SetInflightFd {
+            mmap_size,
+            mmap_offset: 4096,
+            num_queues: 2,
+            queue_size: 128
+        }) if mmap_size == need
+    ));
+    assert!(
+        decode(&set, &inflight_msg(need, 0, 2, 128), 0, 2).is_err(),
+        "no fd"
+    );
+    assert!(
+        decode(&set, &inflight_msg(need, 0, 2, 128), 2, 2).is_err(),
+        "two fds"
+    );
+    assert!(
+        decode(&set, &inflight_msg(need - 1, 0, 2, 128), 1, 2).is_err(),
+        "smaller than the layout"
+    );
+    assert!(
+        decode(&set, &inflight_msg(need, 100, 2, 128), 1, 2).is_err(),
+        "offset not page-aligned"
+    );
+    assert!(
+        decode(&set, &inflight_msg(u64::MAX, 4096, 2, 128), 1, 2).is_err(),
+        "offset + size overflows"
+    );
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserU64,
-    VhostUserVirtioFeatures, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserU64, VhostUserVirtioFeatures, VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
@@ -17,6 +17,7 @@ use super::blk::config::{
     CONFIG_WRITEBACK_OFFSET, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::blk::export::BlkExport;
+use super::blk::inflight::{self, InflightMap};
 use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
 use super::memory::{MemoryMap, SharedMemory};
 use super::message::{self, Request};
@@ -39,6 +40,7 @@ fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 #[derive(Default)]
@@ -57,6 +59,8 @@ enum Reply {
     /// No payload; an ack is sent if the frontend asked for one.
     Ack,
     Payload(Vec<u8>),
+    /// A payload and a file descriptor passed with it.
+    PayloadFd(Vec<u8>, OwnedFd),
 }
 
 type HandlerResult = Result<Reply, String>;
@@ -77,6 +81,8 @@ pub struct Session<'a> {
     /// Signalled by the SIGBUS handler when the frontend shrank a memory
     /// file under us (see guest_fault).
     poison_fd: Arc<OwnedFd>,
+    /// The inflight tracking region (GET_ or SET_INFLIGHT_FD), if any.
+    inflight: Option<Arc<InflightMap>>,
 }
 
 impl<'a> Session<'a> {
@@ -101,6 +107,7 @@ impl<'a> Session<'a> {
             log: LogLimiter::default(),
             stop_fd: -1,
             poison_fd,
+            inflight: None,
         })
     }
 
@@ -170,6 +177,7 @@ impl<'a> Session<'a> {
         self.features = 0;
         self.features_set = false;
         self.protocol = 0;
+        self.inflight = None;
     }
 
     /// Decode and handle one message. Errors that break the protocol (a
@@ -186,6 +194,9 @@ impl<'a> Session<'a> {
         // Unused fds (refused messages) are closed when `msg` drops.
         let sent = match result {
             Ok(Reply::Payload(p)) => socket::send_reply(self.stream, code, &p, self.bound()),
+            Ok(Reply::PayloadFd(p, fd)) => {
+                socket::send_reply_with_fds(self.stream, code, &p, &[fd.as_raw_fd()], self.bound())
+            }
             Ok(Reply::Ack) => self.ack(&msg, 0),
             Err(e) => {
                 if self.log.allow("refused message") {
@@ -400,7 +411,48 @@ impl<'a> Session<'a> {
                     .set_backend_channel(Some(UnixStream::from(fd)));
                 Ok(Reply::Ack)
             }
+            Request::GetInflightFd {
+                num_queues,
+                queue_size,
+            } => {
+                self.inflight_allowed()?;
+                let (map, fd) = InflightMap::create(num_queues, queue_size)?;
+                // Tracking starts with this region; the SET_INFLIGHT_FD
+                // that QEMU sends next gives the same one back.
+                self.inflight = Some(Arc::new(map));
+                let size = inflight::region_size(num_queues, queue_size);
+                let reply = VhostUserInflight::new(size, 0, num_queues, queue_size);
+                Ok(Reply::PayloadFd(reply.as_slice().to_vec(), fd))
+            }
+            Request::SetInflightFd {
+                mmap_size,
+                mmap_offset,
+                num_queues,
+                queue_size,
+            } => {
+                self.inflight_allowed()?;
+                let fd = take_fd(msg)?;
+                let map = InflightMap::open(&fd, mmap_size, mmap_offset, num_queues, queue_size)?;
+                log::info!(
+                    "export {}: inflight region set ({num_queues} queues of {queue_size})",
+                    self.export.id
+                );
+                self.inflight = Some(Arc::new(map));
+                Ok(Reply::Ack)
+            }
         }
+    }
+
+    /// The inflight region may be given or replaced only if negotiated,
+    /// and only while no queue runs with the old one.
+    fn inflight_allowed(&self) -> Result<(), String> {
+        if self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0 {
+            return Err("inflight region without the INFLIGHT_SHMFD protocol feature".into());
+        }
+        if self.any_running() {
+            return Err("inflight region changed while queues run".into());
+        }
+        Ok(())
     }
 
     /// Make `map` the frontend's memory, unless a running ring would lose
@@ -490,6 +542,10 @@ impl<'a> Session<'a> {
             indirect: self.features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0,
             kick: kick.clone(),
             call: v.call.clone(),
+            inflight: match &self.inflight {
+                Some(map) => Some(map.queue(i as u16, size)?),
+                None => None,
+            },
         };
         let thread = self.export.iothread_for(i as u16);
         let ctl = queue::start(

@@ -191,9 +191,35 @@ pub(crate) fn send_reply(
     payload: &[u8],
     bound: Bound,
 ) -> Result<(), FrameError> {
+    send_reply_with_fds(stream, request, payload, &[], bound)
+}
+
+/// [`send_reply`] with file descriptors, which go with the first bytes.
+pub(crate) fn send_reply_with_fds(
+    stream: &UnixStream,
+    request: u32,
+    payload: &[u8],
+    fds: &[RawFd],
+    bound: Bound,
+) -> Result<(), FrameError> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
     let buf = frame(request, FLAG_VERSION_1 | FLAG_REPLY, payload);
     let mut done = 0;
+    if !fds.is_empty() {
+        // A reply is a few dozen bytes: once the socket is writable the
+        // first send takes at least its first byte, and the fds with it.
+        loop {
+            bound.wait(fd, libc::POLLOUT)?;
+            match stream.send_with_fds(&[&buf[..]], fds) {
+                Ok(n) => {
+                    done = n;
+                    break;
+                }
+                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+            }
+        }
+    }
     while done < buf.len() {
         bound.wait(fd, libc::POLLOUT)?;
         // SAFETY: send from the unsent tail of a valid buffer.

@@ -217,12 +217,18 @@ impl Frontend {
 
     /// Negotiate protocol features (REPLY_ACK, CONFIG, MQ) only.
     pub fn negotiate_protocol(&self) {
+        self.negotiate_protocol_with(VhostUserProtocolFeatures::empty());
+    }
+
+    /// [`Self::negotiate_protocol`] plus `extra` (which must be offered).
+    pub fn negotiate_protocol_with(&self, extra: VhostUserProtocolFeatures) {
         let f = self.get_u64(FrontendReq::GET_FEATURES);
         assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
         let p = self.get_u64(FrontendReq::GET_PROTOCOL_FEATURES);
         let want = (VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ)
+            | VhostUserProtocolFeatures::MQ
+            | extra)
             .bits();
         assert_eq!(p & want, want);
         self.send(
@@ -236,7 +242,12 @@ impl Frontend {
     /// Protocol features plus the device features we use (indirect
     /// descriptors, no event index).
     pub fn handshake(&self) {
-        self.negotiate_protocol();
+        self.handshake_with(VhostUserProtocolFeatures::empty());
+    }
+
+    /// [`Self::handshake`] with `extra` protocol features.
+    pub fn handshake_with(&self, extra: VhostUserProtocolFeatures) {
+        self.negotiate_protocol_with(extra);
         let offered = self.get_u64(FrontendReq::GET_FEATURES);
         let f = (offered & !RING_EVENT_IDX) | RING_INDIRECT;
         assert_eq!(
@@ -247,6 +258,39 @@ impl Frontend {
 
     pub fn set_mem_table(&self, regions: &[VhostUserMemoryRegion], fds: &[RawFd]) -> u64 {
         self.ack(FrontendReq::SET_MEM_TABLE, &mem_table(regions), fds)
+    }
+
+    /// GET_INFLIGHT_FD for `num_queues` of `queue_size`: the reply's
+    /// payload (VhostUserInflight) and the region's fd.
+    pub fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> (Vec<u8>, OwnedFd) {
+        let mut p = [0u8; 24];
+        p[16..18].copy_from_slice(&num_queues.to_le_bytes());
+        p[18..20].copy_from_slice(&queue_size.to_le_bytes());
+        self.send(FrontendReq::GET_INFLIGHT_FD as u32, VERSION_1, &p, &[]);
+        let mut hdr = [0u8; 12];
+        let mut fds = [-1; 1];
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (n, nfds) = {
+            let mut iov = [libc::iovec {
+                iov_base: hdr.as_mut_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            }];
+            // SAFETY: the iovec points at `hdr`, alive for the call.
+            unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }.expect("recvmsg")
+        };
+        assert_eq!(nfds, 1, "GET_INFLIGHT_FD reply without an fd");
+        // SAFETY: a descriptor the kernel just gave us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        self.read_full(&mut hdr[n..], Instant::now() + Duration::from_secs(10))
+            .expect("reply header");
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        assert_eq!(word(0), FrontendReq::GET_INFLIGHT_FD as u32);
+        let mut payload = vec![0u8; word(8) as usize];
+        self.read_full(&mut payload, Instant::now() + Duration::from_secs(10))
+            .expect("reply payload");
+        (payload, fd)
     }
 
     /// Still serving us: a request with a reply gets one.
@@ -329,6 +373,15 @@ impl Virtqueue {
             call: EventFd::new(libc::EFD_CLOEXEC).unwrap(),
         };
         mem.bytes(0, DATA_BASE as usize).fill(0);
+        q.attach(fe, mem, 0);
+        q
+    }
+
+    /// Set up queue 0 on `fe` with the rings already in memory, starting
+    /// at avail index `base` (a reconnecting frontend gives the used index,
+    /// as QEMU does when the backend died).
+    pub fn attach(&self, fe: &Frontend, mem: &GuestMem, base: u16) {
+        let (q, size, avail, used) = (self, self.size, self.avail, self.used);
         let ok =
             |r: FrontendReq, p: &[u8], fds: &[RawFd]| assert_eq!(fe.ack(r, p, fds), 0, "{r:?}");
         ok(
@@ -336,7 +389,11 @@ impl Virtqueue {
             &vring_state(0, size as u32),
             &[],
         );
-        ok(FrontendReq::SET_VRING_BASE, &vring_state(0, 0), &[]);
+        ok(
+            FrontendReq::SET_VRING_BASE,
+            &vring_state(0, base as u32),
+            &[],
+        );
         let addr = vring_addr(0, mem.va(0), mem.va(used), mem.va(avail));
         ok(FrontendReq::SET_VRING_ADDR, &addr, &[]);
         ok(
@@ -350,7 +407,6 @@ impl Virtqueue {
             &[q.kick.as_raw_fd()],
         );
         ok(FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
-        q
     }
 
     /// The guest-physical ranges of the rings, for tests that move memory.

@@ -72,7 +72,20 @@ pub fn run_guest_with(
     num_queues: u16,
     mut on_line: impl FnMut(&str),
 ) -> GuestRun {
-    run_guest_inner(sock, test, num_queues, false, |line, _| on_line(line))
+    run_guest_inner(sock, test, num_queues, false, "", |line, _| on_line(line))
+}
+
+/// Like `run_guest_with`, with `,reconnect=1` on the chardev: QEMU
+/// reconnects to a daemon that went away, as a restart needs.
+pub fn run_guest_reconnecting(
+    sock: &Path,
+    test: &str,
+    num_queues: u16,
+    mut on_line: impl FnMut(&str),
+) -> GuestRun {
+    run_guest_inner(sock, test, num_queues, false, ",reconnect=1", |line, _| {
+        on_line(line)
+    })
 }
 
 /// Like `run_guest_with`; `on_line` may also answer the guest: what it
@@ -84,7 +97,7 @@ pub fn run_guest_talking(
     num_queues: u16,
     on_line: impl FnMut(&str, &mut dyn Write),
 ) -> GuestRun {
-    run_guest_inner(sock, test, num_queues, true, on_line)
+    run_guest_inner(sock, test, num_queues, true, "", on_line)
 }
 
 fn run_guest_inner(
@@ -92,6 +105,7 @@ fn run_guest_inner(
     test: &str,
     num_queues: u16,
     talking: bool,
+    chardev_opts: &str,
     mut on_line: impl FnMut(&str, &mut dyn Write),
 ) -> GuestRun {
     let qemu = "qemu-system-x86_64";
@@ -120,7 +134,10 @@ fn run_guest_inner(
             "memory-backend=mem",
         ])
         .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", sock.display()))
+        .arg(format!(
+            "socket,id=c0,path={}{chardev_opts}",
+            sock.display()
+        ))
         .arg("-device")
         .arg(format!(
             "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"

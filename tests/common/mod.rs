@@ -111,7 +111,18 @@ impl Daemon {
         Self::spawn(cmd, sock)
     }
 
-    fn spawn(mut cmd: Command, sock: &Path) -> Daemon {
+    fn spawn(cmd: Command, sock: &Path) -> Daemon {
+        Self::try_spawn(cmd, sock).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::start`], or why the daemon exited before listening.
+    pub fn try_start(sock: &Path, args: &[&str]) -> Result<Daemon, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
+        cmd.arg("serve").arg("--socket").arg(sock).args(args);
+        Self::try_spawn(cmd, sock)
+    }
+
+    fn try_spawn(mut cmd: Command, sock: &Path) -> Result<Daemon, String> {
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -124,7 +135,7 @@ impl Daemon {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err_pipe.read(&mut buf) {
                 if n == 0 {
@@ -142,10 +153,12 @@ impl Daemon {
             let n = out.read_line(&mut line).unwrap();
             if n == 0 {
                 let status = child.wait().unwrap();
-                panic!(
+                // The stderr pipe's reader may lag the exit: take it all.
+                let _ = reader.join();
+                return Err(format!(
                     "ringblk exited ({status}) before listening; stdout:\n{stdout}\nstderr:\n{}",
                     stderr.lock().unwrap()
-                );
+                ));
             }
             stdout.push_str(&line);
             if line.starts_with("ringblk: listening on") {
@@ -157,12 +170,12 @@ impl Daemon {
             let mut sink = String::new();
             let _ = out.read_to_string(&mut sink);
         });
-        Daemon {
+        Ok(Daemon {
             child: Some(child),
             sock: sock.to_path_buf(),
             stdout,
             stderr,
-        }
+        })
     }
 
     /// Serve `img` on `DIR/sock` with the control socket on `DIR/qmp`.

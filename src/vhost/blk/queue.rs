@@ -16,6 +16,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
 
 use super::chain;
+use super::inflight::{self, QueueInflight};
 use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
@@ -38,6 +39,8 @@ pub struct QueueSetup {
     pub indirect: bool,
     pub kick: Arc<File>,
     pub call: Arc<CallFd>,
+    /// This queue's part of the inflight region (INFLIGHT_SHMFD).
+    pub inflight: Option<QueueInflight>,
 }
 
 /// Bytes of guest memory each part of a split virtqueue occupies.
@@ -166,6 +169,12 @@ struct Worker {
     /// Guest notifications are off because the iothread is polling us.
     polling: Cell<bool>,
     log: LogLimiter,
+    /// Inflight tracking (INFLIGHT_SHMFD): heads are marked when popped
+    /// and cleared around their used entry.
+    inflight: Option<QueueInflight>,
+    /// Requests a previous daemon left in flight, in pop order: run
+    /// before anything new is popped.
+    resubmit: RefCell<Vec<u16>>,
 }
 
 impl uring::Poller for Worker {
@@ -223,6 +232,27 @@ pub fn start(
         .used_idx(mem.mmap(), Ordering::Acquire)
         .map_err(|e| format!("queue {}: used ring not in guest memory: {e}", setup.index))?;
     q.set_next_used(used.0);
+    // A region from a previous daemon says what was popped and has no used
+    // entry: those run again, and popping resumes after them.
+    let mut resubmit = Vec::new();
+    if let Some(t) = &setup.inflight {
+        let rec = t.recover(used.0);
+        for what in &rec.repaired {
+            log::warn!("queue {}: inflight region: {what}", setup.index);
+        }
+        if let Some(next) = rec.next_avail {
+            if next != setup.next_avail || !rec.resubmit.is_empty() {
+                log::info!(
+                    "queue {}: resuming at avail index {next} (frontend said {}), {} requests to resubmit",
+                    setup.index,
+                    setup.next_avail,
+                    rec.resubmit.len()
+                );
+            }
+            q.set_next_avail(next);
+        }
+        resubmit = rec.resubmit;
+    }
     q.set_ready(true);
     if !q.is_valid(mem.mmap()) {
         return Err(format!(
@@ -242,6 +272,7 @@ pub fn start(
     export.add_running(&control);
     let ctl = control.clone();
     let (index, indirect, kick, call) = (setup.index, setup.indirect, setup.kick, setup.call);
+    let tracker = setup.inflight;
     thread.run(move || {
         let worker = Rc::new(Worker {
             index,
@@ -258,6 +289,8 @@ pub fn start(
             broken: Cell::new(false),
             polling: Cell::new(false),
             log: LogLimiter::default(),
+            inflight: tracker,
+            resubmit: RefCell::new(resubmit),
         });
         uring::spawn(worker.run());
     });
@@ -385,8 +418,8 @@ impl Worker {
             self.broken.set(true);
             return false;
         }
+        let mut found = self.resubmit_pending(&mem);
         let mut heads = Vec::new();
-        let mut found = false;
         loop {
             let mut q = self.queue.borrow_mut();
             let _ = q.disable_notification(mem.mmap());
@@ -407,6 +440,10 @@ impl Worker {
             found |= !heads.is_empty();
             // One clock read per batch: latency is measured from the pop.
             let popped_at = Instant::now();
+            if let Some(t) = &self.inflight {
+                // In pop order, before any of them is submitted.
+                heads.iter().for_each(|&h| t.mark(h));
+            }
             for head in heads.drain(..) {
                 self.in_flight().add();
                 uring::spawn(self.clone().handle(mem.clone(), head, popped_at));
@@ -415,6 +452,18 @@ impl Worker {
                 return found;
             }
         }
+    }
+
+    /// Start the requests a previous daemon left in flight (once, at the
+    /// first pop outside a drained section). Returns whether there were any.
+    fn resubmit_pending(self: &Rc<Self>, mem: &Arc<GuestRam>) -> bool {
+        let heads = std::mem::take(&mut *self.resubmit.borrow_mut());
+        let now = Instant::now();
+        for &head in &heads {
+            self.in_flight().add();
+            uring::spawn(self.clone().handle(mem.clone(), head, now));
+        }
+        !heads.is_empty()
     }
 
     async fn handle(self: Rc<Self>, mem: Arc<GuestRam>, head: u16, popped_at: Instant) {
@@ -506,9 +555,11 @@ impl Worker {
 
     fn complete(self: &Rc<Self>, head: u16, len: u32) {
         let mem = self.memory();
-        if let Err(e) = self.queue.borrow_mut().add_used(mem.mmap(), head, len) {
+        let mut q = self.queue.borrow_mut();
+        if let Err(e) = inflight::put_used(self.inflight.as_ref(), &mut q, &mem, head, len) {
             log::error!("queue {}: cannot add to used ring: {e}", self.index);
         }
+        drop(q);
         let in_flight = self.in_flight();
         in_flight.sub();
         if in_flight.get() == 0 {

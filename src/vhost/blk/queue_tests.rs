@@ -113,6 +113,7 @@ mod fake_guest {
                 indirect: true,
                 kick: kick.clone(),
                 call: call_fd,
+                inflight: None,
             };
             let control = queue::start(setup, shared, export, &thread.handle()).unwrap();
             Guest {
