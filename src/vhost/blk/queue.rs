@@ -165,6 +165,9 @@ struct Worker {
     broken: Cell<bool>,
     /// Guest notifications are off because the iothread is polling us.
     polling: Cell<bool>,
+    /// A chain walked and parsed without awaiting in between, kept so its
+    /// buffers' capacity serves every request (no allocation per walk).
+    scratch: Cell<chain::Chain>,
     log: LogLimiter,
 }
 
@@ -257,6 +260,7 @@ pub fn start(
             signal_scheduled: Cell::new(false),
             broken: Cell::new(false),
             polling: Cell::new(false),
+            scratch: Cell::new(chain::Chain::default()),
             log: LogLimiter::default(),
         });
         uring::spawn(worker.run());
@@ -423,7 +427,12 @@ impl Worker {
             (GuestAddress(q.desc_table()), q.size())
         };
         let max = self.export.max_descs;
-        let used_len = match chain::walk(&mem, table, size, head, self.indirect, max) {
+        let mut chain = self.scratch.take();
+        let walked = chain::walk_into(&mut chain, &mem, table, size, head, self.indirect, max);
+        let parsed = walked.map(|()| request::parse(&mem, &chain, &self.export.limits));
+        // Back before the first await: no other request can hold it.
+        self.scratch.set(chain);
+        let used_len = match parsed {
             Err(e) => {
                 self.stats().record_invalid();
                 if self.log.allow("bad descriptor chain") {
@@ -431,8 +440,7 @@ impl Worker {
                 }
                 0
             }
-            Ok(chain) => {
-                let (req, action) = request::parse(&mem, &chain, &self.export.limits);
+            Ok((req, action)) => {
                 let status = match action {
                     Err(reject) => {
                         self.stats().record_invalid();
