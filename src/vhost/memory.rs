@@ -218,6 +218,12 @@ impl GuestRam {
     }
 }
 
+impl AsRef<GuestRam> for GuestRam {
+    fn as_ref(&self) -> &GuestRam {
+        self
+    }
+}
+
 /// An immutable snapshot of the frontend's memory; changes build a new one.
 #[derive(Clone)]
 pub struct MemoryMap {

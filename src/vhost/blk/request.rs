@@ -88,15 +88,21 @@ fn unsupp(reason: impl Into<String>) -> Reject {
     }
 }
 
+/// Guest memory as a request holds it: `GuestRam` itself, or a queue's
+/// own handle on it (`Arc<GuestRam>` inside the queue's `Arc`), whose
+/// count only that queue's iothread touches.
+pub trait RequestMemory: AsRef<GuestRam> + Send + Sync + 'static {}
+impl<M: AsRef<GuestRam> + Send + Sync + 'static> RequestMemory for M {}
+
 /// A parsed request: where its status byte goes and what to do.
-pub struct Request {
-    mem: Arc<GuestRam>,
+pub struct Request<M: RequestMemory = GuestRam> {
+    mem: Arc<M>,
     status: Option<GuestAddress>,
     /// Bytes the device writes into the chain besides the status byte.
     pub data_written: u32,
 }
 
-impl Request {
+impl<M: RequestMemory> Request<M> {
     /// True if the chain has somewhere to put the status byte.
     pub fn has_status(&self) -> bool {
         self.status.is_some()
@@ -105,7 +111,7 @@ impl Request {
     /// Write the status byte; returns the used length for the used ring.
     pub fn finish(&self, status: u8) -> u32 {
         match self.status {
-            Some(addr) if self.mem.write_u8(addr.0, status) => {
+            Some(addr) if (*self.mem).as_ref().write_u8(addr.0, status) => {
                 if status == VIRTIO_BLK_S_OK {
                     self.data_written + 1
                 } else {
@@ -184,10 +190,11 @@ fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Re
 /// (buffers split at region boundaries): at most 2 pieces per segment with
 /// regions of at least `size_max`, so only a frontend with tiny regions
 /// meets this, and it bounds a request's iovec whatever the memory layout.
-pub fn to_iovec(
-    mem: &Arc<GuestRam>,
+pub fn to_iovec<M: RequestMemory>(
+    keep: &Arc<M>,
     bufs: impl IntoIterator<Item = Buffer>,
 ) -> Result<IoVec, Reject> {
+    let mem: &GuestRam = (**keep).as_ref();
     let bufs = bufs.into_iter();
     let mut iov = Vec::with_capacity(bufs.size_hint().0.max(1));
     for b in bufs {
@@ -211,8 +218,8 @@ pub fn to_iovec(
     }
     // SAFETY: every pointer lies inside one mapped guest region (checked by
     // for_each_piece), which only the kernel and volatile copies touch, and
-    // `mem` (the keepalive) keeps the mappings alive.
-    Ok(unsafe { IoVec::from_raw(iov, Some(mem.clone())) })
+    // `keep` (the keepalive) keeps the mappings alive.
+    Ok(unsafe { IoVec::from_raw(iov, Some(keep.clone())) })
 }
 
 fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
@@ -306,7 +313,12 @@ fn parse_segment(
 
 /// Parse a chain into where its completion goes and what to do. Never
 /// fails: a malformed request becomes `Err(Reject)`.
-pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, Result<Op, Reject>) {
+pub fn parse<M: RequestMemory>(
+    keep: &Arc<M>,
+    chain: &Chain,
+    limits: &Limits,
+) -> (Request<M>, Result<Op, Reject>) {
+    let mem: &GuestRam = (**keep).as_ref();
     // The status byte is the last byte of the device-writable part.
     let writable_len = stream_len(&chain.writable);
     let status = (writable_len > 0)
@@ -315,7 +327,7 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
         .map(|b| b.addr)
         .filter(|a| mem.host_range(a.0, 1).is_some());
     let mut req = Request {
-        mem: mem.clone(),
+        mem: keep.clone(),
         status,
         data_written: 0,
     };
@@ -362,7 +374,7 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
             let bufs = sub_buffers(&chain.writable, 0, in_data);
             check_data(bufs.clone(), in_data, limits)?;
             let offset = byte_range(sector, in_data, limits)?;
-            let data = to_iovec(mem, bufs)?;
+            let data = to_iovec(keep, bufs)?;
             // Fits: check_data caps it below u32::MAX.
             req.data_written = in_data as u32;
             Ok(Op::Read { offset, data })
@@ -374,7 +386,7 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
             let bufs = sub_buffers(&chain.readable, HEADER_LEN as u64, out_data);
             check_data(bufs.clone(), out_data, limits)?;
             let offset = byte_range(sector, out_data, limits)?;
-            let data = to_iovec(mem, bufs)?;
+            let data = to_iovec(keep, bufs)?;
             Ok(Op::Write { offset, data })
         }),
         VIRTIO_BLK_T_FLUSH => direction("flush", false, false).map(|()| Op::Flush),
@@ -383,7 +395,7 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
                 return Err(ioerr("get-id without a buffer for the id"));
             }
             let n = in_data.min(VIRTIO_BLK_ID_BYTES as u64);
-            to_iovec(mem, sub_buffers(&chain.writable, 0, n)).map(|data| {
+            to_iovec(keep, sub_buffers(&chain.writable, 0, n)).map(|data| {
                 req.data_written = n as u32;
                 Op::GetId { data }
             })
