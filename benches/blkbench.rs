@@ -3,11 +3,15 @@
 //!
 //! blkbench --socket PATH [--queues N] [--iodepth D] [--rw randread|randwrite]
 //!          [--bs BYTES] [--seconds S] [--warmup S] [--span BYTES] [--poll]
+//!          [--idle S]
 //!
 //! With `--poll` the N queues are libblkio poll queues (`num-queues=0`,
 //! `num-poll-queues=N`): the client busy-polls the used ring and never
 //! asks for a notification, so the backend's own per-request cost is what
 //! limits the rate.
+//!
+//! With `--idle S` the client connects, starts its queues, does no I/O for
+//! S seconds and exits (for measuring what an idle connection costs).
 
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
@@ -24,6 +28,7 @@ struct Opts {
     warmup: f64,
     span: u64,
     poll: bool,
+    idle: Option<f64>,
 }
 
 fn parse() -> Opts {
@@ -37,6 +42,7 @@ fn parse() -> Opts {
         warmup: 0.5,
         span: 1 << 30,
         poll: false,
+        idle: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -56,6 +62,7 @@ fn parse() -> Opts {
             "--seconds" => o.seconds = v.parse().expect("--seconds"),
             "--warmup" => o.warmup = v.parse().expect("--warmup"),
             "--span" => o.span = v.parse().expect("--span"),
+            "--idle" => o.idle = Some(v.parse().expect("--idle")),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -87,6 +94,12 @@ fn main() {
     } else {
         started.queues
     };
+    if let Some(idle) = o.idle {
+        std::thread::sleep(Duration::from_secs_f64(idle));
+        drop(queues);
+        println!("{{\"iops\": 0, \"ios\": 0, \"errors\": 0, \"avg_us\": 0, \"p99_us\": 0, \"seconds\": {idle}}}");
+        return;
+    }
     let capacity = b.get_u64("capacity").unwrap();
     let span = o.span.min(capacity) / o.bs as u64;
     let region = b.alloc_mem_region(o.queues * o.iodepth * o.bs).unwrap();
