@@ -111,6 +111,9 @@ pub(super) struct Runtime {
     poll_scratch: Cell<Vec<Rc<dyn Poller>>>,
     next_poller: Cell<usize>,
     window: RefCell<PollWindow>,
+    /// When this loop turn started (after the wait or poll that ended the
+    /// previous one): see [`now`].
+    turn_started: Cell<std::time::Instant>,
 }
 
 thread_local! {
@@ -153,6 +156,13 @@ pub fn remove_poller(id: usize) {
     with_runtime(|rt| rt.pollers.borrow_mut().retain(|(i, _)| *i != id))
 }
 
+/// The time the current loop turn started, for timestamps that need no
+/// more precision than a turn (per-request latency statistics): one clock
+/// read per turn instead of two per request. Off an iothread, the clock.
+pub fn now() -> std::time::Instant {
+    try_with_runtime(|rt| rt.turn_started.get()).unwrap_or_else(std::time::Instant::now)
+}
+
 /// Run `f` once, after the tasks made ready in this loop turn have run and
 /// before the thread sleeps: used to batch guest notifications.
 pub fn on_turn_end(f: impl FnOnce() + 'static) {
@@ -179,6 +189,7 @@ impl Runtime {
             poll_scratch: Cell::new(Vec::new()),
             next_poller: Cell::new(0),
             window: RefCell::new(PollWindow::new(poll_max)),
+            turn_started: Cell::new(std::time::Instant::now()),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(rt.clone()));
         Ok(rt)
@@ -335,6 +346,7 @@ impl Runtime {
                 let waited = started.elapsed();
                 self.window.borrow_mut().adjust(waited);
             }
+            self.turn_started.set(std::time::Instant::now());
             let mut got_message = false;
             self.reactor.reap(|res| {
                 if res < 0 && res != -libc::EINTR {

@@ -417,8 +417,9 @@ impl Worker {
             self.polling.set(!reenable);
             drop(q);
             found |= !heads.is_empty();
-            // One clock read per batch: latency is measured from the pop.
-            let popped_at = Instant::now();
+            // Latency is measured from the pop, at loop-turn precision
+            // (uring::now: one clock read per turn, none per request).
+            let popped_at = uring::now();
             for head in heads.drain(..) {
                 self.in_flight().add();
                 uring::spawn(self.clone().handle(mem.clone(), head, popped_at));
@@ -479,12 +480,15 @@ impl Worker {
         &self.export.stats[self.index as usize]
     }
 
-    /// Run a request and record it; its latency counts from the pop.
+    /// Run a request and record it; its latency counts from the pop to the
+    /// start of the loop turn that completes it (so a request completed in
+    /// the turn that popped it counts as 0).
     async fn execute(&self, op: Op, popped_at: Instant) -> u8 {
         let (kind, bytes) = OpKind::of(&op);
         let status = self.execute_op(op).await;
+        let latency = uring::now().saturating_duration_since(popped_at);
         self.stats()
-            .record(kind, bytes, status == VIRTIO_BLK_S_OK, popped_at.elapsed());
+            .record(kind, bytes, status == VIRTIO_BLK_S_OK, latency);
         status
     }
 
