@@ -2,7 +2,16 @@
 //! same client for ringblk and qemu-storage-daemon) and prints one JSON line.
 //!
 //! blkbench --socket PATH [--queues N] [--iodepth D] [--rw randread|randwrite]
-//!          [--bs BYTES] [--seconds S] [--warmup S] [--span BYTES]
+//!          [--bs BYTES] [--seconds S] [--warmup S] [--span BYTES] [--poll]
+//!          [--idle S]
+//!
+//! With `--poll` the N queues are libblkio poll queues (`num-queues=0`,
+//! `num-poll-queues=N`): the client busy-polls the used ring and never
+//! asks for a notification, so the backend's own per-request cost is what
+//! limits the rate.
+//!
+//! With `--idle S` the client connects, starts its queues, does no I/O for
+//! S seconds and exits (for measuring what an idle connection costs).
 
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
@@ -18,6 +27,8 @@ struct Opts {
     seconds: f64,
     warmup: f64,
     span: u64,
+    poll: bool,
+    idle: Option<f64>,
 }
 
 fn parse() -> Opts {
@@ -30,10 +41,17 @@ fn parse() -> Opts {
         seconds: 3.0,
         warmup: 0.5,
         span: 1 << 30,
+        poll: false,
+        idle: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
+        if args[i] == "--poll" {
+            o.poll = true;
+            i += 1;
+            continue;
+        }
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--socket" => o.socket = v,
@@ -44,6 +62,7 @@ fn parse() -> Opts {
             "--seconds" => o.seconds = v.parse().expect("--seconds"),
             "--warmup" => o.warmup = v.parse().expect("--warmup"),
             "--span" => o.span = v.parse().expect("--span"),
+            "--idle" => o.idle = Some(v.parse().expect("--idle")),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -63,8 +82,24 @@ fn main() {
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     b.set_str("path", &o.socket).unwrap();
     b.connect().expect("connect");
-    b.set_i32("num-queues", o.queues as i32).unwrap();
+    if o.poll {
+        b.set_i32("num-queues", 0).unwrap();
+        b.set_i32("num-poll-queues", o.queues as i32).unwrap();
+    } else {
+        b.set_i32("num-queues", o.queues as i32).unwrap();
+    }
     let started = b.start().expect("start");
+    let queues = if o.poll {
+        started.poll_queues
+    } else {
+        started.queues
+    };
+    if let Some(idle) = o.idle {
+        std::thread::sleep(Duration::from_secs_f64(idle));
+        drop(queues);
+        println!("{{\"iops\": 0, \"ios\": 0, \"errors\": 0, \"avg_us\": 0, \"p99_us\": 0, \"seconds\": {idle}}}");
+        return;
+    }
     let capacity = b.get_u64("capacity").unwrap();
     let span = o.span.min(capacity) / o.bs as u64;
     let region = b.alloc_mem_region(o.queues * o.iodepth * o.bs).unwrap();
@@ -75,8 +110,7 @@ fn main() {
     let run = Duration::from_secs_f64(o.seconds);
 
     let results: Vec<QueueResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = started
-            .queues
+        let handles: Vec<_> = queues
             .into_iter()
             .enumerate()
             .map(|(qi, mut q)| {

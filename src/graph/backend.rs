@@ -268,13 +268,17 @@ impl BlockBackend {
     pub async fn read(&self, offset: u64, buf: &IoVec) -> Result<(), BackendError> {
         let _g = self.enter().await;
         let root = self.check(Access::Read, offset, buf.len() as u64)?;
-        root.read(offset, buf).await.map_err(self.io_error(offset))
+        root.read_in_place(offset, buf)
+            .await
+            .map_err(self.io_error(offset))
     }
 
     pub async fn write(&self, offset: u64, buf: &IoVec) -> Result<(), BackendError> {
         let _g = self.enter().await;
         let root = self.check(Access::Write, offset, buf.len() as u64)?;
-        root.write(offset, buf).await.map_err(self.io_error(offset))
+        root.write_in_place(offset, buf)
+            .await
+            .map_err(self.io_error(offset))
     }
 
     pub async fn flush(&self) -> Result<(), BackendError> {

@@ -207,14 +207,20 @@ impl IoVec {
             .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0)
     }
 
-    /// Fill the whole list with zero bytes.
+    /// Fill the whole list with zero bytes (a memset per piece, instead of
+    /// copying zeros from a buffer: half the memory traffic).
+    /// Panics on a read-only list: writing into one is a bug of ours.
     pub fn fill_zero(&self) {
-        const ZEROS: [u8; 4096] = [0; 4096];
-        let mut off = 0;
-        while off < self.len {
-            let n = (self.len - off).min(ZEROS.len());
-            self.write_at(off, &ZEROS[..n]);
-            off += n;
+        assert!(self.writable, "write into a read-only IoVec");
+        for v in &self.iov {
+            // SAFETY: from_raw's contract or an owned AlignedBuf: the piece is
+            // valid for writes of iov_len bytes and no Rust reference points
+            // into it (module doc). The bytes are written through a raw
+            // pointer, never read back, and no reference is formed, so a
+            // concurrent writer (the guest) can only race on the values the
+            // memory ends up holding, exactly as with the bulk copies
+            // vm-memory's VolatileSlice::copy_from does for large slices.
+            unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
         }
     }
 

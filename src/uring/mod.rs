@@ -13,7 +13,7 @@ mod poll;
 mod reactor;
 
 pub use eventfd::signal_eventfd;
-pub use executor::{add_poller, block_on, on_turn_end, remove_poller, spawn};
+pub use executor::{add_poller, block_on, now, on_turn_end, remove_poller, spawn};
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
 pub use lock::AsyncMutex;

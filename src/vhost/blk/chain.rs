@@ -57,6 +57,13 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// Empty the chain, keeping its buffers' capacity for the next walk.
+    pub fn clear(&mut self) {
+        self.readable.clear();
+        self.writable.clear();
+        self.excess = 0;
+    }
+
     fn keep(&mut self, buf: Buffer, writable: bool, max_descs: usize) {
         if self.readable.len() + self.writable.len() < max_descs {
             if writable {
@@ -83,6 +90,51 @@ struct Desc {
     next: u16,
 }
 
+impl Desc {
+    fn from_le(raw: [u8; 16]) -> Desc {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
+        Desc {
+            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            len: u32::from_le_bytes([l0, l1, l2, l3]),
+            flags: u16::from_le_bytes([f0, f1]),
+            next: u16::from_le_bytes([n0, n1]),
+        }
+    }
+}
+
+/// A descriptor table being walked: where it is in host memory when it
+/// lies inside one region (the usual case: one translation per table, then
+/// one 16-byte volatile load per descriptor), else read through the guest
+/// memory map descriptor by descriptor.
+struct Table {
+    gpa: GuestAddress,
+    /// Host address of the whole table, if it lies inside one region.
+    host: Option<*const [u8; 16]>,
+}
+
+impl Table {
+    fn new(mem: &GuestRam, gpa: GuestAddress, entries: u32) -> Table {
+        let host = mem
+            .host_range(gpa.0, entries as u64 * DESC_SIZE)
+            .map(|p| p as *const [u8; 16]);
+        Table { gpa, host }
+    }
+
+    /// Descriptor `idx`; `idx` is below the table's entry count.
+    fn read(&self, mem: &GuestRam, idx: u16) -> Result<Desc, ChainError> {
+        if let Some(host) = self.host {
+            // SAFETY: `idx` is below the entry count the host range was
+            // checked for, so the 16 bytes are inside one mapped region,
+            // which stays mapped while `mem` lives. The guest may change
+            // them at any time, so they are read with one volatile load
+            // (align 1: the type is a byte array) and never referenced.
+            let raw = unsafe { std::ptr::read_volatile(host.add(idx as usize)) };
+            return Ok(Desc::from_le(raw));
+        }
+        read_desc(mem, self.gpa, idx)
+    }
+}
+
 fn read_desc(mem: &GuestRam, table: GuestAddress, idx: u16) -> Result<Desc, ChainError> {
     let addr = table
         .0
@@ -92,13 +144,7 @@ fn read_desc(mem: &GuestRam, table: GuestAddress, idx: u16) -> Result<Desc, Chai
     if !mem.read(addr, &mut raw) {
         return Err(ChainError::TableNotInMemory(addr));
     }
-    let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
-    Ok(Desc {
-        addr: le64(&raw[0..8]),
-        len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
-        flags: u16::from_le_bytes([raw[12], raw[13]]),
-        next: u16::from_le_bytes([raw[14], raw[15]]),
-    })
+    Ok(Desc::from_le(raw))
 }
 
 /// Walk the chain starting at `head` in the table at `table` of `queue_size`
@@ -113,7 +159,33 @@ pub fn walk(
     max_descs: usize,
 ) -> Result<Chain, ChainError> {
     let mut chain = Chain::default();
-    let (mut table, mut size, mut idx) = (table, queue_size as u32, head);
+    walk_into(
+        &mut chain,
+        mem,
+        table,
+        queue_size,
+        head,
+        indirect_ok,
+        max_descs,
+    )?;
+    Ok(chain)
+}
+
+/// [`walk`] into `chain` (cleared first), reusing its buffers' capacity so
+/// that walking costs no allocation once a queue has warmed up.
+pub fn walk_into(
+    chain: &mut Chain,
+    mem: &GuestRam,
+    table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    indirect_ok: bool,
+    max_descs: usize,
+) -> Result<(), ChainError> {
+    chain.clear();
+    let mut size = queue_size as u32;
+    let mut table = Table::new(mem, table, size);
+    let mut idx = head;
     let mut in_indirect = false;
     // Descriptors visited in the current table.
     let mut count = 0u32;
@@ -125,7 +197,7 @@ pub fn walk(
         if count > size {
             return Err(ChainError::TooLong(size as usize));
         }
-        let d = read_desc(mem, table, idx)?;
+        let d = table.read(mem, idx)?;
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if in_indirect {
                 return Err(ChainError::NestedIndirect);
@@ -140,8 +212,8 @@ pub fn walk(
             if entries > MAX_INDIRECT {
                 return Err(ChainError::TooLong(MAX_INDIRECT as usize));
             }
-            table = GuestAddress(d.addr);
             size = entries;
+            table = Table::new(mem, GuestAddress(d.addr), size);
             idx = 0;
             in_indirect = true;
             count = 0;
@@ -159,7 +231,7 @@ pub fn walk(
             chain.keep(buf, writable, max_descs);
         }
         if d.flags & VIRTQ_DESC_F_NEXT == 0 {
-            return Ok(chain);
+            return Ok(());
         }
         idx = d.next;
     }

@@ -88,15 +88,21 @@ fn unsupp(reason: impl Into<String>) -> Reject {
     }
 }
 
+/// Guest memory as a request holds it: `GuestRam` itself, or a queue's
+/// own handle on it (`Arc<GuestRam>` inside the queue's `Arc`), whose
+/// count only that queue's iothread touches.
+pub trait RequestMemory: AsRef<GuestRam> + Send + Sync + 'static {}
+impl<M: AsRef<GuestRam> + Send + Sync + 'static> RequestMemory for M {}
+
 /// A parsed request: where its status byte goes and what to do.
-pub struct Request {
-    mem: Arc<GuestRam>,
+pub struct Request<M: RequestMemory = GuestRam> {
+    mem: Arc<M>,
     status: Option<GuestAddress>,
     /// Bytes the device writes into the chain besides the status byte.
     pub data_written: u32,
 }
 
-impl Request {
+impl<M: RequestMemory> Request<M> {
     /// True if the chain has somewhere to put the status byte.
     pub fn has_status(&self) -> bool {
         self.status.is_some()
@@ -105,7 +111,7 @@ impl Request {
     /// Write the status byte; returns the used length for the used ring.
     pub fn finish(&self, status: u8) -> u32 {
         match self.status {
-            Some(addr) if self.mem.write_u8(addr.0, status) => {
+            Some(addr) if (*self.mem).as_ref().write_u8(addr.0, status) => {
                 if status == VIRTIO_BLK_S_OK {
                     self.data_written + 1
                 } else {
@@ -117,26 +123,36 @@ impl Request {
     }
 }
 
-/// The buffers covering bytes `[skip, skip + len)` of a buffer stream.
-fn sub_buffers(bufs: &[Buffer], mut skip: u64, mut len: u64) -> Vec<Buffer> {
-    let mut out = Vec::new();
-    for b in bufs {
-        if len == 0 {
-            break;
-        }
-        if skip >= b.len as u64 {
-            skip -= b.len as u64;
-            continue;
-        }
-        let n = (b.len as u64 - skip).min(len);
-        out.push(Buffer {
-            addr: GuestAddress(b.addr.0.wrapping_add(skip)),
-            len: n as u32,
-        });
-        len -= n;
-        skip = 0;
-    }
-    out
+/// The buffers covering bytes `[skip, skip + len)` of a buffer stream,
+/// without allocating (this runs for every request).
+fn sub_buffers(
+    bufs: &[Buffer],
+    mut skip: u64,
+    mut len: u64,
+) -> impl Iterator<Item = Buffer> + Clone + '_ {
+    bufs.iter()
+        .map_while(move |b| {
+            if len == 0 {
+                return None;
+            }
+            if skip >= b.len as u64 {
+                skip -= b.len as u64;
+                // An empty piece: skipped by the callers' loops.
+                return Some(Buffer {
+                    addr: b.addr,
+                    len: 0,
+                });
+            }
+            let n = (b.len as u64 - skip).min(len);
+            let out = Buffer {
+                addr: GuestAddress(b.addr.0.wrapping_add(skip)),
+                len: n as u32,
+            };
+            len -= n;
+            skip = 0;
+            Some(out)
+        })
+        .filter(|b| b.len > 0)
 }
 
 fn stream_len(bufs: &[Buffer]) -> u64 {
@@ -144,6 +160,14 @@ fn stream_len(bufs: &[Buffer]) -> u64 {
 }
 
 fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Result<(), Reject> {
+    // The usual case: the bytes lie in the first buffer and one region.
+    if let Some(first) = bufs.first() {
+        if skip + out.len() as u64 <= first.len as u64
+            && mem.read(first.addr.0.wrapping_add(skip), out)
+        {
+            return Ok(());
+        }
+    }
     let mut off = 0usize;
     for b in sub_buffers(bufs, skip, out.len() as u64) {
         let n = b.len as usize;
@@ -166,8 +190,13 @@ fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Re
 /// (buffers split at region boundaries): at most 2 pieces per segment with
 /// regions of at least `size_max`, so only a frontend with tiny regions
 /// meets this, and it bounds a request's iovec whatever the memory layout.
-pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
-    let mut iov = Vec::with_capacity(bufs.len());
+pub fn to_iovec<M: RequestMemory>(
+    keep: &Arc<M>,
+    bufs: impl IntoIterator<Item = Buffer>,
+) -> Result<IoVec, Reject> {
+    let mem: &GuestRam = (**keep).as_ref();
+    let bufs = bufs.into_iter();
+    let mut iov = Vec::with_capacity(bufs.size_hint().0.max(1));
     for b in bufs {
         let inside = mem.for_each_piece(b.addr.0, b.len as u64, |p, n| {
             iov.push(libc::iovec {
@@ -189,8 +218,8 @@ pub fn to_iovec(mem: &Arc<GuestRam>, bufs: &[Buffer]) -> Result<IoVec, Reject> {
     }
     // SAFETY: every pointer lies inside one mapped guest region (checked by
     // for_each_piece), which only the kernel and volatile copies touch, and
-    // `mem` (the keepalive) keeps the mappings alive.
-    Ok(unsafe { IoVec::from_raw(iov, Some(mem.clone())) })
+    // `keep` (the keepalive) keeps the mappings alive.
+    Ok(unsafe { IoVec::from_raw(iov, Some(keep.clone())) })
 }
 
 fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
@@ -209,15 +238,19 @@ fn byte_range(sector: u64, len: u64, limits: &Limits) -> Result<u64, Reject> {
 /// The data buffers of a read or write against the advertised limits: at
 /// most `seg_max` segments of at most `size_max` bytes. O(segments), no
 /// allocation.
-fn check_data(bufs: &[Buffer], total: u64, limits: &Limits) -> Result<(), Reject> {
-    if bufs.len() > limits.seg_max as usize {
+fn check_data(
+    bufs: impl Iterator<Item = Buffer> + Clone,
+    total: u64,
+    limits: &Limits,
+) -> Result<(), Reject> {
+    let segments = bufs.clone().count();
+    if segments > limits.seg_max as usize {
         return Err(ioerr(format!(
-            "{} data segments, max {}",
-            bufs.len(),
+            "{segments} data segments, max {}",
             limits.seg_max
         )));
     }
-    if let Some(b) = bufs.iter().find(|b| b.len > limits.size_max) {
+    if let Some(b) = bufs.into_iter().find(|b| b.len > limits.size_max) {
         return Err(ioerr(format!(
             "data segment of {} bytes, max {}",
             b.len, limits.size_max
@@ -280,15 +313,21 @@ fn parse_segment(
 
 /// Parse a chain into where its completion goes and what to do. Never
 /// fails: a malformed request becomes `Err(Reject)`.
-pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, Result<Op, Reject>) {
+pub fn parse<M: RequestMemory>(
+    keep: &Arc<M>,
+    chain: &Chain,
+    limits: &Limits,
+) -> (Request<M>, Result<Op, Reject>) {
+    let mem: &GuestRam = (**keep).as_ref();
     // The status byte is the last byte of the device-writable part.
     let writable_len = stream_len(&chain.writable);
     let status = (writable_len > 0)
-        .then(|| sub_buffers(&chain.writable, writable_len - 1, 1))
-        .and_then(|b| b.first().map(|b| b.addr))
+        .then(|| sub_buffers(&chain.writable, writable_len - 1, 1).next())
+        .flatten()
+        .map(|b| b.addr)
         .filter(|a| mem.host_range(a.0, 1).is_some());
     let mut req = Request {
-        mem: mem.clone(),
+        mem: keep.clone(),
         status,
         data_written: 0,
     };
@@ -333,9 +372,9 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
                 return Err(ioerr("read without data buffers"));
             }
             let bufs = sub_buffers(&chain.writable, 0, in_data);
-            check_data(&bufs, in_data, limits)?;
+            check_data(bufs.clone(), in_data, limits)?;
             let offset = byte_range(sector, in_data, limits)?;
-            let data = to_iovec(mem, &bufs)?;
+            let data = to_iovec(keep, bufs)?;
             // Fits: check_data caps it below u32::MAX.
             req.data_written = in_data as u32;
             Ok(Op::Read { offset, data })
@@ -345,9 +384,9 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
                 return Err(ioerr("write without data buffers"));
             }
             let bufs = sub_buffers(&chain.readable, HEADER_LEN as u64, out_data);
-            check_data(&bufs, out_data, limits)?;
+            check_data(bufs.clone(), out_data, limits)?;
             let offset = byte_range(sector, out_data, limits)?;
-            let data = to_iovec(mem, &bufs)?;
+            let data = to_iovec(keep, bufs)?;
             Ok(Op::Write { offset, data })
         }),
         VIRTIO_BLK_T_FLUSH => direction("flush", false, false).map(|()| Op::Flush),
@@ -356,7 +395,7 @@ pub fn parse(mem: &Arc<GuestRam>, chain: &Chain, limits: &Limits) -> (Request, R
                 return Err(ioerr("get-id without a buffer for the id"));
             }
             let n = in_data.min(VIRTIO_BLK_ID_BYTES as u64);
-            to_iovec(mem, &sub_buffers(&chain.writable, 0, n)).map(|data| {
+            to_iovec(keep, sub_buffers(&chain.writable, 0, n)).map(|data| {
                 req.data_written = n as u32;
                 Op::GetId { data }
             })
@@ -445,10 +484,10 @@ mod tests {
         l.seg_max = u32::MAX;
         l.size_max = u32::MAX;
         let big = [buf(0, u32::MAX), buf(0, u32::MAX)];
-        let e = check_data(&big, 2 * u32::MAX as u64, &l).unwrap_err();
+        let e = check_data(big.iter().copied(), 2 * u32::MAX as u64, &l).unwrap_err();
         assert_eq!(e.status, VIRTIO_BLK_S_IOERR);
         let l = limits();
-        let e = check_data(&[buf(0, 4096)], 5 * 4096, &l).unwrap_err();
+        let e = check_data([buf(0, 4096)].into_iter(), 5 * 4096, &l).unwrap_err();
         assert!(e.reason.contains("max 16384"), "{}", e.reason);
     }
 
@@ -463,9 +502,9 @@ mod tests {
             GuestMemoryMmap::from_ranges(&ranges).unwrap(),
         ));
         let crossing = |n: usize| vec![buf(0x800, 0x1000); n];
-        let iov = to_iovec(&mem, &crossing(IOV_MAX / 2)).ok().unwrap();
+        let iov = to_iovec(&mem, crossing(IOV_MAX / 2)).ok().unwrap();
         assert_eq!(iov.iovecs().len(), IOV_MAX);
-        let e = to_iovec(&mem, &crossing(IOV_MAX / 2 + 1)).err().unwrap();
+        let e = to_iovec(&mem, crossing(IOV_MAX / 2 + 1)).err().unwrap();
         assert_eq!(e.status, VIRTIO_BLK_S_IOERR);
     }
 

@@ -20,7 +20,10 @@ const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// plain store. The reservation a queue takes before popping is SeqCst, as
 /// is the store of zero, which must come before the check for a waiting
 /// drain.
+/// On a cache line of its own: each queue's iothread writes its counter on
+/// every request, and the queues' counters sit side by side in a Vec.
 #[derive(Default)]
+#[repr(align(128))]
 pub struct QueueInFlight(AtomicU64);
 
 impl QueueInFlight {

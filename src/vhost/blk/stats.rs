@@ -79,8 +79,11 @@ fn bucket(latency: Duration) -> usize {
     ((u64::BITS - us.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
 }
 
-/// One queue's counters; they outlive frontend sessions.
+/// One queue's counters; they outlive frontend sessions. Aligned so that
+/// queues' counters (side by side in a Vec, each written by its own
+/// iothread) never share a cache line.
 #[derive(Default)]
+#[repr(align(128))]
 pub struct QueueStats {
     ops: [OpStats; 6],
     /// Requests rejected before reaching the disk (bad chains, bad ranges,
