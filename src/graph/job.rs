@@ -209,6 +209,10 @@ impl Job {
 
     fn progress(&self) -> Value {
         let (offset, len) = self.done_and_total();
+        self.progress_as(offset, len)
+    }
+
+    fn progress_as(&self, offset: u64, len: u64) -> Value {
         json!({
             "type": self.kind,
             "device": self.id,
@@ -219,10 +223,13 @@ impl Job {
         })
     }
 
-    /// The job caught up: `ready`, and BLOCK_JOB_READY.
+    /// The job caught up: `ready`, and BLOCK_JOB_READY. It reports what
+    /// was true when it caught up (all done), even if the guest has dirtied
+    /// more since.
     pub(super) fn ready(&self) {
         self.set_status(JobStatus::Ready);
-        emit("BLOCK_JOB_READY", self.progress());
+        let done = self.offset.load(Ordering::Relaxed);
+        emit("BLOCK_JOB_READY", self.progress_as(done, done));
     }
 
     /// The job ends: success (`error` None, after `pending`), failure or
