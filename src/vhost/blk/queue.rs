@@ -409,10 +409,9 @@ impl Worker {
         in_flight.reserve();
         let found = self.pop_all(reenable);
         in_flight.sub();
-        // Re-enabling notifications wrote avail_event into the used ring.
-        if self.event_idx {
-            self.log_used(None);
-        }
+        // Turning notifications off and on wrote used->flags or
+        // avail_event into the used ring.
+        self.log_used(None);
         found
     }
 
