@@ -44,6 +44,8 @@ enum Setup {
     Running,
     /// Features negotiated with INFLIGHT_SHMFD, no memory.
     Inflight,
+    /// Features negotiated with LOG_SHMFD, memory and queue 0 running.
+    Log,
 }
 
 /// The frontend's state for one row; `fd` hands out eventfds to attach.
@@ -228,9 +230,131 @@ fn inflight_rows() -> Vec<(&'static str, Setup, Send, Expect)> {
     ]
 }
 
+/// VhostUserLog: mmap_size, mmap_offset.
+fn log_base(size: u64, offset: u64) -> Vec<u8> {
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&offset.to_le_bytes());
+    p
+}
+
+/// SET_LOG_BASE with a memfd of `fd_len` bytes (unsealed: QEMU seals its
+/// log, but the daemon does not rely on it).
+fn set_log_with(c: &Ctx, fd_len: u64, payload: &[u8]) {
+    let m = GuestMem::new(fd_len as usize);
+    msg(c, R::SET_LOG_BASE, payload, &[m.fd.as_raw_fd()]);
+}
+
+/// With LOG_SHMFD a refused SET_LOG_BASE closes the connection: its reply
+/// carries no status, so any reply would say the log is in place.
+fn log_rows() -> Vec<(&'static str, Setup, Send, Expect)> {
+    use Expect::*;
+    use Setup::*;
+    vec![
+        (
+            "SET_LOG_BASE without LOG_SHMFD",
+            Running,
+            |c| set_log_with(c, 4096, &log_base(4096, 0)),
+            Nack,
+        ),
+        (
+            "SET_LOG_BASE without an fd",
+            Log,
+            |c| msg(c, R::SET_LOG_BASE, &log_base(4096, 0), &[]),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE with two fds",
+            Log,
+            |c| {
+                let (a, b) = (GuestMem::new(4096), GuestMem::new(4096));
+                msg(
+                    c,
+                    R::SET_LOG_BASE,
+                    &log_base(4096, 0),
+                    &[a.fd.as_raw_fd(), b.fd.as_raw_fd()],
+                )
+            },
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE with an eventfd",
+            Log,
+            |c| {
+                let fds = c.fds(1);
+                msg(c, R::SET_LOG_BASE, &log_base(4096, 0), &fds)
+            },
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE with a pipe",
+            Log,
+            |c| {
+                let mut p = [0; 2];
+                // SAFETY: pipe2 into a local array.
+                assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+                msg(c, R::SET_LOG_BASE, &log_base(4096, 0), &[p[0]]);
+                // SAFETY: our own fds, sent already.
+                unsafe { libc::close(p[0]) };
+                // SAFETY: as above.
+                unsafe { libc::close(p[1]) };
+            },
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE of size 0",
+            Log,
+            |c| set_log_with(c, 4096, &log_base(0, 0)),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE of 2 GiB (over the cap)",
+            Log,
+            |c| set_log_with(c, 4096, &log_base(2 << 30, 0)),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE past the end of its file",
+            Log,
+            |c| set_log_with(c, 8192, &log_base(8192, 4096)),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE offset not page-aligned",
+            Log,
+            |c| set_log_with(c, 8192, &log_base(4096, 100)),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE offset + size overflows",
+            Log,
+            |c| set_log_with(c, 8192, &log_base(4096, u64::MAX - 4095)),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE with the old u64 payload",
+            Log,
+            |c| set_log_with(c, 4096, &4096u64.to_le_bytes()),
+            Disconnect,
+        ),
+        (
+            "SET_LOG_BASE with a 4 KiB payload",
+            Log,
+            |c| {
+                let m = GuestMem::new(4096);
+                c.fe.send_raw(
+                    &header(R::SET_LOG_BASE as u32, VERSION_1, 4096),
+                    &[m.fd.as_raw_fd()],
+                )
+            },
+            Disconnect,
+        ),
+    ]
+}
+
 fn rows() -> Vec<(&'static str, Setup, Send, Expect)> {
     let mut rows = base_rows();
     rows.extend(inflight_rows());
+    rows.extend(log_rows());
     rows
 }
 
@@ -449,8 +573,29 @@ fn base_rows() -> Vec<(&'static str, Setup, Send, Expect)> {
             Nack,
         ),
         (
-            "SET_VRING_ADDR with dirty logging",
+            "SET_VRING_ADDR with an unknown flag",
             Memory,
+            |c| {
+                let mut p = vring_addr(0, c.mem.va(0), c.mem.va(0x2000), c.mem.va(0x1000));
+                p[4] = 2;
+                msg(c, R::SET_VRING_ADDR, &p, &[])
+            },
+            Nack,
+        ),
+        (
+            "SET_VRING_ADDR logging the used ring at a misaligned address",
+            Memory,
+            |c| {
+                let mut p = vring_addr(0, c.mem.va(0), c.mem.va(0x2000), c.mem.va(0x1000));
+                p[4] = 1;
+                p[32] = 2;
+                msg(c, R::SET_VRING_ADDR, &p, &[])
+            },
+            Nack,
+        ),
+        (
+            "SET_VRING_ADDR moving a running ring under the cover of logging",
+            Running,
             |c| {
                 let mut p = vring_addr(0, c.mem.va(0), c.mem.va(0x2000), c.mem.va(0x1000));
                 p[4] = 1;
@@ -749,6 +894,13 @@ fn prepare(sock: &std::path::Path, setup: Setup) -> Ctx {
     }
     if setup == Setup::Inflight {
         c.fe.handshake_with(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        return c;
+    }
+    if setup == Setup::Log {
+        c.fe.handshake_with(VhostUserProtocolFeatures::LOG_SHMFD);
+        let fd = c.memfd();
+        assert_eq!(c.fe.set_mem_table(&[c.mem.region()], &[fd]), 0);
+        Virtqueue::start(&c.fe, &c.mem, 64);
         return c;
     }
     c.fe.negotiate_protocol();

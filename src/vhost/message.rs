@@ -6,13 +6,14 @@
 //! checks what depends on state (order of messages, running queues).
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
-    MAX_MSG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
+    VhostUserMemoryRegion, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr,
+    VhostUserVringState, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 
 use super::blk::inflight;
+use super::dirty_log::MAX_LOG_BYTES;
 use super::memory::{self, RegionError};
 
 pub const HEADER_LEN: usize = 12;
@@ -39,6 +40,9 @@ const TABLE_HEADER_LEN: usize = std::mem::size_of::<VhostUserMemory>();
 const REGION_LEN: usize = std::mem::size_of::<VhostUserMemoryRegion>();
 const CONFIG_HEADER_LEN: usize = std::mem::size_of::<VhostUserConfig>();
 pub(crate) const INFLIGHT_LEN: usize = std::mem::size_of::<VhostUserInflight>();
+const LOG_LEN: usize = std::mem::size_of::<VhostUserLog>();
+/// VHOST_VRING_F_LOG: the used ring is logged at `log_guest_addr`.
+const VRING_F_LOG: u32 = 0x1;
 /// mmap offsets must be page-aligned (the smallest page size we run on).
 const PAGE_SIZE: u64 = 4096;
 
@@ -76,6 +80,7 @@ pub(crate) fn max_payload(request: u32) -> usize {
         Ok(R::ADD_MEM_REG | R::REM_MEM_REG) => SINGLE_REGION_LEN,
         Ok(R::SET_VRING_ADDR) => ADDR_LEN,
         Ok(R::GET_INFLIGHT_FD | R::SET_INFLIGHT_FD) => INFLIGHT_LEN,
+        Ok(R::SET_LOG_BASE) => LOG_LEN,
         Ok(_) => U64_LEN,
         // Unknown requests are read (to stay in step) and refused.
         Err(_) => MAX_MSG_SIZE,
@@ -125,6 +130,8 @@ pub(crate) enum Request {
         desc: u64,
         used: u64,
         avail: u64,
+        /// VHOST_VRING_F_LOG: the used ring's guest-physical log address.
+        used_log: Option<u64>,
     },
     SetVringBase {
         index: usize,
@@ -172,6 +179,13 @@ pub(crate) enum Request {
         num_queues: u16,
         queue_size: u16,
     },
+    /// One fd; `mmap_size` is 1 to MAX_LOG_BYTES, `mmap_offset` is
+    /// page-aligned and the two do not overflow (the file is the session's
+    /// to check).
+    SetLogBase {
+        mmap_size: u64,
+        mmap_offset: u64,
+    },
 }
 
 /// Why a well-framed request is refused (the stream stays usable).
@@ -203,6 +217,8 @@ pub(crate) enum DecodeError {
     Config { offset: u32, size: u32 },
     #[error("inflight region: {0}")]
     Inflight(String),
+    #[error("dirty log: {0}")]
+    Log(String),
 }
 
 /// True if `request` is answered with a payload; refusing such a request
@@ -285,6 +301,7 @@ pub(crate) fn decode(
             | R::SET_VRING_ERR
             | R::SET_BACKEND_REQ_FD
             | R::SET_INFLIGHT_FD
+            | R::SET_LOG_BASE
     );
     if !takes_fds {
         fds(nfds, 0, "none")?;
@@ -348,10 +365,17 @@ pub(crate) fn decode(
         R::SET_VRING_ADDR => {
             let a = exact::<VhostUserVringAddr>(payload)?;
             let index = queue(a.index as u64)?;
-            if a.flags != 0 {
+            if a.flags & !VRING_F_LOG != 0 {
                 return Err(DecodeError::Vring {
                     index,
-                    what: "dirty logging is not supported",
+                    what: "unknown vring address flags",
+                });
+            }
+            let log = a.log;
+            if a.flags & VRING_F_LOG != 0 && !log.is_multiple_of(4) {
+                return Err(DecodeError::Vring {
+                    index,
+                    what: "used ring log address misaligned",
                 });
             }
             let (desc, used, avail) = (a.descriptor, a.used, a.available);
@@ -366,6 +390,7 @@ pub(crate) fn decode(
                 desc,
                 used,
                 avail,
+                used_log: (a.flags & VRING_F_LOG != 0).then_some(log),
             }
         }
         R::SET_VRING_BASE => {
@@ -452,6 +477,27 @@ pub(crate) fn decode(
                 mmap_offset,
                 num_queues: nq,
                 queue_size: qs,
+            }
+        }
+        R::SET_LOG_BASE => {
+            let l = exact::<VhostUserLog>(payload)?;
+            fds(nfds, 1, "one")?;
+            let (mmap_size, mmap_offset) = (l.mmap_size, l.mmap_offset);
+            if mmap_size == 0 || mmap_size > MAX_LOG_BYTES {
+                return Err(DecodeError::Log(format!(
+                    "mmap_size {mmap_size} (1 to {MAX_LOG_BYTES} allowed)"
+                )));
+            }
+            if !mmap_offset.is_multiple_of(PAGE_SIZE)
+                || mmap_offset.checked_add(mmap_size).is_none()
+            {
+                return Err(DecodeError::Log(format!(
+                    "mmap_offset {mmap_offset:#x} is not page-aligned or overflows with size {mmap_size}"
+                )));
+            }
+            Request::SetLogBase {
+                mmap_size,
+                mmap_offset,
             }
         }
         _ => return Err(DecodeError::Unsupported),

@@ -243,3 +243,79 @@ fn inflight_messages_are_sized_and_shaped() {
         "offset + size overflows"
     );
 }
+
+fn log_msg(size: u64, offset: u64) -> Vec<u8> {
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&offset.to_le_bytes());
+    p
+}
+
+#[test]
+fn set_log_base_is_sized_bounded_and_carries_one_fd() {
+    assert_eq!(max_payload(FrontendReq::SET_LOG_BASE as u32), 16);
+    let h = header(FrontendReq::SET_LOG_BASE, 16);
+    let ok = |p: &[u8], nfds| decode(&h, p, nfds, 1);
+    assert!(matches!(
+        ok(&log_msg(4096, 8192), 1),
+        Ok(Request::SetLogBase {
+            mmap_size: 4096,
+            mmap_offset: 8192
+        })
+    ));
+    assert!(matches!(
+        ok(&log_msg(MAX_LOG_BYTES, 0), 1),
+        Ok(Request::SetLogBase { .. })
+    ));
+    let refused = |p: &[u8], nfds| ok(p, nfds).err().expect("accepted");
+    assert!(matches!(
+        refused(&log_msg(4096, 0), 0),
+        DecodeError::Fds { .. }
+    ));
+    assert!(matches!(
+        refused(&log_msg(4096, 0), 2),
+        DecodeError::Fds { .. }
+    ));
+    assert!(matches!(refused(&log_msg(0, 0), 1), DecodeError::Log(_)));
+    assert!(matches!(
+        refused(&log_msg(MAX_LOG_BYTES + 1, 0), 1),
+        DecodeError::Log(_)
+    ));
+    assert!(matches!(
+        refused(&log_msg(4096, 100), 1),
+        DecodeError::Log(_)
+    ));
+    assert!(matches!(
+        refused(&log_msg(4096, u64::MAX - 4095), 1),
+        DecodeError::Log(_)
+    ));
+    // The pre-LOG_SHMFD u64 form.
+    let short = header(FrontendReq::SET_LOG_BASE, 8);
+    assert!(decode(&short, &[0; 8], 1, 1).is_err());
+}
+
+#[test]
+fn vring_addresses_may_ask_for_the_used_ring_to_be_logged() {
+    let h = header(FrontendReq::SET_VRING_ADDR, ADDR_LEN);
+    let addr = |flags: u32, log: u64| {
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&flags.to_le_bytes());
+        for a in [0x1000u64, 0x3000, 0x2000, log] {
+            p.extend_from_slice(&a.to_le_bytes());
+        }
+        decode(&h, &p, 0, 1)
+    };
+    assert!(matches!(
+        addr(1, 0x8000),
+        Ok(Request::SetVringAddr {
+            used_log: Some(0x8000),
+            ..
+        })
+    ));
+    // Without the flag the log address is ignored.
+    assert!(matches!(
+        addr(0, 3),
+        Ok(Request::SetVringAddr { used_log: None, .. })
+    ));
+    assert!(addr(1, 0x8002).is_err(), "misaligned used ring log");
+    assert!(addr(2, 0).is_err(), "unknown flag");
+}

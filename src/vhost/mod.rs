@@ -1,6 +1,7 @@
 //! The device side of vhost-user, serving a virtio-blk device.
 
 pub mod blk;
+pub mod dirty_log;
 pub mod exports;
 pub mod guest_fault;
 pub mod listen;

@@ -19,6 +19,7 @@ use super::blk::config::{
 use super::blk::export::BlkExport;
 use super::blk::inflight::{self, InflightMap};
 use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
+use super::dirty_log::{DirtyLog, LogMap};
 use super::memory::{MemoryMap, SharedMemory};
 use super::message::{self, Request};
 use super::notify_fd;
@@ -41,7 +42,11 @@ fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
+
+/// VHOST_F_LOG_ALL: the driver turns it on for a migration's duration.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
 #[derive(Default)]
 struct Vring {
@@ -83,6 +88,8 @@ pub struct Session<'a> {
     poison_fd: Arc<OwnedFd>,
     /// The inflight tracking region (GET_ or SET_INFLIGHT_FD), if any.
     inflight: Option<Arc<InflightMap>>,
+    /// The migration dirty log (SET_LOG_BASE) and whether it is on.
+    dirty_log: Arc<DirtyLog>,
 }
 
 impl<'a> Session<'a> {
@@ -108,6 +115,7 @@ impl<'a> Session<'a> {
             stop_fd: -1,
             poison_fd,
             inflight: None,
+            dirty_log: DirtyLog::new(n),
         })
     }
 
@@ -178,6 +186,8 @@ impl<'a> Session<'a> {
         self.features_set = false;
         self.protocol = 0;
         self.inflight = None;
+        // After the queues stopped: nothing marks the log any more.
+        self.dirty_log.clear();
     }
 
     /// Decode and handle one message. Errors that break the protocol (a
@@ -212,6 +222,13 @@ impl<'a> Session<'a> {
                     )
                 } else if message::has_payload_reply(code) {
                     return Err(format!("{name} refused ({e})"));
+                } else if FrontendReq::try_from(code) == Ok(FrontendReq::SET_LOG_BASE)
+                    && self.log_shmfd()
+                {
+                    // The frontend waits for a reply that carries no status:
+                    // any reply would tell it its log is in place, and a
+                    // migration would then silently miss our writes.
+                    return Err(format!("{name} refused ({e})"));
                 } else {
                     self.ack(&msg, 1)
                 }
@@ -238,6 +255,10 @@ impl<'a> Session<'a> {
         self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
+    fn log_shmfd(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::LOG_SHMFD.bits() != 0
+    }
+
     fn protocol_features_acked(&self) -> bool {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
@@ -255,8 +276,9 @@ impl<'a> Session<'a> {
     }
 
     fn handle(&mut self, req: Request, msg: &mut Message) -> HandlerResult {
-        let features =
-            self.export.geometry.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = self.export.geometry.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | LOG_ALL;
         match req {
             Request::GetFeatures => Ok(u64_reply(features)),
             Request::SetFeatures(f) => {
@@ -266,9 +288,21 @@ impl<'a> Session<'a> {
                         f & !features
                     ));
                 }
-                if self.features_set && f != self.features && self.any_running() {
+                // VHOST_F_LOG_ALL alone flips while the queues run: that
+                // is how a migration starts and ends.
+                if self.features_set && (f ^ self.features) & !LOG_ALL != 0 && self.any_running() {
                     return Err("features changed while queues run".into());
                 }
+                let logging = f & LOG_ALL != 0;
+                if logging != self.dirty_log.active() {
+                    log::info!(
+                        "export {}: dirty logging {} (migration {})",
+                        self.export.id,
+                        if logging { "on" } else { "off" },
+                        if logging { "starts" } else { "ended" },
+                    );
+                }
+                self.dirty_log.set_active(logging);
                 self.features = f;
                 self.features_set = true;
                 Ok(Reply::Ack)
@@ -321,7 +355,16 @@ impl<'a> Session<'a> {
                 desc,
                 used,
                 avail,
+                used_log,
             } => {
+                // QEMU resends a running ring's addresses to turn used-ring
+                // logging on or off: only the log address may change then.
+                if self.vrings[index].running.is_some()
+                    && self.vrings[index].addr == Some((desc, used, avail))
+                {
+                    self.dirty_log.set_used_log(index, used_log);
+                    return Ok(Reply::Ack);
+                }
                 if self.memory.num_regions() == 0 {
                     return Err(format!("vring {index}: address set before any memory"));
                 }
@@ -338,6 +381,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 self.stopped(index)?.addr = Some((desc, used, avail));
+                self.dirty_log.set_used_log(index, used_log);
                 Ok(Reply::Ack)
             }
             Request::SetVringBase { index, base } => {
@@ -439,6 +483,26 @@ impl<'a> Session<'a> {
                 );
                 self.inflight = Some(Arc::new(map));
                 Ok(Reply::Ack)
+            }
+            Request::SetLogBase {
+                mmap_size,
+                mmap_offset,
+            } => {
+                if !self.log_shmfd() {
+                    return Err("SET_LOG_BASE without the LOG_SHMFD protocol feature".into());
+                }
+                let fd = take_fd(msg)?;
+                let map = LogMap::open(&fd, mmap_size, mmap_offset, self.poison_fd.as_raw_fd())?;
+                log::info!(
+                    "export {}: dirty log of {mmap_size} bytes mapped",
+                    self.export.id
+                );
+                // Queues pick the new log up at their next write; the old
+                // one is unmapped when the last of them lets it go.
+                self.dirty_log.set_map(Some(map));
+                // With LOG_SHMFD the frontend waits for this reply whether
+                // or not it asked for an ack.
+                Ok(u64_reply(0))
             }
         }
     }
@@ -546,6 +610,7 @@ impl<'a> Session<'a> {
                 Some(map) => Some(map.queue(i as u16, size)?),
                 None => None,
             },
+            dirty_log: self.dirty_log.clone(),
         };
         let thread = self.export.iothread_for(i as u16);
         let ctl = queue::start(

@@ -24,6 +24,8 @@ pub const DESC_F_INDIRECT: u16 = 4;
 
 const RING_INDIRECT: u64 = 1 << 28;
 const RING_EVENT_IDX: u64 = 1 << 29;
+/// VHOST_F_LOG_ALL: only the migration tests turn it on.
+pub const LOG_ALL: u64 = 1 << 26;
 
 /// Shared guest memory: a memfd mapped here, guest-physical address 0.
 pub struct GuestMem {
@@ -249,7 +251,7 @@ impl Frontend {
     pub fn handshake_with(&self, extra: VhostUserProtocolFeatures) {
         self.negotiate_protocol_with(extra);
         let offered = self.get_u64(FrontendReq::GET_FEATURES);
-        let f = (offered & !RING_EVENT_IDX) | RING_INDIRECT;
+        let f = (offered & !RING_EVENT_IDX & !LOG_ALL) | RING_INDIRECT;
         assert_eq!(
             self.ack(FrontendReq::SET_FEATURES, &f.to_le_bytes(), &[]),
             0
@@ -291,6 +293,15 @@ impl Frontend {
         self.read_full(&mut payload, Instant::now() + Duration::from_secs(10))
             .expect("reply payload");
         (payload, fd)
+    }
+
+    /// SET_LOG_BASE as QEMU sends it with LOG_SHMFD (no NEED_REPLY; the
+    /// daemon replies anyway): the answer.
+    pub fn set_log_base(&self, fd: RawFd, size: u64, offset: u64) -> Answer {
+        let mut p = size.to_le_bytes().to_vec();
+        p.extend_from_slice(&offset.to_le_bytes());
+        self.send(FrontendReq::SET_LOG_BASE as u32, VERSION_1, &p, &[fd]);
+        self.recv(Duration::from_secs(10))
     }
 
     /// Still serving us: a request with a reply gets one.
@@ -407,6 +418,23 @@ impl Virtqueue {
             &[q.kick.as_raw_fd()],
         );
         ok(FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
+    }
+
+    /// The used ring's guest-physical address.
+    pub fn used_gpa(&self) -> u64 {
+        self.used
+    }
+
+    /// Resend queue 0's addresses, as QEMU does on a running ring when a
+    /// migration starts (`log`: VHOST_VRING_F_LOG with the used ring's
+    /// guest-physical address) or ends (None). Returns the ack status.
+    pub fn set_used_log(&self, fe: &Frontend, mem: &GuestMem, log: Option<u64>) -> u64 {
+        let mut p = vring_addr(0, mem.va(0), mem.va(self.used), mem.va(self.avail));
+        if let Some(gpa) = log {
+            p[4..8].copy_from_slice(&1u32.to_le_bytes());
+            p[32..40].copy_from_slice(&gpa.to_le_bytes());
+        }
+        fe.ack(FrontendReq::SET_VRING_ADDR, &p, &[])
     }
 
     /// The guest-physical ranges of the rings, for tests that move memory.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// How long a guest may run before the test fails.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(900);
 
-fn kernel() -> PathBuf {
+pub fn kernel() -> PathBuf {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .expect("/boot is missing: run scripts/test, which installs linux-image-amd64")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -26,7 +26,7 @@ fn kernel() -> PathBuf {
 }
 
 /// The initramfs, built once per test binary by scripts/mkinitramfs.
-fn initramfs() -> &'static Path {
+pub fn initramfs() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))

@@ -21,6 +21,7 @@ use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
 use crate::uring::{self, ops};
+use crate::vhost::dirty_log::{self, DirtyLog};
 use crate::vhost::memory::{GuestRam, SharedMemory};
 use crate::vhost::ratelimit::LogLimiter;
 
@@ -41,6 +42,8 @@ pub struct QueueSetup {
     pub call: Arc<CallFd>,
     /// This queue's part of the inflight region (INFLIGHT_SHMFD).
     pub inflight: Option<QueueInflight>,
+    /// The migration dirty log (marked only while VHOST_F_LOG_ALL is on).
+    pub dirty_log: Arc<DirtyLog>,
 }
 
 /// Bytes of guest memory each part of a split virtqueue occupies.
@@ -182,6 +185,9 @@ struct Worker {
     /// Requests a previous daemon left in flight, in pop order: run
     /// before anything new is popped.
     resubmit: RefCell<Vec<u16>>,
+    /// Migration: guest pages we write are marked here while it is on.
+    dirty_log: Arc<DirtyLog>,
+    event_idx: bool,
 }
 
 impl uring::Poller for Worker {
@@ -280,6 +286,7 @@ pub fn start(
     let ctl = control.clone();
     let (index, indirect, kick, call) = (setup.index, setup.indirect, setup.kick, setup.call);
     let tracker = setup.inflight;
+    let (dirty_log, event_idx) = (setup.dirty_log, setup.event_idx);
     thread.run(move || {
         let worker = Rc::new(Worker {
             index,
@@ -299,6 +306,8 @@ pub fn start(
             log: LogLimiter::default(),
             inflight: tracker,
             resubmit: RefCell::new(resubmit),
+            dirty_log,
+            event_idx,
         });
         uring::spawn(worker.run());
     });
@@ -412,6 +421,9 @@ impl Worker {
         in_flight.reserve();
         let found = self.pop_all(reenable);
         in_flight.sub();
+        // Turning notifications off and on wrote used->flags or
+        // avail_event into the used ring.
+        self.log_used(None);
         found
     }
 
@@ -515,7 +527,17 @@ impl Worker {
                         self.index
                     );
                 }
-                req.finish(status)
+                let used_len = req.finish(status);
+                // Migration: the data and the status byte are in guest
+                // memory; log them before the used entry says so. The
+                // whole writable part: a failed read may have written some.
+                if let Some(log) = self.dirty_log.current() {
+                    chain
+                        .writable
+                        .iter()
+                        .for_each(|b| log.mark(b.addr.0, b.len as u64));
+                }
+                used_len
             }
         };
         self.complete(head, used_len);
@@ -579,7 +601,9 @@ impl Worker {
         if let Err(e) = inflight::put_used(self.inflight.as_ref(), &mut q, &mem, head, len) {
             log::error!("queue {}: cannot add to used ring: {e}", self.index);
         }
+        let slot = q.next_used().wrapping_sub(1);
         drop(q);
+        self.log_used(Some(slot));
         let in_flight = self.in_flight();
         in_flight.sub();
         if in_flight.get() == 0 {
@@ -595,6 +619,19 @@ impl Worker {
             self.notify_if_needed();
             let me = self.clone();
             uring::on_turn_end(move || me.signal_guest());
+        }
+    }
+
+    /// Migration: mark the used ring's header, element `slot` and (with
+    /// EVENT_IDX) avail_event in the dirty log, at the ring's log address
+    /// (VHOST_VRING_F_LOG). One flag load while logging is off.
+    fn log_used(&self, slot: Option<u16>) {
+        let Some(log) = self.dirty_log.current() else {
+            return;
+        };
+        if let Some(used) = self.dirty_log.used_log(self.index as usize) {
+            let size = self.queue.borrow().size();
+            dirty_log::mark_used(&log, used, size, slot, self.event_idx);
         }
     }
 

@@ -114,6 +114,7 @@ mod fake_guest {
                 kick: kick.clone(),
                 call: call_fd,
                 inflight: None,
+                dirty_log: crate::vhost::dirty_log::DirtyLog::new(1),
             };
             let control = queue::start(setup, shared, export, &thread.handle()).unwrap();
             Guest {
