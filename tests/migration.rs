@@ -500,9 +500,13 @@ fn migrate_guest(name: &str) -> Migration {
         "source guest did not start; console:\n{}",
         src.console
     );
-    // Let fio and the reader get going (pacing, not synchronisation: the
-    // migration is meant to land in the middle of their I/O).
-    std::thread::sleep(Duration::from_secs(3));
+    // Once fio has finished a pass it is in the middle of the next one:
+    // the migration lands in the middle of its I/O.
+    assert!(
+        src.wait_for("RB-PASS-1-DONE", Duration::from_secs(600)),
+        "fio's first pass did not finish; console:\n{}",
+        src.console
+    );
     // QEMU's defaults: a few passes, 300 ms downtime limit. (A forced
     // long iteration, downtime-limit 1 ms, makes QEMU 7.2 under TCG lose
     // the guest's own CPU writes: the destination kernel crashes even

@@ -531,11 +531,19 @@ impl Worker {
                 // Migration: the data and the status byte are in guest
                 // memory; log them before the used entry says so. The
                 // whole writable part: a failed read may have written some.
+                // The chain went back to the scratch before the I/O, so it
+                // is walked again, only while logging.
                 if let Some(log) = self.dirty_log.current() {
-                    chain
-                        .writable
-                        .iter()
-                        .for_each(|b| log.mark(b.addr.0, b.len as u64));
+                    let mut chain = self.scratch.take();
+                    let again =
+                        chain::walk_into(&mut chain, &mem, table, size, head, self.indirect, max);
+                    if again.is_ok() {
+                        chain
+                            .writable
+                            .iter()
+                            .for_each(|b| log.mark(b.addr.0, b.len as u64));
+                    }
+                    self.scratch.set(chain);
                 }
                 used_len
             }
