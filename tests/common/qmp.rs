@@ -65,6 +65,19 @@ impl Qmp {
         Some(serde_json::from_str(&line).expect("QMP sends JSON lines"))
     }
 
+    /// Whether the daemon has closed the connection (nothing more comes).
+    /// A daemon that hangs up with our bytes still unread resets the
+    /// connection instead of ending it: closed all the same.
+    pub fn closed(&mut self) -> bool {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+            Ok(_) => false,
+            Err(e) => panic!("read from QMP (after {}): {e}", self.last),
+        }
+    }
+
     /// The next response (events are kept aside).
     pub fn response(&mut self) -> Value {
         loop {
