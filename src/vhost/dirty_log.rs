@@ -29,11 +29,12 @@
 //! mapping is registered with [`guest_fault`] like guest memory, so the
 //! fault is absorbed and the session hangs up on that frontend.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::guest_fault;
+use super::shared_map::SharedMap;
 
 /// Bytes of guest memory one bit of the log stands for (the spec's
 /// VHOST_LOG_PAGE).
@@ -47,30 +48,11 @@ const NO_USED_LOG: u64 = u64::MAX;
 
 /// The mapped bitmap. Only atomics ever touch it.
 pub struct LogMap {
-    ptr: *mut u8,
-    len: usize,
     /// Absorbs a SIGBUS if the frontend shrinks the file (None for the
-    /// anonymous maps of tests). Dropped before the unmap.
-    registration: Option<guest_fault::Registration>,
-}
-
-// SAFETY: the mapping lives as long as the value; every access through it
-// is an atomic read-modify-write on one byte, which any thread may do.
-unsafe impl Send for LogMap {}
-// SAFETY: as above.
-unsafe impl Sync for LogMap {}
-
-impl Drop for LogMap {
-    fn drop(&mut self) {
-        // Unregister first: once unmapped, the addresses may be reused.
-        drop(self.registration.take());
-        // SAFETY: our own mapping; this is its last reference.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+    /// anonymous maps of tests). Declared first: dropped before the unmap,
+    /// after which the addresses may be reused.
+    _registration: Option<guest_fault::Registration>,
+    map: SharedMap,
 }
 
 impl LogMap {
@@ -87,88 +69,37 @@ impl LogMap {
         if mmap_size == 0 || mmap_size > MAX_LOG_BYTES {
             return Err(format!("log of {mmap_size} bytes (1 to {MAX_LOG_BYTES})"));
         }
-        // SAFETY: fstat into a zeroed struct we own; the fd is open.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(os_err("fstat of the log fd"));
-        }
-        let end = mmap_offset
-            .checked_add(mmap_size)
-            .ok_or("log offset + size overflows")?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err("the log fd is not a memfd or regular file".into());
-        }
-        if (st.st_size as u64) < end {
-            return Err(format!(
-                "the log fd holds {} bytes, {end} needed",
-                st.st_size
-            ));
-        }
-        let len = usize::try_from(mmap_size).map_err(|_| "log too large")?;
-        let off = libc::off_t::try_from(mmap_offset).map_err(|_| "log offset too large")?;
-        // SAFETY: a new shared mapping of a file checked to hold it; the
-        // result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(os_err("mmap of the dirty log"));
-        }
-        let mut map = LogMap {
-            ptr: ptr as *mut u8,
-            len,
-            registration: None,
-        };
+        let map = SharedMap::open(fd.as_fd(), mmap_offset, mmap_size, "dirty log")?;
         // SAFETY: sysconf has no side effects.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        map.registration = Some(
-            guest_fault::register(ptr as usize, len, page, poison_fd)
-                .map_err(|e| format!("registering the dirty log: {e}"))?,
-        );
-        Ok(map)
+        let registration = guest_fault::register(map.ptr() as usize, map.len(), page, poison_fd)
+            .map_err(|e| format!("registering the dirty log: {e}"))?;
+        Ok(LogMap {
+            _registration: Some(registration),
+            map,
+        })
     }
 
     /// An anonymous zeroed log of `len` bytes (tests).
     #[cfg(test)]
     pub fn anonymous(len: usize) -> LogMap {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
         LogMap {
-            ptr: ptr as *mut u8,
-            len,
-            registration: None,
+            _registration: None,
+            map: SharedMap::anonymous(len),
         }
     }
 
     /// Bytes of bitmap.
     pub fn bytes(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     fn byte(&self, i: usize) -> &AtomicU8 {
-        debug_assert!(i < self.len);
+        debug_assert!(i < self.map.len());
         // SAFETY: i < len, inside our mapping, which outlives &self;
         // AtomicU8 has the alignment and size of u8, and the memory is only
         // ever accessed atomically (by us) or by another process.
-        unsafe { AtomicU8::from_ptr(self.ptr.add(i)) }
+        unsafe { AtomicU8::from_ptr(self.map.ptr().add(i)) }
     }
 
     /// Mark the pages of `[gpa, gpa + len)` dirty. Pages past the log's
@@ -180,7 +111,7 @@ impl LogMap {
         let first = gpa / LOG_PAGE;
         // Saturating: a range wrapping past u64::MAX stops at the top.
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
-        let pages = (self.len as u64) * 8;
+        let pages = (self.map.len() as u64) * 8;
         if first >= pages {
             return;
         }

@@ -11,4 +11,5 @@ pub mod notify_fd;
 pub mod ratelimit;
 pub mod server;
 pub mod session;
+mod shared_map;
 pub mod socket;

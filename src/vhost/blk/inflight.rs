@@ -39,13 +39,14 @@
 
 use std::cell::Cell;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::ByteValued;
 
 use crate::vhost::memory::GuestRam;
+use crate::vhost::shared_map::{os_err, SharedMap};
 
 /// The region layout version we write and accept.
 pub const VERSION: u16 = 1;
@@ -116,28 +117,9 @@ pub fn detaching() -> bool {
 
 /// The region, mapped shared. Only atomics ever touch it.
 pub struct InflightMap {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     pub num_queues: u16,
     pub queue_size: u16,
-}
-
-// SAFETY: the mapping lives as long as the value; every access through it
-// is an atomic load or store, which any thread may do.
-unsafe impl Send for InflightMap {}
-// SAFETY: as above.
-unsafe impl Sync for InflightMap {}
-
-impl Drop for InflightMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping, which nothing borrows any more
-        // (QueueInflight holds an Arc to us).
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
 }
 
 impl InflightMap {
@@ -194,21 +176,6 @@ impl InflightMap {
                     .into(),
             );
         }
-        // SAFETY: fstat into a zeroed struct we own.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; the fd is open.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(os_err("fstat of the inflight fd"));
-        }
-        let end = mmap_offset
-            .checked_add(need)
-            .ok_or("inflight offset overflows")?;
-        if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || (st.st_size as u64) < end {
-            return Err(format!(
-                "the inflight fd holds {} bytes, {end} needed",
-                st.st_size
-            ));
-        }
         Self::map(fd, mmap_offset, need, num_queues, queue_size)
     }
 
@@ -219,26 +186,8 @@ impl InflightMap {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<InflightMap, String> {
-        let len = usize::try_from(len).map_err(|_| "inflight region too large")?;
-        let off = libc::off_t::try_from(offset).map_err(|_| "inflight offset too large")?;
-        // SAFETY: a new shared mapping of a file whose size was checked
-        // (sealed against shrinking); the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(os_err("mmap of the inflight region"));
-        }
         Ok(InflightMap {
-            ptr: ptr as *mut u8,
-            len,
+            map: SharedMap::open(fd.as_fd(), offset, len, "inflight region")?,
             num_queues,
             queue_size,
         })
@@ -297,9 +246,9 @@ impl QueueInflight {
     fn at<T>(&self, off: u64) -> *mut T {
         // Offsets are below base + queue_region_size(queue_size), which the
         // mapping holds (InflightMap::queue bounds index and ring size).
-        debug_assert!(self.base + off + size_of::<T>() as u64 <= self.map.len as u64);
+        debug_assert!(self.base + off + size_of::<T>() as u64 <= self.map.map.len() as u64);
         // SAFETY: in bounds of the mapping, as argued above.
-        unsafe { self.map.ptr.add((self.base + off) as usize) as *mut T }
+        unsafe { self.map.map.ptr().add((self.base + off) as usize) as *mut T }
     }
 
     fn u16_at(&self, off: u64) -> &AtomicU16 {
