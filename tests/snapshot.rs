@@ -383,6 +383,13 @@ impl Writer {
     }
 }
 
+/// A writer on disk `disk` (its export's socket `DISK.sock`), from a
+/// zeroed model.
+fn writer_on(which: Impl, dir: &TestDir, disk: &'static str, seed: u64) -> Writer {
+    let c = connect_to(which, &dir.path(&format!("{disk}.sock")), 1);
+    Writer::start(c, seed, vec![0; DISK as usize], disk)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -394,18 +401,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn a_transaction_snapshots_two_busy_exports_on_two_iothreads_twenty_times(which: Impl) {
     let dir = TestDir::new("snap-txn");
     let (st, mut q) = start_disks(which, &dir, true);
-    let wa = Writer::start(
-        connect_to(which, &dir.path("a.sock"), 1),
-        1,
-        vec![0; DISK as usize],
-        "a",
-    );
-    let wb = Writer::start(
-        connect_to(which, &dir.path("b.sock"), 1),
-        2,
-        vec![0; DISK as usize],
-        "b",
-    );
+    let wa = writer_on(which, &dir, "a", 1);
+    let wb = writer_on(which, &dir, "b", 2);
     let mut lat = Vec::new();
     let (mut top_a, mut top_b) = ("a".to_string(), "b".to_string());
     for i in 1..=20 {
@@ -739,12 +736,7 @@ fn statuses(events: &[Value], id: &str) -> Vec<String> {
 fn an_active_commit_under_writes_pivots_the_export_back_onto_its_base(which: Impl) {
     let dir = TestDir::new("snap-commit");
     let (st, mut q) = start_disks(which, &dir, false);
-    let w = Writer::start(
-        connect_to(which, &dir.path("a.sock"), 1),
-        4,
-        vec![0; DISK as usize],
-        "a",
-    );
+    let w = writer_on(which, &dir, "a", 4);
     w.wait_for_more(1024);
     let ov = dir.path("s1.qcow2");
     q.ok(
@@ -1013,12 +1005,7 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
 fn a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon(which: Impl) {
     let dir = TestDir::new("snap-interop");
     let (st, mut q) = start_disks(which, &dir, false);
-    let w = Writer::start(
-        connect_to(which, &dir.path("a.sock"), 1),
-        6,
-        vec![0; DISK as usize],
-        "a",
-    );
+    let w = writer_on(which, &dir, "a", 6);
     let mut top = "a".to_string();
     let mut files: Vec<PathBuf> = vec![dir.path("a.raw")];
     for i in 1..=3 {
@@ -1059,12 +1046,7 @@ fn a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon(which: Impl) {
 /// Disk `a` with a writer, snapshotted into `s1` and with writes in it.
 fn busy_overlay(which: Impl, dir: &TestDir, seed: u64) -> (Storage, Qmp, Writer) {
     let (st, mut q) = start_disks(which, dir, false);
-    let w = Writer::start(
-        connect_to(which, &dir.path("a.sock"), 1),
-        seed,
-        vec![0; DISK as usize],
-        "a",
-    );
+    let w = writer_on(which, dir, "a", seed);
     w.wait_for_more(1024);
     q.ok(
         "transaction",
@@ -1313,18 +1295,8 @@ fn snapshot_and_commit_errors_are_qemus_and_change_nothing(which: Impl) {
 fn a_transaction_mixes_new_and_added_overlays_on_two_busy_exports(which: Impl) {
     let dir = TestDir::new("snap-mixed");
     let (st, mut q) = start_disks(which, &dir, true);
-    let wa = Writer::start(
-        connect_to(which, &dir.path("a.sock"), 1),
-        9,
-        vec![0; DISK as usize],
-        "a",
-    );
-    let wb = Writer::start(
-        connect_to(which, &dir.path("b.sock"), 1),
-        10,
-        vec![0; DISK as usize],
-        "b",
-    );
+    let wa = writer_on(which, &dir, "a", 9);
+    let wb = writer_on(which, &dir, "b", 10);
     let ovb = dir.path("ovb.qcow2");
     qemu_img(&[
         "create",
