@@ -538,6 +538,19 @@ fn json_diff(path: &str, a: &Value, b: &Value) -> Vec<String> {
     }
 }
 
+/// A QMP error: (class, text).
+type ErrorPair = (String, String);
+
+/// A transaction that must fail: it leaves the nodes as they were.
+/// Returns its error and QEMU's for it, to compare once everything else
+/// was checked.
+fn refused(q: &mut Qmp, args: Value, qemu_says: &str, when: &str) -> (ErrorPair, ErrorPair) {
+    let before = q.ok("query-named-block-nodes", json!({}));
+    let got = q.err("transaction", args);
+    assert_nothing_changed(q, &before, when);
+    (got, ("GenericError".into(), qemu_says.into()))
+}
+
 fn a_failed_transaction_leaves_the_graph_as_it_was(which: Impl) {
     let dir = TestDir::new("snap-fail");
     let (st, mut q) = start_disks(which, &dir, true);
@@ -549,40 +562,26 @@ fn a_failed_transaction_leaves_the_graph_as_it_was(which: Impl) {
     // The second action's directory does not exist.
     let a1 = dir.path("a1.qcow2");
     let b1 = dir.path("missing/b1.qcow2");
-    let before = q.ok("query-named-block-nodes", json!({}));
-    let (class, desc) = q.err(
-        "transaction",
-        json!({"actions": [snap("a", &a1, "a1"), snap("b", &b1, "b1")]}),
-    );
-    eprintln!("{which:?}: failed action: {class}: {desc}");
     // QEMU's words are checked last (after what the failure left behind).
-    let mut texts = vec![(
-        (class, desc),
-        (
-            "GenericError".to_string(),
-            format!("Could not create '{}': No such file or directory", s(&b1)),
-        ),
+    let mut texts = vec![refused(
+        &mut q,
+        json!({"actions": [snap("a", &a1, "a1"), snap("b", &b1, "b1")]}),
+        &format!("Could not create '{}': No such file or directory", s(&b1)),
+        "after a failed second action",
     )];
-    assert_nothing_changed(&mut q, &before, "after a failed second action");
+    eprintln!("{which:?}: failed action: {:?}", texts[0].0);
     overlay_removed(which, &a1);
     write_read(&mut ca, 1, 2, "a after a failed transaction");
     write_read(&mut cb, 1, 2, "b after a failed transaction");
 
     // An abort action fails the transaction after a good one.
     let a2 = dir.path("a2.qcow2");
-    let before = q.ok("query-named-block-nodes", json!({}));
-    let (class, desc) = q.err(
-        "transaction",
+    texts.push(refused(
+        &mut q,
         json!({"actions": [snap("a", &a2, "a2"), {"type": "abort", "data": {}}]}),
-    );
-    texts.push((
-        (class, desc),
-        (
-            "GenericError".into(),
-            "Transaction aborted using Abort action".into(),
-        ),
+        "Transaction aborted using Abort action",
+        "after an abort action",
     ));
-    assert_nothing_changed(&mut q, &before, "after an abort action");
     overlay_removed(which, &a2);
     write_read(&mut ca, 2, 3, "a after an aborted transaction");
     write_read(&mut cb, 2, 3, "b after an aborted transaction");
@@ -590,20 +589,13 @@ fn a_failed_transaction_leaves_the_graph_as_it_was(which: Impl) {
     // completion-mode "grouped" is refused for snapshot actions, before
     // anything is created.
     let a3 = dir.path("a3.qcow2");
-    let before = q.ok("query-named-block-nodes", json!({}));
-    let (class, desc) = q.err(
-        "transaction",
+    texts.push(refused(
+        &mut q,
         json!({"actions": [snap("a", &a3, "a3")],
                "properties": {"completion-mode": "grouped"}}),
-    );
-    texts.push((
-        (class, desc),
-        (
-            "GenericError".into(),
-            "Action 'blockdev-snapshot-sync' does not support Transaction property completion-mode = grouped".into(),
-        ),
+        "Action 'blockdev-snapshot-sync' does not support Transaction property completion-mode = grouped",
+        "after completion-mode grouped",
     ));
-    assert_nothing_changed(&mut q, &before, "after completion-mode grouped");
     assert!(!a3.exists(), "a refused transaction created its overlay");
     // "individual" is the default and is accepted; nothing the failures
     // left behind (node names, files) stands in the way of the same
