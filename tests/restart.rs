@@ -134,6 +134,24 @@ enum Exit {
     KeepGuest,
 }
 
+/// End the daemon as `exit` says and wait until it is gone; a SIGUSR1
+/// exit must be a clean one.
+fn end(d: Daemon, exit: Exit, what: &str) {
+    match exit {
+        Exit::Kill => {
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+            d.wait_exit(Duration::from_secs(10));
+        }
+        Exit::KeepGuest => {
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(d.pid(), libc::SIGUSR1) };
+            let st = d.wait_exit(Duration::from_secs(30));
+            assert!(st.success(), "{what}: exit after SIGUSR1: {st:?}");
+        }
+    }
+}
+
 /// One round: push a batch, let the daemon mark some in flight, end it,
 /// restart it, reconnect and wait for every request. Returns the restarted
 /// daemon and how many requests had no used entry when the old one died.
@@ -160,19 +178,7 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
         assert!(Instant::now() < deadline, "round {n}: nothing was popped");
         std::thread::yield_now();
     }
-    match exit {
-        Exit::Kill => {
-            // SAFETY: kill(2) on our child.
-            unsafe { libc::kill(d.pid(), libc::SIGKILL) };
-            d.wait_exit(Duration::from_secs(10));
-        }
-        Exit::KeepGuest => {
-            // SAFETY: kill(2) on our child.
-            unsafe { libc::kill(d.pid(), libc::SIGUSR1) };
-            let st = d.wait_exit(Duration::from_secs(30));
-            assert!(st.success(), "round {n}: exit after SIGUSR1: {st:?}");
-        }
-    }
+    end(d, exit, &format!("round {n}"));
     drop(fe);
     let done = vq.used_idx(mem).wrapping_sub(used_before);
     let left = CHAINS - done;
@@ -363,19 +369,7 @@ fn guest_restarts(name: &str, exit: fn() -> Exit) {
                 );
             }
             resubmitting += d.stderr().contains("requests to resubmit") as usize;
-            match exit() {
-                Exit::Kill => {
-                    // SAFETY: kill(2) on our child.
-                    unsafe { libc::kill(d.pid(), libc::SIGKILL) };
-                    d.wait_exit(Duration::from_secs(10));
-                }
-                Exit::KeepGuest => {
-                    // SAFETY: kill(2) on our child.
-                    unsafe { libc::kill(d.pid(), libc::SIGUSR1) };
-                    let st = d.wait_exit(Duration::from_secs(30));
-                    assert!(st.success(), "restart {i}: exit after SIGUSR1: {st:?}");
-                }
-            }
+            end(d, exit(), &format!("restart {i}"));
             let killed_at = Instant::now();
             d = start_after(&killer_sock, &args);
             restarts.push(killed_at.elapsed());
