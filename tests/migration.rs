@@ -461,11 +461,22 @@ struct Migration {
     total_ms: u64,
 }
 
-/// Two exports of one node in one daemon, a source VM on one and a
-/// destination VM (`-incoming`) on the other; the guest runs fio-migrate,
-/// the source migrates it while fio runs, and the destination's guest is
-/// told when it is done.
-fn migrate_guest(name: &str) -> Migration {
+/// One daemon exporting one node twice (`src`, `dst`), a destination VM
+/// (`-incoming`) on `dst` and a source VM on `src` whose guest runs
+/// tests/guest/`test`.sh.
+struct Pair {
+    _dir: TestDir,
+    daemon: Daemon,
+    src: Vm,
+    dst: Vm,
+    mig: std::path::PathBuf,
+}
+
+/// Fault injection for the test that shows the log matters: the daemon
+/// accepts VHOST_F_LOG_ALL but marks nothing.
+const LOG_OFF_ENV: &str = "RINGBLK_FAULT_SKIP_DIRTY_LOG";
+
+fn start_pair(name: &str, test: &str, log_off: bool) -> Pair {
     use serde_json::json;
     let dir = TestDir::new(name);
     let img = dir.path("disk.raw");
@@ -489,71 +500,171 @@ fn migrate_guest(name: &str) -> Migration {
         export("dst", &dst_sock),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = Daemon::start_qsd(&dst_sock, &args, |_| {});
+    let daemon = Daemon::start_qsd(&dst_sock, &args, |cmd| {
+        if log_off {
+            cmd.env(LOG_OFF_ENV, "1");
+        }
+    });
     let mig = dir.path("mig.sock");
-    let mut dst = start_vm("destination", &dir, &dst_sock, "fio-migrate", Some(&mig));
+    let mut dst = start_vm("destination", &dir, &dst_sock, test, Some(&mig));
     let status = dst.qmp.ok("query-status", json!({}));
     assert_eq!(status["status"], "inmigrate", "{status}");
-    let mut src = start_vm("source", &dir, &src_sock, "fio-migrate", None);
+    let src = start_vm("source", &dir, &src_sock, test, None);
+    Pair {
+        _dir: dir,
+        daemon,
+        src,
+        dst,
+        mig,
+    }
+}
+
+impl Pair {
+    fn migrate(&mut self) {
+        let uri = format!("unix:{}", self.mig.display());
+        self.src
+            .qmp
+            .ok("migrate", serde_json::json!({ "uri": uri }));
+    }
+
+    /// Poll the source's `query-migrate` until `done` says so; panics if
+    /// the migration fails or 300 s pass.
+    fn poll_migration(&mut self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let info = self.src.qmp.ok("query-migrate", serde_json::json!({}));
+            if let Some("failed" | "cancelled") = info["status"].as_str() {
+                panic!("migration failed: {info}");
+            }
+            if done(&info) {
+                return info;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "migration not there in 300 s: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_completed(&mut self) -> serde_json::Value {
+        let info = self.poll_migration(|i| i["status"] == "completed");
+        eprintln!("query-migrate: {info}");
+        assert!(
+            self.daemon.stderr().contains("dirty logging on"),
+            "the source never turned dirty logging on"
+        );
+        // The source is paused (postmigrate) for good.
+        self.src.qmp.ok("quit", serde_json::json!({}));
+        let status = self.dst.qmp.ok("query-status", serde_json::json!({}));
+        assert_eq!(status["status"], "running", "{status}");
+        info
+    }
+
+    /// Tell the destination's guest the migration is over and wait for
+    /// its verdict; returns its console.
+    fn finish(mut self) -> String {
+        self.dst.type_line("migrated");
+        while self.dst.wait_for("RINGBLK-TEST-", Duration::from_secs(180)) {
+            let c = &self.dst.console;
+            if c.contains("RINGBLK-TEST-PASS") || c.contains("RINGBLK-TEST-FAIL") {
+                break;
+            }
+        }
+        // The source is gone: the rest of its console.
+        let _ = self.src.child.wait();
+        while let Ok(line) = self.src.lines.recv_timeout(Duration::from_secs(5)) {
+            self.src.console.push_str(&line);
+            self.src.console.push('\n');
+        }
+        eprintln!("--- source console ---\n{}", self.src.console);
+        eprintln!("--- destination console ---\n{}", self.dst.console);
+        drop(self.src);
+        let _ = self.dst.child.wait();
+        assert!(self.daemon.stop().success());
+        std::mem::take(&mut self.dst.console)
+    }
+}
+
+/// The guest runs fio-migrate; the source migrates it while fio runs, and
+/// the destination's guest is told when it is done.
+fn migrate_guest(name: &str) -> Migration {
+    let mut p = start_pair(name, "fio-migrate", false);
     assert!(
-        src.wait_for("MIGRATE-READY", Duration::from_secs(600)),
+        p.src.wait_for("MIGRATE-READY", Duration::from_secs(600)),
         "source guest did not start; console:\n{}",
-        src.console
+        p.src.console
     );
     // Once fio has finished a pass it is in the middle of the next one:
     // the migration lands in the middle of its I/O.
     assert!(
-        src.wait_for("RB-PASS-1-DONE", Duration::from_secs(600)),
+        p.src.wait_for("RB-PASS-1-DONE", Duration::from_secs(600)),
         "fio's first pass did not finish; console:\n{}",
-        src.console
+        p.src.console
     );
     // QEMU's defaults: a few passes, 300 ms downtime limit. (A forced
     // long iteration, downtime-limit 1 ms, makes QEMU 7.2 under TCG lose
     // the guest's own CPU writes: the destination kernel crashes even
     // when the guest does no disk I/O during the migration.)
-    src.qmp.ok(
-        "migrate",
-        json!({ "uri": format!("unix:{}", mig.display()) }),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let info = loop {
-        let info = src.qmp.ok("query-migrate", json!({}));
-        match info["status"].as_str() {
-            Some("completed") => break info,
-            Some("failed" | "cancelled") => panic!("migration failed: {info}"),
-            _ => {}
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "migration not done in 300 s: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    eprintln!("query-migrate: {info}");
-    assert!(
-        d.stderr().contains("dirty logging on"),
-        "the source never turned dirty logging on"
-    );
-    // The source is paused (postmigrate) for good.
-    src.qmp.ok("quit", json!({}));
-    let status = dst.qmp.ok("query-status", json!({}));
-    assert_eq!(status["status"], "running", "{status}");
-    dst.type_line("migrated");
-    while dst.wait_for("RINGBLK-TEST-", Duration::from_secs(180)) {
-        if dst.console.contains("RINGBLK-TEST-PASS") || dst.console.contains("RINGBLK-TEST-FAIL") {
-            break;
-        }
-    }
-    eprintln!("--- source console ---\n{}", src.console);
-    eprintln!("--- destination console ---\n{}", dst.console);
-    drop(src);
-    let _ = dst.child.wait();
-    assert!(d.stop().success());
+    p.migrate();
+    let info = p.wait_completed();
     Migration {
-        console: std::mem::take(&mut dst.console),
+        console: p.finish(),
         downtime_ms: info["downtime"].as_u64().unwrap_or(0),
         total_ms: info["total-time"].as_u64().unwrap_or(0),
     }
+}
+
+/// tests/guest/dirty-log.sh across a migration: the guest fills its page
+/// cache from the disk only after QEMU has copied all of its RAM once, so
+/// those pages reach the destination only if the daemon logged them.
+/// Returns the destination's console.
+fn migrate_page_cache_fill(name: &str, log_off: bool) -> String {
+    let mut p = start_pair(name, "dirty-log", log_off);
+    assert!(
+        p.src.wait_for("DIRTYLOG-ARMED", Duration::from_secs(600)),
+        "source guest did not start; console:\n{}",
+        p.src.console
+    );
+    // 32 MiB/s (QEMU 7.2's default, set so that it stays so) against the
+    // guest's churn: the migration keeps iterating until the churn stops.
+    p.src.qmp.ok(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 32u64 << 20 }),
+    );
+    p.migrate();
+    // Sync 1 starts the first pass; sync 2 ends it: every page sent once.
+    let info = p.poll_migration(|i| {
+        assert_ne!(
+            i["status"], "completed",
+            "completed before the first pass ended: {i}"
+        );
+        i["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+    });
+    eprintln!("first pass over: {info}");
+    // Too slow to converge while the guest reads (the read dirties more
+    // than 1 MiB/s times the 300 ms downtime limit, logged or not: dd's own
+    // buffer is CPU-written), so the read happens on the source; then fast.
+    p.src.qmp.ok(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 1u64 << 20 }),
+    );
+    p.src.type_line("go");
+    assert!(
+        p.src.wait_for("DIRTYLOG-READ", Duration::from_secs(120)),
+        "the guest did not read on the source; console:\n{}",
+        p.src.console
+    );
+    p.src.qmp.ok(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 1u64 << 30 }),
+    );
+    let info = p.wait_completed();
+    eprintln!(
+        "migration: total {} ms, downtime {} ms",
+        info["total-time"], info["downtime"]
+    );
+    p.finish()
 }
 
 /// The test: a TCG guest runs fio randwrite with crc32c verify
@@ -574,4 +685,22 @@ fn qemu_live_migration_keeps_the_guests_data() {
         "the migrated guest's data is wrong; console above"
     );
     assert!(m.console.contains("RINGBLK-TEST-PASS"));
+}
+
+/// The dirty log is what carries pages only the device wrote: with it, the
+/// page cache the guest filled from the disk during the migration arrives
+/// intact; with the daemon's marking switched off (fault injection) the
+/// same run must find stale pages on the destination.
+#[test]
+fn pages_the_device_fills_during_a_migration_arrive_only_through_the_log() {
+    let logged = migrate_page_cache_fill("migration-log-on", false);
+    assert!(
+        logged.contains("RB-CACHE-OK") && logged.contains("RINGBLK-TEST-PASS"),
+        "with the dirty log the page cache must arrive intact; console above"
+    );
+    let unlogged = migrate_page_cache_fill("migration-log-off", true);
+    assert!(
+        unlogged.contains("RB-CACHE-STALE"),
+        "without the dirty log the destination must see stale pages; console above"
+    );
 }

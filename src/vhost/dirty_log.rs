@@ -210,6 +210,21 @@ impl DirtyLog {
     }
 }
 
+/// Fault injection, for the migration test that shows the log matters:
+/// with `RINGBLK_FAULT_SKIP_DIRTY_LOG` set in the environment, the daemon
+/// acknowledges VHOST_F_LOG_ALL and marks nothing, so that a migrated guest
+/// finds the pages the device wrote stale. Never set it in production.
+pub fn marking_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| {
+        let off = std::env::var_os("RINGBLK_FAULT_SKIP_DIRTY_LOG").is_some();
+        if off {
+            log::warn!("RINGBLK_FAULT_SKIP_DIRTY_LOG is set: dirty logging marks nothing (migrations will lose data)");
+        }
+        off
+    })
+}
+
 /// Mark the used ring writes of one completion (or of a notification
 /// change): the ring's flags and idx, the element at `slot`, and (with
 /// EVENT_IDX) avail_event after the ring. `used` is the ring's log address.

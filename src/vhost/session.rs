@@ -294,7 +294,7 @@ impl<'a> Session<'a> {
                     return Err("features changed while queues run".into());
                 }
                 let logging = f & LOG_ALL != 0;
-                if logging != self.dirty_log.active() {
+                if logging != (self.features & LOG_ALL != 0) {
                     log::info!(
                         "export {}: dirty logging {} (migration {})",
                         self.export.id,
@@ -302,7 +302,8 @@ impl<'a> Session<'a> {
                         if logging { "starts" } else { "ended" },
                     );
                 }
-                self.dirty_log.set_active(logging);
+                self.dirty_log
+                    .set_active(logging && !super::dirty_log::marking_disabled());
                 self.features = f;
                 self.features_set = true;
                 Ok(Reply::Ack)
