@@ -18,6 +18,9 @@ const MIB: u64 = 1 << 20;
 const QSIZE: u16 = 256;
 /// Chains per round: three descriptors each, so 85 fit in the table.
 const CHAINS: u16 = 64;
+/// Daemon restarts in one guest run (tests/guest/fio-restart.sh runs long
+/// enough for them).
+const RESTARTS: u64 = 5;
 const REQ_LEN: u32 = 128 * 1024;
 /// Guest memory: rings below DATA_BASE, then headers, status bytes, data.
 const HDRS: u64 = DATA_BASE;
@@ -357,7 +360,7 @@ fn guest_restarts(name: &str, exit: fn() -> Exit) {
         if go_rx.recv().is_err() {
             return (d, restarts, resubmitting);
         }
-        for i in 0..4 {
+        for i in 0..RESTARTS {
             // Let fio run a while: the kill lands at an arbitrary point of
             // its I/O (this is pacing, not synchronisation).
             std::thread::sleep(Duration::from_millis(1500 + 400 * i));
@@ -393,8 +396,12 @@ fn guest_restarts(name: &str, exit: fn() -> Exit) {
     let (d, restarts, resubmitting) = killer.join().expect("the kill cycle failed");
     // Not asserted: a kill may land between two fio runs, with nothing in
     // flight. What is asserted is that fio never saw an error.
-    eprintln!("{resubmitting} of 4 restarted daemons resubmitted requests");
-    assert_eq!(restarts.len(), 4, "the guest finished before 4 restarts");
+    eprintln!("{resubmitting} of {RESTARTS} restarted daemons resubmitted requests");
+    assert_eq!(
+        restarts.len(),
+        RESTARTS as usize,
+        "the guest finished before {RESTARTS} restarts"
+    );
     for (i, r) in restarts.iter().enumerate() {
         eprintln!("restart {i}: new daemon listening {r:?} after the old one exited");
         assert!(*r < Duration::from_secs(1), "restart {i} took {r:?}");

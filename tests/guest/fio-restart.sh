@@ -5,8 +5,9 @@
 set -e
 [ "$(ls /sys/block/vda/mq | wc -l)" = 2 ] || { echo "expected 2 queues"; exit 1; }
 echo RESTART-FIO-START
-# Four runs (about 25 s of I/O under TCG), each verifying what it wrote.
-for seed in 1 2 3 4; do
+# Six runs (about 40 s of I/O under TCG, enough for the host's five
+# restarts), each verifying what it wrote.
+for seed in 1 2 3 4 5 6; do
   fio --name=restart --filename=/dev/vda --ioengine=libaio --direct=1 \
       --rw=randwrite --bssplit=4k/50:16k/30:64k/20 --iodepth=16 \
       --numjobs=2 --size=48M --offset_increment=48M --randseed=$seed \
