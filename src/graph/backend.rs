@@ -10,6 +10,7 @@ use std::task::{Poll, Waker};
 use super::in_flight::{InFlight, InFlightCounter};
 use super::node::Node;
 use super::parent::Parent;
+use super::root_shards::{RootHandle, RootShards};
 use crate::formats::BlockIo;
 use crate::uring::IoVec;
 
@@ -58,7 +59,11 @@ struct Attached {
 
 pub struct BlockBackend {
     name: String,
+    /// The root and our edge in its parent list; changes take the write
+    /// lock and update `request_root` with it.
     root: RwLock<Option<Attached>>,
+    /// The root as requests read it, without touching `root`.
+    request_root: RootShards,
     read_only: bool,
     /// This backend's own requests, counted before they reach the root node.
     in_flight: InFlightCounter,
@@ -84,6 +89,7 @@ impl BlockBackend {
         let b = Arc::new_cyclic(|me| BlockBackend {
             name: name.to_string(),
             root: RwLock::new(None),
+            request_root: RootShards::new(),
             read_only,
             in_flight: InFlightCounter::new(),
             quiesce_counter: AtomicU32::new(0),
@@ -158,6 +164,7 @@ impl BlockBackend {
             node: node.clone(),
             edge,
         });
+        self.request_root.set(Some(&node));
         drop(root);
         if node.quiesce_counter() > 0 {
             node.parents.drained_begin();
@@ -183,6 +190,7 @@ impl BlockBackend {
             node: new.clone(),
             edge,
         });
+        self.request_root.set(Some(&new));
         drop(root);
         if new.quiesce_counter() > 0 {
             new.parents.drained_begin();
@@ -194,11 +202,10 @@ impl BlockBackend {
     /// Detach the tree. Requests already inside it finish; new ones fail with
     /// `Ejected`. Returns the old root so the caller decides when it closes.
     pub fn eject(&self) -> Option<Arc<Node>> {
-        let old = self
-            .root
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
+        let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
+        let old = root.take()?;
+        self.request_root.set(None);
+        drop(root);
         // Ends the drain the edge held on us, if any.
         old.node.parents.detach(old.edge);
         Some(old.node)
@@ -236,10 +243,18 @@ impl BlockBackend {
         }
     }
 
-    fn check(&self, access: Access, offset: u64, len: u64) -> Result<Arc<Node>, BackendError> {
-        let root = self.root().ok_or_else(|| BackendError::Ejected {
-            backend: self.name.clone(),
-        })?;
+    fn check(
+        &self,
+        access: Access,
+        offset: u64,
+        len: u64,
+    ) -> Result<Arc<RootHandle>, BackendError> {
+        let root = self
+            .request_root
+            .get()
+            .ok_or_else(|| BackendError::Ejected {
+                backend: self.name.clone(),
+            })?;
         if matches!(access, Access::Write) && self.read_only {
             return Err(BackendError::ReadOnly {
                 backend: self.name.clone(),

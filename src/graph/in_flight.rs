@@ -24,7 +24,7 @@ static WAITERS: Mutex<Vec<Arc<EventFd>>> = Mutex::new(Vec::new());
 /// thread, round robin), so iothreads serving queues of one BlockBackend
 /// or node do not bounce one cache line between them on every request;
 /// readers (drain, statistics) sum the shards.
-const SHARDS: usize = 8;
+pub(super) const SHARDS: usize = 8;
 
 /// One shard on a cache line of its own (128 bytes: adjacent-line
 /// prefetching pairs 64-byte lines on x86).
@@ -50,7 +50,7 @@ thread_local! {
     static MY_SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
 }
 
-fn my_shard() -> usize {
+pub(super) fn my_shard() -> usize {
     MY_SHARD.with(|s| *s)
 }
 

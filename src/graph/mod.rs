@@ -15,6 +15,7 @@ mod node;
 mod open;
 mod parent;
 mod registry;
+mod root_shards;
 mod snapshot;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps};
