@@ -130,7 +130,7 @@ impl Refcounts {
             return Ok(0);
         };
         self.cache_block(file, off).await?;
-        Ok(self.blocks.get(off).map_or(0, |b| b[bi]))
+        Ok(self.blocks.get(off).map_or(0, |b| b.get(bi)))
     }
 
     /// Set a refcount whose block exists (callers use `ensure_block`).
@@ -144,7 +144,7 @@ impl Refcounts {
             .ok_or_else(|| corrupt(format!("no refcount block for cluster {cluster}")))?;
         self.cache_block(file, off).await?;
         if let Some(b) = self.blocks.get(off) {
-            b[bi] = value;
+            b.set(bi, value);
         }
         self.blocks.mark_dirty(off);
         Ok(())
