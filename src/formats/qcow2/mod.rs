@@ -257,11 +257,17 @@ impl Qcow2Driver {
 
     async fn do_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
         for (c, in_off, at, n) in self.chunks(offset, buf.len() as u64) {
-            let part = buf.slice(at as usize, n as usize);
+            let sliced;
+            let part = if n == buf.len() as u64 {
+                buf // within one cluster (most requests): no new list
+            } else {
+                sliced = buf.slice(at as usize, n as usize);
+                &sliced
+            };
             match self.lookup(c).await? {
-                Mapping::Data { host, .. } => self.file.read(host + in_off, &part).await?,
+                Mapping::Data { host, .. } => self.file.read(host + in_off, part).await?,
                 Mapping::Zero { .. } => part.fill_zero(),
-                Mapping::Unallocated => self.read_backing(offset + at, &part).await?,
+                Mapping::Unallocated => self.read_backing(offset + at, part).await?,
                 Mapping::Compressed { entry } => {
                     let data = compressed::read_cluster(&self.file, entry, self.bits())
                         .await
@@ -340,7 +346,13 @@ impl Qcow2Driver {
             ));
         }
         for (c, in_off, at, n) in self.chunks(offset, buf.len() as u64) {
-            let part = buf.slice(at as usize, n as usize);
+            let sliced;
+            let part = if n == buf.len() as u64 {
+                buf // within one cluster (most requests): no new list
+            } else {
+                sliced = buf.slice(at as usize, n as usize);
+                &sliced
+            };
             match self.lookup(c).await? {
                 Mapping::Data { host, copied } => {
                     if !copied {
@@ -358,11 +370,11 @@ impl Qcow2Driver {
                             )));
                         }
                     }
-                    self.file.write(host + in_off, &part).await?
+                    self.file.write(host + in_off, part).await?
                 }
                 Mapping::Compressed { .. } => return Err(self.compressed_write()),
                 Mapping::Zero { .. } | Mapping::Unallocated => {
-                    self.allocating_write(c, in_off, &part).await?
+                    self.allocating_write(c, in_off, part).await?
                 }
             }
         }

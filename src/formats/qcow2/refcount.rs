@@ -48,7 +48,8 @@ pub struct Refcounts {
     cluster_bits: u32,
     /// Next cluster index to try when allocating; only moves forward, so
     /// a cluster freed while requests may still use it is never reused
-    /// before the image is reopened.
+    /// before the image is reopened (lock-free lookups rely on it, see
+    /// `fastmap`).
     next_free: u64,
 }
 
