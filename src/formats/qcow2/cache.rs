@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::formats::ChildRef;
 use crate::uring::{AlignedBuf, IoVec};
@@ -112,18 +114,68 @@ pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Resu
     file.write(offset, &IoVec::from_buf(buf)).await
 }
 
-struct Entry {
-    data: Vec<u64>,
-    dirty: bool,
-    used: u64,
+/// One cached table, shared (`Arc`) between the cache and the lock-free
+/// lookup views of `super::fastmap`. Entries change only under the owner's
+/// lock; anyone may read them at any time.
+pub struct Table {
+    entries: Box<[AtomicU64]>,
+    /// Used since the eviction hand last passed (second-chance "clock").
+    /// Set without the owner's lock, so lock-free readers keep their tables
+    /// warm; only stored when it was clear, so a hot table's cache line
+    /// stays shared between threads instead of bouncing.
+    referenced: AtomicBool,
 }
 
+impl Table {
+    fn new(data: Vec<u64>) -> Self {
+        Table {
+            entries: data.into_iter().map(AtomicU64::new).collect(),
+            referenced: AtomicBool::new(true),
+        }
+    }
+
+    /// Entry `i` (0 past the end). Acquire: pairs with `set`, so whoever
+    /// sees a new L2 entry also sees what was done before it was set.
+    pub fn get(&self, i: usize) -> u64 {
+        self.entries.get(i).map_or(0, |e| e.load(Ordering::Acquire))
+    }
+
+    /// Only the cache's owner, under its lock, calls this.
+    pub fn set(&self, i: usize, v: u64) {
+        if let Some(e) = self.entries.get(i) {
+            e.store(v, Ordering::Release);
+        }
+    }
+
+    pub fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn values(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .map(|e| e.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+struct Slot {
+    offset: u64,
+    table: Arc<Table>,
+    dirty: bool,
+}
+
+/// Tables by file offset, at most `capacity` of them; eviction picks by
+/// second chance ("clock"): the hand skips (and clears) referenced tables.
 pub struct TableCache {
     encoding: Encoding,
     cluster_size: usize,
     capacity: usize,
-    tables: HashMap<u64, Entry>,
-    tick: u64,
+    slots: Vec<Slot>,
+    index: HashMap<u64, usize>,
+    hand: usize,
 }
 
 impl TableCache {
@@ -132,58 +184,66 @@ impl TableCache {
             encoding,
             cluster_size,
             capacity: capacity.max(2),
-            tables: HashMap::new(),
-            tick: 0,
+            slots: Vec::new(),
+            index: HashMap::new(),
+            hand: 0,
         }
     }
 
     pub fn contains(&self, offset: u64) -> bool {
-        self.tables.contains_key(&offset)
+        self.index.contains_key(&offset)
     }
 
     /// The table at `offset`, if cached.
-    pub fn get(&mut self, offset: u64) -> Option<&mut Vec<u64>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.tables.get_mut(&offset).map(|e| {
-            e.used = tick;
-            &mut e.data
-        })
+    pub fn get(&self, offset: u64) -> Option<&Arc<Table>> {
+        let slot = &self.slots[*self.index.get(&offset)?];
+        slot.table.touch();
+        Some(&slot.table)
     }
 
     pub fn mark_dirty(&mut self, offset: u64) {
-        if let Some(e) = self.tables.get_mut(&offset) {
-            e.dirty = true;
+        if let Some(&i) = self.index.get(&offset) {
+            self.slots[i].dirty = true;
         }
     }
 
     /// True if inserting another table would first need an eviction; the
-    /// victim (least recently used) is returned with whether it is dirty.
-    pub fn victim(&self) -> Option<(u64, bool)> {
-        if self.tables.len() < self.capacity {
+    /// victim is returned with whether it is dirty. Moves the clock hand.
+    pub fn victim(&mut self) -> Option<(u64, bool)> {
+        if self.slots.len() < self.capacity {
             return None;
         }
-        self.tables
-            .iter()
-            .min_by_key(|(_, e)| e.used)
-            .map(|(&off, e)| (off, e.dirty))
+        // Two turns at most: the first clears every bit it passes.
+        for _ in 0..2 * self.slots.len() {
+            self.hand %= self.slots.len();
+            let s = &self.slots[self.hand];
+            if !s.table.referenced.swap(false, Ordering::Relaxed) {
+                return Some((s.offset, s.dirty));
+            }
+            self.hand += 1;
+        }
+        self.slots.first().map(|s| (s.offset, s.dirty))
     }
 
     /// Drop a clean table (the caller wrote it back if it was dirty).
     pub fn remove(&mut self, offset: u64) {
-        self.tables.remove(&offset);
+        let Some(i) = self.index.remove(&offset) else {
+            return;
+        };
+        self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.offset, i);
+        }
     }
 
     pub fn insert(&mut self, offset: u64, data: Vec<u64>, dirty: bool) {
-        self.tick += 1;
-        self.tables.insert(
+        self.remove(offset);
+        self.index.insert(offset, self.slots.len());
+        self.slots.push(Slot {
             offset,
-            Entry {
-                data,
-                dirty,
-                used: self.tick,
-            },
-        );
+            table: Arc::new(Table::new(data)),
+            dirty,
+        });
     }
 
     /// Load a table from disk (not cached yet; the caller inserts it).
@@ -195,10 +255,10 @@ impl TableCache {
     /// Offsets of dirty tables, in file order.
     pub fn dirty(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
-            .tables
+            .slots
             .iter()
-            .filter(|(_, e)| e.dirty)
-            .map(|(&o, _)| o)
+            .filter(|s| s.dirty)
+            .map(|s| s.offset)
             .collect();
         v.sort_unstable();
         v
@@ -206,15 +266,14 @@ impl TableCache {
 
     /// Write one table back and mark it clean.
     pub async fn write_back(&mut self, file: &ChildRef, offset: u64) -> io::Result<()> {
-        let Some(e) = self.tables.get(&offset) else {
+        let Some(&i) = self.index.get(&offset) else {
             return Ok(());
         };
         let mut raw = vec![0u8; self.cluster_size];
-        self.encoding.encode(&e.data, &mut raw);
+        self.encoding
+            .encode(&self.slots[i].table.values(), &mut raw);
         write_bytes(file, offset, &raw).await?;
-        if let Some(e) = self.tables.get_mut(&offset) {
-            e.dirty = false;
-        }
+        self.slots[i].dirty = false;
         Ok(())
     }
 
@@ -256,5 +315,25 @@ mod tests {
         let mut raw = vec![0u8; 8];
         enc.encode(&[1, 0x0203, 0, 0], &mut raw);
         assert_eq!(&raw[..4], &[0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn eviction_spares_tables_used_since_the_hand_passed() {
+        let mut c = TableCache::new(Encoding::Be64, 512, 2);
+        c.insert(512, vec![1; 64], false);
+        c.insert(1024, vec![2; 64], true);
+        // Both are new: the hand clears both bits, then picks the first.
+        assert_eq!(c.victim(), Some((512, false)));
+        // 512 is used again (as a lock-free reader would), 1024 is not.
+        if let Some(t) = c.get(512) {
+            t.touch();
+        }
+        assert_eq!(c.victim(), Some((1024, true)));
+        c.remove(1024);
+        assert!(!c.contains(1024));
+        assert_eq!(c.get(512).map(|t| t.get(5)), Some(1));
+        c.insert(1536, vec![3; 64], true);
+        assert_eq!(c.get(1536).map(|t| t.get(63)), Some(3));
+        assert_eq!(c.dirty(), vec![1536]);
     }
 }

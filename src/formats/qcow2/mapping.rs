@@ -7,8 +7,10 @@
 //! before the refcount of the cluster it pointed to drops.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use super::cache::{read_bytes, write_bytes, Encoding, TableCache};
+use super::cache::{read_bytes, write_bytes, Encoding, Table, TableCache};
 use super::header::{Header, MAX_HOST_OFFSET};
 use super::refcount::{HeaderBlock, Refcounts};
 use crate::formats::ChildRef;
@@ -39,12 +41,77 @@ fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-pub struct Meta {
+/// What splitting a guest cluster into table indexes and decoding an L2
+/// entry needs: fixed for the image's life, so usable without the lock.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
     pub cluster_bits: u32,
     pub version: u32,
+}
+
+impl Layout {
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// (L1 index, L2 index) of a guest cluster.
+    pub fn split(&self, guest_cluster: u64) -> (usize, usize) {
+        let l2_bits = self.cluster_bits - 3;
+        (
+            (guest_cluster >> l2_bits) as usize,
+            (guest_cluster & ((1 << l2_bits) - 1)) as usize,
+        )
+    }
+
+    /// Validate and decode an L2 entry (entries come from the image file).
+    pub fn decode(&self, e: u64, guest_cluster: u64) -> io::Result<Mapping> {
+        if e & L2_COMPRESSED != 0 {
+            return Ok(Mapping::Compressed { entry: e });
+        }
+        if e & L2_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L2 entry for guest cluster {guest_cluster} has reserved bits ({e:#x})"
+            )));
+        }
+        let host = e & OFFSET_MASK;
+        if !host.is_multiple_of(self.cs()) || host > MAX_HOST_OFFSET {
+            return Err(corrupt(format!(
+                "guest cluster {guest_cluster} maps to unaligned {host:#x}"
+            )));
+        }
+        if e & L2_ZERO != 0 {
+            if self.version < 3 {
+                return Err(corrupt(format!(
+                    "zero flag in a version 2 image (cluster {guest_cluster})"
+                )));
+            }
+            return Ok(Mapping::Zero {
+                host: (host != 0).then_some(host),
+            });
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        if host < self.cs() {
+            return Err(corrupt(format!(
+                "guest cluster {guest_cluster} maps onto the header"
+            )));
+        }
+        Ok(Mapping::Data {
+            host,
+            copied: e & L2_COPIED != 0,
+        })
+    }
+}
+
+pub struct Meta {
+    pub layout: Layout,
     pub l1: Vec<u64>,
     pub l1_offset: u64,
     pub l2: TableCache,
+    /// Bumped (under the lock) whenever a table leaves `l2`: lock-free
+    /// lookup views drop the tables they took from it before (`fastmap`).
+    pub l2_gen: Arc<AtomicU64>,
     /// Present on writable opens only.
     pub refcounts: Option<Refcounts>,
     pub header: HeaderBlock,
@@ -61,11 +128,14 @@ impl Meta {
     ) -> io::Result<Self> {
         let l1_raw = read_bytes(file, h.l1_table_offset, h.l1_size as usize * 8).await?;
         let mut meta = Meta {
-            cluster_bits: h.cluster_bits,
-            version: h.version,
+            layout: Layout {
+                cluster_bits: h.cluster_bits,
+                version: h.version,
+            },
             l1: Encoding::Be64.decode(l1_raw.as_slice()),
             l1_offset: h.l1_table_offset,
             l2: TableCache::new(Encoding::Be64, h.cluster_size() as usize, l2_cache_tables),
+            l2_gen: Arc::new(AtomicU64::new(0)),
             refcounts: None,
             header: HeaderBlock { buf: header_bytes },
         };
@@ -102,11 +172,7 @@ impl Meta {
     }
 
     fn cs(&self) -> u64 {
-        1 << self.cluster_bits
-    }
-
-    fn l2_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.layout.cs()
     }
 
     fn refcounts(&mut self) -> io::Result<&mut Refcounts> {
@@ -146,6 +212,8 @@ impl Meta {
                 self.l2.write_back(file, victim).await?;
             }
             self.l2.remove(victim);
+            // From here on the table's updates go to a fresh copy.
+            self.l2_gen.fetch_add(1, Ordering::Release);
         }
         Ok(())
     }
@@ -161,60 +229,33 @@ impl Meta {
         Ok(())
     }
 
-    pub async fn lookup(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<Mapping> {
-        let l1i = (guest_cluster >> self.l2_bits()) as usize;
-        let l2i = (guest_cluster & ((1 << self.l2_bits()) - 1)) as usize;
+    /// The cached L2 table for L1 index `l1i` (loaded if need be); None
+    /// where the L1 entry is empty or past the table.
+    pub async fn l2_table(
+        &mut self,
+        file: &ChildRef,
+        l1i: usize,
+    ) -> io::Result<Option<Arc<Table>>> {
         let Some(off) = self.l2_offset(l1i)? else {
-            return Ok(Mapping::Unallocated);
+            return Ok(None);
         };
         self.cache_l2(file, off).await?;
-        let e = self.l2.get(off).map_or(0, |t| t[l2i]);
-        self.decode(e, guest_cluster)
+        Ok(self.l2.get(off).cloned())
     }
 
-    fn decode(&self, e: u64, guest_cluster: u64) -> io::Result<Mapping> {
-        if e & L2_COMPRESSED != 0 {
-            return Ok(Mapping::Compressed { entry: e });
-        }
-        if e & L2_RESERVED != 0 {
-            return Err(corrupt(format!(
-                "L2 entry for guest cluster {guest_cluster} has reserved bits ({e:#x})"
-            )));
-        }
-        let host = e & OFFSET_MASK;
-        if !host.is_multiple_of(self.cs()) || host > MAX_HOST_OFFSET {
-            return Err(corrupt(format!(
-                "guest cluster {guest_cluster} maps to unaligned {host:#x}"
-            )));
-        }
-        if e & L2_ZERO != 0 {
-            if self.version < 3 {
-                return Err(corrupt(format!(
-                    "zero flag in a version 2 image (cluster {guest_cluster})"
-                )));
-            }
-            return Ok(Mapping::Zero {
-                host: (host != 0).then_some(host),
-            });
-        }
-        if host == 0 {
-            return Ok(Mapping::Unallocated);
-        }
-        if host < self.cs() {
-            return Err(corrupt(format!(
-                "guest cluster {guest_cluster} maps onto the header"
-            )));
-        }
-        Ok(Mapping::Data {
-            host,
-            copied: e & L2_COPIED != 0,
-        })
+    pub async fn lookup(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<Mapping> {
+        let (l1i, l2i) = self.layout.split(guest_cluster);
+        let e = match self.l2_table(file, l1i).await? {
+            Some(t) => t.get(l2i),
+            None => 0,
+        };
+        self.layout.decode(e, guest_cluster)
     }
 
     /// Make sure guest cluster's L2 table exists, creating it if needed:
     /// refcount on disk, then the zeroed table, then the L1 entry.
     pub async fn ensure_l2(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<u64> {
-        let l1i = (guest_cluster >> self.l2_bits()) as usize;
+        let (l1i, _) = self.layout.split(guest_cluster);
         if l1i >= self.l1.len() {
             return Err(corrupt(format!(
                 "guest cluster {guest_cluster} is beyond the L1 table"
@@ -262,9 +303,10 @@ impl Meta {
         entry: u64,
     ) -> io::Result<u64> {
         let off = self.ensure_l2(file, guest_cluster).await?;
-        let l2i = (guest_cluster & ((1 << self.l2_bits()) - 1)) as usize;
+        let (_, l2i) = self.layout.split(guest_cluster);
         if let Some(t) = self.l2.get(off) {
-            t[l2i] = entry;
+            // Lock-free readers see the new entry from now on.
+            t.set(l2i, entry);
         }
         self.l2.mark_dirty(off);
         Ok(off)

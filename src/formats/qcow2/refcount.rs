@@ -48,7 +48,8 @@ pub struct Refcounts {
     cluster_bits: u32,
     /// Next cluster index to try when allocating; only moves forward, so
     /// a cluster freed while requests may still use it is never reused
-    /// before the image is reopened.
+    /// before the image is reopened (lock-free lookups rely on it, see
+    /// `fastmap`).
     next_free: u64,
 }
 
@@ -130,7 +131,7 @@ impl Refcounts {
             return Ok(0);
         };
         self.cache_block(file, off).await?;
-        Ok(self.blocks.get(off).map_or(0, |b| b[bi]))
+        Ok(self.blocks.get(off).map_or(0, |b| b.get(bi)))
     }
 
     /// Set a refcount whose block exists (callers use `ensure_block`).
@@ -144,7 +145,7 @@ impl Refcounts {
             .ok_or_else(|| corrupt(format!("no refcount block for cluster {cluster}")))?;
         self.cache_block(file, off).await?;
         if let Some(b) = self.blocks.get(off) {
-            b[bi] = value;
+            b.set(bi, value);
         }
         self.blocks.mark_dirty(off);
         Ok(())
