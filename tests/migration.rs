@@ -520,6 +520,12 @@ fn start_pair(name: &str, test: &str, log_off: bool) -> Pair {
 }
 
 impl Pair {
+    /// The source's migration bandwidth limit, bytes per second.
+    fn set_bandwidth(&mut self, bytes: u64) {
+        let args = serde_json::json!({ "max-bandwidth": bytes });
+        self.src.qmp.ok("migrate-set-parameters", args);
+    }
+
     fn migrate(&mut self) {
         let uri = format!("unix:{}", self.mig.display());
         self.src
@@ -628,10 +634,7 @@ fn migrate_page_cache_fill(name: &str, log_off: bool) -> String {
     );
     // 32 MiB/s (QEMU 7.2's default, set so that it stays so) against the
     // guest's churn: the migration keeps iterating until the churn stops.
-    p.src.qmp.ok(
-        "migrate-set-parameters",
-        serde_json::json!({ "max-bandwidth": 32u64 << 20 }),
-    );
+    p.set_bandwidth(32u64 << 20);
     p.migrate();
     // Sync 1 starts the first pass; sync 2 ends it: every page sent once.
     let info = p.poll_migration(|i| {
@@ -645,20 +648,14 @@ fn migrate_page_cache_fill(name: &str, log_off: bool) -> String {
     // Too slow to converge while the guest reads (the read dirties more
     // than 1 MiB/s times the 300 ms downtime limit, logged or not: dd's own
     // buffer is CPU-written), so the read happens on the source; then fast.
-    p.src.qmp.ok(
-        "migrate-set-parameters",
-        serde_json::json!({ "max-bandwidth": 1u64 << 20 }),
-    );
+    p.set_bandwidth(1u64 << 20);
     p.src.type_line("go");
     assert!(
         p.src.wait_for("DIRTYLOG-READ", Duration::from_secs(120)),
         "the guest did not read on the source; console:\n{}",
         p.src.console
     );
-    p.src.qmp.ok(
-        "migrate-set-parameters",
-        serde_json::json!({ "max-bandwidth": 1u64 << 30 }),
-    );
+    p.set_bandwidth(1u64 << 30);
     let info = p.wait_completed();
     eprintln!(
         "migration: total {} ms, downtime {} ms",
