@@ -288,6 +288,10 @@ impl Runtime {
         /// as looking at a few rings, so reading it on every spin would
         /// make polling mostly clock reads.
         const SPINS_PER_CLOCK: u32 = 16;
+        /// Far longer than SPINS_PER_CLOCK spins take (under a µs) or an
+        /// interrupt handler runs: a gap this long means we were
+        /// descheduled while spinning.
+        const DESCHEDULED: std::time::Duration = std::time::Duration::from_micros(30);
         let mut pollers = self.poll_scratch.take();
         pollers.extend(self.pollers.borrow().iter().map(|(_, p)| p.clone()));
         self.io_wait.set(pollers.iter().any(|p| p.io_in_flight()));
@@ -306,6 +310,7 @@ impl Runtime {
             // arrive while we poll.
             self.reactor.flush();
             let start = std::time::Instant::now();
+            let mut last_clock = start;
             let mut spins = 0u32;
             loop {
                 found = self.reactor.has_completions();
@@ -317,8 +322,19 @@ impl Runtime {
                     break;
                 }
                 spins += 1;
-                if spins.is_multiple_of(SPINS_PER_CLOCK) && start.elapsed() >= window {
-                    break;
+                if spins.is_multiple_of(SPINS_PER_CLOCK) {
+                    let now = std::time::Instant::now();
+                    if now - last_clock >= DESCHEDULED {
+                        // Something else ran on this CPU meanwhile (another
+                        // thread, or the hypervisor ran another vCPU): the
+                        // CPU is contended and our spinning takes from it.
+                        self.window().borrow_mut().contended();
+                        break;
+                    }
+                    if now - start >= window {
+                        break;
+                    }
+                    last_clock = now;
                 }
                 std::hint::spin_loop();
             }

@@ -5,8 +5,9 @@
 //! Spinning costs a CPU, which on a small machine is one the client or the
 //! kernel needed, so it is rationed: a process-wide [`SpinBudget`], no
 //! spinning for queues whose driver polls itself ([`DriverPollDetector`]),
-//! and separate windows for waits on new requests and on our own I/O (the
-//! executor), so slow disk I/O does not teach the thread to spin.
+//! separate windows for waits on new requests and on our own I/O (the
+//! executor), so slow disk I/O does not teach the thread to spin, and a
+//! window that closes when spinning gets descheduled (a contended CPU).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -187,6 +188,12 @@ impl PollWindow {
             };
         }
     }
+
+    /// We were descheduled while spinning: others want this CPU, so stop
+    /// polling; short waits grow the window again from the start.
+    pub(super) fn contended(&mut self) {
+        self.current = Duration::ZERO;
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +280,19 @@ mod tests {
         // Batched checks count every completion since the last one.
         assert!(d.checked(false));
         assert!(!d.checked(true), "asking again ends it at once");
+    }
+
+    #[test]
+    fn contention_closes_the_window_and_short_waits_reopen_it() {
+        let mut w = PollWindow::new(Duration::from_micros(32));
+        for _ in 0..4 {
+            w.adjust(Duration::from_micros(20));
+        }
+        assert_eq!(w.current(), Duration::from_micros(32));
+        w.contended();
+        assert_eq!(w.current(), Duration::ZERO);
+        w.adjust(Duration::from_micros(20));
+        assert_eq!(w.current(), START);
     }
 
     #[test]
