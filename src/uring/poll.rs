@@ -189,10 +189,13 @@ impl PollWindow {
         }
     }
 
-    /// We were descheduled while spinning: others want this CPU, so stop
-    /// polling; short waits grow the window again from the start.
+    /// We were descheduled while spinning: others want this CPU, so poll
+    /// less, as after a wait too long to poll through.
     pub(super) fn contended(&mut self) {
-        self.current = Duration::ZERO;
+        self.current /= 2;
+        if self.current < START {
+            self.current = Duration::ZERO;
+        }
     }
 }
 
@@ -283,13 +286,17 @@ mod tests {
     }
 
     #[test]
-    fn contention_closes_the_window_and_short_waits_reopen_it() {
+    fn contention_shrinks_the_window_and_short_waits_regrow_it() {
         let mut w = PollWindow::new(Duration::from_micros(32));
         for _ in 0..4 {
             w.adjust(Duration::from_micros(20));
         }
         assert_eq!(w.current(), Duration::from_micros(32));
         w.contended();
+        assert_eq!(w.current(), Duration::from_micros(16));
+        for _ in 0..3 {
+            w.contended();
+        }
         assert_eq!(w.current(), Duration::ZERO);
         w.adjust(Duration::from_micros(20));
         assert_eq!(w.current(), START);
