@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, types};
 
-use super::poll::{PollWindow, Poller};
+use super::poll::{PollWindow, Poller, BUDGET};
 use super::reactor::{Reactor, MESSAGE_TOKEN};
 
 type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
@@ -110,7 +110,15 @@ pub(super) struct Runtime {
     /// that a poller may add or remove pollers while it runs).
     poll_scratch: Cell<Vec<Rc<dyn Poller>>>,
     next_poller: Cell<usize>,
-    window: RefCell<PollWindow>,
+    /// Adaptive windows for two kinds of wait, kept apart because their
+    /// lengths differ by orders of magnitude on a real disk: new requests
+    /// (nothing of ours in flight) come a few µs after the client reaped,
+    /// while a disk read takes ~100 µs, and spinning through that only
+    /// takes a CPU from the kernel's completion work and the client.
+    kick_window: RefCell<PollWindow>,
+    io_window: RefCell<PollWindow>,
+    /// The current wait began with I/O in flight (uses `io_window`).
+    io_wait: Cell<bool>,
     /// When this loop turn started (after the wait or poll that ended the
     /// previous one): see [`now`].
     turn_started: Cell<std::time::Instant>,
@@ -188,7 +196,9 @@ impl Runtime {
             pollers: RefCell::new(Vec::new()),
             poll_scratch: Cell::new(Vec::new()),
             next_poller: Cell::new(0),
-            window: RefCell::new(PollWindow::new(poll_max)),
+            kick_window: RefCell::new(PollWindow::new(poll_max)),
+            io_window: RefCell::new(PollWindow::new(poll_max)),
+            io_wait: Cell::new(false),
             turn_started: Cell::new(std::time::Instant::now()),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(rt.clone()));
@@ -261,25 +271,46 @@ impl Runtime {
         }
     }
 
-    /// Busy-poll the pollers and the ring for up to the adaptive window.
+    /// The adaptive window of the current wait's kind.
+    fn window(&self) -> &RefCell<PollWindow> {
+        if self.io_wait.get() {
+            &self.io_window
+        } else {
+            &self.kick_window
+        }
+    }
+
+    /// Busy-poll the pollers and the ring for up to the adaptive window, if
+    /// the process-wide budget has a CPU to spin on.
     /// Returns true if work was found (the caller then skips sleeping).
     fn poll_for_work(&self) -> bool {
         /// Spins between clock reads: a vDSO clock read costs about as much
         /// as looking at a few rings, so reading it on every spin would
         /// make polling mostly clock reads.
         const SPINS_PER_CLOCK: u32 = 16;
-        let window = self.window.borrow().current();
+        /// Far longer than SPINS_PER_CLOCK spins take (under a µs) or an
+        /// interrupt handler runs: a gap this long means we were
+        /// descheduled while spinning.
+        const DESCHEDULED: std::time::Duration = std::time::Duration::from_micros(30);
         let mut pollers = self.poll_scratch.take();
         pollers.extend(self.pollers.borrow().iter().map(|(_, p)| p.clone()));
+        self.io_wait.set(pollers.iter().any(|p| p.io_in_flight()));
         if pollers.is_empty() {
             return false;
         }
+        let window = self.window().borrow().current();
         let mut found = false;
-        if !window.is_zero() {
+        let slot = if window.is_zero() || pollers.iter().all(|p| p.driver_polls()) {
+            None
+        } else {
+            BUDGET.claim()
+        };
+        if slot.is_some() {
             // Hand this turn's SQEs to the kernel so their completions can
             // arrive while we poll.
             self.reactor.flush();
             let start = std::time::Instant::now();
+            let mut last_clock = start;
             let mut spins = 0u32;
             loop {
                 found = self.reactor.has_completions();
@@ -287,16 +318,28 @@ impl Runtime {
                     found |= p.clone().poll();
                 }
                 if found {
-                    self.window.borrow_mut().adjust(start.elapsed());
+                    self.window().borrow_mut().adjust(start.elapsed());
                     break;
                 }
                 spins += 1;
-                if spins.is_multiple_of(SPINS_PER_CLOCK) && start.elapsed() >= window {
-                    break;
+                if spins.is_multiple_of(SPINS_PER_CLOCK) {
+                    let now = std::time::Instant::now();
+                    if now - last_clock >= DESCHEDULED {
+                        // Something else ran on this CPU meanwhile (another
+                        // thread, or the hypervisor ran another vCPU): the
+                        // CPU is contended and our spinning takes from it.
+                        self.window().borrow_mut().contended();
+                        break;
+                    }
+                    if now - start >= window {
+                        break;
+                    }
+                    last_clock = now;
                 }
                 std::hint::spin_loop();
             }
         }
+        drop(slot);
         if !found {
             // About to sleep: notifications back on; catch what raced with that.
             for p in &pollers {
@@ -344,7 +387,7 @@ impl Runtime {
                 self.reactor
                     .submit_and_wait(self.message_armed.get() as usize);
                 let waited = started.elapsed();
-                self.window.borrow_mut().adjust(waited);
+                self.window().borrow_mut().adjust(waited);
             }
             self.turn_started.set(std::time::Instant::now());
             let mut got_message = false;

@@ -17,4 +17,4 @@ pub use executor::{add_poller, block_on, now, on_turn_end, remove_poller, spawn}
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
 pub use lock::AsyncMutex;
-pub use poll::Poller;
+pub use poll::{DriverPollDetector, Poller, PollingDriver};

@@ -179,6 +179,10 @@ struct Worker {
     broken: Cell<bool>,
     /// Guest notifications are off because the iothread is polling us.
     polling: Cell<bool>,
+    /// Whether the driver reaps by polling the used ring; while it does,
+    /// `driver_polls` counts its spinning CPU against our spinning budget.
+    poll_detector: RefCell<uring::DriverPollDetector>,
+    driver_polls: RefCell<Option<uring::PollingDriver>>,
     /// A chain walked and parsed without awaiting in between, kept so its
     /// buffers' capacity serves every request (no allocation per walk).
     scratch: Cell<chain::Chain>,
@@ -210,6 +214,14 @@ impl uring::Poller for Worker {
             return false;
         }
         self.process_avail(true)
+    }
+
+    fn io_in_flight(&self) -> bool {
+        self.in_flight().get() > 0
+    }
+
+    fn driver_polls(&self) -> bool {
+        self.driver_polls.borrow().is_some()
     }
 }
 
@@ -304,6 +316,8 @@ pub fn start(
             signal_scheduled: Cell::new(false),
             broken: Cell::new(false),
             polling: Cell::new(false),
+            poll_detector: RefCell::default(),
+            driver_polls: RefCell::new(None),
             scratch: Cell::new(chain::Chain::default()),
             log: LogLimiter::default(),
             inflight: tracker,
@@ -411,6 +425,7 @@ impl Worker {
         drop(next_kick);
         *self.control.waker.lock().unwrap_or_else(|e| e.into_inner()) = None;
         uring::remove_poller(poller);
+        self.driver_polls.replace(None);
         // Let every request finish before reporting where we stopped.
         poll_fn(|cx| {
             if self.in_flight().get() == 0 {
@@ -639,6 +654,7 @@ impl Worker {
         let slot = q.next_used().wrapping_sub(1);
         drop(q);
         self.log_used(Some(slot));
+        self.poll_detector.borrow_mut().completed();
         let in_flight = self.in_flight();
         in_flight.sub();
         if in_flight.get() == 0 {
@@ -684,6 +700,11 @@ impl Worker {
             .unwrap_or(true);
         if needed {
             self.call.signal();
+        }
+        let polls = self.poll_detector.borrow_mut().checked(needed);
+        let mut counted = self.driver_polls.borrow_mut();
+        if polls != counted.is_some() && !self.control.stop.load(Ordering::Acquire) {
+            *counted = polls.then(uring::PollingDriver::new);
         }
     }
 }
