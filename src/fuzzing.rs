@@ -80,7 +80,7 @@ pub fn virtio_blk_request(data: &[u8]) -> Option<u8> {
         c.readable.len() + c.writable.len() <= max_descs + 1,
         "a chain keeps at most max_descs buffers"
     );
-    let (req, action) = request::parse(&mem, &c, &limits);
+    let (req, action) = request::parse(mem, &c, &limits);
     let status = match action {
         Err(reject) => reject.status,
         Ok(op) => {

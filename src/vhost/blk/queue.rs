@@ -541,7 +541,8 @@ impl Worker {
         let max = self.export.max_descs;
         let mut chain = self.scratch.take();
         let walked = chain::walk_into(&mut chain, &mem, table, size, head, self.indirect, max);
-        let parsed = walked.map(|()| request::parse(&mem, &chain, &self.export.limits));
+        // The request takes over `mem` (the task's reference): no clone.
+        let parsed = walked.map(|()| request::parse(mem, &chain, &self.export.limits));
         // Back before the first await: no other request can hold it.
         self.scratch.set(chain);
         let used_len = match parsed {
@@ -577,8 +578,9 @@ impl Worker {
                 // is walked again, only while logging.
                 if let Some(log) = self.dirty_log.current() {
                     let mut chain = self.scratch.take();
+                    let mem = req.memory();
                     let again =
-                        chain::walk_into(&mut chain, &mem, table, size, head, self.indirect, max);
+                        chain::walk_into(&mut chain, mem, table, size, head, self.indirect, max);
                     if again.is_ok() {
                         chain
                             .writable

@@ -103,6 +103,11 @@ pub struct Request<M: RequestMemory = GuestRam> {
 }
 
 impl<M: RequestMemory> Request<M> {
+    /// The guest memory the request's buffers are in (kept mapped by it).
+    pub fn memory(&self) -> &Arc<M> {
+        &self.mem
+    }
+
     /// True if the chain has somewhere to put the status byte.
     pub fn has_status(&self) -> bool {
         self.status.is_some()
@@ -312,13 +317,14 @@ fn parse_segment(
 }
 
 /// Parse a chain into where its completion goes and what to do. Never
-/// fails: a malformed request becomes `Err(Reject)`.
+/// fails: a malformed request becomes `Err(Reject)`. The request keeps
+/// `keep` (moved, not cloned: each clone is an atomic write per request).
 pub fn parse<M: RequestMemory>(
-    keep: &Arc<M>,
+    keep: Arc<M>,
     chain: &Chain,
     limits: &Limits,
 ) -> (Request<M>, Result<Op, Reject>) {
-    let mem: &GuestRam = (**keep).as_ref();
+    let mem: &GuestRam = (*keep).as_ref();
     // The status byte is the last byte of the device-writable part.
     let writable_len = stream_len(&chain.writable);
     let status = (writable_len > 0)
@@ -326,28 +332,40 @@ pub fn parse<M: RequestMemory>(
         .flatten()
         .map(|b| b.addr)
         .filter(|a| mem.host_range(a.0, 1).is_some());
-    let mut req = Request {
-        mem: keep.clone(),
-        status,
-        data_written: 0,
+    let mut data_written = 0;
+    let action = match status {
+        None => Err(ioerr("no status byte")),
+        Some(_) => parse_op(&keep, chain, limits, writable_len, &mut data_written),
     };
-    if req.status.is_none() {
-        return (req, Err(ioerr("no status byte")));
-    }
+    let req = Request {
+        mem: keep,
+        status,
+        data_written,
+    };
+    (req, action)
+}
+
+/// The operation a chain with a status byte asks for; sets
+/// `data_written` to the bytes a successful read puts in guest memory.
+fn parse_op<M: RequestMemory>(
+    keep: &Arc<M>,
+    chain: &Chain,
+    limits: &Limits,
+    writable_len: u64,
+    data_written: &mut u32,
+) -> Result<Op, Reject> {
+    let mem: &GuestRam = (**keep).as_ref();
     let mut header = [0u8; HEADER_LEN];
     if let Err(e) = read_stream(mem, &chain.readable, 0, &mut header) {
-        return (req, Err(ioerr(format!("bad request header: {}", e.reason))));
+        return Err(ioerr(format!("bad request header: {}", e.reason)));
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
     if chain.excess > 0 {
-        return (
-            req,
-            Err(ioerr(format!(
-                "chain of over {} descriptors",
-                chain.readable.len() + chain.writable.len() + chain.excess
-            ))),
-        );
+        return Err(ioerr(format!(
+            "chain of over {} descriptors",
+            chain.readable.len() + chain.writable.len() + chain.excess
+        )));
     }
     // Data the device would write (besides the status byte) and read
     // (besides the header). Each request type has one direction at most.
@@ -366,7 +384,7 @@ pub fn parse<M: RequestMemory>(
             Ok(())
         }
     };
-    let action = match kind {
+    match kind {
         VIRTIO_BLK_T_IN => direction("read", true, false).and_then(|()| {
             if in_data == 0 {
                 return Err(ioerr("read without data buffers"));
@@ -376,7 +394,7 @@ pub fn parse<M: RequestMemory>(
             let offset = byte_range(sector, in_data, limits)?;
             let data = to_iovec(keep, bufs)?;
             // Fits: check_data caps it below u32::MAX.
-            req.data_written = in_data as u32;
+            *data_written = in_data as u32;
             Ok(Op::Read { offset, data })
         }),
         VIRTIO_BLK_T_OUT => direction("write", false, true).and_then(|()| {
@@ -396,7 +414,7 @@ pub fn parse<M: RequestMemory>(
             }
             let n = in_data.min(VIRTIO_BLK_ID_BYTES as u64);
             to_iovec(keep, sub_buffers(&chain.writable, 0, n)).map(|data| {
-                req.data_written = n as u32;
+                *data_written = n as u32;
                 Op::GetId { data }
             })
         }),
@@ -405,8 +423,7 @@ pub fn parse<M: RequestMemory>(
         VIRTIO_BLK_T_WRITE_ZEROES => direction("write-zeroes", false, true)
             .and_then(|()| parse_segment(mem, chain, true, limits)),
         other => Err(unsupp(format!("request type {other}"))),
-    };
-    (req, action)
+    }
 }
 
 #[cfg(test)]
@@ -449,7 +466,7 @@ mod tests {
             writable: vec![buf(STATUS, 1)],
             excess: 0,
         };
-        let (req, op) = parse(&mem, &chain, &limits());
+        let (req, op) = parse(mem, &chain, &limits());
         assert!(req.has_status());
         op
     }
@@ -516,7 +533,7 @@ mod tests {
             writable: vec![buf(0x10000, 512), buf(STATUS, 1)],
             excess: 3000,
         };
-        let (req, op) = parse(&mem, &chain, &limits());
+        let (req, op) = parse(mem, &chain, &limits());
         assert!(req.has_status());
         assert_eq!(op.err().map(|e| e.status), Some(VIRTIO_BLK_S_IOERR));
     }
