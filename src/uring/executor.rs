@@ -328,7 +328,7 @@ impl Runtime {
                         // Something else ran on this CPU meanwhile (another
                         // thread, or the hypervisor ran another vCPU): the
                         // CPU is contended and our spinning takes from it.
-                        self.window().borrow_mut().contended();
+                        self.window().borrow_mut().shrink();
                         break;
                     }
                     if now - start >= window {

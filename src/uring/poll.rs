@@ -7,7 +7,7 @@
 //! spinning for queues whose driver polls itself ([`DriverPollDetector`]),
 //! separate windows for waits on new requests and on our own I/O (the
 //! executor), so slow disk I/O does not teach the thread to spin, and a
-//! window that closes when spinning gets descheduled (a contended CPU).
+//! window that halves when spinning gets descheduled (a contended CPU).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -175,10 +175,7 @@ impl PollWindow {
             // Polling found the work: the window is right.
         } else if waited > self.max {
             // Polling would have had to last too long: poll less.
-            self.current /= 2;
-            if self.current < START {
-                self.current = Duration::ZERO;
-            }
+            self.shrink();
         } else if self.current < self.max {
             // The work came soon after we gave up polling: poll longer.
             self.current = if self.current.is_zero() {
@@ -189,9 +186,10 @@ impl PollWindow {
         }
     }
 
-    /// We were descheduled while spinning: others want this CPU, so poll
-    /// less, as after a wait too long to poll through.
-    pub(super) fn contended(&mut self) {
+    /// Poll less: halve the window (closing it below the start size).
+    /// After a wait too long to poll through, and when we were descheduled
+    /// while spinning (others want this CPU).
+    pub(super) fn shrink(&mut self) {
         self.current /= 2;
         if self.current < START {
             self.current = Duration::ZERO;
@@ -292,10 +290,10 @@ mod tests {
             w.adjust(Duration::from_micros(20));
         }
         assert_eq!(w.current(), Duration::from_micros(32));
-        w.contended();
+        w.shrink();
         assert_eq!(w.current(), Duration::from_micros(16));
         for _ in 0..3 {
-            w.contended();
+            w.shrink();
         }
         assert_eq!(w.current(), Duration::ZERO);
         w.adjust(Duration::from_micros(20));
