@@ -257,13 +257,8 @@ impl Qcow2Driver {
 
     async fn do_read(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
         for (c, in_off, at, n) in self.chunks(offset, buf.len() as u64) {
-            let sliced;
-            let part = if n == buf.len() as u64 {
-                buf // within one cluster (most requests): no new list
-            } else {
-                sliced = buf.slice(at as usize, n as usize);
-                &sliced
-            };
+            let mut sliced = None;
+            let part = part_of(buf, at, n, &mut sliced);
             match self.lookup(c).await? {
                 Mapping::Data { host, .. } => self.file.read(host + in_off, part).await?,
                 Mapping::Zero { .. } => part.fill_zero(),
@@ -346,13 +341,8 @@ impl Qcow2Driver {
             ));
         }
         for (c, in_off, at, n) in self.chunks(offset, buf.len() as u64) {
-            let sliced;
-            let part = if n == buf.len() as u64 {
-                buf // within one cluster (most requests): no new list
-            } else {
-                sliced = buf.slice(at as usize, n as usize);
-                &sliced
-            };
+            let mut sliced = None;
+            let part = part_of(buf, at, n, &mut sliced);
             match self.lookup(c).await? {
                 Mapping::Data { host, copied } => {
                     if !copied {
@@ -608,6 +598,16 @@ impl BlockDriver for Qcow2Driver {
     fn close(&self) -> io::Result<()> {
         // Write back the caches; the file node below syncs when it closes.
         crate::uring::block_on(|| self.do_flush())?
+    }
+}
+
+/// Bytes `[at, at + n)` of `buf`: `buf` itself when that is all of it (a
+/// request within one cluster, most of them), so no new iovec list is made.
+fn part_of<'a>(buf: &'a IoVec, at: u64, n: u64, sliced: &'a mut Option<IoVec>) -> &'a IoVec {
+    if n == buf.len() as u64 {
+        buf
+    } else {
+        sliced.insert(buf.slice(at as usize, n as usize))
     }
 }
 
