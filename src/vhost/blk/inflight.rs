@@ -42,10 +42,8 @@ use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::ByteValued;
 
-use crate::vhost::memory::GuestRam;
 use crate::vhost::shared_map::{os_err, SharedMap};
 
 /// The region layout version we write and accept.
@@ -409,25 +407,20 @@ impl QueueInflight {
 /// when the queue is tracked. While the daemon detaches (keeping its
 /// guest), a tracked request gets no used entry: it stays in flight in the
 /// region and the next daemon runs it again (block requests are
-/// idempotent). Returns whether a used entry was written.
-pub fn put_used(
-    tracker: Option<&QueueInflight>,
-    queue: &mut Queue,
-    mem: &GuestRam,
-    head: u16,
-    len: u32,
-) -> Result<bool, virtio_queue::Error> {
+/// idempotent). `add` writes the entry and returns the new used index.
+/// Returns whether a used entry was written.
+pub fn put_used(tracker: Option<&QueueInflight>, head: u16, add: impl FnOnce() -> u16) -> bool {
     let Some(t) = tracker else {
-        queue.add_used(mem.mmap(), head, len)?;
-        return Ok(true);
+        add();
+        return true;
     };
     if detaching() {
-        return Ok(false);
+        return false;
     }
     t.pre_put(head);
-    queue.add_used(mem.mmap(), head, len)?;
-    t.post_put(head, queue.next_used());
-    Ok(true)
+    let next_used = add();
+    t.post_put(head, next_used);
+    true
 }
 
 #[cfg(test)]

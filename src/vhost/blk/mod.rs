@@ -34,5 +34,6 @@ pub mod inflight;
 pub mod queue;
 mod queue_tests;
 pub mod request;
+mod ring;
 pub mod state;
 pub mod stats;

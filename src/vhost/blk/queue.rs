@@ -12,12 +12,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::chain;
 use super::inflight::{self, QueueInflight};
 use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use super::ring::RingView;
 use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
 use crate::uring::{self, ops};
@@ -163,10 +164,11 @@ struct Worker {
     /// reference counting stays on a cache line only this iothread writes
     /// instead of the count every queue of the frontend shares.
     mem: RefCell<(u64, QueueRam)>,
-    /// Where the avail ring's `idx` is in our mapping, for the polling
-    /// loop: (the memory generation it was found in, host address; 0: not
-    /// looked up yet). See [`Worker::avail_idx_now`].
-    avail_idx_at: Cell<(u64, usize)>,
+    /// The avail and used rings in our mapping of `mem` (None: not looked
+    /// up yet). See [`Worker::rings`].
+    rings: Cell<Option<RingView>>,
+    /// Used entries added since the last notification check.
+    used_added: Cell<u16>,
     indirect: bool,
     kick: Arc<File>,
     call: Arc<CallFd>,
@@ -306,7 +308,8 @@ pub fn start(
             queue: RefCell::new(q),
             shared_mem,
             mem: RefCell::new((gen, Arc::new(mem))),
-            avail_idx_at: Cell::new((0, 0)),
+            rings: Cell::new(None),
+            used_added: Cell::new(0),
             indirect,
             kick,
             call,
@@ -362,29 +365,42 @@ impl Worker {
         cur.1.clone()
     }
 
-    /// The avail ring's `idx`, as the polling loop reads it on every spin:
-    /// one atomic load at an address looked up once per memory generation
-    /// (translating the ring's address through guest memory on each spin
-    /// was ~14% of a polling profile). None if the ring is not in memory.
+    /// The avail index, as the polling loop reads it on every spin: one
+    /// atomic load (translating the ring's address on each spin was ~14% of
+    /// a polling profile). None if the ring is not in memory.
     fn avail_idx_now(&self) -> Option<u16> {
-        let (at_gen, mut addr) = self.avail_idx_at.get();
-        if addr == 0 || at_gen != self.shared_mem.generation() {
-            let mem = self.memory();
-            let gen = self.mem.borrow().0;
-            let ring = self.queue.borrow().avail_ring();
-            addr = mem.host_range(ring.checked_add(2)?, 2)? as usize;
-            self.avail_idx_at.set((gen, addr));
+        self.rings().map(|r| r.avail_idx())
+    }
+
+    /// The rings in the current guest memory, looked up once per memory
+    /// generation; None if they are not inside it (the frontend moved its
+    /// memory from under them).
+    fn rings(&self) -> Option<RingView> {
+        if let Some(r) = self.rings.get() {
+            if r.generation() == self.shared_mem.generation() {
+                return Some(r);
+            }
         }
-        // SAFETY: `addr` lies inside the mapping `self.mem` holds for the
-        // generation it was found in, and `self.mem` is only replaced when
-        // the generation moves on, which the check above sees first (the
-        // shared generation never goes back): the mapping is alive. The
-        // ring's address is 2-aligned (virtio-queue checks it) and mappings
-        // are page-aligned, so the u16 is aligned; the driver writes it
-        // concurrently, hence an atomic load (Acquire: the ring entries it
-        // published before the index are visible after it). A frontend that
-        // shrinks the memory under us makes this a guest-fault-absorbed read.
-        Some(unsafe { (*(addr as *const std::sync::atomic::AtomicU16)).load(Ordering::Acquire) })
+        let mem = self.memory();
+        let gen = self.mem.borrow().0;
+        let q = self.queue.borrow();
+        // SAFETY: `self.mem` holds `mem`, the memory of generation `gen`,
+        // until the shared generation moves past `gen` (it never goes
+        // back), and the check above then makes a new view before this one
+        // is used again. A frontend that shrinks that memory under us makes
+        // accesses through the view guest-fault-absorbed ones.
+        let view = unsafe {
+            RingView::new(
+                &mem,
+                gen,
+                q.avail_ring(),
+                q.used_ring(),
+                q.size(),
+                self.event_idx,
+            )
+        };
+        self.rings.set(view);
+        view
     }
 
     async fn run(self: Rc<Self>) {
@@ -485,22 +501,33 @@ impl Worker {
             return false;
         }
         let mut found = self.resubmit_pending(&mem);
+        let Some(rings) = self.rings() else {
+            log::error!(
+                "queue {}: rings are not inside guest memory any more; the queue stops until it is set up again",
+                self.index
+            );
+            self.broken.set(true);
+            return found;
+        };
         let mut heads = Vec::new();
         loop {
             let mut q = self.queue.borrow_mut();
-            let _ = q.disable_notification(mem.mmap());
-            match q.iter(mem.mmap()) {
-                Ok(iter) => heads.extend(iter.map(|c| c.head_index())),
-                Err(e) => {
-                    log::error!(
-                        "queue {}: {e}; the queue stops until it is set up again",
-                        self.index
-                    );
-                    self.broken.set(true);
-                    return found;
-                }
+            let next = q.next_avail();
+            rings.set_kicks(false, self.event_idx, next);
+            let avail = rings.avail_idx();
+            let count = avail.wrapping_sub(next);
+            if count > q.size() {
+                log::error!(
+                    "queue {}: avail index {avail} is {count} entries past {next}, more than the queue's {}; the queue stops until it is set up again",
+                    self.index,
+                    q.size()
+                );
+                self.broken.set(true);
+                return found;
             }
-            let more = reenable && matches!(q.enable_notification(mem.mmap()), Ok(true));
+            heads.extend((0..count).map(|i| rings.avail_head(next.wrapping_add(i))));
+            q.set_next_avail(avail);
+            let more = reenable && rings.set_kicks(true, self.event_idx, avail);
             self.polling.set(!reenable);
             drop(q);
             found |= !heads.is_empty();
@@ -648,12 +675,30 @@ impl Worker {
     }
 
     fn complete(self: &Rc<Self>, head: u16, len: u32) {
-        let mem = self.memory();
+        let rings = self.rings();
         let mut q = self.queue.borrow_mut();
-        if let Err(e) = inflight::put_used(self.inflight.as_ref(), &mut q, &mem, head, len) {
-            log::error!("queue {}: cannot add to used ring: {e}", self.index);
+        let slot = q.next_used();
+        match rings {
+            Some(rings) if head < q.size() => {
+                let put = inflight::put_used(self.inflight.as_ref(), head, || {
+                    rings.put_used(slot, head, len);
+                    slot.wrapping_add(1)
+                });
+                if put {
+                    q.set_next_used(slot.wrapping_add(1));
+                    self.used_added.set(self.used_added.get().wrapping_add(1));
+                }
+            }
+            _ => log::error!(
+                "queue {}: cannot put request {head} on the used ring: {}",
+                self.index,
+                if rings.is_some() {
+                    "head beyond the queue size"
+                } else {
+                    "ring not inside guest memory"
+                }
+            ),
         }
-        let slot = q.next_used().wrapping_sub(1);
         drop(q);
         self.log_used(Some(slot));
         self.poll_detector.borrow_mut().completed();
@@ -694,12 +739,11 @@ impl Worker {
     }
 
     fn notify_if_needed(&self) {
-        let mem = self.memory();
+        let new = self.queue.borrow().next_used();
+        let old = new.wrapping_sub(self.used_added.replace(0));
         let needed = self
-            .queue
-            .borrow_mut()
-            .needs_notification(mem.mmap())
-            .unwrap_or(true);
+            .rings()
+            .is_none_or(|r| r.wants_notification(self.event_idx, old, new));
         if needed {
             self.call.signal();
         }
