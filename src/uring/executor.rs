@@ -17,8 +17,8 @@ use io_uring::{opcode, types};
 
 use super::poll::{PollWindow, Poller, BUDGET};
 use super::reactor::{Reactor, MESSAGE_TOKEN};
+use super::task::{Task, TaskMemory};
 
-type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
 pub(super) type Job = Box<dyn FnOnce() + Send>;
 
 pub(super) enum Message {
@@ -93,7 +93,8 @@ impl Wake for TaskWaker {
 
 pub(super) struct Runtime {
     pub(super) reactor: Reactor,
-    tasks: RefCell<Vec<Option<LocalTask>>>,
+    tasks: RefCell<Vec<Option<Task>>>,
+    task_memory: TaskMemory,
     /// One waker per task slot, made once. Behind an `Rc` so that polling
     /// takes one without touching the waker's atomic count (a clone and
     /// drop of it per poll were ~5% of a polling-client profile).
@@ -150,7 +151,7 @@ pub(super) fn try_with_reactor<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
 
 /// Run `fut` as a task on the current iothread. Panics off an iothread.
 pub fn spawn(fut: impl Future<Output = ()> + 'static) {
-    with_runtime(|rt| rt.spawn(Box::pin(fut)))
+    with_runtime(|rt| rt.spawn(fut))
 }
 
 /// Register a poller on the current iothread; returns an id for removal.
@@ -185,6 +186,7 @@ impl Runtime {
         let rt = Rc::new(Runtime {
             reactor: Reactor::new(entries)?,
             tasks: RefCell::new(Vec::new()),
+            task_memory: TaskMemory::default(),
             wakers: RefCell::new(Vec::new()),
             free_tasks: RefCell::new(Vec::new()),
             live_tasks: Cell::new(0),
@@ -208,7 +210,8 @@ impl Runtime {
         Ok(rt)
     }
 
-    fn spawn(&self, fut: LocalTask) {
+    fn spawn(&self, fut: impl Future<Output = ()> + 'static) {
+        let fut = self.task_memory.spawn(fut);
         let id = match self.free_tasks.borrow_mut().pop() {
             Some(id) => {
                 self.tasks.borrow_mut()[id] = Some(fut);
@@ -238,8 +241,9 @@ impl Runtime {
         };
         let waker = self.wakers.borrow()[id].clone();
         let mut cx = Context::from_waker(&waker);
-        match fut.as_mut().poll(&mut cx) {
+        match fut.poll(&mut cx) {
             Poll::Ready(()) => {
+                fut.finish(&self.task_memory);
                 self.free_tasks.borrow_mut().push(id);
                 self.live_tasks.set(self.live_tasks.get() - 1);
             }
@@ -434,7 +438,7 @@ where
             let fut: Pin<Box<dyn Future<Output = ()> + '_>> = Box::pin(async move {
                 *slot.borrow_mut() = Some(fut.await);
             });
-            let fut: LocalTask = unsafe { std::mem::transmute(fut) };
+            let fut: Pin<Box<dyn Future<Output = ()>>> = unsafe { std::mem::transmute(fut) };
             rt.spawn(fut);
             rt.request_stop();
             rt.run();

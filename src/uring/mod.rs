@@ -11,6 +11,7 @@ mod lock;
 pub mod ops;
 mod poll;
 mod reactor;
+mod task;
 
 pub use eventfd::signal_eventfd;
 pub use executor::{add_poller, block_on, now, on_turn_end, remove_poller, spawn};
