@@ -54,7 +54,7 @@ pub fn virtio_blk_request(data: &[u8]) -> Option<u8> {
         }
         rest = &rest[n..];
     }
-    let mem = Arc::new(GuestRam::new(mmap));
+    let mem = std::rc::Rc::new(GuestRam::new(mmap));
     let queue_size = 1u16 << (1 + (params[0] >> 2) % 15);
     let head = u16::from_le_bytes([params[1], params[2]]);
     let limits = Limits {

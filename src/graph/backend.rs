@@ -10,9 +10,8 @@ use std::task::{Poll, Waker};
 use super::in_flight::{InFlight, InFlightCounter};
 use super::node::Node;
 use super::parent::Parent;
-use super::root_shards::{RootHandle, RootShards};
 use crate::formats::BlockIo;
-use crate::uring::IoVec;
+use crate::uring::{fence, IoVec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -59,11 +58,8 @@ struct Attached {
 
 pub struct BlockBackend {
     name: String,
-    /// The root and our edge in its parent list; changes take the write
-    /// lock and update `request_root` with it.
+    /// The root and our edge in its parent list.
     root: RwLock<Option<Attached>>,
-    /// The root as requests read it, without touching `root`.
-    request_root: RootShards,
     read_only: bool,
     /// This backend's own requests, counted before they reach the root node.
     in_flight: InFlightCounter,
@@ -89,7 +85,6 @@ impl BlockBackend {
         let b = Arc::new_cyclic(|me| BlockBackend {
             name: name.to_string(),
             root: RwLock::new(None),
-            request_root: RootShards::new(),
             read_only,
             in_flight: InFlightCounter::new(),
             quiesce_counter: AtomicU32::new(0),
@@ -164,7 +159,6 @@ impl BlockBackend {
             node: node.clone(),
             edge,
         });
-        self.request_root.set(Some(&node));
         drop(root);
         if node.quiesce_counter() > 0 {
             node.parents.drained_begin();
@@ -190,7 +184,6 @@ impl BlockBackend {
             node: new.clone(),
             edge,
         });
-        self.request_root.set(Some(&new));
         drop(root);
         if new.quiesce_counter() > 0 {
             new.parents.drained_begin();
@@ -204,7 +197,6 @@ impl BlockBackend {
     pub fn eject(&self) -> Option<Arc<Node>> {
         let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
         let old = root.take()?;
-        self.request_root.set(None);
         drop(root);
         // Ends the drain the edge held on us, if any.
         old.node.parents.detach(old.edge);
@@ -222,8 +214,9 @@ impl BlockBackend {
     async fn enter(&self) -> InFlight<'_> {
         loop {
             let g = self.in_flight.guard();
-            // SeqCst with the drain side: either the drain sees our count,
+            // Either the drain (heavy fence in poll_while) sees our count,
             // or we see its quiesce_counter.
+            fence::light();
             if !self.request_queuing.load(Ordering::SeqCst)
                 || self.quiesce_counter.load(Ordering::SeqCst) == 0
             {
@@ -243,18 +236,28 @@ impl BlockBackend {
         }
     }
 
-    fn check(
+    /// The root for a batch of requests (see [`HeldRoot`]).
+    pub fn hold_root(&self) -> HeldRoot {
+        HeldRoot(self.root())
+    }
+
+    /// The root a request goes to (`held`, or the current one), if it may
+    /// do `access` on `[offset, offset + len)`.
+    fn check<'a>(
         &self,
+        held: Option<&'a HeldRoot>,
         access: Access,
         offset: u64,
         len: u64,
-    ) -> Result<Arc<RootHandle>, BackendError> {
-        let root = self
-            .request_root
-            .get()
-            .ok_or_else(|| BackendError::Ejected {
-                backend: self.name.clone(),
-            })?;
+    ) -> Result<RequestRoot<'a>, BackendError> {
+        let root = match held {
+            Some(HeldRoot(Some(node))) => Some(RequestRoot::Held(node)),
+            Some(HeldRoot(None)) => None,
+            None => self.root().map(RequestRoot::Own),
+        }
+        .ok_or_else(|| BackendError::Ejected {
+            backend: self.name.clone(),
+        })?;
         if matches!(access, Access::Write) && self.read_only {
             return Err(BackendError::ReadOnly {
                 backend: self.name.clone(),
@@ -281,30 +284,63 @@ impl BlockBackend {
     }
 
     pub async fn read(&self, offset: u64, buf: &IoVec) -> Result<(), BackendError> {
+        self.read_on(None, offset, buf).await
+    }
+
+    /// A read on `held` (None: on the current root, looked up once the
+    /// request has entered).
+    pub async fn read_on(
+        &self,
+        held: Option<&HeldRoot>,
+        offset: u64,
+        buf: &IoVec,
+    ) -> Result<(), BackendError> {
         let _g = self.enter().await;
-        let root = self.check(Access::Read, offset, buf.len() as u64)?;
+        let root = self.check(held, Access::Read, offset, buf.len() as u64)?;
         root.read_in_place(offset, buf)
             .await
             .map_err(self.io_error(offset))
     }
 
     pub async fn write(&self, offset: u64, buf: &IoVec) -> Result<(), BackendError> {
+        self.write_on(None, offset, buf).await
+    }
+
+    pub async fn write_on(
+        &self,
+        held: Option<&HeldRoot>,
+        offset: u64,
+        buf: &IoVec,
+    ) -> Result<(), BackendError> {
         let _g = self.enter().await;
-        let root = self.check(Access::Write, offset, buf.len() as u64)?;
+        let root = self.check(held, Access::Write, offset, buf.len() as u64)?;
         root.write_in_place(offset, buf)
             .await
             .map_err(self.io_error(offset))
     }
 
     pub async fn flush(&self) -> Result<(), BackendError> {
+        self.flush_on(None).await
+    }
+
+    pub async fn flush_on(&self, held: Option<&HeldRoot>) -> Result<(), BackendError> {
         let _g = self.enter().await;
-        let root = self.check(Access::Read, 0, 0)?;
+        let root = self.check(held, Access::Read, 0, 0)?;
         root.flush().await.map_err(self.io_error(0))
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.discard_on(None, offset, len).await
+    }
+
+    pub async fn discard_on(
+        &self,
+        held: Option<&HeldRoot>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BackendError> {
         let _g = self.enter().await;
-        let root = self.check(Access::Write, offset, len)?;
+        let root = self.check(held, Access::Write, offset, len)?;
         root.discard(offset, len)
             .await
             .map_err(self.io_error(offset))
@@ -316,11 +352,46 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), BackendError> {
+        self.write_zeroes_on(None, offset, len, may_unmap).await
+    }
+
+    pub async fn write_zeroes_on(
+        &self,
+        held: Option<&HeldRoot>,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), BackendError> {
         let _g = self.enter().await;
-        let root = self.check(Access::Write, offset, len)?;
+        let root = self.check(held, Access::Write, offset, len)?;
         root.write_zeroes(offset, len, may_unmap)
             .await
             .map_err(self.io_error(offset))
+    }
+}
+
+/// A BlockBackend's root looked up once for a batch of requests: a vhost
+/// queue takes one per batch it pops (one lock and one reference count per
+/// batch instead of per request, each a locked instruction) and its
+/// requests share it. Requests of a batch that races with a graph change
+/// finish on the root they were popped for, as requests already in flight
+/// do; changes made in a drained section cannot race, as the section waits
+/// for the popped requests.
+pub struct HeldRoot(Option<Arc<Node>>);
+
+/// The root one request runs on: a batch's, or its own reference.
+enum RequestRoot<'a> {
+    Held(&'a Arc<Node>),
+    Own(Arc<Node>),
+}
+
+impl std::ops::Deref for RequestRoot<'_> {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        match self {
+            RequestRoot::Held(n) => n,
+            RequestRoot::Own(n) => n,
+        }
     }
 }
 

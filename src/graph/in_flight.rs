@@ -1,30 +1,35 @@
 //! In-flight counters and the wait-until-idle primitive drain is built on.
 //!
-//! Counters are plain atomics touched by iothreads on every request. A
-//! thread that must wait for them to reach zero (the control thread during
-//! a drain) registers an eventfd first; every 1 -> 0 transition kicks the
+//! Counters are touched by iothreads on every request. A thread that must
+//! wait for them to reach zero (the control thread during a drain)
+//! registers an eventfd first; every 1 -> 0 transition kicks the
 //! registered eventfds, so the waiter sleeps instead of spinning and
 //! re-checks its condition on each kick.
+//!
+//! Counting costs a request no locked instruction: each iothread counts in
+//! its own shard (its thread slot), with a plain load and store, and the
+//! store-then-load orderings drain relies on use the asymmetric fence
+//! (`uring::fence`): light on the request side, heavy in `poll_while`.
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::uring::signal_eventfd;
+use crate::uring::{fence, signal_eventfd, thread_slot, THREAD_SLOTS};
 
 /// Waiters registered right now; read on every 1 -> 0 transition so the
 /// common case (nobody draining) costs one load.
 static WAITER_COUNT: AtomicUsize = AtomicUsize::new(0);
 static WAITERS: Mutex<Vec<Arc<EventFd>>> = Mutex::new(Vec::new());
 
-/// Shards per counter. Each thread counts in one shard (chosen once per
-/// thread, round robin), so iothreads serving queues of one BlockBackend
-/// or node do not bounce one cache line between them on every request;
-/// readers (drain, statistics) sum the shards.
-pub(super) const SHARDS: usize = 8;
+/// Shards per counter: one per thread slot, written only by the slot's
+/// holder, and a last one that threads without a slot share (updated with
+/// atomic read-modify-writes). Readers (drain, statistics) sum them.
+const SHARDS: usize = THREAD_SLOTS + 1;
 
 /// One shard on a cache line of its own (128 bytes: adjacent-line
 /// prefetching pairs 64-byte lines on x86).
@@ -44,14 +49,22 @@ impl Shard {
     }
 }
 
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static MY_SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+/// The calling thread's shard, and whether the thread is its only writer.
+fn my_shard() -> (usize, bool) {
+    match thread_slot() {
+        Some(slot) => (slot, true),
+        None => (THREAD_SLOTS, false),
+    }
 }
 
-pub(super) fn my_shard() -> usize {
-    MY_SHARD.with(|s| *s)
+/// Add one to a shard's total. Release, so that a reader that sees a
+/// `finished` total also sees the `started` totals stored before it.
+fn bump(total: &AtomicU64, sole_writer: bool) {
+    if sole_writer {
+        total.store(total.load(Ordering::Relaxed) + 1, Ordering::Release);
+    } else {
+        total.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Requests in flight somewhere (a node, a BlockBackend), kept as two
@@ -70,18 +83,18 @@ impl InFlightCounter {
     }
 
     pub fn get(&self) -> u64 {
-        // Every finish counted was preceded by its start: summing the
-        // finished totals first and the started ones after (all SeqCst)
-        // never goes negative, wherever each request was counted.
+        // Every finish counted was preceded by its start in the same shard:
+        // summing the finished totals first and the started ones after
+        // (Acquire, pairing with `bump`) never goes negative.
         let finished: u64 = self
             .shards
             .iter()
-            .map(|s| s.finished.load(Ordering::SeqCst))
+            .map(|s| s.finished.load(Ordering::Acquire))
             .sum();
         let started: u64 = self
             .shards
             .iter()
-            .map(|s| s.started.load(Ordering::SeqCst))
+            .map(|s| s.started.load(Ordering::Acquire))
             .sum();
         started.wrapping_sub(finished)
     }
@@ -94,48 +107,45 @@ impl InFlightCounter {
             .sum()
     }
 
-    /// SeqCst pairs with `poll_while`: either the waiter sees this request,
-    /// or the request's owner sees the drain that started (see callers).
-    pub fn inc(&self) {
-        self.inc_in(my_shard());
+    /// Count one request for as long as the guard lives. A caller that
+    /// must then check for a drain (see `BlockBackend::enter`) puts a
+    /// `fence::light()` between the two.
+    pub fn guard(&self) -> InFlight<'_> {
+        let (shard, sole) = my_shard();
+        bump(&self.shards[shard].started, sole);
+        InFlight {
+            counter: self,
+            shard,
+            sole,
+            _same_thread: PhantomData,
+        }
     }
+}
 
-    fn inc_in(&self, shard: usize) {
-        self.shards[shard].started.fetch_add(1, Ordering::SeqCst);
-    }
+/// One request counted in an `InFlightCounter`. Not `Send`: it is
+/// uncounted on the thread that counted it, in the same shard, so a
+/// thread's shard only ever has that thread writing it.
+pub struct InFlight<'a> {
+    counter: &'a InFlightCounter,
+    shard: usize,
+    sole: bool,
+    _same_thread: PhantomData<*const ()>,
+}
 
-    pub fn dec(&self) {
-        self.dec_in(my_shard());
-    }
-
-    fn dec_in(&self, shard: usize) {
-        self.shards[shard].finished.fetch_add(1, Ordering::SeqCst);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        bump(&self.counter.shards[self.shard].finished, self.sole);
         // Nobody waits (the common case): one load. A waiter registers
-        // before it checks the counters (both SeqCst), so either it sees
-        // this finish or we see it registered.
+        // and then runs the heavy fence before it checks the counters, so
+        // either it sees this finish or we see it registered.
+        fence::light();
         if WAITER_COUNT.load(Ordering::SeqCst) == 0 {
             return;
         }
         // Idle now (a request started since will kick when it finishes).
-        if self.get() == 0 {
+        if self.counter.get() == 0 {
             kick_waiters();
         }
-    }
-
-    /// Count one request for as long as the guard lives.
-    pub fn guard(&self) -> InFlight<'_> {
-        let shard = my_shard();
-        self.inc_in(shard);
-        InFlight(self, shard)
-    }
-}
-
-/// One request counted in an `InFlightCounter` (in the shard it started in).
-pub struct InFlight<'a>(&'a InFlightCounter, usize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec_in(self.1);
     }
 }
 
@@ -199,6 +209,10 @@ impl Drop for Registration {
 /// walk the graph afresh each time: nodes may come and go while we wait.
 /// Never call this on an iothread: the requests it waits for run there.
 pub fn poll_while(mut busy: impl FnMut() -> bool) {
+    // What the caller stored (a drained section's flags) is seen by every
+    // request that starts after this, and every request counted before it
+    // is seen by `busy`.
+    fence::heavy();
     if !busy() {
         return;
     }
@@ -214,6 +228,7 @@ pub fn poll_while(mut busy: impl FnMut() -> bool) {
         }
     };
     // Registered before this check: a transition after it kicks us.
+    fence::heavy();
     while busy() {
         reg.wait();
     }
@@ -227,16 +242,19 @@ mod tests {
     #[test]
     fn waiter_wakes_when_the_counter_reaches_zero() {
         let c = Arc::new(InFlightCounter::new());
-        c.inc();
-        c.inc();
         let c2 = c.clone();
+        let (counted, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
+            let (a, b) = (c2.guard(), c2.guard());
+            counted.send(()).unwrap();
             // Completions arrive while the waiter sleeps.
             std::thread::sleep(Duration::from_millis(20));
-            c2.dec();
+            drop(a);
             std::thread::sleep(Duration::from_millis(20));
-            c2.dec();
+            drop(b);
         });
+        rx.recv().unwrap();
+        assert_eq!(c.get(), 2);
         poll_while(|| c.get() > 0);
         assert_eq!(c.get(), 0);
         t.join().unwrap();

@@ -15,10 +15,9 @@ mod node;
 mod open;
 mod parent;
 mod registry;
-mod root_shards;
 mod snapshot;
 
-pub use backend::{BackendError, BlockBackend, DeviceOps};
+pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
 pub use blockdev::{blockdev_add, blockdev_del, release_monitor_nodes, BlockdevError};
 pub use commit::{start_commit, CommitOptions};
 pub use drain::{drain_all_begin, drain_all_end, DrainError};

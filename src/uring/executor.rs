@@ -524,7 +524,7 @@ mod tests {
         assert!(fd >= 0);
         t.handle().run(move || {
             super::spawn(async move {
-                crate::uring::ops::read_eventfd(fd, None).await.unwrap();
+                crate::uring::ops::read_eventfd(fd, ()).await.unwrap();
                 tx.send(()).unwrap();
             })
         });

@@ -5,6 +5,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use super::executor::{Message, Remote, Runtime};
+use super::slot::SlotLease;
 
 /// Ring size per iothread; enough for a 1024-entry virtqueue plus our own ops.
 const RING_ENTRIES: u32 = 2048;
@@ -69,16 +70,29 @@ impl IoThread {
         let (tx, rx) = mpsc::sync_channel(1);
         let join = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || match Runtime::new(RING_ENTRIES, poll_max) {
-                Ok(rt) => {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    let _ = tx.send(Ok((rt.remote.clone(), tid)));
-                    rt.run();
+            .spawn(move || {
+                super::fence::init();
+                // Held until the runtime and every task on it are gone.
+                let lease = SlotLease::acquire();
+                if lease.is_none() {
+                    log::info!(
+                        "iothread {}: all thread slots are taken; it counts requests in the shared one",
+                        std::thread::current().name().unwrap_or("?")
+                    );
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
+                match Runtime::new(RING_ENTRIES, poll_max) {
+                    Ok(rt) => {
+                        // SAFETY: gettid has no preconditions.
+                        let tid = unsafe { libc::gettid() };
+                        let _ = tx.send(Ok((rt.remote.clone(), tid)));
+                        rt.run();
+                        drop(rt);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
                 }
+                drop(lease);
             })?;
         let (remote, tid) = rx
             .recv()

@@ -10,13 +10,17 @@
 
 use std::alloc::{self, Layout};
 use std::any::Any;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
 /// Something that keeps the memory behind an [`IoVec`] mapped (guest memory,
-/// a bounce buffer) until every operation using it has completed.
-pub type KeepAlive = Arc<dyn Any + Send + Sync>;
+/// a bounce buffer) until every operation using it has completed. An `Rc`:
+/// lists and the operations on them stay on the iothread that made them,
+/// and every request clones one, so its count is a plain add, not a
+/// locked instruction.
+pub type KeepAlive = Rc<dyn Any>;
 
 /// Most pieces one `readv`/`writev` takes (Linux's UIO_MAXIOV).
 pub const IOV_MAX: usize = 1024;
@@ -34,16 +38,6 @@ pub struct IoVec {
     /// nothing may write through them, neither we nor the kernel.
     writable: bool,
 }
-
-// SAFETY: an IoVec is a description of memory owned by `keep` (which is
-// Send + Sync). Its bytes are never visible as Rust references while the
-// IoVec exists (module doc), and every CPU access through it is volatile,
-// so sharing it across threads is like sharing guest memory: concurrent
-// writers race on values only.
-unsafe impl Send for IoVec {}
-// SAFETY: see above; `&self` methods write only with volatile copies into
-// memory no Rust reference points to.
-unsafe impl Sync for IoVec {}
 
 /// The bytes behind one iovec, for volatile copies.
 ///
@@ -86,7 +80,7 @@ impl IoVec {
         IoVec {
             iov,
             len,
-            keep: Some(Arc::new(buf)),
+            keep: Some(Rc::new(buf)),
             writable: true,
         }
     }
@@ -98,7 +92,7 @@ impl IoVec {
         IoVec {
             iov,
             len,
-            keep: Some(buf),
+            keep: Some(Rc::new(buf)),
             writable: false,
         }
     }
@@ -111,7 +105,7 @@ impl IoVec {
         }
         let keep = self.keep?;
         let buf = keep.downcast::<AlignedBuf>().ok()?;
-        Arc::try_unwrap(buf).ok()
+        Rc::try_unwrap(buf).ok()
     }
 
     /// Total length in bytes.
@@ -190,7 +184,7 @@ impl IoVec {
         IoVec {
             iov,
             len,
-            keep: Some(Arc::new(keeps)),
+            keep: Some(Rc::new(keeps)),
             writable: parts.iter().all(|p| p.writable),
         }
     }

@@ -5,12 +5,14 @@
 
 mod eventfd;
 mod executor;
+pub mod fence;
 mod iothread;
 mod iovec;
 mod lock;
 pub mod ops;
 mod poll;
 mod reactor;
+mod slot;
 mod task;
 
 pub use eventfd::signal_eventfd;
@@ -19,3 +21,4 @@ pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
 pub use lock::AsyncMutex;
 pub use poll::{DriverPollDetector, Poller, PollingDriver};
+pub use slot::{thread_slot, THREAD_SLOTS};

@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, types};
 
 use super::executor::with_reactor;
-use super::iovec::{IoVec, KeepAlive, IOV_MAX};
+use super::iovec::{IoVec, IOV_MAX};
 
 fn to_result(res: i32) -> io::Result<usize> {
     if res < 0 {
@@ -135,9 +135,9 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
 
 /// Wait until an eventfd is signalled (reading resets its counter). This is
 /// how kicks and other notifications reach a task. `owner` (the file, say)
-/// is kept until the kernel is done with the fd, so its number cannot be
-/// reused under the operation. Dropping the future cancels the wait.
-pub async fn read_eventfd(fd: RawFd, owner: Option<KeepAlive>) -> io::Result<()> {
+/// (`()` for none) is kept until the kernel is done with the fd, so its
+/// number cannot be reused under the operation. Dropping the future cancels the wait.
+pub async fn read_eventfd(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
     let buf = Box::new(0u64);
     let ptr = &*buf as *const u64 as *mut u8;
     let e = opcode::Read::new(types::Fd(fd), ptr, 8).build();
@@ -160,7 +160,7 @@ pub async fn read_eventfd(fd: RawFd, owner: Option<KeepAlive>) -> io::Result<()>
 /// for [`read_eventfd`].
 pub fn signal_eventfd_nowait(
     fd: RawFd,
-    owner: Option<KeepAlive>,
+    owner: impl std::any::Any,
 ) -> impl std::future::Future<Output = io::Result<()>> {
     let buf = Box::new(1u64);
     let ptr = &*buf as *const u64 as *const u8;
@@ -183,10 +183,10 @@ pub fn signal_eventfd_nowait(
 
 /// Wait until `fd` is readable (POLLIN); `owner` as for [`read_eventfd`].
 /// Dropping the future cancels the wait.
-pub async fn wait_readable(fd: RawFd, owner: Option<KeepAlive>) -> io::Result<()> {
+pub async fn wait_readable(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
     let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
-    let keep = owner.map(|o| Box::new(o) as Box<dyn std::any::Any>);
-    let op = with_reactor(|r| r.start(e, keep)).cancel_on_drop();
+    let keep: Box<dyn std::any::Any> = Box::new(owner);
+    let op = with_reactor(|r| r.start(e, Some(keep))).cancel_on_drop();
     to_result(op.await).map(|_| ())
 }
 
@@ -344,7 +344,7 @@ mod tests {
             }
             let r = t
                 .handle()
-                .block_on(move || signal_eventfd_nowait(fd, None))
+                .block_on(move || signal_eventfd_nowait(fd, ()))
                 .map_err(|e| e.raw_os_error());
             if saturated || !nonblock {
                 assert_eq!(r, Err(Some(libc::EAGAIN)), "nonblock {nonblock}");
@@ -365,7 +365,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         t.handle().run(move || {
             crate::uring::spawn(async move {
-                let r = read_eventfd(fd, None).await;
+                let r = read_eventfd(fd, ()).await;
                 tx.send(r.is_ok()).unwrap();
             })
         });

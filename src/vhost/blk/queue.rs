@@ -21,6 +21,7 @@ use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::ring::RingView;
 use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
+use crate::graph::HeldRoot;
 use crate::uring::{self, ops};
 use crate::vhost::dirty_log::{self, DirtyLog};
 use crate::vhost::memory::{GuestRam, SharedMemory};
@@ -85,8 +86,7 @@ impl CallFd {
     fn signal(&self) {
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Some(f) = guard.as_ref() else { return };
-        let owner: uring::KeepAlive = f.clone();
-        drop(ops::signal_eventfd_nowait(f.as_raw_fd(), Some(owner)));
+        drop(ops::signal_eventfd_nowait(f.as_raw_fd(), f.clone()));
     }
 }
 
@@ -307,7 +307,7 @@ pub fn start(
             index,
             queue: RefCell::new(q),
             shared_mem,
-            mem: RefCell::new((gen, Arc::new(mem))),
+            mem: RefCell::new((gen, Rc::new(mem))),
             rings: Cell::new(None),
             used_added: Cell::new(0),
             indirect,
@@ -334,18 +334,18 @@ pub fn start(
 }
 
 /// Guest memory as a queue holds it (see `Worker::mem`).
-type QueueRam = Arc<Arc<GuestRam>>;
+type QueueRam = Rc<Arc<GuestRam>>;
 
 /// The next kick: the frontend signalled the kick eventfd.
 async fn wait_kick(kick: Arc<File>) -> std::io::Result<()> {
     let fd = kick.as_raw_fd();
-    let owner: uring::KeepAlive = kick;
-    match ops::read_eventfd(fd, Some(owner.clone())).await {
+    let owner = kick;
+    match ops::read_eventfd(fd, owner.clone()).await {
         // A non-blocking eventfd read on a kernel that does not retry it in
         // the ring: wait for it in the ring, then read again.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            ops::wait_readable(fd, Some(owner.clone())).await?;
-            match ops::read_eventfd(fd, Some(owner)).await {
+            ops::wait_readable(fd, owner.clone()).await?;
+            match ops::read_eventfd(fd, owner).await {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
                 r => r,
             }
@@ -360,7 +360,7 @@ impl Worker {
         let mut cur = self.mem.borrow_mut();
         if cur.0 != gen {
             let (gen, mem) = self.shared_mem.load();
-            *cur = (gen, Arc::new(mem));
+            *cur = (gen, Rc::new(mem));
         }
         cur.1.clone()
     }
@@ -538,9 +538,15 @@ impl Worker {
                 // In pop order, before any of them is submitted.
                 heads.iter().for_each(|&h| t.mark(h));
             }
-            for head in heads.drain(..) {
-                self.in_flight().add();
-                uring::spawn(self.clone().handle(mem.clone(), head, popped_at));
+            if !heads.is_empty() {
+                let root = Rc::new(self.export.backend.hold_root());
+                for head in heads.drain(..) {
+                    self.in_flight().add();
+                    uring::spawn(
+                        self.clone()
+                            .handle(mem.clone(), root.clone(), head, popped_at),
+                    );
+                }
             }
             if !more {
                 return found;
@@ -552,15 +558,26 @@ impl Worker {
     /// first pop outside a drained section). Returns whether there were any.
     fn resubmit_pending(self: &Rc<Self>, mem: &QueueRam) -> bool {
         let heads = std::mem::take(&mut *self.resubmit.borrow_mut());
+        if heads.is_empty() {
+            return false;
+        }
         let now = uring::now();
+        let root = Rc::new(self.export.backend.hold_root());
         for &head in &heads {
             self.in_flight().add();
-            uring::spawn(self.clone().handle(mem.clone(), head, now));
+            uring::spawn(self.clone().handle(mem.clone(), root.clone(), head, now));
         }
         !heads.is_empty()
     }
 
-    async fn handle(self: Rc<Self>, mem: QueueRam, head: u16, popped_at: Instant) {
+    /// Run the request at `head` on `root` (its batch's; see [`HeldRoot`]).
+    async fn handle(
+        self: Rc<Self>,
+        mem: QueueRam,
+        root: Rc<HeldRoot>,
+        head: u16,
+        popped_at: Instant,
+    ) {
         let (table, size) = {
             let q = self.queue.borrow();
             (GuestAddress(q.desc_table()), q.size())
@@ -589,7 +606,7 @@ impl Worker {
                         }
                         reject.status
                     }
-                    Ok(op) => self.execute(op, popped_at).await,
+                    Ok(op) => self.execute(op, &root, popped_at).await,
                 };
                 if !req.has_status() && self.log.allow("missing status") {
                     log::warn!(
@@ -633,35 +650,37 @@ impl Worker {
     /// Run a request and record it; its latency counts from the pop to the
     /// start of the loop turn that completes it (so a request completed in
     /// the turn that popped it counts as 0).
-    async fn execute(&self, op: Op, popped_at: Instant) -> u8 {
+    async fn execute(&self, op: Op, root: &HeldRoot, popped_at: Instant) -> u8 {
         let (kind, bytes) = OpKind::of(&op);
-        let status = self.execute_op(op).await;
+        let status = self.execute_op(op, root).await;
         let latency = uring::now().saturating_duration_since(popped_at);
         self.stats()
             .record(kind, bytes, status == VIRTIO_BLK_S_OK, latency);
         status
     }
 
-    async fn execute_op(&self, op: Op) -> u8 {
-        let b = &self.export.backend;
+    async fn execute_op(&self, op: Op, root: &HeldRoot) -> u8 {
+        let (b, root) = (&self.export.backend, Some(root));
         let name = op.name();
         let r = match &op {
-            Op::Read { offset, data } => b.read(*offset, data).await,
+            Op::Read { offset, data } => b.read_on(root, *offset, data).await,
             Op::Write { offset, data } => {
-                let r = b.write(*offset, data).await;
+                let r = b.write_on(root, *offset, data).await;
                 if r.is_ok() && !self.export.writeback.load(Ordering::Relaxed) {
-                    b.flush().await
+                    b.flush_on(root).await
                 } else {
                     r
                 }
             }
-            Op::Flush => b.flush().await,
+            Op::Flush => b.flush_on(root).await,
             Op::GetId { data } => {
                 data.copy_from(&self.export.limits.serial);
                 Ok(())
             }
-            Op::Discard { offset, len } => b.discard(*offset, *len).await,
-            Op::WriteZeroes { offset, len, unmap } => b.write_zeroes(*offset, *len, *unmap).await,
+            Op::Discard { offset, len } => b.discard_on(root, *offset, *len).await,
+            Op::WriteZeroes { offset, len, unmap } => {
+                b.write_zeroes_on(root, *offset, *len, *unmap).await
+            }
         };
         match r {
             Ok(()) => VIRTIO_BLK_S_OK,

@@ -1,7 +1,7 @@
 //! Turning a descriptor chain into a virtio-blk request, validating every
 //! guest-supplied field on the way.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use vm_memory::GuestAddress;
 
@@ -89,14 +89,14 @@ fn unsupp(reason: impl Into<String>) -> Reject {
 }
 
 /// Guest memory as a request holds it: `GuestRam` itself, or a queue's
-/// own handle on it (`Arc<GuestRam>` inside the queue's `Arc`), whose
-/// count only that queue's iothread touches.
-pub trait RequestMemory: AsRef<GuestRam> + Send + Sync + 'static {}
-impl<M: AsRef<GuestRam> + Send + Sync + 'static> RequestMemory for M {}
+/// own handle on it (`Arc<GuestRam>` inside the queue's `Rc`, whose count
+/// only that queue's iothread touches, without locked instructions).
+pub trait RequestMemory: AsRef<GuestRam> + 'static {}
+impl<M: AsRef<GuestRam> + 'static> RequestMemory for M {}
 
 /// A parsed request: where its status byte goes and what to do.
 pub struct Request<M: RequestMemory = GuestRam> {
-    mem: Arc<M>,
+    mem: Rc<M>,
     status: Option<GuestAddress>,
     /// Bytes the device writes into the chain besides the status byte.
     pub data_written: u32,
@@ -104,7 +104,7 @@ pub struct Request<M: RequestMemory = GuestRam> {
 
 impl<M: RequestMemory> Request<M> {
     /// The guest memory the request's buffers are in (kept mapped by it).
-    pub fn memory(&self) -> &Arc<M> {
+    pub fn memory(&self) -> &Rc<M> {
         &self.mem
     }
 
@@ -196,7 +196,7 @@ fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Re
 /// regions of at least `size_max`, so only a frontend with tiny regions
 /// meets this, and it bounds a request's iovec whatever the memory layout.
 pub fn to_iovec<M: RequestMemory>(
-    keep: &Arc<M>,
+    keep: &Rc<M>,
     bufs: impl IntoIterator<Item = Buffer>,
 ) -> Result<IoVec, Reject> {
     let mem: &GuestRam = (**keep).as_ref();
@@ -320,7 +320,7 @@ fn parse_segment(
 /// fails: a malformed request becomes `Err(Reject)`. The request keeps
 /// `keep` (moved, not cloned: each clone is an atomic write per request).
 pub fn parse<M: RequestMemory>(
-    keep: Arc<M>,
+    keep: Rc<M>,
     chain: &Chain,
     limits: &Limits,
 ) -> (Request<M>, Result<Op, Reject>) {
@@ -348,7 +348,7 @@ pub fn parse<M: RequestMemory>(
 /// The operation a chain with a status byte asks for; sets
 /// `data_written` to the bytes a successful read puts in guest memory.
 fn parse_op<M: RequestMemory>(
-    keep: &Arc<M>,
+    keep: &Rc<M>,
     chain: &Chain,
     limits: &Limits,
     writable_len: u64,
@@ -457,7 +457,7 @@ mod tests {
 
     /// Parse a write whose readable part is `readable` (header first).
     fn write_with(readable: Vec<Buffer>) -> Result<Op, Reject> {
-        let mem = Arc::new(memory());
+        let mem = Rc::new(memory());
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
         mem.mmap().write_slice(&h, GuestAddress(HEADER)).unwrap();
@@ -515,7 +515,7 @@ mod tests {
         let ranges: Vec<_> = (0..3u64)
             .map(|i| (GuestAddress(i * 0x1000), 0x1000))
             .collect();
-        let mem = Arc::new(GuestRam::new(
+        let mem = Rc::new(GuestRam::new(
             GuestMemoryMmap::from_ranges(&ranges).unwrap(),
         ));
         let crossing = |n: usize| vec![buf(0x800, 0x1000); n];
@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn chains_with_descriptors_beyond_the_limit_are_io_errors() {
-        let mem = Arc::new(memory());
+        let mem = Rc::new(memory());
         let chain = Chain {
             readable: vec![buf(HEADER, 16)],
             writable: vec![buf(0x10000, 512), buf(STATUS, 1)],

@@ -10,16 +10,19 @@ use super::queue::QueueControl;
 use super::request::Limits;
 use super::stats::QueueStats;
 use crate::graph::{kick_waiters, BlockBackend, DeviceOps};
+use crate::uring::fence;
 use crate::vhost::socket;
 
 /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: the device's config space changed.
 const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 
 /// One queue's requests in flight. Only that queue's iothread writes it
-/// (queue `i` always runs on the same iothread), so counting a request is a
-/// plain store. The reservation a queue takes before popping is SeqCst, as
-/// is the store of zero, which must come before the check for a waiting
-/// drain.
+/// (queue `i` always runs on the same iothread), so counting is a plain
+/// load and store. The two points drain pairs with (the reservation a
+/// queue takes before it looks at the drain flag, and the store of zero
+/// before it looks for a waiting drain) each put the asymmetric fence's
+/// light side between the store and the load; drain's `poll_while` runs
+/// the heavy side.
 /// On a cache line of its own: each queue's iothread writes its counter on
 /// every request, and the queues' counters sit side by side in a Vec.
 #[derive(Default)]
@@ -28,13 +31,14 @@ pub struct QueueInFlight(AtomicU64);
 
 impl QueueInFlight {
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::Acquire)
     }
 
     /// Counted before the queue looks at the drain flag: a drain either
-    /// sees this or the queue sees the drain's flag (both SeqCst).
+    /// sees this or the queue sees the drain's flag.
     pub(super) fn reserve(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.add();
+        fence::light();
     }
 
     pub(super) fn add(&self) {
@@ -44,11 +48,10 @@ impl QueueInFlight {
 
     pub(super) fn sub(&self) {
         let n = self.0.load(Ordering::Relaxed).saturating_sub(1);
+        self.0.store(n, Ordering::Release);
         if n == 0 {
-            self.0.store(0, Ordering::SeqCst);
+            fence::light();
             kick_waiters();
-        } else {
-            self.0.store(n, Ordering::Release);
         }
     }
 }
