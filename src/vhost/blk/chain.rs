@@ -147,6 +147,44 @@ fn read_desc(mem: &GuestRam, table: GuestAddress, idx: u16) -> Result<Desc, Chai
     Ok(Desc::from_le(raw))
 }
 
+/// Start loading what the walks of a batch of chains read first, for the
+/// whole batch at once: each head descriptor, then the buffer it points to
+/// (the request header, or an indirect table). The driver's CPU wrote
+/// these lines just before, so each read is a cache miss; one walk after
+/// another they were ~30% of a polling client's profile, started together
+/// they overlap. (Prefetching the chains' next descriptors too measured no
+/// better.) Only hints: nothing read here is trusted or kept.
+pub fn prefetch_heads(mem: &GuestRam, table: GuestAddress, queue_size: u16, heads: &[u16]) {
+    let Some(host) = mem.host_range(table.0, queue_size as u64 * DESC_SIZE) else {
+        return;
+    };
+    let host = host as *const [u8; 16];
+    let in_table = || heads.iter().filter(|&&h| h < queue_size);
+    for &h in in_table() {
+        // SAFETY: h < queue_size: inside the table's range, checked above.
+        prefetch(unsafe { host.add(h as usize) } as *const u8);
+    }
+    for &h in in_table() {
+        // SAFETY: as above; read as the walk reads it (volatile, 16 bytes).
+        let raw = unsafe { std::ptr::read_volatile(host.add(h as usize)) };
+        if let Some(p) = mem.host_range(Desc::from_le(raw).addr, 1) {
+            prefetch(p);
+        }
+    }
+}
+
+/// Hint the CPU to load the cache line at `p`; no effect on what runs.
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and changes no memory; `p` is a
+    // host address inside guest memory in any case.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Walk the chain starting at `head` in the table at `table` of `queue_size`
 /// entries, keeping at most `max_descs` buffers (see [`Chain`]). A chain that
 /// visits more descriptors than its table has loops and is refused.

@@ -539,6 +539,9 @@ impl Worker {
                 heads.iter().for_each(|&h| t.mark(h));
             }
             if !heads.is_empty() {
+                let q = self.queue.borrow();
+                chain::prefetch_heads(&mem, GuestAddress(q.desc_table()), q.size(), &heads);
+                drop(q);
                 let root = Rc::new(self.export.backend.hold_root());
                 for head in heads.drain(..) {
                     self.in_flight().add();
