@@ -151,7 +151,14 @@ pub(super) fn try_with_reactor<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
 
 /// Run `fut` as a task on the current iothread. Panics off an iothread.
 pub fn spawn(fut: impl Future<Output = ()> + 'static) {
-    with_runtime(|rt| rt.spawn(fut))
+    with_runtime(|rt| rt.spawn(|| fut))
+}
+
+/// Run the future `make` returns as a task on the current iothread,
+/// building it in the task's memory rather than moving it there (for
+/// large futures spawned per request). Panics off an iothread.
+pub fn spawn_with<F: Future<Output = ()> + 'static>(make: impl FnOnce() -> F) {
+    with_runtime(|rt| rt.spawn(make))
 }
 
 /// Register a poller on the current iothread; returns an id for removal.
@@ -210,8 +217,8 @@ impl Runtime {
         Ok(rt)
     }
 
-    fn spawn(&self, fut: impl Future<Output = ()> + 'static) {
-        let fut = self.task_memory.spawn(fut);
+    fn spawn<F: Future<Output = ()> + 'static>(&self, make: impl FnOnce() -> F) {
+        let fut = self.task_memory.spawn(make);
         let id = match self.free_tasks.borrow_mut().pop() {
             Some(id) => {
                 self.tasks.borrow_mut()[id] = Some(fut);
@@ -439,7 +446,7 @@ where
                 *slot.borrow_mut() = Some(fut.await);
             });
             let fut: Pin<Box<dyn Future<Output = ()>>> = unsafe { std::mem::transmute(fut) };
-            rt.spawn(fut);
+            rt.spawn(|| fut);
             rt.request_stop();
             rt.run();
             let v = out.borrow_mut().take();

@@ -545,10 +545,10 @@ impl Worker {
                 let root = Rc::new(self.export.backend.hold_root());
                 for head in heads.drain(..) {
                     self.in_flight().add();
-                    uring::spawn(
+                    uring::spawn_with(|| {
                         self.clone()
-                            .handle(mem.clone(), root.clone(), head, popped_at),
-                    );
+                            .handle(mem.clone(), root.clone(), head, popped_at)
+                    });
                 }
             }
             if !more {
@@ -568,7 +568,7 @@ impl Worker {
         let root = Rc::new(self.export.backend.hold_root());
         for &head in &heads {
             self.in_flight().add();
-            uring::spawn(self.clone().handle(mem.clone(), root.clone(), head, now));
+            uring::spawn_with(|| self.clone().handle(mem.clone(), root.clone(), head, now));
         }
         !heads.is_empty()
     }
