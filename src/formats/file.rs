@@ -259,6 +259,16 @@ impl FileDriver {
         self.fd.load(Ordering::Acquire)
     }
 
+    /// Direct I/O goes to the device at once; buffered I/O, which the
+    /// kernel mostly does inline, with the loop turn (see `ops::Submit`).
+    fn submit(&self) -> ops::Submit {
+        if self.direct {
+            ops::Submit::Now
+        } else {
+            ops::Submit::WithTurn
+        }
+    }
+
     fn read_only_error(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -272,7 +282,7 @@ impl FileDriver {
             return self.bounce_read(offset, buf).await;
         }
         if !self.direct || buf.is_aligned(self.mem_align) {
-            match ops::readv(self.fd(), buf, offset).await {
+            match ops::readv(self.fd(), buf, offset, self.submit()).await {
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
                 r => return r,
             }
@@ -331,7 +341,8 @@ impl FileDriver {
         while got < want {
             // O_DIRECT resumes only at an aligned point.
             let at = got / r * r;
-            let n = ops::read_some(self.fd(), &chunk.tail(at), pos + at as u64).await?;
+            let n =
+                ops::read_some(self.fd(), &chunk.tail(at), pos + at as u64, self.submit()).await?;
             if at + n <= got {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -345,7 +356,7 @@ impl FileDriver {
             return Err(self.read_only_error());
         }
         if !self.direct || buf.is_aligned(self.mem_align) {
-            match ops::writev(self.fd(), buf, offset).await {
+            match ops::writev(self.fd(), buf, offset, self.submit()).await {
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
                 r => {
                     if r.is_ok() {
@@ -371,7 +382,13 @@ impl FileDriver {
             let n = (buf.len() - done).min(chunk);
             buf.slice(done, n).copy_to(&mut mem.as_mut_slice()[..n]);
             let iov = IoVec::from_buf(mem);
-            let r = ops::writev(self.fd(), &iov.slice(0, n), offset + done as u64).await;
+            let r = ops::writev(
+                self.fd(),
+                &iov.slice(0, n),
+                offset + done as u64,
+                self.submit(),
+            )
+            .await;
             mem = iov.into_buf().ok_or_else(bounce_in_use)?;
             r?;
             done += n;
@@ -420,7 +437,7 @@ impl FileDriver {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(chunk as u64) as usize;
-            ops::writev(self.fd(), &zeros.slice(0, n), offset + done).await?;
+            ops::writev(self.fd(), &zeros.slice(0, n), offset + done, self.submit()).await?;
             done += n as u64;
         }
         Ok(())

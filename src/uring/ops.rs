@@ -33,8 +33,29 @@ fn keep_iov(buf: &IoVec) -> Box<IovKeep> {
     })
 }
 
+/// When a read's or write's SQE goes to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submit {
+    /// With the rest of the loop turn's, in one system call: for work the
+    /// kernel does inline (buffered I/O on the page cache), where batching
+    /// saves system calls and delays nothing.
+    WithTurn,
+    /// At once: for I/O a device then works on while we go on (O_DIRECT).
+    /// Held until the end of the turn, a kick's worth of requests reached
+    /// a virtio disk in one burst, the first having waited while we
+    /// parsed the rest: 15% fewer IOPS at QD32 than submitting each at
+    /// once (as fio does), for one system call per request.
+    Now,
+}
+
 /// One readv/writev at `offset`; returns the byte count (may be short).
-async fn rw_once(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result<usize> {
+async fn rw_once(
+    fd: RawFd,
+    buf: &IoVec,
+    offset: u64,
+    write: bool,
+    submit: Submit,
+) -> io::Result<usize> {
     if buf.iovecs().len() > IOV_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -58,32 +79,44 @@ async fn rw_once(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result
             .offset(offset)
             .build()
     };
-    let op = with_reactor(|r| r.start(entry, Some(keep)));
+    let op = with_reactor(|r| {
+        let op = r.start(entry, Some(keep));
+        if submit == Submit::Now {
+            r.submit_now();
+        }
+        op
+    });
     to_result(op.await)
 }
 
 /// One read into `buf` at `offset`; returns how many bytes arrived (short
 /// at end of file).
-pub async fn read_some(fd: RawFd, buf: &IoVec, offset: u64) -> io::Result<usize> {
-    rw_once(fd, buf, offset, false).await
+pub async fn read_some(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<usize> {
+    rw_once(fd, buf, offset, false, submit).await
 }
 
 /// Read the whole of `buf` from `fd` at `offset`. Hitting end of file is an
 /// error (`UnexpectedEof`); short reads are resumed.
-pub async fn readv(fd: RawFd, buf: &IoVec, offset: u64) -> io::Result<()> {
-    rw_full(fd, buf, offset, false).await
+pub async fn readv(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<()> {
+    rw_full(fd, buf, offset, false, submit).await
 }
 
 /// Write the whole of `buf` to `fd` at `offset`; short writes are resumed.
-pub async fn writev(fd: RawFd, buf: &IoVec, offset: u64) -> io::Result<()> {
-    rw_full(fd, buf, offset, true).await
+pub async fn writev(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<()> {
+    rw_full(fd, buf, offset, true, submit).await
 }
 
 /// The whole of `buf`, in as many system calls as it takes: short
 /// transfers are resumed, and a list of more than [`IOV_MAX`] pieces goes
 /// [`IOV_MAX`] pieces at a time. The common case (one call, all done)
 /// allocates nothing beyond the operation itself.
-async fn rw_full(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result<()> {
+async fn rw_full(
+    fd: RawFd,
+    buf: &IoVec,
+    offset: u64,
+    write: bool,
+    submit: Submit,
+) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
         let rest;
@@ -99,6 +132,7 @@ async fn rw_full(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result
             window.as_ref().unwrap_or(cur),
             offset + done as u64,
             write,
+            submit,
         )
         .await?;
         if n == 0 {
@@ -229,13 +263,20 @@ mod tests {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, b)| *b = i as u8);
-            writev(file.as_raw_fd(), &IoVec::from_buf(src), 4096)
-                .await
-                .unwrap();
+            writev(
+                file.as_raw_fd(),
+                &IoVec::from_buf(src),
+                4096,
+                Submit::WithTurn,
+            )
+            .await
+            .unwrap();
             fsync(file.as_raw_fd(), true).await.unwrap();
             fsync(file.as_raw_fd(), false).await.unwrap();
             let dst = IoVec::from_buf(AlignedBuf::zeroed(8192, 4096));
-            readv(file.as_raw_fd(), &dst, 4096).await.unwrap();
+            readv(file.as_raw_fd(), &dst, 4096, Submit::Now)
+                .await
+                .unwrap();
             dst.into_buf().unwrap().as_slice().to_vec()
         });
         assert!(out.iter().enumerate().all(|(i, &b)| b == i as u8));
@@ -264,11 +305,15 @@ mod tests {
             let parts: Vec<IoVec> = (0..PIECES).map(|i| src.slice(i * 4, 3)).collect();
             let list = IoVec::concat(&parts.iter().collect::<Vec<_>>());
             assert_eq!(list.iovecs().len(), PIECES);
-            writev(file.as_raw_fd(), &list, 100).await.unwrap();
+            writev(file.as_raw_fd(), &list, 100, Submit::WithTurn)
+                .await
+                .unwrap();
             let dst = IoVec::from_buf(AlignedBuf::zeroed(PIECES * 4, 4096));
             let dparts: Vec<IoVec> = (0..PIECES).map(|i| dst.slice(i * 4, 3)).collect();
             let dlist = IoVec::concat(&dparts.iter().collect::<Vec<_>>());
-            readv(file.as_raw_fd(), &dlist, 100).await.unwrap();
+            readv(file.as_raw_fd(), &dlist, 100, Submit::WithTurn)
+                .await
+                .unwrap();
             drop((dlist, dparts));
             dst.into_buf().unwrap().as_slice().to_vec()
         });
@@ -289,7 +334,7 @@ mod tests {
         let t = IoThread::start("ops-eof", Duration::ZERO).unwrap();
         let r = t.handle().block_on(move || async move {
             let buf = AlignedBuf::zeroed(4096, 512);
-            readv(f.as_raw_fd(), &IoVec::from_buf(buf), 0)
+            readv(f.as_raw_fd(), &IoVec::from_buf(buf), 0, Submit::WithTurn)
                 .await
                 .map_err(|e| e.kind())
         });
