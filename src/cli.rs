@@ -131,9 +131,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub null: Option<u64>,
 
-    /// Number of virtqueues; each runs on its own iothread and io_uring.
+    /// Number of virtqueues.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
+
+    /// Iothreads serving the queues, each with its own io_uring (queue k
+    /// runs on iothread k mod N). Default: one per queue, but at most one
+    /// fewer than the CPUs ringblk may use (and at least one): on a small
+    /// machine a second busy iothread only takes turns with the first and
+    /// with the guest.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub iothreads: Option<u16>,
 
     /// Virtqueue size the VM should use (power of two, 2..=32768); also sets
     /// the advertised segment limit (queue size - 2).

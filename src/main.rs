@@ -307,13 +307,22 @@ fn print_attach_help(sock: &Path, args: &ServeArgs) {
     println!("  cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket={s},num_queues={n},queue_size={q} ...");
 }
 
+/// `--iothreads`, or one per queue but at most one fewer than the CPUs we
+/// may use (at least one); never more than there are queues.
+fn iothread_count(args: &ServeArgs) -> u16 {
+    let spare = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1));
+    let default = u16::try_from(spare.max(1)).unwrap_or(u16::MAX);
+    args.iothreads.unwrap_or(default).min(args.num_queues)
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let (root, what) = open_root(&args)?;
     let mut daemon = StorageDaemon::default();
-    // The simple form: one iothread per queue.
+    // The simple form: queue k on iothread k mod n.
+    let n = iothread_count(&args);
     let mut iothreads = Vec::new();
-    for i in 0..args.num_queues {
+    for i in 0..n {
         let poll = std::time::Duration::from_micros(args.poll_max_us);
         iothreads.push(daemon.add_iothread(&format!("iothread{i}"), poll)?);
     }
@@ -340,7 +349,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     print_attach_help(&args.socket, &args);
     println!("ringblk: serving {what}");
     println!(
-        "ringblk: listening on {} (export {}, {} bytes, {} queue(s){})",
+        "ringblk: listening on {} (export {}, {} bytes, {} queue(s) on {n} iothread(s){})",
         absolute(&args.socket).display(),
         args.id,
         backend.size(),

@@ -11,13 +11,33 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn pattern_writes_read_back_on_two_queues_at_once() {
-    let dir = TestDir::new("two-queues");
+    two_queues_at_once("2");
+}
+
+/// The same with both queues on one iothread (what `serve` picks on a
+/// machine with two CPUs): the iothread interleaves the two rings' requests.
+#[test]
+fn pattern_writes_read_back_on_two_queues_sharing_an_iothread() {
+    two_queues_at_once("1");
+}
+
+fn two_queues_at_once(iothreads: &str) {
+    let dir = TestDir::new(&format!("two-queues-{iothreads}"));
     let img = dir.path("disk.raw");
     make_raw(&img, 64 * MIB);
     let d = Daemon::start(
         &dir.path("sock"),
-        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+            "--iothreads",
+            iothreads,
+        ],
     );
+    let on = format!("2 queue(s) on {iothreads} iothread(s)");
+    assert!(d.stdout.contains(&on), "{}", d.stdout);
     let mut c = connect(&d.sock, 2).unwrap();
     assert_eq!(c.capacity(), 64 * MIB);
     let base = c.region.addr;
@@ -231,7 +251,14 @@ fn a_second_client_connects_after_the_first_leaves() {
     make_raw(&img, 4 * MIB);
     let mut d = Daemon::start(
         &dir.path("sock"),
-        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+            "--iothreads",
+            "2",
+        ],
     );
     for round in 0..3u8 {
         let mut c = connect(&d.sock, 2).unwrap();
@@ -253,7 +280,10 @@ fn a_second_client_connects_after_the_first_leaves() {
 #[test]
 fn null_device_reads_zeros() {
     let dir = TestDir::new("null");
-    let d = Daemon::start(&dir.path("sock"), &["--null", "1G", "--num-queues", "2"]);
+    let d = Daemon::start(
+        &dir.path("sock"),
+        &["--null", "1G", "--num-queues", "2", "--iothreads", "2"],
+    );
     let mut c = connect(&d.sock, 2).unwrap();
     assert_eq!(c.capacity(), 1 << 30);
     c.buf()[..65536].fill(0xee);

@@ -64,6 +64,7 @@ fn help_documents_every_flag() {
         "--format",
         "--null",
         "--num-queues",
+        "--iothreads",
         "--queue-size",
         "--read-only",
         "--cache",
@@ -79,6 +80,7 @@ fn bad_arguments_are_refused_with_a_reason() {
     let cases: &[(&[&str], &str)] = &[
         (&["serve", "--queue-size", "100"], "power of two"),
         (&["serve", "--num-queues", "0"], "num-queues"),
+        (&["serve", "--iothreads", "0"], "iothreads"),
         (&["serve", "--logical-block-size", "1024"], "512 or 4096"),
         (&["serve", "--null", "12X"], "suffix"),
         (

@@ -317,7 +317,7 @@ fn drained_section_under_load_stops_io_and_loses_nothing() {
     let blocks_per_queue = 8192u64;
     let size = 2 * blocks_per_queue * BLK as u64;
     make_raw(&img, size);
-    let d = Daemon::with_control(&dir, &img, &["--num-queues", "2"]);
+    let d = Daemon::with_control(&dir, &img, &["--num-queues", "2", "--iothreads", "2"]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();
     let base = c.region.addr;
@@ -636,7 +636,7 @@ fn drains_racing_frontend_disconnects() {
     let dir = TestDir::new("qmp-drain-disconnect");
     let img = dir.path("disk.raw");
     make_raw(&img, 16 << 20);
-    let d = Daemon::with_control(&dir, &img, &["--num-queues", "2"]);
+    let d = Daemon::with_control(&dir, &img, &["--num-queues", "2", "--iothreads", "2"]);
     let mut q = Qmp::connect(&dir.path("qmp"));
     for _ in 0..5 {
         let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();
@@ -690,4 +690,29 @@ fn drains_racing_frontend_disconnects() {
     assert!(b[..BLK] == b[BLK..2 * BLK]);
     drop(c);
     assert!(d.stop().success());
+}
+
+/// `serve` runs one iothread per queue, but leaves a CPU for the guest:
+/// at most CPUs - 1 iothreads (at least one) unless told otherwise, and
+/// never more than there are queues. QMP's query-iothreads shows them.
+#[test]
+fn serve_iothreads_default_to_one_per_queue_leaving_a_cpu() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let spare = cpus.saturating_sub(1).max(1);
+    for (extra, want) in [
+        (&["--num-queues", "4"][..], 4.min(spare)),
+        (&["--num-queues", "4", "--iothreads", "3"][..], 3),
+        (&["--num-queues", "2", "--iothreads", "8"][..], 2),
+        (&[][..], 1),
+    ] {
+        let dir = TestDir::new("serve-iothreads");
+        let img = dir.path("disk.raw");
+        make_raw(&img, 1 << 20);
+        let d = Daemon::with_control(&dir, &img, extra);
+        let mut q = Qmp::connect(&dir.path("qmp"));
+        let threads = q.ok("query-iothreads", json!({}));
+        assert_eq!(threads.as_array().unwrap().len(), want, "{extra:?}");
+        drop(q);
+        assert!(d.stop().success());
+    }
 }

@@ -161,7 +161,14 @@ fn matrix(compat: &str, cluster: &str) {
         }
         let d = Daemon::start(
             &dir.path("sock"),
-            &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--num-queues",
+                "2",
+                "--iothreads",
+                "2",
+            ],
         );
         exercise(
             &d.sock,

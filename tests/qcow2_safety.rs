@@ -31,7 +31,14 @@ fn many_queues_allocating_the_same_clusters_lose_nothing() {
     let queues = 4usize;
     let d = Daemon::start(
         &dir.path("sock"),
-        &["--image", img.to_str().unwrap(), "--num-queues", "4"],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "4",
+            "--iothreads",
+            "4",
+        ],
     );
     let mut c = connect_with(&d.sock, queues as i32, queues * 8 * BLK).unwrap();
     let base = c.region.addr;
@@ -120,7 +127,14 @@ fn kill_9_during_writes_leaves_no_corruption_and_keeps_flushed_data() {
         ]);
         let mut d = Daemon::start(
             &dir.path("sock"),
-            &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--num-queues",
+                "2",
+                "--iothreads",
+                "2",
+            ],
         );
         let mut c = connect_with(&d.sock, 2, 1 << 20).unwrap();
         // Phase A: the first 8 MiB, in 12 KiB pieces (crossing 4 KiB clusters).

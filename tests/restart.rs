@@ -345,6 +345,8 @@ fn guest_restarts(name: &str, exit: fn() -> Exit) {
         "raw",
         "--num-queues",
         "2",
+        "--iothreads",
+        "2",
     ]
     .iter()
     .map(|s| s.to_string())

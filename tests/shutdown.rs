@@ -37,7 +37,14 @@ fn run(signal: i32) {
     ]);
     let d = Daemon::start(
         &dir.path("sock"),
-        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+            "--iothreads",
+            "2",
+        ],
     );
     let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();
     let base = c.region.addr;
