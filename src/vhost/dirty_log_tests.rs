@@ -80,7 +80,7 @@ fn two_threads_marking_at_once_lose_no_bit() {
         })
         .collect();
     for t in threads {
-        t.join().unwrap();
+        t.join().expect("marking thread");
     }
     assert_eq!(dirty_pages(&log).len() as u64, pages);
 }
@@ -122,8 +122,8 @@ fn memfd(len: u64) -> OwnedFd {
     assert!(raw >= 0);
     // SAFETY: fresh fd.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let f = std::fs::File::from(fd.try_clone().unwrap());
-    f.set_len(len).unwrap();
+    let f = std::fs::File::from(fd.try_clone().expect("dup the memfd"));
+    f.set_len(len).expect("size the memfd");
     fd
 }
 
@@ -143,16 +143,16 @@ fn open_checks_the_file_and_the_mark_reaches_the_frontend() {
     // SAFETY: fresh fd.
     let efd = unsafe { OwnedFd::from_raw_fd(efd) };
     assert!(LogMap::open(&efd, 8, 0, -1).is_err(), "an eventfd");
-    let log = LogMap::open(&fd, 4096, 4096, -1).unwrap();
+    let log = LogMap::open(&fd, 4096, 4096, -1).expect("map the log");
     log.mark(3 * LOG_PAGE, 1);
     drop(log);
     // The frontend's view: byte 4096 + 0, bit 3.
     let mut f = std::fs::File::from(fd);
     let mut buf = vec![0u8; 3 * 4096];
     use std::io::{Read, Seek};
-    f.rewind().unwrap();
-    f.read_exact(&mut buf).unwrap();
+    f.rewind().expect("rewind");
+    f.read_exact(&mut buf).expect("read the log back");
     assert_eq!(buf[4096], 1 << 3);
     assert!(buf.iter().enumerate().all(|(i, &b)| i == 4096 || b == 0));
-    f.flush().unwrap();
+    f.flush().expect("flush");
 }
