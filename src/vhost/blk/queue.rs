@@ -159,10 +159,10 @@ struct Worker {
     index: u16,
     queue: RefCell<Queue>,
     shared_mem: Arc<SharedMemory>,
-    /// The current guest memory, wrapped in an `Arc` of this queue's own:
-    /// requests clone that one (to keep their buffers mapped), so their
-    /// reference counting stays on a cache line only this iothread writes
-    /// instead of the count every queue of the frontend shares.
+    /// The current guest memory, wrapped in an `Rc` of this queue's own:
+    /// requests clone that one (to keep their buffers mapped), a plain add
+    /// on memory only this iothread touches, instead of a locked one on
+    /// the count every queue of the frontend shares.
     mem: RefCell<(u64, QueueRam)>,
     /// The avail and used rings in our mapping of `mem` (None: not looked
     /// up yet). See [`Worker::rings`].
@@ -570,7 +570,7 @@ impl Worker {
             self.in_flight().add();
             uring::spawn_with(|| self.clone().handle(mem.clone(), root.clone(), head, now));
         }
-        !heads.is_empty()
+        true
     }
 
     /// Run the request at `head` on `root` (its batch's; see [`HeldRoot`]).
