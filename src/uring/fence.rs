@@ -13,7 +13,13 @@
 //! Why this holds: if the barrier that `heavy()` forces on a requesting
 //! thread falls after that thread's store, the drain's later loads see the
 //! store; if it falls before, the thread's later load sees the drain's
-//! earlier store. Either way one side sees the other.
+//! earlier store. Either way one side sees the other. Two light sides
+//! order nothing between themselves (see `InFlight::drop`).
+//!
+//! No unit test here: a store-buffer litmus test on these VMs showed no
+//! reordering in 20,000 rounds even with compiler fences alone, so it
+//! could not fail. The drain tests (`graph/drain_tests.rs`, the QMP drain
+//! tests under load) exercise the pairing end to end.
 
 use std::sync::atomic::{compiler_fence, fence, Ordering};
 use std::sync::OnceLock;
@@ -74,55 +80,5 @@ pub fn heavy() {
         // Registered, so the kernel cannot refuse; if it did anyway,
         // requests' light fences order nothing and drain could miss one.
         panic!("membarrier failed after registration: {e}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicU32};
-    use std::sync::Arc;
-
-    /// The Dekker pattern itself: two threads each store their flag,
-    /// fence, and load the other's; at least one must see the other's.
-    #[test]
-    fn one_side_always_sees_the_other() {
-        const ROUNDS: u32 = 20_000;
-        let flags = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-        let round = Arc::new(AtomicU32::new(0));
-        let done = Arc::new(AtomicU32::new(0));
-        let light_side = {
-            let (flags, round, done) = (flags.clone(), round.clone(), done.clone());
-            std::thread::spawn(move || {
-                let mut seen_heavy = Vec::with_capacity(ROUNDS as usize);
-                for r in 1..=ROUNDS {
-                    while round.load(Ordering::Acquire) != r {
-                        std::hint::spin_loop();
-                    }
-                    flags[0].store(true, Ordering::Relaxed);
-                    light();
-                    seen_heavy.push(flags[1].load(Ordering::Relaxed));
-                    done.fetch_add(1, Ordering::AcqRel);
-                }
-                seen_heavy
-            })
-        };
-        let mut seen_light = Vec::with_capacity(ROUNDS as usize);
-        for r in 1..=ROUNDS {
-            flags[0].store(false, Ordering::Relaxed);
-            flags[1].store(false, Ordering::Relaxed);
-            round.store(r, Ordering::Release);
-            flags[1].store(true, Ordering::Relaxed);
-            heavy();
-            seen_light.push(flags[0].load(Ordering::Relaxed));
-            while done.load(Ordering::Acquire) != r {
-                std::hint::spin_loop();
-            }
-        }
-        let seen_heavy = light_side.join().unwrap();
-        let missed = (0..ROUNDS as usize)
-            .filter(|&i| !seen_light[i] && !seen_heavy[i])
-            .count();
-        assert_eq!(missed, 0, "rounds where neither side saw the other");
     }
 }
