@@ -49,18 +49,16 @@ impl Shard {
     }
 }
 
-/// The calling thread's shard, and whether the thread is its only writer.
-fn my_shard() -> (usize, bool) {
-    match thread_slot() {
-        Some(slot) => (slot, true),
-        None => (THREAD_SLOTS, false),
-    }
+/// The calling thread's shard: its slot's, or the shared last one.
+fn my_shard() -> usize {
+    thread_slot().unwrap_or(THREAD_SLOTS)
 }
 
-/// Add one to a shard's total. Release, so that a reader that sees a
-/// `finished` total also sees the `started` totals stored before it.
-fn bump(total: &AtomicU64, sole_writer: bool) {
-    if sole_writer {
+/// Add one to a total of shard `shard`. Release, so that a reader that
+/// sees a `finished` total also sees the `started` totals stored before it.
+fn bump(total: &AtomicU64, shard: usize) {
+    // A slot's shard has one writer, the slot's holder; the shared one many.
+    if shard < THREAD_SLOTS {
         total.store(total.load(Ordering::Relaxed) + 1, Ordering::Release);
     } else {
         total.fetch_add(1, Ordering::SeqCst);
@@ -111,12 +109,11 @@ impl InFlightCounter {
     /// must then check for a drain (see `BlockBackend::enter`) puts a
     /// `fence::light()` between the two.
     pub fn guard(&self) -> InFlight<'_> {
-        let (shard, sole) = my_shard();
-        bump(&self.shards[shard].started, sole);
+        let shard = my_shard();
+        bump(&self.shards[shard].started, shard);
         InFlight {
             counter: self,
             shard,
-            sole,
             _same_thread: PhantomData,
         }
     }
@@ -128,13 +125,12 @@ impl InFlightCounter {
 pub struct InFlight<'a> {
     counter: &'a InFlightCounter,
     shard: usize,
-    sole: bool,
     _same_thread: PhantomData<*const ()>,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        bump(&self.counter.shards[self.shard].finished, self.sole);
+        bump(&self.counter.shards[self.shard].finished, self.shard);
         // Nobody waits (the common case): one load. A waiter registers
         // and then runs the heavy fence before it checks the counters, so
         // either it sees this finish or we see it registered.
