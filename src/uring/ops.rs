@@ -20,19 +20,6 @@ fn to_result(res: i32) -> io::Result<usize> {
     }
 }
 
-/// Owned copy of an iovec array plus whatever keeps its buffers mapped.
-struct IovKeep {
-    iov: Box<[libc::iovec]>,
-    _keep: Option<super::iovec::KeepAlive>,
-}
-
-fn keep_iov(buf: &IoVec) -> Box<IovKeep> {
-    Box::new(IovKeep {
-        iov: buf.iovecs().into(),
-        _keep: buf.keepalive().cloned(),
-    })
-}
-
 /// When a read's or write's SQE goes to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Submit {
@@ -69,19 +56,18 @@ async fn rw_once(
             "read into a read-only buffer",
         ));
     }
-    let keep = keep_iov(buf);
-    let (ptr, n) = (keep.iov.as_ptr(), keep.iov.len() as u32);
-    let entry = if write {
-        opcode::Writev::new(types::Fd(fd), ptr, n)
-            .offset(offset)
-            .build()
-    } else {
-        opcode::Readv::new(types::Fd(fd), ptr, n)
-            .offset(offset)
-            .build()
-    };
     let op = with_reactor(|r| {
-        let op = r.start(entry, Some(keep));
+        let op = r.start_vectored(buf, |ptr, n| {
+            if write {
+                opcode::Writev::new(types::Fd(fd), ptr, n)
+                    .offset(offset)
+                    .build()
+            } else {
+                opcode::Readv::new(types::Fd(fd), ptr, n)
+                    .offset(offset)
+                    .build()
+            }
+        });
         if submit == Submit::Now {
             r.submit_now();
         }
