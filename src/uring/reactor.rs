@@ -209,13 +209,16 @@ impl Reactor {
         }
     }
 
-    /// True if completions are waiting (or deferred completion work is).
+    /// True if completions are waiting. Completions still held as deferred
+    /// task work (the kernel set IORING_SQ_TASKRUN) are run into the
+    /// completion queue first, so that the caller can reap them at once.
     pub(super) fn has_completions(&self) -> bool {
-        let mut ring = self.ring.borrow_mut();
-        if ring.submission().taskrun() {
-            return true;
+        let deferred = self.ring.borrow_mut().submission().taskrun();
+        if deferred {
+            // Also submits what is queued, as any enter does.
+            self.submit_and_wait(0);
         }
-        let empty = ring.completion().is_empty();
+        let empty = self.ring.borrow_mut().completion().is_empty();
         !empty
     }
 
