@@ -140,9 +140,9 @@ pub struct ServeArgs {
     /// fewer than the CPUs ringblk may use (and at least one): on a small
     /// machine a second busy iothread only takes turns with the first and
     /// with the guest. A multi-queue export of a real disk with --cache none
-    /// does better with one per queue even there: the kernel's submission
-    /// of each direct I/O runs on its iothread, so one iothread serialises
-    /// every queue's.
+    /// at high queue depth does better with one per queue even there: the
+    /// kernel's submission of each direct I/O runs on its iothread, so one
+    /// iothread serialises every queue's.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub iothreads: Option<u16>,
 
