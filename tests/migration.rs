@@ -562,7 +562,17 @@ impl Pair {
         );
         // The source is paused (postmigrate) for good.
         self.src.qmp.ok("quit", serde_json::json!({}));
-        let status = self.dst.qmp.ok("query-status", serde_json::json!({}));
+        // The source says "completed" once it has sent the last state; the
+        // destination loads it and starts its devices (our export's queues)
+        // before it runs, so it may still say "inmigrate" for a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let status = self.dst.qmp.ok("query-status", serde_json::json!({}));
+            if status["status"] != "inmigrate" || std::time::Instant::now() >= deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(status["status"], "running", "{status}");
         info
     }
