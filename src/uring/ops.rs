@@ -314,6 +314,63 @@ mod tests {
     }
 
     #[test]
+    fn a_read_dropped_before_submission_still_lands_in_memory_its_slot_keeps() {
+        use std::cell::UnsafeCell;
+        use std::future::Future;
+        use std::rc::Rc;
+        use std::task::{Context, Waker};
+
+        let path = scratch("dropped");
+        std::fs::write(&path, [0x5au8; 4096]).unwrap();
+        let f = Arc::new(File::open(&path).unwrap());
+        let t = IoThread::start("ops-dropped", Duration::ZERO).unwrap();
+        let (data, decoy) = t.handle().block_on(move || async move {
+            let fd = f.as_raw_fd();
+            // Where the read goes; the list's keep-alive is a clone.
+            let mem = Rc::new(UnsafeCell::new([0u8; 4096]));
+            let keep: super::super::iovec::KeepAlive = mem.clone();
+            let iov = vec![libc::iovec {
+                iov_base: mem.get().cast(),
+                iov_len: 4096,
+            }];
+            // SAFETY: `mem` stays valid while `keep` lives, and is read
+            // below only once the kernel is done with it.
+            let list = unsafe { IoVec::from_raw(iov, Some(keep)) };
+            {
+                let mut read = std::pin::pin!(read_some(fd, &list, 0, Submit::WithTurn));
+                // One poll queues the SQE; it goes to the kernel with the turn.
+                let mut cx = Context::from_waker(Waker::noop());
+                assert!(read.as_mut().poll(&mut cx).is_pending());
+            }
+            drop(list);
+            // A new list of the same size likely takes the freed one's
+            // memory: a kernel reading the freed array would fill `decoy`.
+            let decoy = Rc::new(UnsafeCell::new([0u8; 4096]));
+            let scribble = vec![libc::iovec {
+                iov_base: decoy.get().cast(),
+                iov_len: 4096,
+            }];
+            assert_eq!(Rc::strong_count(&mem), 2, "the slot keeps the memory");
+            // Each awaited read goes through the ring's wait, which reaps
+            // the abandoned read's completion too.
+            let probe = IoVec::from_buf(AlignedBuf::zeroed(512, 512));
+            for _ in 0..1000 {
+                if Rc::strong_count(&mem) == 1 {
+                    break;
+                }
+                read_some(fd, &probe, 0, Submit::Now).await.unwrap();
+            }
+            assert_eq!(Rc::strong_count(&mem), 1, "the slot let the memory go");
+            drop(scribble);
+            // SAFETY: the kernel is done with both buffers.
+            unsafe { ((*mem.get()).to_vec(), (*decoy.get()).to_vec()) }
+        });
+        assert!(data.iter().all(|&b| b == 0x5a), "the read landed");
+        assert!(decoy.iter().all(|&b| b == 0), "nothing read the freed list");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn reading_past_end_of_file_is_an_error() {
         let path = scratch("eof");
         File::create(&path).unwrap().write_all(&[1u8; 512]).unwrap();

@@ -40,12 +40,20 @@ struct Slot {
     mapped: Option<KeepAlive>,
 }
 
+/// Longest iovec array a free slot keeps its room for (1 KiB): longer
+/// lists, up to IOV_MAX pieces, are rare, and keeping their room would let
+/// a guest that sent some pin 16 KiB in each slot for the iothread's life.
+const KEPT_IOV_CAPACITY: usize = 64;
+
 impl Slot {
     /// The operation is over: drop what kept its buffers alive.
     fn release(&mut self) {
         self.state = SlotState::Free;
         self.keep = None;
         self.mapped = None;
+        if self.iov.capacity() > KEPT_IOV_CAPACITY {
+            self.iov = Vec::new();
+        }
     }
 }
 
