@@ -249,17 +249,7 @@ fn a_second_client_connects_after_the_first_leaves() {
     let dir = TestDir::new("reconnect");
     let img = dir.path("disk.raw");
     make_raw(&img, 4 * MIB);
-    let mut d = Daemon::start(
-        &dir.path("sock"),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--num-queues",
-            "2",
-            "--iothreads",
-            "2",
-        ],
-    );
+    let mut d = Daemon::start_two_iothreads(&dir.path("sock"), &img, &[]);
     for round in 0..3u8 {
         let mut c = connect(&d.sock, 2).unwrap();
         if round > 0 {

@@ -10,19 +10,7 @@ fn guest_fio_verify_on_two_queues() {
     let dir = TestDir::new("guest-fio");
     let img = dir.path("disk.raw");
     make_raw(&img, 128 << 20);
-    let d = Daemon::start(
-        &dir.path("sock"),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--num-queues",
-            "2",
-            "--iothreads",
-            "2",
-            "--serial",
-            "ringblk-guest",
-        ],
-    );
+    let d = Daemon::start_two_iothreads(&dir.path("sock"), &img, &["--serial", "ringblk-guest"]);
     let run = run_guest(&d.sock, "fio-verify", 2);
     assert!(run.passed(), "guest test failed; console above");
     assert!(
@@ -58,19 +46,7 @@ fn guest_fio_verify_on_a_qcow2_image_with_a_backing_file() {
         "raw",
         img.to_str().unwrap(),
     ]);
-    let d = Daemon::start(
-        &dir.path("sock"),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--num-queues",
-            "2",
-            "--iothreads",
-            "2",
-            "--serial",
-            "ringblk-guest",
-        ],
-    );
+    let d = Daemon::start_two_iothreads(&dir.path("sock"), &img, &["--serial", "ringblk-guest"]);
     let run = run_guest(&d.sock, "fio-verify", 2);
     assert!(run.passed(), "guest test failed; console above");
     assert!(d.stop().success());

@@ -159,17 +159,7 @@ fn matrix(compat: &str, cluster: &str) {
                 flatten(&img, &reference);
             }
         }
-        let d = Daemon::start(
-            &dir.path("sock"),
-            &[
-                "--image",
-                img.to_str().unwrap(),
-                "--num-queues",
-                "2",
-                "--iothreads",
-                "2",
-            ],
-        );
+        let d = Daemon::start_two_iothreads(&dir.path("sock"), &img, &[]);
         exercise(
             &d.sock,
             &reference,

@@ -125,17 +125,7 @@ fn kill_9_during_writes_leaves_no_corruption_and_keeps_flushed_data() {
             img.to_str().unwrap(),
             "32M",
         ]);
-        let mut d = Daemon::start(
-            &dir.path("sock"),
-            &[
-                "--image",
-                img.to_str().unwrap(),
-                "--num-queues",
-                "2",
-                "--iothreads",
-                "2",
-            ],
-        );
+        let mut d = Daemon::start_two_iothreads(&dir.path("sock"), &img, &[]);
         let mut c = connect_with(&d.sock, 2, 1 << 20).unwrap();
         // Phase A: the first 8 MiB, in 12 KiB pieces (crossing 4 KiB clusters).
         let piece = 12 << 10;

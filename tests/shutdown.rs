@@ -35,17 +35,7 @@ fn run(signal: i32) {
         img.to_str().unwrap(),
         "32M",
     ]);
-    let d = Daemon::start(
-        &dir.path("sock"),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--num-queues",
-            "2",
-            "--iothreads",
-            "2",
-        ],
-    );
+    let d = Daemon::start_two_iothreads(&dir.path("sock"), &img, &[]);
     let mut c = connect_with(&d.sock, 2, 2 * QD * BLK).unwrap();
     let base = c.region.addr;
     let mut qs = std::mem::take(&mut c.queues);

@@ -66,6 +66,16 @@ impl Daemon {
         Self::start_in(sock, args, None)
     }
 
+    /// Serve `img` on two queues, each on its own iothread, plus `extra`:
+    /// for tests whose point is work on two iothreads at once (on a 2-CPU
+    /// machine `serve` would put both queues on one by default).
+    pub fn start_two_iothreads(sock: &Path, img: &Path, extra: &[&str]) -> Daemon {
+        let img = img.to_str().expect("image path is UTF-8");
+        let mut args = vec!["--image", img, "--num-queues", "2", "--iothreads", "2"];
+        args.extend_from_slice(extra);
+        Self::start(sock, &args)
+    }
+
     pub fn start_in(sock: &Path, args: &[&str], cwd: Option<&Path>) -> Daemon {
         Self::start_with(sock, args, |cmd| {
             if let Some(d) = cwd {

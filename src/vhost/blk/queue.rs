@@ -339,13 +339,12 @@ type QueueRam = Rc<Arc<GuestRam>>;
 /// The next kick: the frontend signalled the kick eventfd.
 async fn wait_kick(kick: Arc<File>) -> std::io::Result<()> {
     let fd = kick.as_raw_fd();
-    let owner = kick;
-    match ops::read_eventfd(fd, owner.clone()).await {
+    match ops::read_eventfd(fd, kick.clone()).await {
         // A non-blocking eventfd read on a kernel that does not retry it in
         // the ring: wait for it in the ring, then read again.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            ops::wait_readable(fd, owner.clone()).await?;
-            match ops::read_eventfd(fd, owner).await {
+            ops::wait_readable(fd, kick.clone()).await?;
+            match ops::read_eventfd(fd, kick).await {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
                 r => r,
             }
@@ -542,14 +541,7 @@ impl Worker {
                 let q = self.queue.borrow();
                 chain::prefetch_heads(&mem, GuestAddress(q.desc_table()), q.size(), &heads);
                 drop(q);
-                let root = Rc::new(self.export.backend.hold_root());
-                for head in heads.drain(..) {
-                    self.in_flight().add();
-                    uring::spawn_with(|| {
-                        self.clone()
-                            .handle(mem.clone(), root.clone(), head, popped_at)
-                    });
-                }
+                self.start_requests(&mem, heads.drain(..), popped_at);
             }
             if !more {
                 return found;
@@ -564,13 +556,26 @@ impl Worker {
         if heads.is_empty() {
             return false;
         }
-        let now = uring::now();
-        let root = Rc::new(self.export.backend.hold_root());
-        for &head in &heads {
-            self.in_flight().add();
-            uring::spawn_with(|| self.clone().handle(mem.clone(), root.clone(), head, now));
-        }
+        self.start_requests(mem, heads, uring::now());
         true
+    }
+
+    /// Start a task for each of a batch of popped `heads`, all on the
+    /// BlockBackend's root as it is now (see [`HeldRoot`]).
+    fn start_requests(
+        self: &Rc<Self>,
+        mem: &QueueRam,
+        heads: impl IntoIterator<Item = u16>,
+        popped_at: Instant,
+    ) {
+        let root = Rc::new(self.export.backend.hold_root());
+        for head in heads {
+            self.in_flight().add();
+            uring::spawn_with(|| {
+                self.clone()
+                    .handle(mem.clone(), root.clone(), head, popped_at)
+            });
+        }
     }
 
     /// Run the request at `head` on `root` (its batch's; see [`HeldRoot`]).
