@@ -208,18 +208,20 @@ impl Drop for Storage {
     }
 }
 
+/// qemu-storage-daemon closed a connection it had just accepted: the
+/// client sees ECONNRESET, or EPIPE if its next message was being written.
+pub fn dropped_connection(e: &blkio::Error) -> bool {
+    matches!(e.errno().raw_os_error(), libc::ECONNRESET | libc::EPIPE)
+}
+
 /// Connect a libblkio client to an export of `which`. qemu-storage-daemon
-/// now and then resets a new connection (ECONNRESET, see qsd_cli.rs): only
+/// now and then drops a new connection (see [`dropped_connection`]): only
 /// there is a connection retried, a few times.
 pub fn connect_to(which: Impl, sock: &Path, queues: i32) -> Client {
     let mut tries = 0;
     loop {
         match connect(sock, queues) {
-            Err(e)
-                if which == Impl::Qsd
-                    && e.errno().raw_os_error() == libc::ECONNRESET
-                    && tries < 5 =>
-            {
+            Err(e) if which == Impl::Qsd && dropped_connection(&e) && tries < 5 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
