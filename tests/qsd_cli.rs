@@ -74,25 +74,16 @@ fn verify_export(sock: &Path, queues: usize, writable: bool, round: u64) {
 }
 
 /// `verify_export`; with `reference`, the daemon is qemu-storage-daemon,
-/// which now and then drops a new connection under load (the client sees
-/// ECONNRESET, or EPIPE when its write came first): retried a few times
-/// there, never for ringblk.
+/// whose dropped connections are retried (see `connect_retrying`).
 fn verify_export_of(sock: &Path, queues: usize, writable: bool, round: u64, reference: bool) {
-    let mut tries = 0;
-    let mut c = loop {
-        let r = if writable {
+    let mut c = common::storage::connect_retrying(reference, || {
+        if writable {
             connect(sock, queues as i32)
         } else {
             connect_read_only(sock)
-        };
-        match r {
-            Err(e) if reference && common::storage::dropped_connection(&e) && tries < 5 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r => break r.unwrap(),
         }
-    };
+    })
+    .unwrap();
     let len = 65536;
     for q in 0..c.queues.len() {
         let at = (q as u64 + 2 * round) * len as u64;

@@ -210,24 +210,33 @@ impl Drop for Storage {
 
 /// qemu-storage-daemon closed a connection it had just accepted: the
 /// client sees ECONNRESET, or EPIPE if its next message was being written.
-pub fn dropped_connection(e: &blkio::Error) -> bool {
+fn dropped_connection(e: &blkio::Error) -> bool {
     matches!(e.errno().raw_os_error(), libc::ECONNRESET | libc::EPIPE)
 }
 
-/// Connect a libblkio client to an export of `which`. qemu-storage-daemon
-/// now and then drops a new connection (see [`dropped_connection`]): only
-/// there is a connection retried, a few times.
-pub fn connect_to(which: Impl, sock: &Path, queues: i32) -> Client {
+/// Run `connect` until it succeeds; with `reference` (the daemon is
+/// qemu-storage-daemon, which now and then drops a new connection, see
+/// [`dropped_connection`]) a dropped connection is retried a few times.
+/// ringblk's connections are never retried.
+pub fn connect_retrying(
+    reference: bool,
+    mut connect: impl FnMut() -> Result<Client, blkio::Error>,
+) -> Result<Client, blkio::Error> {
     let mut tries = 0;
     loop {
-        match connect(sock, queues) {
-            Err(e) if which == Impl::Qsd && dropped_connection(&e) && tries < 5 => {
+        match connect() {
+            Err(e) if reference && dropped_connection(&e) && tries < 5 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
-            r => {
-                return r.unwrap_or_else(|e| panic!("connect to {}: {e}", sock.display()));
-            }
+            r => return r,
         }
     }
+}
+
+/// Connect a libblkio client to an export of `which` (a dropped
+/// qemu-storage-daemon connection retried, see [`connect_retrying`]).
+pub fn connect_to(which: Impl, sock: &Path, queues: i32) -> Client {
+    connect_retrying(which == Impl::Qsd, || connect(sock, queues))
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", sock.display()))
 }
