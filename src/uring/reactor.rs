@@ -18,9 +18,19 @@ pub(super) const MESSAGE_TOKEN: u64 = u64::MAX;
 /// user_data of cancellations (their own completions are not waited for).
 const CANCEL_TOKEN: u64 = u64::MAX - 1;
 
+/// Who waits for an operation's completion.
+enum Waiter {
+    /// A task of this iothread, made ready by id (see
+    /// [`executor::own_task`]): no waker is cloned and dropped, so
+    /// an operation costs no atomic count.
+    Task(usize),
+    /// Any other waker (a future polled under a combinator's own waker).
+    Waker(Waker),
+}
+
 enum SlotState {
     Free,
-    Waiting(Option<Waker>),
+    Waiting(Option<Waiter>),
     Done(i32),
     /// The future was dropped before its completion arrived; the slot keeps
     /// the operation's buffers alive until the kernel is done with them.
@@ -61,6 +71,9 @@ pub(super) struct Reactor {
     ring: RefCell<IoUring>,
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<usize>>,
+    /// The wakers of one reap, kept between reaps so that reaping a batch
+    /// of completions allocates nothing.
+    woken: RefCell<Vec<Waker>>,
 }
 
 impl Reactor {
@@ -78,6 +91,7 @@ impl Reactor {
             ring: RefCell::new(ring),
             slots: RefCell::new(Vec::with_capacity(entries as usize)),
             free: RefCell::new(Vec::new()),
+            woken: RefCell::new(Vec::new()),
         })
     }
 
@@ -230,10 +244,13 @@ impl Reactor {
         !empty
     }
 
-    /// Hand every available completion to its waiter; the message eventfd's
-    /// completion goes to `on_message`.
-    pub(super) fn reap(&self, mut on_message: impl FnMut(i32)) {
-        let mut wakers: Vec<Waker> = Vec::new();
+    /// Hand every available completion to its waiter: a task of this
+    /// iothread goes to `wake_task`, the message eventfd's completion to
+    /// `on_message`.
+    pub(super) fn reap(&self, mut wake_task: impl FnMut(usize), mut on_message: impl FnMut(i32)) {
+        // Taken out rather than borrowed while the wakers run: a waker
+        // not ours may run any code.
+        let mut wakers = self.woken.take();
         loop {
             let mut message = None;
             {
@@ -255,7 +272,8 @@ impl Reactor {
                         continue;
                     };
                     match std::mem::replace(&mut slot.state, SlotState::Done(cqe.result())) {
-                        SlotState::Waiting(Some(w)) => wakers.push(w),
+                        SlotState::Waiting(Some(Waiter::Task(id))) => wake_task(id),
+                        SlotState::Waiting(Some(Waiter::Waker(w))) => wakers.push(w),
                         SlotState::Waiting(None) => {}
                         SlotState::Abandoned => {
                             slot.release();
@@ -275,6 +293,7 @@ impl Reactor {
                 None => break,
             }
         }
+        self.woken.replace(wakers);
     }
 
     /// Drop the buffers of operations still owned by the kernel without
@@ -325,8 +344,12 @@ impl Future for Op {
                     Poll::Ready(res)
                 }
                 SlotState::Waiting(w) => {
-                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        *w = Some(cx.waker().clone());
+                    let kept = matches!(w, Some(Waiter::Waker(old)) if old.will_wake(cx.waker()));
+                    if !kept {
+                        *w = Some(match executor::own_task(cx.waker()) {
+                            Some(id) => Waiter::Task(id),
+                            None => Waiter::Waker(cx.waker().clone()),
+                        });
                     }
                     Poll::Pending
                 }
