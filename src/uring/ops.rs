@@ -183,12 +183,13 @@ pub fn signal_eventfd_nowait(
     fd: RawFd,
     owner: impl std::any::Any,
 ) -> impl std::future::Future<Output = io::Result<()>> {
-    let buf = Box::new(1u64);
-    let ptr = &*buf as *const u64 as *const u8;
+    /// What every signal adds; the kernel only reads it.
+    static ONE: u64 = 1;
+    let ptr = &ONE as *const u64 as *const u8;
     let e = opcode::Write::new(types::Fd(fd), ptr, 8)
         .rw_flags(libc::RWF_NOWAIT)
         .build();
-    let keep: Box<dyn std::any::Any> = Box::new((buf, owner));
+    let keep: Box<dyn std::any::Any> = Box::new(owner);
     let op = with_reactor(|r| {
         let op = r.start(e, Some(keep));
         r.submit_now();

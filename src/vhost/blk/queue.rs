@@ -7,7 +7,7 @@ use std::fs::File;
 use std::future::{poll_fn, Future};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Instant;
@@ -68,26 +68,41 @@ pub fn ring_sizes(size: u16, event_idx: bool) -> RingSizes {
 }
 
 /// The guest's interrupt eventfd. The frontend may replace it while the
-/// queue runs (QEMU does when it reprograms MSI-X), hence the lock.
+/// queue runs (QEMU does when it reprograms MSI-X), hence the lock; the
+/// queue's iothread keeps its own copy and takes the lock only when
+/// `generation` says the fd was replaced, so that a notification executes
+/// no locked instruction.
 #[derive(Default)]
-pub struct CallFd(Mutex<Option<Arc<File>>>);
+pub struct CallFd {
+    file: Mutex<Option<Arc<File>>>,
+    /// Changes, under the lock, with every `set`.
+    generation: AtomicU64,
+}
 
 impl CallFd {
     pub fn set(&self, fd: Option<File>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = fd.map(Arc::new);
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        *file = fd.map(Arc::new);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Signal the guest, on the queue's iothread. Never blocks, whatever
-    /// the frontend does to the eventfd it shares with us: the write goes
-    /// through the ring with RWF_NOWAIT. It fails (EAGAIN) when the counter
-    /// is saturated, which already reads as signalled, or when the frontend
-    /// made the eventfd blocking again; either way only that notification
-    /// is dropped, so the result is not waited for.
-    fn signal(&self) {
-        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(f) = guard.as_ref() else { return };
-        drop(ops::signal_eventfd_nowait(f.as_raw_fd(), f.clone()));
+    /// The fd and its generation, read together under the lock.
+    fn current(&self) -> (u64, Option<Arc<File>>) {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Ordering::Relaxed), file.clone())
     }
+}
+
+/// A queue's copy of its [`CallFd`]: the generation it was read at, and
+/// the fd behind an `Rc` of the iothread's own, which each eventfd write
+/// clones to keep the fd open until the write completes (a plain add,
+/// where cloning the `Arc` would be a locked one).
+#[derive(Default)]
+struct CallCopy {
+    generation: Option<u64>,
+    // The extra allocation is once per replaced fd, not per signal.
+    #[allow(clippy::redundant_allocation)]
+    file: Option<Rc<Arc<File>>>,
 }
 
 /// Shared between the vhost thread and the queue's task.
@@ -172,6 +187,7 @@ struct Worker {
     indirect: bool,
     kick: Arc<File>,
     call: Arc<CallFd>,
+    call_copy: RefCell<CallCopy>,
     control: Arc<QueueControl>,
     export: Arc<ExportState>,
     idle: RefCell<Option<Waker>>,
@@ -313,6 +329,7 @@ pub fn start(
             indirect,
             kick,
             call,
+            call_copy: RefCell::default(),
             control: ctl,
             export,
             idle: RefCell::new(None),
@@ -760,6 +777,27 @@ impl Worker {
         }
     }
 
+    /// Signal the guest's call eventfd. Never blocks, whatever the
+    /// frontend does to the eventfd it shares with us: the write goes
+    /// through the ring with RWF_NOWAIT. It fails (EAGAIN) when the counter
+    /// is saturated, which already reads as signalled, or when the frontend
+    /// made the eventfd blocking again; either way only that notification
+    /// is dropped, so the result is not waited for.
+    fn signal_call(&self) {
+        let generation = self.call.generation.load(Ordering::Acquire);
+        let mut copy = self.call_copy.borrow_mut();
+        if copy.generation != Some(generation) {
+            let (generation, file) = self.call.current();
+            *copy = CallCopy {
+                generation: Some(generation),
+                file: file.map(Rc::new),
+            };
+        }
+        let Some(f) = copy.file.clone() else { return };
+        drop(copy);
+        drop(ops::signal_eventfd_nowait(f.as_raw_fd(), f));
+    }
+
     fn signal_guest(&self) {
         self.signal_scheduled.set(false);
         self.notify_if_needed();
@@ -772,7 +810,7 @@ impl Worker {
             .rings()
             .is_none_or(|r| r.wants_notification(self.event_idx, old, new));
         if needed {
-            self.call.signal();
+            self.signal_call();
         }
         let polls = self.poll_detector.borrow_mut().checked(needed);
         let mut counted = self.driver_polls.borrow_mut();

@@ -71,6 +71,7 @@ mod fake_guest {
         ram: Arc<GuestRam>,
         kick: Arc<File>,
         call: File,
+        call_fd: Arc<CallFd>,
         control: Arc<QueueControl>,
         export: Arc<ExportState>,
         avail_idx: u16,
@@ -112,7 +113,7 @@ mod fake_guest {
                 event_idx,
                 indirect: true,
                 kick: kick.clone(),
-                call: call_fd,
+                call: call_fd.clone(),
                 inflight: None,
                 dirty_log: crate::vhost::dirty_log::DirtyLog::new(1),
             };
@@ -121,6 +122,7 @@ mod fake_guest {
                 ram,
                 kick,
                 call,
+                call_fd,
                 control,
                 export: state,
                 avail_idx: 0,
@@ -157,6 +159,21 @@ mod fake_guest {
         /// Offer `head`, kick, wait for the used ring to advance; returns the
         /// used length.
         fn submit(&mut self, head: u16) -> u32 {
+            let slot = self.offer(head);
+            while self.used_idx() != self.avail_idx {
+                assert!(wait_signalled(&self.call), "no completion for head {head}");
+            }
+            let elem = USED + 4 + (slot as u64) * 8;
+            assert_eq!(
+                self.mem().read_obj::<u32>(GuestAddress(elem)).unwrap(),
+                head as u32
+            );
+            self.mem().read_obj::<u32>(GuestAddress(elem + 4)).unwrap()
+        }
+
+        /// Offer `head` and kick, asking for an interrupt on its completion;
+        /// returns its avail slot.
+        fn offer(&mut self, head: u16) -> u16 {
             // Ask for an interrupt on the next completion (EVENT_IDX used_event),
             // as a driver does before it waits.
             let used = self.used_idx();
@@ -172,15 +189,7 @@ mod fake_guest {
                 .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
                 .unwrap();
             signal(&self.kick);
-            while self.used_idx() != self.avail_idx {
-                assert!(wait_signalled(&self.call), "no completion for head {head}");
-            }
-            let elem = USED + 4 + (slot as u64) * 8;
-            assert_eq!(
-                self.mem().read_obj::<u32>(GuestAddress(elem)).unwrap(),
-                head as u32
-            );
-            self.mem().read_obj::<u32>(GuestAddress(elem + 4)).unwrap()
+            slot
         }
 
         fn status(&self, at: u64) -> u8 {
@@ -270,6 +279,40 @@ mod fake_guest {
         g.bare_chain(VIRTIO_BLK_T_FLUSH);
         assert_eq!(g.submit(0), 1);
         assert_eq!(g.status(0x30000), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn a_call_fd_replaced_while_the_queue_runs_gets_the_next_notification() {
+        let mut g = Guest::new(false, true);
+        g.bare_chain(VIRTIO_BLK_T_FLUSH);
+        assert_eq!(g.submit(0), 1);
+        // Whether or not submit waited for it, the first fd is quiet now.
+        let mut v = 0u64;
+        // SAFETY: 8-byte read into a valid u64 (non-blocking fd).
+        unsafe {
+            libc::read(
+                g.call.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
+        let old = std::mem::replace(&mut g.call, eventfd());
+        g.call_fd.set(Some(g.call.try_clone().unwrap()));
+        g.bare_chain(VIRTIO_BLK_T_FLUSH);
+        g.offer(0);
+        assert!(wait_signalled(&g.call), "the new call fd was not signalled");
+        assert_eq!(g.used_idx(), g.avail_idx);
+        let mut p = libc::pollfd {
+            fd: old.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd, without waiting.
+        assert_eq!(
+            unsafe { libc::poll(&mut p, 1, 0) },
+            0,
+            "the replaced fd was signalled"
+        );
     }
 
     #[test]
