@@ -804,8 +804,17 @@ impl Worker {
     }
 
     fn notify_if_needed(&self) {
+        let added = self.used_added.replace(0);
+        if added == 0 {
+            // Nothing put on the used ring since the last check (the turn's
+            // first completion was checked at once): nothing to tell the
+            // driver, and no fence to pay (at queue depth 1 this is every
+            // turn's end). `added` cannot wrap to 0: a check comes at least
+            // once per loop turn, which adds at most a queue's worth.
+            return;
+        }
         let new = self.queue.borrow().next_used();
-        let old = new.wrapping_sub(self.used_added.replace(0));
+        let old = new.wrapping_sub(added);
         let needed = self
             .rings()
             .is_none_or(|r| r.wants_notification(self.event_idx, old, new));
