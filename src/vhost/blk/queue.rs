@@ -809,8 +809,9 @@ impl Worker {
             // Nothing put on the used ring since the last check (the turn's
             // first completion was checked at once): nothing to tell the
             // driver, and no fence to pay (at queue depth 1 this is every
-            // turn's end). `added` cannot wrap to 0: a check comes at least
-            // once per loop turn, which adds at most a queue's worth.
+            // turn's end). `added` cannot wrap to 0: every loop turn that
+            // adds to the used ring checks at its end, and a turn adds at
+            // most a queue's worth (32768).
             return;
         }
         let new = self.queue.borrow().next_used();
