@@ -4,12 +4,12 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
 use super::guest_fault;
+use super::published::Published;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, MmapRegion, VolatileSlice,
@@ -510,34 +510,13 @@ impl MemoryMap {
     }
 }
 
-/// The current memory snapshot, shared with the queue iothreads. Readers
-/// check the generation (one atomic load) and reload only when it changed.
-pub struct SharedMemory {
-    current: Mutex<Arc<GuestRam>>,
-    generation: AtomicU64,
-}
+/// The current memory snapshot, shared with the queue iothreads, which
+/// keep their own copy (see [`Published`]).
+pub type SharedMemory = Published<Arc<GuestRam>>;
 
-impl SharedMemory {
-    pub fn new() -> Arc<Self> {
-        Arc::new(SharedMemory {
-            current: Mutex::new(Arc::new(GuestRam::empty())),
-            generation: AtomicU64::new(0),
-        })
-    }
-
-    pub fn publish(&self, mem: Arc<GuestRam>) {
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = mem;
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    pub fn load(&self) -> (u64, Arc<GuestRam>) {
-        let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        (self.generation.load(Ordering::Acquire), guard.clone())
-    }
+/// A `SharedMemory` holding no memory yet.
+pub fn new_shared_memory() -> Arc<SharedMemory> {
+    Arc::new(Published::new(Arc::new(GuestRam::empty())))
 }
 
 #[cfg(test)]

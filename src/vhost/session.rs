@@ -20,7 +20,7 @@ use super::blk::export::BlkExport;
 use super::blk::inflight::{self, InflightMap};
 use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
 use super::dirty_log::{DirtyLog, LogMap};
-use super::memory::{MemoryMap, SharedMemory};
+use super::memory::{new_shared_memory, MemoryMap, SharedMemory};
 use super::message::{self, Request};
 use super::notify_fd;
 use super::ratelimit::LogLimiter;
@@ -109,7 +109,7 @@ impl<'a> Session<'a> {
             features_set: false,
             protocol: 0,
             memory: MemoryMap::empty_with_poison_fd(poison_fd.clone()),
-            shared_mem: SharedMemory::new(),
+            shared_mem: new_shared_memory(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             log: LogLimiter::default(),
             stop_fd: -1,
@@ -423,7 +423,7 @@ impl<'a> Session<'a> {
                     true => Some(notify_fd::accept(take_fd(msg)?, index, "call")?),
                     false => None,
                 };
-                self.vrings[index].call.set(call);
+                self.vrings[index].call.publish(call.map(Arc::new));
                 Ok(Reply::Ack)
             }
             Request::SetVringErr => Ok(Reply::Ack),

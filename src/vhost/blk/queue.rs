@@ -7,7 +7,7 @@ use std::fs::File;
 use std::future::{poll_fn, Future};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Instant;
@@ -25,6 +25,7 @@ use crate::graph::HeldRoot;
 use crate::uring::{self, ops};
 use crate::vhost::dirty_log::{self, DirtyLog};
 use crate::vhost::memory::{GuestRam, SharedMemory};
+use crate::vhost::published::{LocalCopy, Published};
 use crate::vhost::ratelimit::LogLimiter;
 
 /// How often a queue slow to stop says so.
@@ -68,42 +69,10 @@ pub fn ring_sizes(size: u16, event_idx: bool) -> RingSizes {
 }
 
 /// The guest's interrupt eventfd. The frontend may replace it while the
-/// queue runs (QEMU does when it reprograms MSI-X), hence the lock; the
-/// queue's iothread keeps its own copy and takes the lock only when
-/// `generation` says the fd was replaced, so that a notification executes
-/// no locked instruction.
-#[derive(Default)]
-pub struct CallFd {
-    file: Mutex<Option<Arc<File>>>,
-    /// Changes, under the lock, with every `set`.
-    generation: AtomicU64,
-}
-
-impl CallFd {
-    pub fn set(&self, fd: Option<File>) {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        *file = fd.map(Arc::new);
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    /// The fd and its generation, read together under the lock.
-    fn current(&self) -> (u64, Option<Arc<File>>) {
-        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        (self.generation.load(Ordering::Relaxed), file.clone())
-    }
-}
-
-/// A queue's copy of its [`CallFd`]: the generation it was read at, and
-/// the fd behind an `Rc` of the iothread's own, which each eventfd write
-/// clones to keep the fd open until the write completes (a plain add,
-/// where cloning the `Arc` would be a locked one).
-#[derive(Default)]
-struct CallCopy {
-    generation: Option<u64>,
-    // The extra allocation is once per replaced fd, not per signal.
-    #[allow(clippy::redundant_allocation)]
-    file: Option<Rc<Arc<File>>>,
-}
+/// queue runs (QEMU does when it reprograms MSI-X); the queue's iothread
+/// keeps its own copy (see [`Published`]), so that a notification
+/// executes no locked instruction.
+pub type CallFd = Published<Option<Arc<File>>>;
 
 /// Shared between the vhost thread and the queue's task.
 pub struct QueueControl {
@@ -178,7 +147,7 @@ struct Worker {
     /// requests clone that one (to keep their buffers mapped), a plain add
     /// on memory only this iothread touches, instead of a locked one on
     /// the count every queue of the frontend shares.
-    mem: RefCell<(u64, QueueRam)>,
+    mem: LocalCopy<Arc<GuestRam>>,
     /// The avail and used rings in our mapping of `mem` (None: not looked
     /// up yet). See [`Worker::rings`].
     rings: Cell<Option<RingView>>,
@@ -187,7 +156,8 @@ struct Worker {
     indirect: bool,
     kick: Arc<File>,
     call: Arc<CallFd>,
-    call_copy: RefCell<CallCopy>,
+    /// This iothread's copy of `call`.
+    call_copy: LocalCopy<Option<Arc<File>>>,
     control: Arc<QueueControl>,
     export: Arc<ExportState>,
     idle: RefCell<Option<Waker>>,
@@ -323,13 +293,13 @@ pub fn start(
             index,
             queue: RefCell::new(q),
             shared_mem,
-            mem: RefCell::new((gen, Rc::new(mem))),
+            mem: LocalCopy::new((gen, mem)),
             rings: Cell::new(None),
             used_added: Cell::new(0),
             indirect,
             kick,
+            call_copy: LocalCopy::new(call.load()),
             call,
-            call_copy: RefCell::default(),
             control: ctl,
             export,
             idle: RefCell::new(None),
@@ -372,13 +342,7 @@ async fn wait_kick(kick: Arc<File>) -> std::io::Result<()> {
 
 impl Worker {
     fn memory(&self) -> QueueRam {
-        let gen = self.shared_mem.generation();
-        let mut cur = self.mem.borrow_mut();
-        if cur.0 != gen {
-            let (gen, mem) = self.shared_mem.load();
-            *cur = (gen, Rc::new(mem));
-        }
-        cur.1.clone()
+        self.mem.get(&self.shared_mem)
     }
 
     /// The avail index, as the polling loop reads it on every spin: one
@@ -398,7 +362,7 @@ impl Worker {
             }
         }
         let mem = self.memory();
-        let gen = self.mem.borrow().0;
+        let gen = self.mem.generation();
         let q = self.queue.borrow();
         // SAFETY: `self.mem` holds `mem`, the memory of generation `gen`,
         // until the shared generation moves past `gen` (it never goes
@@ -784,18 +748,12 @@ impl Worker {
     /// made the eventfd blocking again; either way only that notification
     /// is dropped, so the result is not waited for.
     fn signal_call(&self) {
-        let generation = self.call.generation.load(Ordering::Acquire);
-        let mut copy = self.call_copy.borrow_mut();
-        if copy.generation != Some(generation) {
-            let (generation, file) = self.call.current();
-            *copy = CallCopy {
-                generation: Some(generation),
-                file: file.map(Rc::new),
-            };
-        }
-        let Some(f) = copy.file.clone() else { return };
-        drop(copy);
-        drop(ops::signal_eventfd_nowait(f.as_raw_fd(), f));
+        let call = self.call_copy.get(&self.call);
+        let Some(fd) = (*call).as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        // `call` keeps the fd open until the write completes.
+        drop(ops::signal_eventfd_nowait(fd, call));
     }
 
     fn signal_guest(&self) {

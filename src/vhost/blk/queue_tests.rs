@@ -17,7 +17,7 @@ mod fake_guest {
     use super::super::state::ExportState;
     use crate::graph::{open_null, BlockBackend};
     use crate::uring::IoThread;
-    use crate::vhost::memory::{GuestRam, SharedMemory};
+    use crate::vhost::memory::{new_shared_memory, GuestRam};
 
     const QSIZE: u16 = 16;
     const DESC: u64 = 0x1000;
@@ -82,7 +82,7 @@ mod fake_guest {
         fn new(read_only: bool, event_idx: bool) -> Guest {
             let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
             let ram = Arc::new(GuestRam::new(mmap));
-            let shared = SharedMemory::new();
+            let shared = new_shared_memory();
             shared.publish(ram.clone());
             let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
             serial[..6].copy_from_slice(b"serial");
@@ -102,7 +102,7 @@ mod fake_guest {
             let kick = Arc::new(eventfd());
             let call = eventfd();
             let call_fd = Arc::new(CallFd::default());
-            call_fd.set(Some(call.try_clone().unwrap()));
+            call_fd.publish(Some(Arc::new(call.try_clone().unwrap())));
             let setup = QueueSetup {
                 index: 0,
                 size: QSIZE,
@@ -297,7 +297,8 @@ mod fake_guest {
             )
         };
         let old = std::mem::replace(&mut g.call, eventfd());
-        g.call_fd.set(Some(g.call.try_clone().unwrap()));
+        g.call_fd
+            .publish(Some(Arc::new(g.call.try_clone().unwrap())));
         g.bare_chain(VIRTIO_BLK_T_FLUSH);
         g.offer(0);
         assert!(wait_signalled(&g.call), "the new call fd was not signalled");
