@@ -70,12 +70,19 @@ fn images(dir: &TestDir) {
 
 /// Write and read back 64 KiB on every queue of the export at `sock`.
 fn verify_export(sock: &Path, queues: usize, writable: bool, round: u64) {
-    verify_export_of(sock, queues, writable, round, false)
+    verify_export_of(sock, queues, writable, round, false);
 }
 
 /// `verify_export`; with `reference`, the daemon is qemu-storage-daemon,
-/// whose dropped connections are retried (see `connect_retrying`).
-fn verify_export_of(sock: &Path, queues: usize, writable: bool, round: u64, reference: bool) {
+/// whose dropped connections are retried (see `connect_retrying`). The
+/// client is returned still connected, for the caller to drop.
+fn verify_export_of(
+    sock: &Path,
+    queues: usize,
+    writable: bool,
+    round: u64,
+    reference: bool,
+) -> Client {
     let mut c = common::storage::connect_retrying(reference, || {
         if writable {
             connect(sock, queues as i32)
@@ -101,6 +108,7 @@ fn verify_export_of(sock: &Path, queues: usize, writable: bool, round: u64, refe
             );
         }
     }
+    c
 }
 
 #[test]
@@ -190,9 +198,17 @@ fn qemu_storage_daemon_takes_the_same_command_line() {
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     let exports = q.ok("query-block-exports", json!({}));
     assert_eq!(exports.as_array().unwrap().len(), 3, "{exports}");
-    verify_export_of(&dir.path("e0.sock"), 1, true, 1, true);
-    verify_export_of(&dir.path("e1.sock"), 2, true, 1, true);
-    verify_export_of(&dir.path("e2.sock"), 1, false, 1, true);
+    // The clients stay connected until qemu-storage-daemon is killed. 7.2
+    // aborts now and then (`qemu_socket_set_nonblock: Assertion 'f == 0'
+    // failed`: an fd it was handed was already closed) when a client
+    // connects soon after the previous client disconnected:
+    // here 10 of 60 runs, always at the second or third export, against 0
+    // of 80 with the clients held.
+    let _clients = [
+        verify_export_of(&dir.path("e0.sock"), 1, true, 1, true),
+        verify_export_of(&dir.path("e1.sock"), 2, true, 1, true),
+        verify_export_of(&dir.path("e2.sock"), 1, false, 1, true),
+    ];
     let _ = qsd.kill();
     let _ = qsd.wait();
 }
