@@ -363,17 +363,9 @@ fn start_vm(
         let _ = std::io::Read::read_to_string(&mut err, &mut e);
         let _ = tx.send(format!("--- qemu stderr ---\n{e}"));
     });
-    // QEMU creates its QMP socket before it runs the machine.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !qmp_path.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name}: no QMP socket after 30 s"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "{name}: qemu exited");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let qmp = common::qmp::Qmp::connect(&qmp_path);
+    // QEMU listens on its QMP socket before it runs the machine.
+    let qmp =
+        common::qmp::Qmp::connect_starting(&qmp_path, &mut child, name, Duration::from_secs(30));
     Vm {
         name,
         stdin: child.stdin.take(),

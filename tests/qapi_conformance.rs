@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu_img::qemu_img;
 use common::qmp::Qmp;
@@ -140,19 +140,12 @@ fn replies_match_qemus_schema_and_qemu_storage_daemons_members() {
             .spawn()
             .expect("qemu-storage-daemon is required (scripts/test installs it)"),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.path("qmp.sock").exists() {
-        assert!(
-            qsd.0.try_wait().unwrap().is_none(),
-            "qemu-storage-daemon refused the command line"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut q = Qmp::connect(&dir.path("qmp.sock"));
+    let mut q = Qmp::connect_starting(
+        &dir.path("qmp.sock"),
+        &mut qsd.0,
+        "qemu-storage-daemon",
+        Duration::from_secs(20),
+    );
     let theirs = queries(&mut q);
     drop(qsd);
     for ((cmd, mine), (_, reference)) in ours.iter().zip(&theirs) {

@@ -1,10 +1,11 @@
 //! A minimal QMP client for tests (the `qemu.qmp` library is exercised by
 //! tests/control_python.rs; this one can also send malformed input).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -23,6 +24,39 @@ impl Qmp {
     /// Connect and read the greeting, without negotiating.
     pub fn connect_raw(path: &Path) -> Qmp {
         let s = UnixStream::connect(path).expect("connect to the QMP socket");
+        Qmp::over(s)
+    }
+
+    /// Connect and negotiate to the monitor of `child` (named `what`),
+    /// a QEMU process that is starting: its socket file appears at bind,
+    /// and connecting is refused until it listens. Fails if the process
+    /// exits or is not listening within `timeout`.
+    pub fn connect_starting(path: &Path, child: &mut Child, what: &str, timeout: Duration) -> Qmp {
+        let deadline = Instant::now() + timeout;
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
+                {
+                    if let Some(st) = child.try_wait().unwrap() {
+                        panic!("{what} exited ({st}) before its monitor listened");
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{what}: monitor not listening after {timeout:?} ({e})"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{what}: connect to the QMP socket: {e}"),
+            }
+        };
+        let mut q = Qmp::over(s);
+        q.ok("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn over(s: UnixStream) -> Qmp {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let writer = s.try_clone().unwrap();
         let mut q = Qmp {
