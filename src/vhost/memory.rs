@@ -512,10 +512,10 @@ impl MemoryMap {
 
 /// The current memory snapshot, shared with the queue iothreads, which
 /// keep their own copy (see [`Published`]).
-pub type SharedMemory = Published<Arc<GuestRam>>;
+pub(crate) type SharedMemory = Published<Arc<GuestRam>>;
 
 /// A `SharedMemory` holding no memory yet.
-pub fn new_shared_memory() -> Arc<SharedMemory> {
+pub(crate) fn new_shared_memory() -> Arc<SharedMemory> {
     Arc::new(Published::new(Arc::new(GuestRam::empty())))
 }
 

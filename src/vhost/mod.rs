@@ -8,7 +8,7 @@ pub mod listen;
 pub mod memory;
 pub(crate) mod message;
 pub mod notify_fd;
-pub mod published;
+pub(crate) mod published;
 pub mod ratelimit;
 pub mod server;
 pub mod session;

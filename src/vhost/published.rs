@@ -11,32 +11,32 @@ use std::sync::Mutex;
 /// The shared side: the current value and a generation that every
 /// `publish` moves on (under the lock, so `load` reads the two together).
 #[derive(Default)]
-pub struct Published<T> {
+pub(crate) struct Published<T> {
     current: Mutex<T>,
     generation: AtomicU64,
 }
 
 impl<T: Clone> Published<T> {
-    pub fn new(value: T) -> Self {
+    pub(crate) fn new(value: T) -> Self {
         Published {
             current: Mutex::new(value),
             generation: AtomicU64::new(0),
         }
     }
 
-    pub fn publish(&self, value: T) {
+    pub(crate) fn publish(&self, value: T) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         *current = value;
         self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// One atomic load, no locked instruction.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
     /// The value and its generation, read together under the lock.
-    pub fn load(&self) -> (u64, T) {
+    pub(crate) fn load(&self) -> (u64, T) {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         (self.generation.load(Ordering::Acquire), current.clone())
     }

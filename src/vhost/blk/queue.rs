@@ -32,7 +32,7 @@ use crate::vhost::ratelimit::LogLimiter;
 const STOP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Everything a queue needs to start, gathered by the vhost session.
-pub struct QueueSetup {
+pub(crate) struct QueueSetup {
     pub index: u16,
     pub size: u16,
     pub desc_table: u64,
@@ -72,7 +72,7 @@ pub fn ring_sizes(size: u16, event_idx: bool) -> RingSizes {
 /// queue runs (QEMU does when it reprograms MSI-X); the queue's iothread
 /// keeps its own copy (see [`Published`]), so that a notification
 /// executes no locked instruction.
-pub type CallFd = Published<Option<Arc<File>>>;
+pub(crate) type CallFd = Published<Option<Arc<File>>>;
 
 /// Shared between the vhost thread and the queue's task.
 pub struct QueueControl {
@@ -214,7 +214,7 @@ impl uring::Poller for Worker {
 }
 
 /// Build the queue on the calling (vhost) thread and start it on `thread`.
-pub fn start(
+pub(crate) fn start(
     setup: QueueSetup,
     shared_mem: Arc<SharedMemory>,
     export: Arc<ExportState>,
