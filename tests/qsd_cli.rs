@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu_img::{assert_clean, qemu_img};
 use common::qmp::Qmp;
@@ -182,18 +182,10 @@ fn qemu_storage_daemon_takes_the_same_command_line() {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-storage-daemon is required (scripts/test installs it)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.path("daemon.pid").exists() {
-        assert!(
-            qsd.try_wait().unwrap().is_none(),
-            "qemu-storage-daemon refused the command line"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(&mut qsd, Duration::from_secs(20), || {
+        dir.path("daemon.pid").exists().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("qemu-storage-daemon, given the command line, {e}"));
     // Its monitor answering says its main loop runs and the exports are up.
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     let exports = q.ok("query-block-exports", json!({}));

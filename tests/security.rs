@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu_img::qemu_img;
 use common::*;
@@ -144,18 +144,10 @@ impl Qsd {
             .expect("qemu-storage-daemon is required (scripts/test installs it)");
         let mut q = Qsd(child);
         // The pid file is written once every option has been processed.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            assert!(
-                q.0.try_wait().unwrap().is_none(),
-                "qemu-storage-daemon exited"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_ready(&mut q.0, Duration::from_secs(20), || {
+            pidfile.exists().then_some(())
+        })
+        .unwrap_or_else(|e| panic!("qemu-storage-daemon {e}"));
         q
     }
 }

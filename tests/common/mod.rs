@@ -46,6 +46,44 @@ impl Drop for TestDir {
     }
 }
 
+/// Why a process being started never became ready (see [`wait_ready`]).
+pub enum NotReady {
+    Exited(ExitStatus),
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::Exited(st) => write!(f, "exited ({st}) before it was ready"),
+            NotReady::TimedOut(t) => write!(f, "was not ready within {t:?}"),
+        }
+    }
+}
+
+/// Poll `ready` every 20 ms until it gives a value, for as long as `child`
+/// runs and at most `timeout`: a process that is starting (a pid file it
+/// writes once up, a socket it listens on).
+pub fn wait_ready<T>(
+    child: &mut Child,
+    timeout: Duration,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Result<T, NotReady> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = ready() {
+            return Ok(v);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            return Err(NotReady::Exited(st));
+        }
+        if Instant::now() > deadline {
+            return Err(NotReady::TimedOut(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A sparse raw image of `size` bytes.
 pub fn make_raw(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -32,25 +32,14 @@ impl Qmp {
     /// and connecting is refused until it listens. Fails if the process
     /// exits or is not listening within `timeout`.
     pub fn connect_starting(path: &Path, child: &mut Child, what: &str, timeout: Duration) -> Qmp {
-        let deadline = Instant::now() + timeout;
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
-                {
-                    if let Some(st) = child.try_wait().unwrap() {
-                        panic!("{what} exited ({st}) before its monitor listened");
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "{what}: monitor not listening after {timeout:?} ({e})"
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("{what}: connect to the QMP socket: {e}"),
+        let s = super::wait_ready(child, timeout, || match UnixStream::connect(path) {
+            Ok(s) => Some(s),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                None
             }
-        };
+            Err(e) => panic!("{what}: connect to the QMP socket: {e}"),
+        })
+        .unwrap_or_else(|e| panic!("{what} {e}: its monitor never listened"));
         let mut q = Qmp::over(s);
         q.ok("qmp_capabilities", json!({}));
         q

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{connect, Client, Daemon};
+use super::{connect, wait_ready, Client, Daemon};
 
 /// Which daemon runs the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,19 +122,15 @@ impl Storage {
                     .stderr(f)
                     .spawn()
                     .expect("qemu-storage-daemon is required (scripts/test installs it)");
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while !pidfile.exists() {
-                    if let Some(st) = child.try_wait().unwrap() {
-                        panic!(
-                            "qemu-storage-daemon exited ({st}) before it was up:\n{}",
-                            std::fs::read_to_string(&log).unwrap_or_default()
-                        );
-                    }
-                    if Instant::now() > deadline {
-                        let _ = child.kill();
-                        panic!("qemu-storage-daemon was not up within 30 s");
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+                // The pid file is written once every option has been processed.
+                if let Err(e) = wait_ready(&mut child, Duration::from_secs(30), || {
+                    pidfile.exists().then_some(())
+                }) {
+                    let _ = child.kill();
+                    panic!(
+                        "qemu-storage-daemon {e}:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
                 }
                 Storage {
                     which,
