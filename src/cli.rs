@@ -165,6 +165,13 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
     pub cache: CacheArg,
 
+    /// Seconds to wait at start-up for an image another process has
+    /// locked: a daemon killed just before still holds its image until the
+    /// kernel has finished its I/O. A real conflict fails after this.
+    /// [default: 5]
+    #[arg(long, value_name = "SECONDS", value_parser = ringblk::daemon::parse_lock_wait)]
+    pub lock_wait: Option<std::time::Duration>,
+
     /// Serial number the guest sees (up to 20 bytes).
     #[arg(long, value_name = "STR", default_value = "ringblk", value_parser = parse_serial)]
     pub serial: String,

@@ -209,6 +209,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
                 force_share: false,
                 backing: BackingPolicy::Any,
                 auto_names: false,
+                lock_wait: std::time::Duration::ZERO,
             })
             .map_err(|e| format!("backing file: {e}"))?;
             Some(BlockBackend::new("backing", node, true).size())
@@ -287,6 +288,7 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
             BackingPolicyArg::None => BackingPolicy::None,
         },
         auto_names: false,
+        lock_wait: args.lock_wait.unwrap_or(ringblk::daemon::DEFAULT_LOCK_WAIT),
     };
     let node = open_image(&opts).map_err(|e| e.to_string())?;
     let mut what = absolute(&path).display().to_string();

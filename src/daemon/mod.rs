@@ -24,6 +24,22 @@ pub use crate::vhost::exports::{ExportConfig, ExportListener, DEFAULT_SOCKET_MOD
 /// QMP clients connected at once unless told otherwise.
 pub const DEFAULT_CONTROL_CLIENTS: usize = 16;
 
+/// How long start-up waits for an image another process has locked
+/// (`--lock-wait`): long enough for the kernel to finish the I/O of a
+/// daemon that was just killed (milliseconds, or a few seconds on a slow
+/// disk), short enough that a real conflict is reported promptly.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// `--lock-wait SECONDS` (a decimal number, at most an hour).
+pub fn parse_lock_wait(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.0..=3600.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!(
+            "lock wait must be a number of seconds from 0 to 3600, not '{s}'"
+        )),
+    }
+}
+
 /// Set by QMP `quit` before it raises SIGTERM, to name the reason.
 static QUIT_REQUESTED: AtomicBool = AtomicBool::new(false);
 

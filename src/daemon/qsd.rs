@@ -11,12 +11,13 @@ use serde_json::{Map, Value};
 
 use super::keyval;
 use super::StorageDaemon;
-use crate::graph::blockdev_add;
+use super::{parse_lock_wait, DEFAULT_LOCK_WAIT};
+use crate::graph::blockdev_add_waiting;
 use crate::opts::Opts;
 use crate::vhost::exports::ExportOptions;
 
 /// The QSD options ringblk takes (each with a value but `--daemonize`).
-pub const OPTIONS: [&str; 8] = [
+pub const OPTIONS: [&str; 9] = [
     "--blockdev",
     "--export",
     "--object",
@@ -25,6 +26,8 @@ pub const OPTIONS: [&str; 8] = [
     "--pidfile",
     "--daemonize",
     "--nbd-server",
+    // ringblk's own: how long start-up waits for locked images.
+    "--lock-wait",
 ];
 
 /// A QSD command line, split into options and values.
@@ -83,6 +86,13 @@ struct Chardev {
 pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, String> {
     let mut setup = QsdSetup::default();
     let mut chardevs = Vec::new();
+    // Wherever it stands, it applies to every --blockdev.
+    let mut lock_wait = DEFAULT_LOCK_WAIT;
+    for (name, value) in &args.options {
+        if name == "--lock-wait" {
+            lock_wait = parse_lock_wait(value).map_err(|e| format!("{name} {value}: {e}"))?;
+        }
+    }
     for (name, value) in &args.options {
         let implied = match name.as_str() {
             "--object" => Some("qom-type"),
@@ -96,10 +106,13 @@ pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, Str
             setup.pidfile = Some(PathBuf::from(value));
             continue;
         }
+        if name == "--lock-wait" {
+            continue;
+        }
         let map = keyval::parse(value, implied).map_err(ctx)?;
         match name.as_str() {
             "--blockdev" => {
-                blockdev_add(Value::Object(map)).map_err(|e| ctx(e.0))?;
+                blockdev_add_waiting(Value::Object(map), lock_wait).map_err(|e| ctx(e.0))?;
             }
             "--object" => add_object(daemon, map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),

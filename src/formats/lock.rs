@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::OpenError;
 
@@ -52,6 +53,11 @@ const SHARED_BASE: i64 = 200;
 pub struct ImageLock {
     pub perm: Perms,
     pub shared: Perms,
+    /// How long taking the lock waits for conflicting holders to go away
+    /// (zero: fail at once). A daemon starting right after its predecessor
+    /// was killed waits: the kernel keeps the dead process's image open,
+    /// and so its locks, until the I/O it had submitted has finished.
+    pub wait: Duration,
 }
 
 impl ImageLock {
@@ -74,12 +80,53 @@ impl ImageLock {
         } else {
             Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED)
         };
-        ImageLock { perm, shared }
+        ImageLock {
+            perm,
+            shared,
+            wait: Duration::ZERO,
+        }
+    }
+
+    /// The same locks, waiting up to `wait` for conflicting holders.
+    pub fn waiting(self, wait: Duration) -> ImageLock {
+        ImageLock { wait, ..self }
     }
 
     /// Take the locks on `file`, then check that nobody else's locks
-    /// conflict. On error the caller drops the file, which releases ours.
+    /// conflict, for up to `self.wait` while they do. On error the caller
+    /// drops the file, which releases ours.
     pub fn apply(self, file: &File, path: &Path) -> Result<(), OpenError> {
+        // Polled: nothing tells us when another process's OFD lock goes
+        // (F_OFD_SETLKW would wait for it, but without a bound).
+        const POLL: Duration = Duration::from_millis(10);
+        let start = Instant::now();
+        loop {
+            match self.try_apply(file, path) {
+                Err(OpenError::Locked { .. }) if start.elapsed() + POLL <= self.wait => {
+                    if start.elapsed() < POLL {
+                        log::info!(
+                            "{}: image is locked by another process; waiting up to {:?} for it to let go",
+                            path.display(),
+                            self.wait
+                        );
+                    }
+                    std::thread::sleep(POLL);
+                }
+                r => {
+                    if r.is_ok() && start.elapsed() >= POLL {
+                        log::info!(
+                            "{}: lock taken after waiting {} ms",
+                            path.display(),
+                            start.elapsed().as_millis()
+                        );
+                    }
+                    return r;
+                }
+            }
+        }
+    }
+
+    fn try_apply(self, file: &File, path: &Path) -> Result<(), OpenError> {
         let err = |source: io::Error| OpenError::Io {
             path: path.to_path_buf(),
             source,
@@ -241,6 +288,47 @@ mod tests {
         drop(c);
         let e = open(&p, true);
         ImageLock::for_open(false, false).apply(&e, &p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_waiting_lock_is_taken_once_the_holder_lets_go_and_not_later_than_its_bound() {
+        let p = scratch("wait");
+        let holder = open(&p, true);
+        ImageLock::for_open(false, false)
+            .apply(&holder, &p)
+            .unwrap();
+        // Bounded: still held after the wait, the error of today.
+        let b = open(&p, true);
+        let start = Instant::now();
+        let e = ImageLock::for_open(false, false)
+            .waiting(Duration::from_millis(100))
+            .apply(&b, &p)
+            .unwrap_err();
+        assert!(matches!(e, OpenError::Locked { .. }), "{e}");
+        assert!(start.elapsed() >= Duration::from_millis(90));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        // The holder goes while another thread waits: the wait ends with
+        // the lock, well before its bound.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let c = open(&p, true);
+                tx.send(()).unwrap();
+                let start = Instant::now();
+                let r = ImageLock::for_open(false, false)
+                    .waiting(Duration::from_secs(20))
+                    .apply(&c, &p);
+                (r, start.elapsed(), c)
+            })
+        };
+        rx.recv().unwrap();
+        drop(holder);
+        drop(b);
+        let (r, waited, _c) = waiter.join().unwrap();
+        r.unwrap();
+        assert!(waited < Duration::from_secs(10), "waited {waited:?}");
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -53,6 +54,9 @@ struct Inherited {
     read_only: bool,
     direct: bool,
     no_flush: bool,
+    /// How long image locks wait for another process to let go (not an
+    /// option: the command line waits at start-up, QMP never).
+    lock_wait: Duration,
 }
 
 fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, BlockdevError> {
@@ -85,6 +89,7 @@ fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, Blockdev
             read_only,
             direct,
             no_flush,
+            lock_wait: parent.lock_wait,
         },
         detect_zeroes,
     })
@@ -112,10 +117,23 @@ fn monitor_owned() -> MutexGuard<'static, Vec<Arc<Node>>> {
 /// Add the node `options` describe (and its inline children), owned by
 /// the monitor until [`blockdev_del`].
 pub fn blockdev_add(options: Value) -> Result<Arc<Node>, BlockdevError> {
+    blockdev_add_waiting(options, Duration::ZERO)
+}
+
+/// [`blockdev_add`] at start-up (`--blockdev`): image locks another
+/// process holds are waited for, up to `lock_wait`.
+pub fn blockdev_add_waiting(
+    options: Value,
+    lock_wait: Duration,
+) -> Result<Arc<Node>, BlockdevError> {
     let Value::Object(map) = options else {
         return err("Invalid parameter type, expected: object");
     };
-    let node = add(Opts::new(map), true, Inherited::default())?;
+    let inherit = Inherited {
+        lock_wait,
+        ..Inherited::default()
+    };
+    let node = add(Opts::new(map), true, inherit)?;
     monitor_owned().push(node.clone());
     Ok(node)
 }
@@ -211,7 +229,7 @@ fn add_file(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
     o.choice("aio", &["threads", "native", "io_uring"])?;
     let lock = match o.choice("locking", &["auto", "on", "off"])?.as_str() {
         "off" => None,
-        _ => Some(ImageLock::for_open(c.inherit.read_only, false)),
+        _ => Some(ImageLock::for_open(c.inherit.read_only, false).waiting(c.inherit.lock_wait)),
     };
     o.size("aio-max-batch")?;
     let cache = if c.inherit.direct {

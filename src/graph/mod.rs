@@ -18,7 +18,9 @@ mod registry;
 mod snapshot;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
-pub use blockdev::{blockdev_add, blockdev_del, release_monitor_nodes, BlockdevError};
+pub use blockdev::{
+    blockdev_add, blockdev_add_waiting, blockdev_del, release_monitor_nodes, BlockdevError,
+};
 pub use commit::{start_commit, CommitOptions};
 pub use drain::{drain_all_begin, drain_all_end, DrainError};
 pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::node::{Child, ChildRole, Node};
 use super::registry::auto_node_name;
@@ -52,6 +53,8 @@ pub struct ImageOptions {
     /// Name the nodes `#blockNNN` (blockdev-add's inline children) instead
     /// of `fileN` / `fmtN` by depth in the chain.
     pub auto_names: bool,
+    /// How long to wait for image locks another process holds.
+    pub lock_wait: Duration,
 }
 
 /// Deepest backing chain we follow (a loop would be infinitely deep). Each
@@ -152,7 +155,7 @@ fn open_layer(
     } else {
         opts.block_size
     };
-    let lock = Some(ImageLock::for_open(read_only, opts.force_share));
+    let lock = Some(ImageLock::for_open(read_only, opts.force_share).waiting(opts.lock_wait));
     let (file_name, name) = if opts.auto_names {
         (auto_node_name(), auto_node_name())
     } else {
@@ -235,6 +238,7 @@ pub(crate) fn open_backing_named_by(
         force_share: false,
         backing: BackingPolicy::Any,
         auto_names: true,
+        lock_wait: Duration::ZERO,
     };
     open_backing(path, &header, &opts, 0)
 }

@@ -36,6 +36,7 @@ fn raw_disk(name: &str, fill: u8) -> (PathBuf, Arc<BlockBackend>) {
         force_share: false,
         backing: BackingPolicy::None,
         auto_names: true,
+        lock_wait: Default::default(),
     })
     .unwrap();
     let b = BlockBackend::new(name, node, false);
@@ -258,6 +259,7 @@ fn a_commit_reopens_a_base_opened_read_only_for_writing() {
         force_share: false,
         backing: BackingPolicy::Any,
         auto_names: true,
+        lock_wait: Default::default(),
     })
     .unwrap();
     let base_node = top.child(ChildRole::Backing).unwrap();

@@ -207,6 +207,22 @@ pub fn on_turn_end(f: impl FnOnce() + 'static) {
     with_runtime(|rt| rt.turn_end.borrow_mut().push(Box::new(f)))
 }
 
+/// Let the other tasks made ready in this loop turn run before this one
+/// goes on: a task that is about to write back state many tasks change
+/// (qcow2 metadata) yields once, so that one write covers them all.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 impl Runtime {
     pub(super) fn new(entries: u32, poll_max: std::time::Duration) -> io::Result<Rc<Self>> {
         let rt = Rc::new(Runtime {

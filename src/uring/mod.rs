@@ -16,7 +16,9 @@ mod slot;
 mod task;
 
 pub use eventfd::signal_eventfd;
-pub use executor::{add_poller, block_on, now, on_turn_end, remove_poller, spawn, spawn_with};
+pub use executor::{
+    add_poller, block_on, now, on_turn_end, remove_poller, spawn, spawn_with, yield_now,
+};
 pub use iothread::{IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
 pub use lock::AsyncMutex;

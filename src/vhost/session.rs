@@ -420,10 +420,22 @@ impl<'a> Session<'a> {
             }
             Request::SetVringCall { index, has_fd } => {
                 let call = match has_fd {
-                    true => Some(notify_fd::accept(take_fd(msg)?, index, "call")?),
+                    true => Some(Arc::new(notify_fd::accept(take_fd(msg)?, index, "call")?)),
                     false => None,
                 };
-                self.vrings[index].call.publish(call.map(Arc::new));
+                self.vrings[index].call.publish(call.clone());
+                if let Some(call) = call {
+                    // Signal every new call fd once, as libvhost-user does: a
+                    // daemon that died after writing a used entry but before
+                    // signalling left a driver waiting for an interrupt that
+                    // no request of ours will send (an idle guest would wait
+                    // forever). A driver takes a spurious one in its stride.
+                    if let Err(e) = crate::uring::signal_eventfd(call.as_raw_fd()) {
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            log::warn!("vring {index}: signalling the new call fd: {e}");
+                        }
+                    }
+                }
                 Ok(Reply::Ack)
             }
             Request::SetVringErr => Ok(Reply::Ack),

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::formats::ChildRef;
+use crate::formats::{ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, IoVec};
 
 /// How a table's entries are stored on disk.
@@ -114,6 +114,36 @@ pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Resu
     file.write(offset, &IoVec::from_buf(buf)).await
 }
 
+/// Run `writes` at once and wait for all of them (a write-back's tables
+/// do not depend on one another): the first error, once all are done.
+pub async fn join_all(writes: Vec<IoFuture<'_>>) -> io::Result<()> {
+    let mut pending: Vec<Option<IoFuture<'_>>> = writes.into_iter().map(Some).collect();
+    let mut first_err = None;
+    std::future::poll_fn(|cx| {
+        let mut busy = false;
+        for slot in pending.iter_mut() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => {
+                        *slot = None;
+                        if let Err(e) = r {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                    std::task::Poll::Pending => busy = true,
+                }
+            }
+        }
+        if busy {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    first_err.map_or(Ok(()), Err)
+}
+
 /// One cached table, shared (`Arc`) between the cache and the lock-free
 /// lookup views of `super::fastmap`. Entries change only under the owner's
 /// lock; anyone may read them at any time.
@@ -176,6 +206,10 @@ pub struct TableCache {
     slots: Vec<Slot>,
     index: HashMap<u64, usize>,
     hand: usize,
+    /// Offsets of tables that became dirty (a superset: some may have been
+    /// written or evicted since), so a write-back does not scan every slot
+    /// of a cache of thousands.
+    dirty_list: Vec<u64>,
 }
 
 impl TableCache {
@@ -187,6 +221,7 @@ impl TableCache {
             slots: Vec::new(),
             index: HashMap::new(),
             hand: 0,
+            dirty_list: Vec::new(),
         }
     }
 
@@ -203,7 +238,10 @@ impl TableCache {
 
     pub fn mark_dirty(&mut self, offset: u64) {
         if let Some(&i) = self.index.get(&offset) {
-            self.slots[i].dirty = true;
+            if !self.slots[i].dirty {
+                self.slots[i].dirty = true;
+                self.dirty_list.push(offset);
+            }
         }
     }
 
@@ -238,6 +276,9 @@ impl TableCache {
 
     pub fn insert(&mut self, offset: u64, data: Vec<u64>, dirty: bool) {
         self.remove(offset);
+        if dirty {
+            self.dirty_list.push(offset);
+        }
         self.index.insert(offset, self.slots.len());
         self.slots.push(Slot {
             offset,
@@ -253,15 +294,13 @@ impl TableCache {
     }
 
     /// Offsets of dirty tables, in file order.
-    pub fn dirty(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .slots
-            .iter()
-            .filter(|s| s.dirty)
-            .map(|s| s.offset)
-            .collect();
-        v.sort_unstable();
-        v
+    pub fn dirty(&mut self) -> Vec<u64> {
+        let (index, slots) = (&self.index, &self.slots);
+        self.dirty_list
+            .retain(|o| index.get(o).is_some_and(|&i| slots[i].dirty));
+        self.dirty_list.sort_unstable();
+        self.dirty_list.dedup();
+        self.dirty_list.clone()
     }
 
     /// Write one table back and mark it clean.
@@ -277,11 +316,31 @@ impl TableCache {
         Ok(())
     }
 
-    /// Write back every dirty table.
+    /// Write back every dirty table, all at once; they are clean once
+    /// every write has succeeded.
     pub async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
-        for off in self.dirty() {
-            self.write_back(file, off).await?;
+        let dirty = self.dirty();
+        let writes = dirty
+            .iter()
+            .filter_map(|off| {
+                let slot = &self.slots[*self.index.get(off)?];
+                let mut raw = AlignedBuf::zeroed(self.cluster_size, 4096);
+                self.encoding
+                    .encode(&slot.table.values(), raw.as_mut_slice());
+                let (file, off) = (file.clone(), *off);
+                Some(
+                    Box::pin(async move { file.write(off, &IoVec::from_buf(raw)).await })
+                        as IoFuture,
+                )
+            })
+            .collect();
+        join_all(writes).await?;
+        for off in dirty {
+            if let Some(&i) = self.index.get(&off) {
+                self.slots[i].dirty = false;
+            }
         }
+        self.dirty_list.clear();
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::cache::{read_bytes, write_bytes, Encoding, Table, TableCache};
 use super::header::{Header, MAX_HOST_OFFSET};
+use super::persist::Generations;
 use super::refcount::{HeaderBlock, Refcounts};
 use crate::formats::ChildRef;
 
@@ -115,6 +116,10 @@ pub struct Meta {
     /// Present on writable opens only.
     pub refcounts: Option<Refcounts>,
     pub header: HeaderBlock,
+    /// The open generation: changes made now are written by the next
+    /// `flush` (see `persist`).
+    gen: u64,
+    pub gens: Arc<Generations>,
 }
 
 impl Meta {
@@ -138,6 +143,8 @@ impl Meta {
             l2_gen: Arc::new(AtomicU64::new(0)),
             refcounts: None,
             header: HeaderBlock { buf: header_bytes },
+            gen: 1,
+            gens: Arc::new(Generations::default()),
         };
         if writable {
             meta.load_refcounts(file, h, refcount_cache_tables).await?;
@@ -269,8 +276,7 @@ impl Meta {
         let mut header = std::mem::replace(&mut self.header, HeaderBlock { buf: Vec::new() });
         let r = async {
             let refcounts = self.refcounts()?;
-            let off = refcounts.alloc(file, &mut header, 1).await?;
-            refcounts.flush(file).await?;
+            let off = refcounts.alloc_one(file, &mut header).await?;
             write_bytes(file, off, &vec![0u8; cs as usize]).await?;
             Ok::<u64, io::Error>(off)
         }
@@ -304,6 +310,8 @@ impl Meta {
     ) -> io::Result<u64> {
         let off = self.ensure_l2(file, guest_cluster).await?;
         let (_, l2i) = self.layout.split(guest_cluster);
+        // Noted before the entry is published (see `Generations`).
+        self.gens.note_change(self.gen);
         if let Some(t) = self.l2.get(off) {
             // Lock-free readers see the new entry from now on.
             t.set(l2i, entry);
@@ -322,9 +330,10 @@ impl Meta {
     }
 
     pub async fn alloc_cluster(&mut self, file: &ChildRef) -> io::Result<u64> {
+        self.gens.note_change(self.gen);
         let mut header = std::mem::replace(&mut self.header, HeaderBlock { buf: Vec::new() });
         let r = match self.refcounts.as_mut() {
-            Some(rc) => rc.alloc(file, &mut header, 1).await,
+            Some(rc) => rc.alloc_one(file, &mut header).await,
             None => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "image is open read-only",
@@ -336,15 +345,31 @@ impl Meta {
 
     /// Drop a reference to a host cluster; returns the references left.
     pub async fn free_cluster(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
+        self.gens.note_change(self.gen);
         self.refcounts()?.free(file, host).await
     }
 
-    /// Write back everything dirty, refcounts before L2 tables.
+    /// Give back the clusters reserved for allocations (before a close or
+    /// a read-only reopen) and write everything back.
+    pub async fn flush_for_close(&mut self, file: &ChildRef) -> io::Result<()> {
+        if let Some(r) = self.refcounts.as_mut() {
+            r.release_reserved(file).await?;
+        }
+        self.flush(file).await
+    }
+
+    /// Write back everything dirty, refcounts before L2 tables, which
+    /// persists every generation up to the open one (closed here; later
+    /// changes belong to the next).
     pub async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
+        let gen = self.gen;
+        self.gen += 1;
         if let Some(r) = self.refcounts.as_mut() {
             r.flush(file).await?;
         }
-        self.l2.write_back_all(file).await
+        self.l2.write_back_all(file).await?;
+        self.gens.mark_persisted(gen);
+        Ok(())
     }
 
     /// Grow the virtual size: a bigger L1 table if needed (written, then the

@@ -6,6 +6,7 @@
 //! - `fastmap`: lookups of cached L2 entries without it (the data path)
 //! - `refcount`: reference counts and cluster allocation
 //! - `inflight`: one allocation per guest cluster at a time
+//! - `persist`: metadata in the file before a request completes
 //! - `create`: making new images
 //!
 //! Data moves outside the metadata lock; the lock covers metadata updates
@@ -18,6 +19,7 @@ mod fastmap;
 pub mod header;
 mod inflight;
 pub mod mapping;
+mod persist;
 pub mod refcount;
 
 use std::io;
@@ -29,6 +31,7 @@ use self::fastmap::FastMap;
 use self::header::Header;
 use self::inflight::ClusterLocks;
 use self::mapping::{Layout, Mapping, Meta, L2_COPIED, L2_ZERO};
+use self::persist::Generations;
 use super::driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, AsyncMutex, IoVec};
 
@@ -94,6 +97,8 @@ pub struct Qcow2Driver {
     header: Header,
     size: AtomicU64,
     meta: AsyncMutex<Meta>,
+    /// What of `meta`'s changes is in the file (shared with `meta`).
+    gens: Arc<Generations>,
     /// Per-thread views of `meta.l2`, read without the lock.
     fast: FastMap,
     layout: Layout,
@@ -167,6 +172,7 @@ impl Qcow2Driver {
             backing_unflushed: AtomicBool::new(false),
             refcount_cache_tables: tables(opts.refcount_cache_bytes),
             header: h,
+            gens: meta.gens.clone(),
             meta: AsyncMutex::new(meta),
             allocating: ClusterLocks::default(),
         })
@@ -368,7 +374,28 @@ impl Qcow2Driver {
                 }
             }
         }
-        Ok(())
+        self.settle().await
+    }
+
+    /// Complete only once the metadata this request made, or may rely on
+    /// (someone else's allocation of the cluster it wrote in place), is in
+    /// the file: see `persist`.
+    async fn settle(&self) -> io::Result<()> {
+        let Some(gen) = self.gens.pending() else {
+            return Ok(());
+        };
+        // The other requests of this loop turn add their changes first.
+        crate::uring::yield_now().await;
+        if self.gens.is_persisted(gen) {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock().await;
+        if self.gens.is_persisted(gen) {
+            return Ok(()); // written by whoever held the lock before us
+        }
+        meta.flush(&self.file)
+            .await
+            .map_err(|e| err(format!("{}: writing back metadata: {e}", self.name)))
     }
 
     /// Discard (`zeroes == None`) or write zeroes (`Some(may_unmap)`).
@@ -427,7 +454,7 @@ impl Qcow2Driver {
                 self.file.discard(h, cs).await.ok();
             }
         }
-        Ok(())
+        self.settle().await
     }
 
     /// What zeroing (or discarding) a whole cluster mapped as `prev` takes.
@@ -562,9 +589,11 @@ impl BlockDriver for Qcow2Driver {
         if read_only {
             // Dirty tables go to the file now (no sync: that is the next
             // flush's job); a read-only image never writes them.
-            crate::uring::block_on(|| async { self.meta.lock().await.flush(&self.file).await })
-                .and_then(|r| r)
-                .map_err(|e| format!("{}: writing back metadata: {e}", self.name))?;
+            crate::uring::block_on(|| async {
+                self.meta.lock().await.flush_for_close(&self.file).await
+            })
+            .and_then(|r| r)
+            .map_err(|e| format!("{}: writing back metadata: {e}", self.name))?;
             self.read_only.store(true, Ordering::Release);
             return Ok(());
         }
@@ -597,7 +626,12 @@ impl BlockDriver for Qcow2Driver {
     }
     fn close(&self) -> io::Result<()> {
         // Write back the caches; the file node below syncs when it closes.
-        crate::uring::block_on(|| self.do_flush())?
+        crate::uring::block_on(|| async {
+            if !self.is_ro() {
+                self.meta.lock().await.flush_for_close(&self.file).await?;
+            }
+            self.do_flush().await
+        })?
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Crash-safety rules kept here: a refcount block is written before the
 //! refcount table entry that points to it; a new refcount table is complete
-//! on disk before the header points to it; data clusters get their refcount
-//! in the (write-back) cache, and the L2 side flushes these blocks before it
+//! on disk before the header points to it; single clusters (data, L2
+//! tables) come from a reservation whose refcounts are already in the file,
+//! so an L2 entry never waits for a refcount write; other changes stay in
+//! the (write-back) cache, and the L2 side flushes these blocks before it
 //! writes any L2 table that could point to them.
 
 use std::io;
@@ -41,6 +43,10 @@ fn corrupt(what: String) -> io::Error {
 /// cached lookups take milliseconds.
 const MAX_ALLOC_SCAN: u64 = 1 << 18;
 
+/// Bytes of clusters one reservation takes (see `Refcounts::reserved`),
+/// within 16 to 1024 clusters.
+const RESERVE_BYTES: u64 = 32 << 20;
+
 pub struct Refcounts {
     table: Vec<u64>,
     table_offset: u64,
@@ -51,6 +57,12 @@ pub struct Refcounts {
     /// before the image is reopened (lock-free lookups rely on it, see
     /// `fastmap`).
     next_free: u64,
+    /// Clusters whose refcount of 1 is already in the file and that nobody
+    /// uses yet: single-cluster allocations take them, so making a new
+    /// cluster reachable costs one L2 write, not a refcount write before
+    /// it. A crash leaks what is left (qemu-img check: leaked clusters, no
+    /// corruption); a close gives it back (`release_reserved`).
+    reserved: std::ops::Range<u64>,
 }
 
 impl Refcounts {
@@ -72,6 +84,7 @@ impl Refcounts {
             blocks: TableCache::new(Encoding::Refcounts { order }, cs as usize, cache_tables),
             cluster_bits,
             next_free: file_len.div_ceil(cs),
+            reserved: 0..0,
         })
     }
 
@@ -327,6 +340,43 @@ impl Refcounts {
             );
             return Ok(());
         }
+    }
+
+    /// Allocate one cluster whose refcount of 1 is in the file already
+    /// (from the reservation, reserving more when it is used up); returns
+    /// its byte offset.
+    pub async fn alloc_one(
+        &mut self,
+        file: &ChildRef,
+        header: &mut HeaderBlock,
+    ) -> io::Result<u64> {
+        if self.reserved.is_empty() {
+            let n = (RESERVE_BYTES >> self.cluster_bits).clamp(16, 1024);
+            let start = self.alloc(file, header, n).await? >> self.cluster_bits;
+            if let Err(e) = self.flush(file).await {
+                // Not in the file: give them back in the cache, no leak.
+                for c in start..start + n {
+                    self.decrement(file, c).await?;
+                }
+                return Err(e);
+            }
+            self.reserved = start..start + n;
+        }
+        let c = self.reserved.start;
+        self.reserved.start += 1;
+        Ok(c << self.cluster_bits)
+    }
+
+    /// Give back the reserved clusters nobody used (in the cache; the
+    /// next write-back takes it to the file): before a close or a
+    /// read-only reopen, after which an unused reservation would be a leak.
+    pub async fn release_reserved(&mut self, file: &ChildRef) -> io::Result<()> {
+        while !self.reserved.is_empty() {
+            let c = self.reserved.start;
+            self.decrement(file, c).await?;
+            self.reserved.start += 1;
+        }
+        Ok(())
     }
 
     /// Allocate `n` contiguous clusters with refcount 1 (in the cache) and
