@@ -469,17 +469,9 @@ impl Worker {
         if self.export.is_quiesced() {
             return false;
         }
-        let mem = self.memory();
-        if mem.poisoned() {
-            // The frontend shrank guest memory under us; its session hangs
-            // up on it. Stop reading rings that now read as zeros.
-            log::error!(
-                "queue {}: guest memory shrank under us; the queue stops",
-                self.index
-            );
-            self.broken.set(true);
+        let Some(mem) = self.usable_memory() else {
             return false;
-        }
+        };
         let mut found = self.resubmit_pending(&mem);
         let Some(rings) = self.rings() else {
             log::error!(
@@ -519,6 +511,14 @@ impl Worker {
                 heads.iter().for_each(|&h| t.mark(h));
             }
             if !heads.is_empty() {
+                // The memory table as of now, not as of before the avail
+                // index was read: a frontend adds a region (ADD_MEM_REG,
+                // acknowledged) and then puts requests into it, so requests
+                // we just saw may use memory the earlier view lacks.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                let Some(mem) = self.usable_memory() else {
+                    return found;
+                };
                 let q = self.queue.borrow();
                 chain::prefetch_heads(&mem, GuestAddress(q.desc_table()), q.size(), &heads);
                 drop(q);
@@ -528,6 +528,22 @@ impl Worker {
                 return found;
             }
         }
+    }
+
+    /// The current guest memory, unless the frontend shrank it under us
+    /// (its session hangs up on that): then the queue stops reading rings
+    /// that now read as zeros.
+    fn usable_memory(&self) -> Option<QueueRam> {
+        let mem = self.memory();
+        if mem.poisoned() {
+            log::error!(
+                "queue {}: guest memory shrank under us; the queue stops",
+                self.index
+            );
+            self.broken.set(true);
+            return None;
+        }
+        Some(mem)
     }
 
     /// Start the requests a previous daemon left in flight (once, at the
