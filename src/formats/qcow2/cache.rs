@@ -191,10 +191,16 @@ impl Table {
     }
 }
 
+/// Bytes of a table written back as a unit: a write-back after one changed
+/// entry writes 4 KiB, not a whole (up to 2 MiB) cluster.
+const CHUNK: usize = 4096;
+
 struct Slot {
     offset: u64,
     table: Arc<Table>,
     dirty: bool,
+    /// Which CHUNK-sized pieces changed (meaningful while `dirty`).
+    dirty_chunks: Box<[bool]>,
 }
 
 /// Tables by file offset, at most `capacity` of them; eviction picks by
@@ -236,11 +242,26 @@ impl TableCache {
         Some(&slot.table)
     }
 
-    pub fn mark_dirty(&mut self, offset: u64) {
+    fn chunk_len(&self) -> usize {
+        CHUNK.min(self.cluster_size)
+    }
+
+    /// Entry `entry` of the table at `offset` changed.
+    pub fn mark_dirty(&mut self, offset: u64, entry: usize) {
+        let byte = match self.encoding {
+            Encoding::Be64 => entry * 8,
+            Encoding::Refcounts { order } => (entry << order) / 8,
+        };
+        let chunk = byte / self.chunk_len();
         if let Some(&i) = self.index.get(&offset) {
-            if !self.slots[i].dirty {
-                self.slots[i].dirty = true;
+            let slot = &mut self.slots[i];
+            if !slot.dirty {
+                slot.dirty = true;
+                slot.dirty_chunks.fill(false);
                 self.dirty_list.push(offset);
+            }
+            if let Some(c) = slot.dirty_chunks.get_mut(chunk) {
+                *c = true;
             }
         }
     }
@@ -280,10 +301,12 @@ impl TableCache {
             self.dirty_list.push(offset);
         }
         self.index.insert(offset, self.slots.len());
+        let chunks = self.cluster_size.div_ceil(self.chunk_len());
         self.slots.push(Slot {
             offset,
             table: Arc::new(Table::new(data)),
             dirty,
+            dirty_chunks: vec![true; chunks].into_boxed_slice(),
         });
     }
 
@@ -316,24 +339,35 @@ impl TableCache {
         Ok(())
     }
 
-    /// Write back every dirty table, all at once; they are clean once
-    /// every write has succeeded.
+    /// Write back the changed chunks of every dirty table, all at once;
+    /// the tables are clean once every write has succeeded.
     pub async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
         let dirty = self.dirty();
-        let writes = dirty
-            .iter()
-            .filter_map(|off| {
-                let slot = &self.slots[*self.index.get(off)?];
-                let mut raw = AlignedBuf::zeroed(self.cluster_size, 4096);
-                self.encoding
-                    .encode(&slot.table.values(), raw.as_mut_slice());
-                let (file, off) = (file.clone(), *off);
-                Some(
-                    Box::pin(async move { file.write(off, &IoVec::from_buf(raw)).await })
-                        as IoFuture,
-                )
-            })
-            .collect();
+        let chunk = self.chunk_len();
+        let mut writes: Vec<IoFuture> = Vec::new();
+        for off in &dirty {
+            let Some(&i) = self.index.get(off) else {
+                continue;
+            };
+            let slot = &self.slots[i];
+            let mut raw = AlignedBuf::zeroed(self.cluster_size, 4096);
+            self.encoding
+                .encode(&slot.table.values(), raw.as_mut_slice());
+            let raw = IoVec::from_buf(raw);
+            // One write per run of changed chunks.
+            let mut c = 0;
+            while c < slot.dirty_chunks.len() {
+                if !slot.dirty_chunks[c] {
+                    c += 1;
+                    continue;
+                }
+                let run = slot.dirty_chunks[c..].iter().take_while(|d| **d).count();
+                let part = raw.slice(c * chunk, run * chunk);
+                let (file, at) = (file.clone(), off + (c * chunk) as u64);
+                writes.push(Box::pin(async move { file.write(at, &part).await }));
+                c += run;
+            }
+        }
         join_all(writes).await?;
         for off in dirty {
             if let Some(&i) = self.index.get(&off) {

@@ -316,7 +316,7 @@ impl Meta {
             // Lock-free readers see the new entry from now on.
             t.set(l2i, entry);
         }
-        self.l2.mark_dirty(off);
+        self.l2.mark_dirty(off, l2i);
         Ok(off)
     }
 

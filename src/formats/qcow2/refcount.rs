@@ -160,7 +160,7 @@ impl Refcounts {
         if let Some(b) = self.blocks.get(off) {
             b.set(bi, value);
         }
-        self.blocks.mark_dirty(off);
+        self.blocks.mark_dirty(off, bi);
         Ok(())
     }
 
