@@ -420,6 +420,34 @@ impl Virtqueue {
         ok(FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
     }
 
+    /// Put a new call eventfd in place of the current one (sent with the
+    /// next `attach`, as a frontend that starts the device again makes a
+    /// new one) and return the old one.
+    pub fn new_call(&mut self) -> EventFd {
+        std::mem::replace(&mut self.call, EventFd::new(libc::EFD_CLOEXEC).unwrap())
+    }
+
+    /// Replace the call eventfd of the queue `fe` runs: a new one, sent at
+    /// once with SET_VRING_CALL (acked). Returns the old one.
+    pub fn replace_call(&mut self, fe: &Frontend) -> EventFd {
+        let old = self.new_call();
+        assert_eq!(
+            fe.ack(
+                FrontendReq::SET_VRING_CALL,
+                &0u64.to_le_bytes(),
+                &[self.call.as_raw_fd()]
+            ),
+            0,
+            "SET_VRING_CALL"
+        );
+        old
+    }
+
+    /// Chains the driver has taken from the used ring (`wait_used`).
+    pub fn consumed(&self) -> u16 {
+        self.last_used
+    }
+
     /// The used ring's guest-physical address.
     pub fn used_gpa(&self) -> u64 {
         self.used
@@ -505,6 +533,49 @@ impl Virtqueue {
         }
         out
     }
+}
+
+/// Wait up to `limit` for `call` to be signalled, polling it and nothing
+/// else (no look at the used ring, no kick): the count read from it, or
+/// None if nobody signalled it in time.
+pub fn signalled_within(call: &EventFd, limit: Duration) -> Option<u64> {
+    let mut pfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+        if n > 0 {
+            // The daemon makes the eventfd non-blocking; readable means a
+            // count is there.
+            return Some(call.read().expect("read the call eventfd"));
+        }
+        let interrupted =
+            n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+        assert!(
+            n == 0 || interrupted,
+            "poll: {}",
+            std::io::Error::last_os_error()
+        );
+        if Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// SET_INFLIGHT_FD payload (VhostUserInflight) for a region of `size`
+/// bytes at offset 0 of its memfd.
+pub fn inflight_payload(size: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&num_queues.to_le_bytes());
+    p.extend_from_slice(&queue_size.to_le_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p
 }
 
 /// Write descriptors at `table` (guest-physical), chaining each to the

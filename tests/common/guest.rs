@@ -72,7 +72,15 @@ pub fn run_guest_with(
     num_queues: u16,
     mut on_line: impl FnMut(&str),
 ) -> GuestRun {
-    run_guest_inner(sock, test, num_queues, false, "", |line, _| on_line(line))
+    run_guest_inner(
+        sock,
+        test,
+        num_queues,
+        false,
+        "",
+        |line, _| on_line(line),
+        || None,
+    )
 }
 
 /// Like `run_guest_with`, with `,reconnect=1` on the chardev: QEMU
@@ -81,11 +89,32 @@ pub fn run_guest_reconnecting(
     sock: &Path,
     test: &str,
     num_queues: u16,
-    mut on_line: impl FnMut(&str),
+    on_line: impl FnMut(&str),
 ) -> GuestRun {
-    run_guest_inner(sock, test, num_queues, false, ",reconnect=1", |line, _| {
-        on_line(line)
-    })
+    run_guest_reconnecting_unless(sock, test, num_queues, on_line, || None)
+}
+
+/// Like `run_guest_reconnecting`; `give_up` is asked about once a second
+/// while the guest runs, and when it gives a reason QEMU is killed and the
+/// test fails with it. For a host side that may fail while the guest runs
+/// (a daemon that is not restarted leaves the guest's I/O waiting for a
+/// reconnection until the guest timeout).
+pub fn run_guest_reconnecting_unless(
+    sock: &Path,
+    test: &str,
+    num_queues: u16,
+    mut on_line: impl FnMut(&str),
+    give_up: impl FnMut() -> Option<String>,
+) -> GuestRun {
+    run_guest_inner(
+        sock,
+        test,
+        num_queues,
+        false,
+        ",reconnect=1",
+        |line, _| on_line(line),
+        give_up,
+    )
 }
 
 /// Like `run_guest_with`; `on_line` may also answer the guest: what it
@@ -97,7 +126,7 @@ pub fn run_guest_talking(
     num_queues: u16,
     on_line: impl FnMut(&str, &mut dyn Write),
 ) -> GuestRun {
-    run_guest_inner(sock, test, num_queues, true, "", on_line)
+    run_guest_inner(sock, test, num_queues, true, "", on_line, || None)
 }
 
 fn run_guest_inner(
@@ -107,6 +136,7 @@ fn run_guest_inner(
     talking: bool,
     chardev_opts: &str,
     mut on_line: impl FnMut(&str, &mut dyn Write),
+    mut give_up: impl FnMut() -> Option<String>,
 ) -> GuestRun {
     let qemu = "qemu-system-x86_64";
     let found = Command::new(qemu).arg("--version").output();
@@ -180,13 +210,20 @@ fn run_guest_inner(
     let mut console = String::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(Some(line)) => {
                 on_line(&line, &mut *input);
                 console.push_str(&line);
                 console.push('\n');
             }
             Ok(None) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                if let Some(why) = give_up() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("guest stopped: {why}; console so far:\n{console}");
+                }
+            }
             Err(_) => {
                 let _ = child.kill();
                 panic!("guest did not finish within {GUEST_TIMEOUT:?}; console so far:\n{console}");

@@ -44,8 +44,8 @@ fn corrupt(what: String) -> io::Error {
 const MAX_ALLOC_SCAN: u64 = 1 << 18;
 
 /// Bytes of clusters one reservation takes (see `Refcounts::reserved`),
-/// within 16 to 1024 clusters.
-const RESERVE_BYTES: u64 = 32 << 20;
+/// within 16 to 256 clusters: what a crash may leak.
+const RESERVE_BYTES: u64 = 4 << 20;
 
 pub struct Refcounts {
     table: Vec<u64>,
@@ -351,7 +351,7 @@ impl Refcounts {
         header: &mut HeaderBlock,
     ) -> io::Result<u64> {
         if self.reserved.is_empty() {
-            let n = (RESERVE_BYTES >> self.cluster_bits).clamp(16, 1024);
+            let n = (RESERVE_BYTES >> self.cluster_bits).clamp(16, 256);
             let start = self.alloc(file, header, n).await? >> self.cluster_bits;
             if let Err(e) = self.flush(file).await {
                 // Not in the file: give them back in the cache, no leak.
