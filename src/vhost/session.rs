@@ -430,11 +430,11 @@ impl<'a> Session<'a> {
                     // signalling left a driver waiting for an interrupt that
                     // no request of ours will send (an idle guest would wait
                     // forever). A driver takes a spurious one in its stride.
-                    if let Err(e) = crate::uring::signal_eventfd(call.as_raw_fd()) {
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            log::warn!("vring {index}: signalling the new call fd: {e}");
-                        }
-                    }
+                    // From the queue's iothread, never waiting (the frontend
+                    // may have made the fd blocking and its counter full).
+                    self.export
+                        .iothread_for(index as u16)
+                        .run(move || queue::signal_once(call, index));
                 }
                 Ok(Reply::Ack)
             }

@@ -154,6 +154,11 @@ pub struct Table {
     /// warm; only stored when it was clear, so a hot table's cache line
     /// stays shared between threads instead of bouncing.
     referenced: AtomicBool,
+    /// A write-back of this table is in flight (or failed and is not yet
+    /// marked dirty again): it must not be evicted, since the file does not
+    /// hold what the cache does. Cleared without the owner's lock by the
+    /// write-back that set it (see `persist`).
+    writing: AtomicBool,
 }
 
 impl Table {
@@ -161,7 +166,12 @@ impl Table {
         Table {
             entries: data.into_iter().map(AtomicU64::new).collect(),
             referenced: AtomicBool::new(true),
+            writing: AtomicBool::new(false),
         }
+    }
+
+    pub fn done_writing(&self) {
+        self.writing.store(false, Ordering::Release);
     }
 
     /// Entry `i` (0 past the end). Acquire: pairs with `set`, so whoever
@@ -201,6 +211,47 @@ struct Slot {
     dirty: bool,
     /// Which CHUNK-sized pieces changed (meaningful while `dirty`).
     dirty_chunks: Box<[bool]>,
+}
+
+/// What making room for one more table takes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Room {
+    /// The cache is not full.
+    Free,
+    /// Drop this table first (writing it back first if dirty).
+    Evict { offset: u64, dirty: bool },
+    /// Every table has a write-back in flight: wait for it, then ask again.
+    Busy,
+}
+
+/// Which chunks of the table at `offset` a write-back takes.
+pub struct Changed {
+    pub offset: u64,
+    pub table: Arc<Table>,
+    pub chunks: Box<[bool]>,
+}
+
+/// A snapshot of one table's changed chunks, taken under the owner's lock
+/// and written without it (`TableCache::snapshot`).
+pub struct TableWrite {
+    pub changed: Changed,
+    /// (file offset, bytes) per run of changed chunks.
+    pub writes: Vec<(u64, IoVec)>,
+}
+
+/// Run every write of `tables` at once; on success they are done writing.
+/// On failure the caller must mark them dirty again (`TableCache::redirty`).
+pub async fn write_tables(file: &ChildRef, tables: &[TableWrite]) -> io::Result<()> {
+    let writes = tables
+        .iter()
+        .flat_map(|t| t.writes.iter())
+        .map(|(at, part)| Box::pin(file.write(*at, part)) as IoFuture)
+        .collect();
+    join_all(writes).await?;
+    for t in tables {
+        t.changed.table.done_writing();
+    }
+    Ok(())
 }
 
 /// Tables by file offset, at most `capacity` of them; eviction picks by
@@ -266,22 +317,36 @@ impl TableCache {
         }
     }
 
-    /// True if inserting another table would first need an eviction; the
-    /// victim is returned with whether it is dirty. Moves the clock hand.
-    pub fn victim(&mut self) -> Option<(u64, bool)> {
+    /// What inserting another table takes: nothing, an eviction (the
+    /// victim, and whether it is dirty), or a wait for the write-back in
+    /// flight (tables being written are never evicted). Moves the clock hand.
+    pub fn victim(&mut self) -> Room {
         if self.slots.len() < self.capacity {
-            return None;
+            return Room::Free;
         }
+        let evict = |s: &Slot| Room::Evict {
+            offset: s.offset,
+            dirty: s.dirty,
+        };
         // Two turns at most: the first clears every bit it passes.
         for _ in 0..2 * self.slots.len() {
             self.hand %= self.slots.len();
             let s = &self.slots[self.hand];
-            if !s.table.referenced.swap(false, Ordering::Relaxed) {
-                return Some((s.offset, s.dirty));
+            if !s.table.writing.load(Ordering::Acquire)
+                && !s.table.referenced.swap(false, Ordering::Relaxed)
+            {
+                return evict(s);
             }
             self.hand += 1;
         }
-        self.slots.first().map(|s| (s.offset, s.dirty))
+        match self
+            .slots
+            .iter()
+            .find(|s| !s.table.writing.load(Ordering::Acquire))
+        {
+            Some(s) => evict(s),
+            None => Room::Busy,
+        }
     }
 
     /// Drop a clean table (the caller wrote it back if it was dirty).
@@ -339,22 +404,25 @@ impl TableCache {
         Ok(())
     }
 
-    /// Write back the changed chunks of every dirty table, all at once;
-    /// the tables are clean once every write has succeeded.
-    pub async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
+    /// Take the changed chunks of every dirty table for writing: the
+    /// tables count as clean from now on, and as writing until the write
+    /// is done (`write_tables`) or has failed and they are dirty again
+    /// (`redirty`). No write-back of them may be in flight.
+    pub fn snapshot(&mut self) -> Vec<TableWrite> {
         let dirty = self.dirty();
         let chunk = self.chunk_len();
-        let mut writes: Vec<IoFuture> = Vec::new();
-        for off in &dirty {
-            let Some(&i) = self.index.get(off) else {
+        let mut out = Vec::with_capacity(dirty.len());
+        for off in dirty {
+            let Some(&i) = self.index.get(&off) else {
                 continue;
             };
-            let slot = &self.slots[i];
+            let slot = &mut self.slots[i];
             let mut raw = AlignedBuf::zeroed(self.cluster_size, 4096);
             self.encoding
                 .encode(&slot.table.values(), raw.as_mut_slice());
             let raw = IoVec::from_buf(raw);
             // One write per run of changed chunks.
+            let mut writes = Vec::new();
             let mut c = 0;
             while c < slot.dirty_chunks.len() {
                 if !slot.dirty_chunks[c] {
@@ -362,19 +430,45 @@ impl TableCache {
                     continue;
                 }
                 let run = slot.dirty_chunks[c..].iter().take_while(|d| **d).count();
-                let part = raw.slice(c * chunk, run * chunk);
-                let (file, at) = (file.clone(), off + (c * chunk) as u64);
-                writes.push(Box::pin(async move { file.write(at, &part).await }));
+                writes.push((off + (c * chunk) as u64, raw.slice(c * chunk, run * chunk)));
                 c += run;
             }
-        }
-        join_all(writes).await?;
-        for off in dirty {
-            if let Some(&i) = self.index.get(&off) {
-                self.slots[i].dirty = false;
-            }
+            slot.dirty = false;
+            slot.table.writing.store(true, Ordering::Release);
+            out.push(TableWrite {
+                changed: Changed {
+                    offset: off,
+                    table: slot.table.clone(),
+                    chunks: slot.dirty_chunks.clone(),
+                },
+                writes,
+            });
         }
         self.dirty_list.clear();
+        out
+    }
+
+    /// A write of `t` failed: its chunks are dirty again (and the table
+    /// may be evicted once they are written).
+    pub fn redirty(&mut self, t: &Changed) {
+        for (c, _) in t.chunks.iter().enumerate().filter(|(_, d)| **d) {
+            let entry = match self.encoding {
+                Encoding::Be64 => c * self.chunk_len() / 8,
+                Encoding::Refcounts { order } => (c * self.chunk_len() * 8) >> order,
+            };
+            self.mark_dirty(t.offset, entry);
+        }
+        t.table.done_writing();
+    }
+
+    /// Write back the changed chunks of every dirty table, all at once;
+    /// on failure they stay dirty.
+    pub async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
+        let tables = self.snapshot();
+        if let Err(e) = write_tables(file, &tables).await {
+            tables.iter().for_each(|t| self.redirty(&t.changed));
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -416,17 +510,74 @@ mod tests {
         c.insert(512, vec![1; 64], false);
         c.insert(1024, vec![2; 64], true);
         // Both are new: the hand clears both bits, then picks the first.
-        assert_eq!(c.victim(), Some((512, false)));
+        assert_eq!(
+            c.victim(),
+            Room::Evict {
+                offset: 512,
+                dirty: false
+            }
+        );
         // 512 is used again (as a lock-free reader would), 1024 is not.
         if let Some(t) = c.get(512) {
             t.touch();
         }
-        assert_eq!(c.victim(), Some((1024, true)));
+        assert_eq!(
+            c.victim(),
+            Room::Evict {
+                offset: 1024,
+                dirty: true
+            }
+        );
         c.remove(1024);
         assert!(!c.contains(1024));
         assert_eq!(c.get(512).map(|t| t.get(5)), Some(1));
         c.insert(1536, vec![3; 64], true);
         assert_eq!(c.get(1536).map(|t| t.get(63)), Some(3));
         assert_eq!(c.dirty(), vec![1536]);
+    }
+
+    #[test]
+    fn a_snapshot_takes_changed_chunks_and_keeps_its_tables_until_written() {
+        // 16 KiB tables: four 4 KiB chunks of 512 entries each.
+        let mut c = TableCache::new(Encoding::Be64, 16384, 2);
+        c.insert(16384, vec![0; 2048], false);
+        c.insert(32768, vec![0; 2048], false);
+        c.mark_dirty(16384, 3); // chunk 0
+        c.mark_dirty(16384, 1500); // chunk 2
+        c.mark_dirty(16384, 1600); // chunk 3
+        let snap = c.snapshot();
+        assert_eq!(snap.len(), 1);
+        let runs: Vec<(u64, usize)> = snap[0]
+            .writes
+            .iter()
+            .map(|(at, v)| (*at, v.len()))
+            .collect();
+        assert_eq!(runs, vec![(16384, 4096), (16384 + 8192, 8192)]);
+        assert!(c.dirty().is_empty(), "taken tables are clean");
+        // Being written, the table is never the victim; the other one is.
+        for _ in 0..4 {
+            assert_eq!(
+                c.victim(),
+                Room::Evict {
+                    offset: 32768,
+                    dirty: false
+                }
+            );
+        }
+        c.remove(32768);
+        c.insert(49152, vec![0; 2048], false);
+        c.mark_dirty(49152, 0);
+        assert_eq!(c.snapshot().len(), 1);
+        assert_eq!(c.victim(), Room::Busy, "both tables are being written");
+        // A failed write: the chunks are dirty again, the table evictable.
+        c.redirty(&snap[0].changed);
+        assert_eq!(c.dirty(), vec![16384]);
+        let again = c.snapshot();
+        let runs: Vec<(u64, usize)> = again[0]
+            .writes
+            .iter()
+            .map(|(at, v)| (*at, v.len()))
+            .collect();
+        assert_eq!(runs, vec![(16384, 4096), (16384 + 8192, 8192)]);
     }
 }

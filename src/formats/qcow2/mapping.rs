@@ -10,9 +10,11 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::cache::{read_bytes, write_bytes, Encoding, Table, TableCache};
+use super::cache::{
+    read_bytes, write_bytes, write_tables, Encoding, Room, Table, TableCache, TableWrite,
+};
 use super::header::{Header, MAX_HOST_OFFSET};
-use super::persist::Generations;
+use super::persist::{Failed, Generations, WriteBack};
 use super::refcount::{HeaderBlock, Refcounts};
 use crate::formats::ChildRef;
 
@@ -120,6 +122,47 @@ pub struct Meta {
     /// `flush` (see `persist`).
     gen: u64,
     pub gens: Arc<Generations>,
+    /// The write-back in flight, if any (shared with `refcounts`).
+    pub wb: Arc<WriteBack>,
+}
+
+/// A write-back taken under the lock and written without it (`persist`).
+pub struct Batch {
+    gen: u64,
+    refcounts: Vec<TableWrite>,
+    l2: Vec<TableWrite>,
+    gens: Arc<Generations>,
+    wb: Arc<WriteBack>,
+    done: bool,
+}
+
+impl Batch {
+    /// Write the refcount blocks, then the L2 tables; then the batch's
+    /// generation is persisted. A failure leaves the tables for the next
+    /// write-back to mark dirty again.
+    pub async fn write(mut self, file: &ChildRef) -> io::Result<()> {
+        write_tables(file, &self.refcounts).await?;
+        write_tables(file, &self.l2).await?;
+        self.gens.mark_persisted(self.gen);
+        self.done = true;
+        self.wb.end(Failed::default());
+        Ok(())
+    }
+}
+
+impl Drop for Batch {
+    /// Failed, or dropped unfinished: the next write-back takes its tables
+    /// again (and the write-back in flight must end, or nothing would).
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let changed = |v: &mut Vec<TableWrite>| v.drain(..).map(|t| t.changed).collect();
+        self.wb.end(Failed {
+            refcounts: changed(&mut self.refcounts),
+            l2: changed(&mut self.l2),
+        });
+    }
 }
 
 impl Meta {
@@ -145,6 +188,7 @@ impl Meta {
             header: HeaderBlock { buf: header_bytes },
             gen: 1,
             gens: Arc::new(Generations::default()),
+            wb: Arc::new(WriteBack::default()),
         };
         if writable {
             meta.load_refcounts(file, h, refcount_cache_tables).await?;
@@ -165,6 +209,7 @@ impl Meta {
         }
         self.refcounts = Some(
             Refcounts::open(
+                self.wb.clone(),
                 file,
                 h.refcount_table_offset,
                 h.refcount_table_clusters,
@@ -211,18 +256,62 @@ impl Meta {
     /// Evict the least recently used L2 table if the cache is full, writing
     /// it back first if dirty (after the refcounts it may depend on).
     async fn make_room_l2(&mut self, file: &ChildRef) -> io::Result<()> {
-        if let Some((victim, dirty)) = self.l2.victim() {
-            if dirty {
-                if let Some(r) = self.refcounts.as_mut() {
-                    r.flush(file).await?;
-                }
-                self.l2.write_back(file, victim).await?;
+        let (victim, dirty) = loop {
+            match self.l2.victim() {
+                Room::Free => return Ok(()),
+                Room::Evict { offset, dirty } => break (offset, dirty),
+                Room::Busy => self.settle_write_back().await,
             }
-            self.l2.remove(victim);
-            // From here on the table's updates go to a fresh copy.
-            self.l2_gen.fetch_add(1, Ordering::Release);
+        };
+        if dirty {
+            if let Some(r) = self.refcounts.as_mut() {
+                r.flush(file).await?;
+            }
+            self.l2.write_back(file, victim).await?;
         }
+        self.l2.remove(victim);
+        // From here on the table's updates go to a fresh copy.
+        self.l2_gen.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Wait for the write-back in flight, and take back what a failed one
+    /// could not write: then no table is being written behind our back.
+    async fn settle_write_back(&mut self) {
+        self.wb.idle().await;
+        if let Some(r) = self.refcounts.as_mut() {
+            r.settle_write_back().await;
+        }
+        for t in self.wb.take_failed_l2() {
+            self.l2.redirty(&t);
+        }
+    }
+
+    /// Close the open generation and take everything dirty for writing
+    /// without the lock, unless generation `need` is persisted by the time
+    /// the write-back in flight is done.
+    pub async fn begin_write_back(&mut self, need: u64) -> Option<Batch> {
+        self.settle_write_back().await;
+        if self.gens.is_persisted(need) {
+            return None;
+        }
+        let gen = self.gen;
+        self.gen += 1;
+        let refcounts = self
+            .refcounts
+            .as_mut()
+            .map(|r| r.snapshot())
+            .unwrap_or_default();
+        let l2 = self.l2.snapshot();
+        self.wb.begin();
+        Some(Batch {
+            gen,
+            refcounts,
+            l2,
+            gens: self.gens.clone(),
+            wb: self.wb.clone(),
+            done: false,
+        })
     }
 
     /// Cache the L2 table at `off`.
@@ -323,6 +412,7 @@ impl Meta {
     /// Write an L2 table now (refcounts first): used before freeing clusters
     /// it no longer points to.
     pub async fn write_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
+        self.settle_write_back().await;
         if let Some(r) = self.refcounts.as_mut() {
             r.flush(file).await?;
         }
@@ -362,6 +452,7 @@ impl Meta {
     /// persists every generation up to the open one (closed here; later
     /// changes belong to the next).
     pub async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
+        self.settle_write_back().await;
         let gen = self.gen;
         self.gen += 1;
         if let Some(r) = self.refcounts.as_mut() {

@@ -31,7 +31,7 @@ use self::fastmap::FastMap;
 use self::header::Header;
 use self::inflight::ClusterLocks;
 use self::mapping::{Layout, Mapping, Meta, L2_COPIED, L2_ZERO};
-use self::persist::Generations;
+use self::persist::{Generations, WriteBack};
 use super::driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, AsyncMutex, IoVec};
 
@@ -97,8 +97,10 @@ pub struct Qcow2Driver {
     header: Header,
     size: AtomicU64,
     meta: AsyncMutex<Meta>,
-    /// What of `meta`'s changes is in the file (shared with `meta`).
+    /// What of `meta`'s changes is in the file, and the write-back in
+    /// flight (shared with `meta`).
     gens: Arc<Generations>,
+    wb: Arc<WriteBack>,
     /// Per-thread views of `meta.l2`, read without the lock.
     fast: FastMap,
     layout: Layout,
@@ -173,6 +175,7 @@ impl Qcow2Driver {
             refcount_cache_tables: tables(opts.refcount_cache_bytes),
             header: h,
             gens: meta.gens.clone(),
+            wb: meta.wb.clone(),
             meta: AsyncMutex::new(meta),
             allocating: ClusterLocks::default(),
         })
@@ -384,16 +387,24 @@ impl Qcow2Driver {
         let Some(gen) = self.gens.pending() else {
             return Ok(());
         };
-        // The other requests of this loop turn add their changes first.
+        // The other requests of this loop turn add their changes first,
+        // and the write-back in flight (which may cover them) ends, without
+        // the lock, which allocations need meanwhile.
         crate::uring::yield_now().await;
+        self.wb.idle().await;
         if self.gens.is_persisted(gen) {
             return Ok(());
         }
-        let mut meta = self.meta.lock().await;
-        if self.gens.is_persisted(gen) {
-            return Ok(()); // written by whoever held the lock before us
-        }
-        meta.flush(&self.file)
+        let batch = {
+            let mut meta = self.meta.lock().await;
+            // The generation open now is at least `gen`: one batch covers it.
+            match meta.begin_write_back(gen).await {
+                Some(b) => b,
+                None => return Ok(()), // written by whoever came before us
+            }
+        };
+        batch
+            .write(&self.file)
             .await
             .map_err(|e| err(format!("{}: writing back metadata: {e}", self.name)))
     }

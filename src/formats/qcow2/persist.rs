@@ -8,21 +8,36 @@
 //! used entry is written. A host crash still needs a flush (fdatasync).
 //!
 //! Changes are counted in generations. Every change to the cached tables
-//! happens under the metadata lock in the open generation; a write-back
-//! (`Meta::flush`, also under the lock) closes that generation, writes
-//! every dirty table (refcount blocks first, then L2 tables: QEMU's order)
-//! and then says the generation is persisted. A request that changed
-//! metadata, or that used a mapping someone else changed, waits until the
-//! newest changed generation is persisted before it completes. Requests of
-//! one loop turn share one write-back: the first to get there yields once,
-//! so the others add their changes before it writes (group commit), and
-//! whoever waits for the lock behind a write-back usually finds its
-//! generation persisted by it.
+//! happens under the metadata lock in the open generation. A write-back
+//! closes that generation under the lock, takes a snapshot of the changed
+//! chunks of every dirty table, and writes it *without* the lock (refcount
+//! blocks first, then L2 tables: QEMU's order), so allocations go on
+//! meanwhile; once written, the generation is persisted. A request that
+//! changed metadata, or that used a mapping someone else changed, waits
+//! until the newest changed generation is persisted before it completes.
+//! Requests of one loop turn share one write-back: the first to get there
+//! yields once, so the others add their changes before it takes the
+//! snapshot (group commit), and whoever arrives while one is in flight
+//! usually finds its generation persisted by the next.
+//!
+//! At most one write-back is in flight ([`WriteBack`]). Its tables are
+//! marked as writing: they are not evicted (a reload would read the file
+//! before the write lands), and every other write of a table under the
+//! lock first waits until the write-back is done, so two writes of one
+//! table never race. Finishing one needs no lock, so code holding the
+//! lock may wait for it. A failed write-back leaves its tables for the
+//! next one to mark dirty again; its generation is not persisted.
 //!
 //! Allocated clusters cost two atomic loads: nothing changed, nothing to
 //! wait for.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+use super::cache::Changed;
 
 #[derive(Debug)]
 pub struct Generations {
@@ -69,6 +84,85 @@ impl Generations {
     }
 }
 
+/// Tables of a failed write-back, to be marked dirty again under the lock.
+#[derive(Default)]
+pub struct Failed {
+    pub refcounts: Vec<Changed>,
+    pub l2: Vec<Changed>,
+}
+
+#[derive(Default)]
+struct State {
+    busy: bool,
+    waiters: Vec<Waker>,
+    failed: Failed,
+}
+
+/// The write-back in flight, if any.
+#[derive(Default)]
+pub struct WriteBack {
+    state: Mutex<State>,
+}
+
+impl WriteBack {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until no write-back is in flight.
+    pub fn idle(&self) -> Idle<'_> {
+        Idle { wb: self }
+    }
+
+    /// A write-back starts (under the metadata lock, after `idle`).
+    pub fn begin(&self) {
+        self.state().busy = true;
+    }
+
+    /// The write-back in flight ended; `failed` holds what it could not
+    /// write. Needs no metadata lock.
+    pub fn end(&self, failed: Failed) {
+        let waiters = {
+            let mut st = self.state();
+            st.busy = false;
+            st.failed.refcounts.extend(failed.refcounts);
+            st.failed.l2.extend(failed.l2);
+            std::mem::take(&mut st.waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+    }
+
+    /// The refcount blocks failed write-backs left (under the metadata
+    /// lock, after `idle`).
+    pub fn take_failed_refcounts(&self) -> Vec<Changed> {
+        std::mem::take(&mut self.state().failed.refcounts)
+    }
+
+    /// The L2 tables failed write-backs left (as above).
+    pub fn take_failed_l2(&self) -> Vec<Changed> {
+        std::mem::take(&mut self.state().failed.l2)
+    }
+}
+
+pub struct Idle<'a> {
+    wb: &'a WriteBack,
+}
+
+impl Future for Idle<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.wb.state();
+        if !st.busy {
+            return Poll::Ready(());
+        }
+        if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            st.waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +181,23 @@ mod tests {
         // An older write-back finishing late does not undo a newer one.
         g.mark_persisted(1);
         assert!(g.is_persisted(2));
+    }
+
+    #[test]
+    fn idle_waits_for_the_write_back_in_flight() {
+        use std::sync::Arc;
+        let wb = Arc::new(WriteBack::default());
+        crate::uring::block_on(|| async {
+            wb.idle().await; // nothing in flight
+            wb.begin();
+            let ender = {
+                let wb = wb.clone();
+                std::thread::spawn(move || wb.end(Failed::default()))
+            };
+            wb.idle().await;
+            assert!(!wb.state().busy);
+            ender.join().unwrap();
+        })
+        .unwrap();
     }
 }

@@ -9,9 +9,11 @@
 //! writes any L2 table that could point to them.
 
 use std::io;
+use std::sync::Arc;
 
-use super::cache::{read_bytes, write_bytes, Encoding, TableCache};
+use super::cache::{read_bytes, write_bytes, Encoding, Room, TableCache};
 use super::header::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use super::persist::WriteBack;
 use crate::formats::ChildRef;
 
 /// The first bytes of the image, kept to rewrite header fields in place.
@@ -63,10 +65,14 @@ pub struct Refcounts {
     /// it. A crash leaks what is left (qemu-img check: leaked clusters, no
     /// corruption); a close gives it back (`release_reserved`).
     reserved: std::ops::Range<u64>,
+    /// The metadata's write-back in flight (see `persist`).
+    wb: Arc<WriteBack>,
 }
 
 impl Refcounts {
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
+        wb: Arc<WriteBack>,
         file: &ChildRef,
         table_offset: u64,
         table_clusters: u32,
@@ -85,6 +91,7 @@ impl Refcounts {
             cluster_bits,
             next_free: file_len.div_ceil(cs),
             reserved: 0..0,
+            wb,
         })
     }
 
@@ -115,13 +122,34 @@ impl Refcounts {
     /// Evict the least recently used block if the cache is full (refcount
     /// blocks depend on nothing, so a dirty one is simply written).
     async fn make_room(&mut self, file: &ChildRef) -> io::Result<()> {
-        if let Some((victim, dirty)) = self.blocks.victim() {
-            if dirty {
-                self.blocks.write_back(file, victim).await?;
+        loop {
+            match self.blocks.victim() {
+                Room::Free => return Ok(()),
+                Room::Evict { offset, dirty } => {
+                    if dirty {
+                        self.blocks.write_back(file, offset).await?;
+                    }
+                    self.blocks.remove(offset);
+                    return Ok(());
+                }
+                Room::Busy => self.settle_write_back().await,
             }
-            self.blocks.remove(victim);
         }
-        Ok(())
+    }
+
+    /// Wait for the write-back in flight, and take back what a failed one
+    /// could not write: then no block is being written behind our back.
+    pub async fn settle_write_back(&mut self) {
+        self.wb.idle().await;
+        for t in self.wb.take_failed_refcounts() {
+            self.blocks.redirty(&t);
+        }
+    }
+
+    /// The dirty blocks, for a write-back without the lock (`persist`);
+    /// the caller has settled the write-back in flight.
+    pub fn snapshot(&mut self) -> Vec<super::cache::TableWrite> {
+        self.blocks.snapshot()
     }
 
     /// Make the block at `off` cached, evicting (and writing back) another.
@@ -227,7 +255,7 @@ impl Refcounts {
             entries[(at % self.per_block()) as usize] = 1;
         } else {
             self.set(file, at, 1).await?;
-            self.blocks.write_back_all(file).await?;
+            self.flush(file).await?;
         }
         let off = at * self.cs();
         let mut raw = vec![0u8; self.cs() as usize];
@@ -318,7 +346,7 @@ impl Refcounts {
             let mut raw = vec![0u8; (table_clusters * cs) as usize];
             Encoding::Be64.encode(&new_table, &mut raw);
             write_bytes(file, start * cs, &raw).await?;
-            self.blocks.write_back_all(file).await?;
+            self.flush(file).await?;
             file.flush().await?;
             header.set_u64(48, start * cs);
             header.set_u32(56, table_clusters as u32);
@@ -429,6 +457,7 @@ impl Refcounts {
 
     /// Write every dirty refcount block.
     pub async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
+        self.settle_write_back().await;
         self.blocks.write_back_all(file).await
     }
 }

@@ -214,6 +214,19 @@ impl uring::Poller for Worker {
 }
 
 /// Build the queue on the calling (vhost) thread and start it on `thread`.
+/// Signal `call` once, from the current iothread, without ever waiting;
+/// a counter the frontend left full is not an error worth a log line.
+pub(crate) fn signal_once(call: Arc<File>, index: usize) {
+    uring::spawn(async move {
+        let fd = call.as_raw_fd();
+        if let Err(e) = ops::signal_eventfd_nowait(fd, call).await {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                log::warn!("vring {index}: signalling the new call fd: {e}");
+            }
+        }
+    });
+}
+
 pub(crate) fn start(
     setup: QueueSetup,
     shared_mem: Arc<SharedMemory>,
