@@ -58,6 +58,15 @@ impl Encoding {
         }
     }
 
+    /// The entry that starts at `byte` of a table (chunk boundaries are
+    /// whole entries for every width).
+    fn entry_at_byte(&self, byte: usize) -> usize {
+        match *self {
+            Encoding::Be64 => byte / 8,
+            Encoding::Refcounts { order } => (byte * 8) >> order,
+        }
+    }
+
     /// Largest value an entry can hold.
     pub fn max_value(&self) -> u64 {
         match *self {
@@ -194,7 +203,13 @@ impl Table {
     }
 
     fn values(&self) -> Vec<u64> {
+        self.values_in(0..self.entries.len())
+    }
+
+    fn values_in(&self, range: std::ops::Range<usize>) -> Vec<u64> {
         self.entries
+            .get(range)
+            .unwrap_or_default()
             .iter()
             .map(|e| e.load(Ordering::Relaxed))
             .collect()
@@ -416,12 +431,10 @@ impl TableCache {
             let Some(&i) = self.index.get(&off) else {
                 continue;
             };
+            let enc = self.encoding;
+            let entry_at = |byte: usize| enc.entry_at_byte(byte);
             let slot = &mut self.slots[i];
-            let mut raw = AlignedBuf::zeroed(self.cluster_size, 4096);
-            self.encoding
-                .encode(&slot.table.values(), raw.as_mut_slice());
-            let raw = IoVec::from_buf(raw);
-            // One write per run of changed chunks.
+            // One write per run of changed chunks, encoding only those.
             let mut writes = Vec::new();
             let mut c = 0;
             while c < slot.dirty_chunks.len() {
@@ -430,7 +443,11 @@ impl TableCache {
                     continue;
                 }
                 let run = slot.dirty_chunks[c..].iter().take_while(|d| **d).count();
-                writes.push((off + (c * chunk) as u64, raw.slice(c * chunk, run * chunk)));
+                let mut raw = AlignedBuf::zeroed(run * chunk, 4096);
+                let entries = entry_at(c * chunk)..entry_at((c + run) * chunk);
+                self.encoding
+                    .encode(&slot.table.values_in(entries), raw.as_mut_slice());
+                writes.push((off + (c * chunk) as u64, IoVec::from_buf(raw)));
                 c += run;
             }
             slot.dirty = false;
@@ -452,10 +469,7 @@ impl TableCache {
     /// may be evicted once they are written).
     pub fn redirty(&mut self, t: &Changed) {
         for (c, _) in t.chunks.iter().enumerate().filter(|(_, d)| **d) {
-            let entry = match self.encoding {
-                Encoding::Be64 => c * self.chunk_len() / 8,
-                Encoding::Refcounts { order } => (c * self.chunk_len() * 8) >> order,
-            };
+            let entry = self.encoding.entry_at_byte(c * self.chunk_len());
             self.mark_dirty(t.offset, entry);
         }
         t.table.done_writing();
