@@ -49,6 +49,11 @@ fn greeting_negotiation_and_ids() {
         .as_str()
         .unwrap()
         .starts_with("ringblk"));
+    // The QEMU release whose QMP ringblk follows.
+    assert_eq!(
+        a["return"]["qemu"],
+        json!({"major": 7, "minor": 2, "micro": 0})
+    );
     let b = q.response();
     assert_eq!(
         (b["id"].clone(), b["error"]["class"].clone()),
@@ -175,7 +180,19 @@ fn bad_input_gets_errors_and_harms_nobody() {
             "block-drain",
             json!({}),
             "GenericError",
-            "'export' or 'node-name' is missing",
+            "'device' (or 'export') or 'node-name' is missing",
+        ),
+        (
+            "block_resize",
+            json!({"device": "vdz", "size": 32 << 20}),
+            "DeviceNotFound",
+            "Device 'vdz' not found",
+        ),
+        (
+            "block_resize",
+            json!({"device": "vda", "export": "vda", "size": 32 << 20}),
+            "GenericError",
+            "Only one of 'device' and 'export'",
         ),
         (
             "block-drain",
@@ -480,8 +497,9 @@ fn block_resize_grows_raw_and_qcow2_and_clients_see_it() {
     let mut listener = Qmp::connect(&dir.path("qmp"));
     let c = connect(&d.sock, 1).unwrap();
     assert_eq!(c.capacity(), 16 << 20);
+    // QEMU's argument: `device`, the BlockBackend (an export's is its id).
     assert_eq!(
-        q.ok("block_resize", json!({"export": "vda", "size": 32 << 20})),
+        q.ok("block_resize", json!({"device": "vda", "size": 32 << 20})),
         json!({})
     );
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 32 << 20);
@@ -501,7 +519,7 @@ fn block_resize_grows_raw_and_qcow2_and_clients_see_it() {
     assert_eq!(c.run(0, Req::Read(last, 4096, 4096)), 0);
     let b = c.buf();
     assert!(b[..4096] == b[4096..8192]);
-    // Same size again: nothing to do, still fine.
+    // Same size again: nothing to do, still fine (ringblk's `export` too).
     q.ok("block_resize", json!({"export": "vda", "size": 32 << 20}));
     drop(c);
     assert!(d.stop().success());

@@ -94,10 +94,16 @@ pub fn parse_request(v: Value) -> Result<Request, (QmpError, Option<Value>)> {
     })
 }
 
-/// What the greeting and `query-version` report.
+/// The QEMU release whose QMP (commands, arguments, replies) ringblk
+/// follows: qemu-storage-daemon 7.2's.
+const QMP_OF_QEMU: (u32, u32, u32) = (7, 2, 0);
+
+/// What the greeting and `query-version` report: the QEMU version whose
+/// QMP a client may expect, and ringblk's own in `package`.
 pub fn version() -> Value {
+    let (major, minor, micro) = QMP_OF_QEMU;
     json!({
-        "qemu": {"major": 0, "minor": 1, "micro": 0},
+        "qemu": {"major": major, "minor": minor, "micro": micro},
         "package": concat!("ringblk ", env!("CARGO_PKG_VERSION")),
     })
 }

@@ -1,5 +1,6 @@
-//! Which node a command acts on: `"export": ID` (the export's root node) or
-//! `"node-name": NAME`.
+//! Which node a command acts on: `"device": ID` (QEMU's name for a
+//! BlockBackend; an export's is its id), `"export": ID` (the same, ringblk's
+//! older spelling), or `"node-name": NAME`.
 
 use std::sync::Arc;
 
@@ -26,19 +27,31 @@ impl Target {
 }
 
 pub fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpError> {
+    let device = args.opt_str("device")?;
     let export = args.opt_str("export")?;
     let node_name = args.opt_str("node-name")?;
-    match (export, node_name) {
-        (Some(_), Some(_)) => Err(QmpError::generic(
-            "Only one of 'export' and 'node-name' may be given",
-        )),
+    let backend = match (device, export) {
+        (Some(_), Some(_)) => {
+            return Err(QmpError::generic(
+                "Only one of 'device' and 'export' may be given",
+            ))
+        }
+        (Some(id), None) => Some((id, "Device")),
+        (None, Some(id)) => Some((id, "Export")),
+        (None, None) => None,
+    };
+    match (backend, node_name) {
+        (Some((_, what)), Some(_)) => Err(QmpError::generic(format!(
+            "Only one of '{}' and 'node-name' may be given",
+            what.to_lowercase()
+        ))),
         (None, None) => Err(QmpError::generic(
-            "Parameter 'export' or 'node-name' is missing",
+            "Parameter 'device' (or 'export') or 'node-name' is missing",
         )),
-        (Some(id), None) => {
+        (Some((id, what)), None) => {
             let e = daemon
                 .export(&id)
-                .ok_or_else(|| QmpError::not_found(format!("Export '{id}' not found")))?;
+                .ok_or_else(|| QmpError::not_found(format!("{what} '{id}' not found")))?;
             let node = e.state.backend.root().ok_or_else(|| {
                 QmpError::generic(format!("Export '{id}' has no medium (ejected)"))
             })?;
