@@ -6,9 +6,9 @@
 //! checks what depends on state (order of messages, running queues).
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
-    VhostUserMemoryRegion, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr,
-    VhostUserVringState, MAX_MSG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserHeaderFlag, VhostUserInflight, VhostUserLog,
+    VhostUserMemory, VhostUserMemoryRegion, VhostUserSingleMemoryRegion, VhostUserU64,
+    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 
@@ -17,10 +17,11 @@ use super::dirty_log::MAX_LOG_BYTES;
 use super::memory::{self, RegionError};
 
 pub const HEADER_LEN: usize = 12;
+/// The protocol version every message carries in the VERSION bits.
 pub const FLAG_VERSION_1: u32 = 0x1;
-const FLAG_VERSION_MASK: u32 = 0x3;
-pub const FLAG_REPLY: u32 = 0x4;
-pub const FLAG_NEED_REPLY: u32 = 0x8;
+const FLAG_VERSION_MASK: u32 = VhostUserHeaderFlag::VERSION.bits();
+pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+pub const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY;
 
 /// Regions SET_MEM_TABLE may carry (the protocol's fixed table size).
@@ -42,7 +43,7 @@ const CONFIG_HEADER_LEN: usize = std::mem::size_of::<VhostUserConfig>();
 pub(crate) const INFLIGHT_LEN: usize = std::mem::size_of::<VhostUserInflight>();
 const LOG_LEN: usize = std::mem::size_of::<VhostUserLog>();
 /// VHOST_VRING_F_LOG: the used ring is logged at `log_guest_addr`.
-const VRING_F_LOG: u32 = 0x1;
+const VRING_F_LOG: u32 = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
 /// mmap offsets must be page-aligned (the smallest page size we run on).
 const PAGE_SIZE: u64 = 4096;
 

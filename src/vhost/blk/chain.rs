@@ -4,13 +4,15 @@
 //! flags. The walk reads descriptors only through the guest memory map and
 //! returns a precise error for each kind of malformed chain.
 
+use virtio_bindings::bindings::virtio_ring;
 use vm_memory::GuestAddress;
 
 use crate::vhost::memory::GuestRam;
 
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
-const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+// The descriptor's flags field is 16 bits; the bindings' values are u32.
+const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 const DESC_SIZE: u64 = 16;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -2,19 +2,15 @@
 
 use super::request::{Limits, SECTOR_SIZE};
 
-pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1;
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 2;
-pub const VIRTIO_BLK_F_RO: u64 = 5;
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 6;
-pub const VIRTIO_BLK_F_FLUSH: u64 = 9;
-pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 10;
-pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 11;
-pub const VIRTIO_BLK_F_MQ: u64 = 12;
-pub const VIRTIO_BLK_F_DISCARD: u64 = 13;
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 14;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
-pub const VIRTIO_F_VERSION_1: u64 = 32;
+pub use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+pub use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Byte offset of `writeback` in struct virtio_blk_config.
 pub const CONFIG_WRITEBACK_OFFSET: usize = 32;

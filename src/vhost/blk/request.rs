@@ -9,16 +9,17 @@ use super::chain::{Buffer, Chain};
 use crate::uring::{IoVec, IOV_MAX};
 use crate::vhost::memory::GuestRam;
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+pub use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
 
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// Status bytes (the bindings' values are u32; the status is one byte).
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 =
+    virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// virtio-blk sectors are always 512 bytes, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -26,7 +27,6 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 const HEADER_LEN: usize = 16;
 const SEGMENT_LEN: usize = 16;
-const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// What the device accepts, as advertised in its config space.
 #[derive(Clone, Debug)]
@@ -293,7 +293,10 @@ fn parse_segment(
     let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
     let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
     let (max, allowed_flags) = if is_zeroes {
-        (limits.max_write_zeroes_sectors, WRITE_ZEROES_FLAG_UNMAP)
+        (
+            limits.max_write_zeroes_sectors,
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+        )
     } else {
         (limits.max_discard_sectors, 0)
     };
@@ -309,7 +312,7 @@ fn parse_segment(
         Op::WriteZeroes {
             offset,
             len,
-            unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+            unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
         }
     } else {
         Op::Discard { offset, len }

@@ -14,7 +14,8 @@ use crate::uring::fence;
 use crate::vhost::socket;
 
 /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: the device's config space changed.
-const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+const BACKEND_CONFIG_CHANGE_MSG: u32 =
+    vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG as u32;
 
 /// One queue's requests in flight. Only that queue's iothread writes it
 /// (queue `i` always runs on the same iothread), so counting is a plain
