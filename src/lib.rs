@@ -8,6 +8,9 @@
 pub mod control;
 pub mod daemon;
 pub mod formats;
+/// Entry points for the fuzz targets (fuzz/) and the corpus replay test;
+/// not part of the daemon (`--features fuzzing`).
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod graph;
