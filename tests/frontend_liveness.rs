@@ -19,7 +19,7 @@ use vhost::vhost_user::message::FrontendReq as R;
 
 const MIB: u64 = 1 << 20;
 const MEM: usize = 4 << 20;
-/// The documented bound (README, Security) on SIGTERM to exit.
+/// The documented bound (docs/security.md) on SIGTERM to exit.
 const SIGTERM_BOUND: Duration = Duration::from_secs(6);
 /// A stalled frame or reply is abandoned at once on SIGTERM (measured
 /// around 20 ms); the old per-read timeouts took 5 s, which this tells

@@ -1,8 +1,8 @@
 //! The block graph: nodes (driver instances) joined by child edges, with a
 //! BlockBackend as the root parent an export talks to, and drained sections
 //! over them. Modelled on QEMU's BlockDriverState / BdrvChild /
-//! BlockBackend and on the design of its drain (see README, "How a request
-//! flows").
+//! BlockBackend and on the design of its drain (see docs/architecture.md,
+//! "Drained sections and graph changes").
 
 mod backend;
 mod blockdev;
