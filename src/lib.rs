@@ -3,7 +3,8 @@
 //! Layers, each a module, imports pointing down only: `daemon` (the
 //! object the command line builds) uses all below; `control` and `vhost`
 //! use `graph`; `graph` uses `formats` through the
-//! driver trait; `formats` use `uring`.
+//! driver trait; `formats` use `uring`. `os` (sockets, waits, rate-limited
+//! logs) is plumbing that `control` and `vhost` share.
 
 pub mod control;
 pub mod daemon;
@@ -15,6 +16,7 @@ pub mod formats;
 pub mod fuzzing;
 pub mod graph;
 mod opts;
+pub mod os;
 pub mod size;
 pub mod uring;
 pub mod vhost;

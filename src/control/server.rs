@@ -19,12 +19,12 @@ use super::commands;
 use super::json_stream::{Piece, Splitter};
 use super::qmp::{self, QmpError};
 use crate::graph::Node;
+use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
+use crate::os::ratelimit::LogLimiter;
+use crate::os::wait::{wait_for, Wake};
 use crate::uring::IoThreadHandle;
 use crate::vhost::blk::export::BlkExport;
 use crate::vhost::exports::ExportTable;
-use crate::vhost::listen::{bind_listener, AcceptBackoff, SocketFile};
-use crate::vhost::ratelimit::LogLimiter;
-use crate::vhost::socket::{wait_for, Wake};
 
 /// What commands act on, shared by every client.
 pub struct Daemon {

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::export::BlkExport;
-use super::listen::{bind_listener, AcceptBackoff, SocketFile};
 use super::session::Session;
-use super::socket::{wait_for, Wake};
+use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
+use crate::os::wait::{wait_for, Wake};
 
 pub struct VhostServer {
     listener: UnixListener,

@@ -23,8 +23,9 @@ use super::dirty_log::{DirtyLog, LogMap};
 use super::memory::{new_shared_memory, MemoryMap, SharedMemory};
 use super::message::{self, Request};
 use super::notify_fd;
-use super::ratelimit::LogLimiter;
 use super::socket::{self, FrameError, Message};
+use crate::os::ratelimit::LogLimiter;
+use crate::os::wait;
 
 /// Memory slots we accept with ADD_MEM_REG.
 const MAX_MEM_SLOTS: u64 = 509;
@@ -124,8 +125,8 @@ impl<'a> Session<'a> {
         self.stop_fd = stop_fd;
         loop {
             let alarm = self.poison_fd.as_raw_fd();
-            match socket::wait_for_or_alarm(self.stream.as_raw_fd(), stop_fd, alarm) {
-                Ok(Some(socket::Wake::Ready)) => {}
+            match wait::wait_for_or_alarm(self.stream.as_raw_fd(), stop_fd, alarm) {
+                Ok(Some(wait::Wake::Ready)) => {}
                 Ok(None) => {
                     log::error!(
                         "export {}: the frontend shrank its guest memory under us (the \
@@ -134,7 +135,7 @@ impl<'a> Session<'a> {
                     );
                     break;
                 }
-                Ok(Some(socket::Wake::Stop)) => {
+                Ok(Some(wait::Wake::Stop)) => {
                     log::info!(
                         "export {}: disconnecting the frontend (shutdown)",
                         self.export.id

@@ -22,11 +22,11 @@ use super::ring::RingView;
 use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
 use crate::graph::HeldRoot;
+use crate::os::ratelimit::LogLimiter;
 use crate::uring::{self, ops};
 use crate::vhost::dirty_log::{self, DirtyLog};
 use crate::vhost::memory::{GuestRam, SharedMemory};
 use crate::vhost::published::{LocalCopy, Published};
-use crate::vhost::ratelimit::LogLimiter;
 
 /// How often a queue slow to stop says so.
 const STOP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
