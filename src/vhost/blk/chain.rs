@@ -13,7 +13,7 @@ use crate::vhost::memory::GuestRam;
 const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
 const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
 const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
-const DESC_SIZE: u64 = 16;
+const DESC_SIZE: u64 = std::mem::size_of::<virtio_ring::vring_desc>() as u64;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {

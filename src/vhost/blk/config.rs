@@ -1,5 +1,10 @@
 //! The virtio-blk device: feature bits and configuration space layout.
 
+use std::mem::offset_of;
+
+use virtio_bindings::bindings::virtio_blk::virtio_blk_config;
+use vm_memory::ByteValued;
+
 use super::request::{Limits, SECTOR_SIZE};
 
 pub use virtio_bindings::bindings::virtio_blk::{
@@ -12,11 +17,23 @@ pub use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-/// Byte offset of `writeback` in struct virtio_blk_config.
-pub const CONFIG_WRITEBACK_OFFSET: usize = 32;
+/// Byte offset of `writeback` (the bindings' `wce`) in struct virtio_blk_config.
+pub const CONFIG_WRITEBACK_OFFSET: usize = offset_of!(virtio_blk_config, wce);
 /// Size of struct virtio_blk_config up to and including write_zeroes_may_unmap
-/// and its padding (the fields we implement).
-pub const CONFIG_LEN: usize = 60;
+/// and its padding (the fields we implement; secure erase and zoned follow).
+pub const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+
+/// struct virtio_blk_config as bytes: vm-memory's trait cannot be
+/// implemented on the bindings' type itself.
+#[repr(transparent)]
+#[derive(Clone, Copy, Default)]
+struct ConfigSpace(virtio_blk_config);
+
+// SAFETY: virtio_blk_config is repr(C, packed) and made only of integers
+// and arrays of integers (its nested structs are repr(C) without padding),
+// so it has no padding bytes and every bit pattern is valid; the wrapper
+// is repr(transparent).
+unsafe impl ByteValued for ConfigSpace {}
 
 /// Largest single data segment we advertise (size_max).
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -80,34 +97,31 @@ impl BlkGeometry {
 
     /// struct virtio_blk_config for a disk of `capacity` bytes.
     pub fn config_space(&self, capacity: u64, writeback: bool) -> [u8; CONFIG_LEN] {
-        let mut c = [0u8; CONFIG_LEN];
-        let put = |c: &mut [u8; CONFIG_LEN], off: usize, bytes: &[u8]| {
-            c[off..off + bytes.len()].copy_from_slice(bytes)
-        };
         let bs = self.limits.block_size;
-        put(&mut c, 0, &(capacity / SECTOR_SIZE).to_le_bytes());
-        put(&mut c, 8, &self.limits.size_max.to_le_bytes());
-        put(&mut c, 12, &self.seg_max().to_le_bytes());
-        // geometry (16..20) left zero: guests compute their own.
-        put(&mut c, 20, &bs.to_le_bytes());
-        // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
-        c[24] = 0;
-        c[25] = 0;
-        put(&mut c, 26, &1u16.to_le_bytes());
-        put(&mut c, 28, &0u32.to_le_bytes());
-        c[CONFIG_WRITEBACK_OFFSET] = writeback as u8;
-        put(&mut c, 34, &self.num_queues.to_le_bytes());
-        let sectors_per_block = bs / SECTOR_SIZE as u32;
-        put(&mut c, 36, &self.limits.max_discard_sectors.to_le_bytes());
-        put(&mut c, 40, &self.limits.max_segments.to_le_bytes());
-        put(&mut c, 44, &sectors_per_block.to_le_bytes());
-        put(
-            &mut c,
-            48,
-            &self.limits.max_write_zeroes_sectors.to_le_bytes(),
-        );
-        put(&mut c, 52, &self.limits.max_segments.to_le_bytes());
-        c[56] = 1; // write_zeroes_may_unmap
+        let config = virtio_blk_config {
+            capacity: (capacity / SECTOR_SIZE).to_le(),
+            size_max: self.limits.size_max.to_le(),
+            seg_max: self.seg_max().to_le(),
+            // geometry left zero: guests compute their own.
+            blk_size: bs.to_le(),
+            // Topology: a physical block is a logical one, no offset,
+            // no preferred I/O size beyond one block.
+            physical_block_exp: 0,
+            alignment_offset: 0,
+            min_io_size: 1u16.to_le(),
+            opt_io_size: 0,
+            wce: writeback as u8,
+            num_queues: self.num_queues.to_le(),
+            max_discard_sectors: self.limits.max_discard_sectors.to_le(),
+            max_discard_seg: self.limits.max_segments.to_le(),
+            discard_sector_alignment: (bs / SECTOR_SIZE as u32).to_le(),
+            max_write_zeroes_sectors: self.limits.max_write_zeroes_sectors.to_le(),
+            max_write_zeroes_seg: self.limits.max_segments.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        };
+        let mut c = [0u8; CONFIG_LEN];
+        c.copy_from_slice(&ConfigSpace(config).as_slice()[..CONFIG_LEN]);
         c
     }
 }
@@ -153,6 +167,13 @@ mod tests {
         assert_eq!(u32_at(44), 8, "discard_sector_alignment in sectors");
         assert_eq!(u32_at(48), 1 << 20, "max_write_zeroes_sectors");
         assert_eq!(c[56], 1, "write_zeroes_may_unmap");
+        assert_eq!(u32_at(52), 1, "max_write_zeroes_seg");
+        assert_eq!(u16::from_le_bytes([c[26], c[27]]), 1, "min_io_size");
+        assert_eq!(
+            (CONFIG_WRITEBACK_OFFSET, CONFIG_LEN),
+            (32, 60),
+            "the virtio spec's offsets"
+        );
         assert_eq!(
             geometry(false).config_space(1 << 20, false)[CONFIG_WRITEBACK_OFFSET],
             0
