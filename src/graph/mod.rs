@@ -15,6 +15,7 @@ mod node;
 mod open;
 mod parent;
 mod registry;
+mod resize;
 mod snapshot;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
@@ -28,6 +29,7 @@ pub use node::{Child, ChildRole, Node};
 pub use open::{open_image, open_null, BackingPolicy, ImageFormat, ImageOptions};
 pub use parent::Parent;
 pub use registry::{all_backends, all_nodes, find_node};
+pub use resize::{resize, ResizeError};
 pub use snapshot::{transaction, Action, OverlayMode};
 
 use std::sync::{Mutex, MutexGuard};

@@ -1,4 +1,5 @@
-//! block_resize: grow an image inside a drained section and tell the guest.
+//! block_resize: check the size against the export's block size, grow
+//! the node (`graph::resize`), and say so with BLOCK_RESIZED.
 
 use std::sync::Arc;
 
@@ -8,20 +9,13 @@ use super::target::resolve;
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
 use crate::control::server::Daemon;
-use crate::formats::BlockIo;
-use crate::uring;
+use crate::graph::{resize, ResizeError};
 
 pub fn block_resize(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
     let t = resolve(daemon, &mut args)?;
     let size = args.u64("size")?;
     args.finish()?;
     let node = &t.node;
-    if node.is_read_only() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is read-only",
-            node.name()
-        )));
-    }
     let block = t
         .export
         .as_ref()
@@ -31,30 +25,13 @@ pub fn block_resize(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
             "The new size must be a positive multiple of the logical block size ({block} bytes); {size} is not"
         )));
     }
-    let old = node.size();
-    if size < old {
-        return Err(QmpError::generic(format!(
-            "Shrinking is not supported: node '{}' is {old} bytes, {size} requested",
-            node.name()
-        )));
-    }
-    if size > old {
-        node.drained_begin();
-        let n = node.clone();
-        let grown = uring::block_on(move || async move {
-            n.grow(size).await?;
-            // The new size must survive a crash like any acknowledged write.
-            n.flush().await
-        })
-        .and_then(|r| r);
-        if grown.is_ok() {
-            node.notify_resized();
-        }
-        // Cannot fail: the section begun above is still open.
-        let _ = node.drained_end();
-        grown.map_err(|e| {
+    let old = resize(node, size).map_err(|e| match e {
+        ResizeError::Io(e) => {
             QmpError::generic(format!("Cannot resize {} to {size}: {e}", t.label()))
-        })?;
+        }
+        e => QmpError::generic(e.to_string()),
+    })?;
+    if size > old {
         log::info!("{}: resized from {old} to {size} bytes", t.label());
         daemon.emit(
             "BLOCK_RESIZED",
