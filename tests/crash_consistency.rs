@@ -568,6 +568,47 @@ struct RoundStats {
 
 /// Run requests at depth 16 on `d` until `kill_at` have completed, kill it
 /// with SIGKILL (requests in flight) and wait for the process to be gone.
+/// Give every free slot a new request (queued in libblkio; the next reap
+/// submits them).
+fn refill(
+    c: &mut Client,
+    base: usize,
+    slot_op: &mut [u32],
+    model: &mut Model,
+    rng: &mut Rng,
+    round: usize,
+) {
+    for (slot, op_id) in slot_op.iter_mut().enumerate() {
+        if *op_id != 0 {
+            continue;
+        }
+        let op = next_op(model, rng, round);
+        let id = model.submit(op);
+        *op_id = id;
+        let q = &mut c.queues[slot / DEPTH];
+        let (off, len) = (op.start * SECTOR, op.len * SECTOR);
+        match op.kind {
+            Kind::Write => {
+                // SAFETY: the slot's buffer is ours until its request completes.
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut((base + slot * WRITE_LEN) as *mut u8, WRITE_LEN)
+                };
+                fill(buf, op.start, id);
+                submit(q, base, Req::Write(off, slot * WRITE_LEN, WRITE_LEN), slot);
+            }
+            Kind::Zeroes { unmap } => {
+                let flags = if unmap {
+                    ReqFlags::empty()
+                } else {
+                    ReqFlags::NO_UNMAP
+                };
+                submit(q, base, Req::WriteZeroes(off, len, flags), slot);
+            }
+            Kind::Discard => submit(q, base, Req::Discard(off, len), slot),
+        }
+    }
+}
+
 fn run_round(
     d: Daemon,
     model: &mut Model,
@@ -598,38 +639,7 @@ fn run_round(
         comps.len()
     };
     loop {
-        for (slot, op_id) in slot_op.iter_mut().enumerate() {
-            if *op_id != 0 {
-                continue;
-            }
-            let op = next_op(model, rng, round);
-            let id = model.submit(op);
-            *op_id = id;
-            let q = &mut c.queues[slot / DEPTH];
-            let (off, len) = (op.start * SECTOR, op.len * SECTOR);
-            match op.kind {
-                Kind::Write => {
-                    // SAFETY: the slot's buffer is ours until its request completes.
-                    let buf = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (base + slot * WRITE_LEN) as *mut u8,
-                            WRITE_LEN,
-                        )
-                    };
-                    fill(buf, op.start, id);
-                    submit(q, base, Req::Write(off, slot * WRITE_LEN, WRITE_LEN), slot);
-                }
-                Kind::Zeroes { unmap } => {
-                    let flags = if unmap {
-                        ReqFlags::empty()
-                    } else {
-                        ReqFlags::NO_UNMAP
-                    };
-                    submit(q, base, Req::WriteZeroes(off, len, flags), slot);
-                }
-                Kind::Discard => submit(q, base, Req::Discard(off, len), slot),
-            }
-        }
+        refill(&mut c, base, &mut slot_op, model, rng, round);
         if completed >= kill_at {
             break;
         }
@@ -644,12 +654,22 @@ fn run_round(
         completed += apply(model, &mut slot_op, comps);
         turn = 1 - turn;
     }
-    // Hand the requests just queued to the daemon, then kill it.
-    for q in 0..QUEUES {
-        let comps = reap(&mut c.queues[q], 0).unwrap();
-        completed += apply(model, &mut slot_op, comps);
+    // Hand the requests just queued to the daemon, then kill it. A daemon
+    // that polls may finish a whole batch before the submitting call
+    // returns: then queue a new one, so that the kill finds requests in
+    // flight (bounded: a hundred batches never all finish so fast).
+    let mut at_kill = 0;
+    for _ in 0..100 {
+        for q in 0..QUEUES {
+            let comps = reap(&mut c.queues[q], 0).unwrap();
+            completed += apply(model, &mut slot_op, comps);
+        }
+        at_kill = slot_op.iter().filter(|&&id| id != 0).count();
+        if at_kill > 0 {
+            break;
+        }
+        refill(&mut c, base, &mut slot_op, model, rng, round);
     }
-    let at_kill = slot_op.iter().filter(|&&id| id != 0).count();
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(d.pid(), libc::SIGKILL) };
     d.wait_exit(Duration::from_secs(10));
