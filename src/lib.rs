@@ -1,3 +1,4 @@
+#![warn(unreachable_pub)]
 //! ringblk: a vhost-user-blk storage daemon on io_uring.
 //!
 //! Layers, each a module, imports pointing down only: `daemon` (the

@@ -7,28 +7,28 @@ use serde_json::{Map, Value};
 use super::qmp::QmpError;
 use crate::opts::Opts;
 
-pub struct Args(Opts);
+pub(super) struct Args(Opts);
 
 impl Args {
-    pub fn new(map: Map<String, Value>) -> Self {
+    pub(super) fn new(map: Map<String, Value>) -> Self {
         Args(Opts::new(map))
     }
 
     /// An argument of any JSON type.
-    pub fn take(&mut self, name: &str) -> Option<Value> {
+    pub(super) fn take(&mut self, name: &str) -> Option<Value> {
         self.0.take(name)
     }
 
-    pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
+    pub(super) fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
         self.0.string(name).map_err(QmpError::generic)
     }
 
-    pub fn str(&mut self, name: &str) -> Result<String, QmpError> {
+    pub(super) fn str(&mut self, name: &str) -> Result<String, QmpError> {
         self.0.required_string(name).map_err(QmpError::generic)
     }
 
     /// A boolean, if given (QMP takes JSON booleans only).
-    pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
+    pub(super) fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
         match self.take(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
@@ -40,7 +40,7 @@ impl Args {
 
     /// An unsigned integer; QMP takes JSON numbers only ("20G" is a
     /// string, not a size).
-    pub fn u64(&mut self, name: &str) -> Result<u64, QmpError> {
+    pub(super) fn u64(&mut self, name: &str) -> Result<u64, QmpError> {
         let mistyped = || {
             QmpError::generic(format!(
                 "Invalid parameter type for '{name}', expected: size"
@@ -55,12 +55,12 @@ impl Args {
 
     /// All arguments, as the object they came in (`blockdev-add` takes
     /// QEMU's BlockdevOptions as its arguments).
-    pub fn into_value(self) -> Value {
+    pub(super) fn into_value(self) -> Value {
         Value::Object(self.0.into_map())
     }
 
     /// Refuse arguments no one asked for (call after taking the known ones).
-    pub fn finish(self) -> Result<(), QmpError> {
+    pub(super) fn finish(self) -> Result<(), QmpError> {
         self.0.finish().map_err(QmpError::generic)
     }
 }

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// What one client may have queued and unread before it is disconnected:
 /// thousands of events, or the largest reply many times over.
-pub const MAX_OUTBOX_BYTES: usize = 1 << 20;
+pub(super) const MAX_OUTBOX_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
 struct Outbox {
@@ -33,7 +33,7 @@ struct Outbox {
     closing: bool,
 }
 
-pub struct Client {
+pub(super) struct Client {
     pub id: u64,
     pub negotiated: AtomicBool,
     outbox: Mutex<Outbox>,
@@ -48,7 +48,7 @@ enum Stop {
 }
 
 impl Client {
-    pub fn new(id: u64) -> io::Result<Client> {
+    pub(super) fn new(id: u64) -> io::Result<Client> {
         Ok(Client {
             id,
             negotiated: AtomicBool::new(false),
@@ -67,7 +67,7 @@ impl Client {
     }
 
     /// Queue one message; never blocks.
-    pub fn send(&self, v: &Value) {
+    pub(super) fn send(&self, v: &Value) {
         let mut text = v.to_string().into_bytes();
         text.push(b'\n');
         {
@@ -89,7 +89,7 @@ impl Client {
 
     /// Ask the client's thread to send what is queued (if the socket takes
     /// it now) and close the connection.
-    pub fn close(&self) {
+    pub(super) fn close(&self) {
         self.outbox().closing = true;
         self.kick();
     }
@@ -118,7 +118,7 @@ impl Client {
 
     /// Serve the connection until it closes, the client falls too far
     /// behind, or `close` is called. `input` gets what the client sends.
-    pub fn serve(&self, stream: &UnixStream, mut input: impl FnMut(&[u8]) -> bool) {
+    pub(super) fn serve(&self, stream: &UnixStream, mut input: impl FnMut(&[u8]) -> bool) {
         let stop = match stream.set_nonblocking(true) {
             Ok(()) => self.serve_loop(stream, &mut input),
             Err(e) => {
@@ -199,7 +199,7 @@ impl Client {
         }
     }
 
-    pub fn is_negotiated(&self) -> bool {
+    pub(super) fn is_negotiated(&self) -> bool {
         self.negotiated.load(Ordering::SeqCst)
     }
 }

@@ -4,10 +4,10 @@
 //! array are reported as one error per run of them, and the stream goes on.
 
 /// Longest single message we accept.
-pub const MAX_MESSAGE: usize = 1 << 20;
+pub(crate) const MAX_MESSAGE: usize = 1 << 20;
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Piece {
+pub(crate) enum Piece {
     /// A complete bracketed text (not yet parsed).
     Text(Vec<u8>),
     /// Bytes outside any object, e.g. a bare word.
@@ -17,7 +17,7 @@ pub enum Piece {
 }
 
 #[derive(Default)]
-pub struct Splitter {
+pub(crate) struct Splitter {
     buf: Vec<u8>,
     depth: usize,
     in_string: bool,
@@ -27,7 +27,7 @@ pub struct Splitter {
 
 impl Splitter {
     /// Feed bytes; complete pieces are appended to `out`.
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Piece>) {
+    pub(crate) fn feed(&mut self, bytes: &[u8], out: &mut Vec<Piece>) {
         for &b in bytes {
             if self.depth == 0 {
                 self.between_texts(b, out);

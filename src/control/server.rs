@@ -79,15 +79,15 @@ impl Daemon {
 
 /// The drained sections one client holds; ended when it disconnects.
 #[derive(Default)]
-pub struct Sections(Vec<Arc<Node>>);
+pub(crate) struct Sections(Vec<Arc<Node>>);
 
 impl Sections {
-    pub fn push(&mut self, node: Arc<Node>) {
+    pub(crate) fn push(&mut self, node: Arc<Node>) {
         self.0.push(node);
     }
 
     /// Forget one section on `node`; false if this client holds none.
-    pub fn remove(&mut self, node: &Arc<Node>) -> bool {
+    pub(crate) fn remove(&mut self, node: &Arc<Node>) -> bool {
         match self.0.iter().rposition(|n| Arc::ptr_eq(n, node)) {
             Some(i) => {
                 self.0.remove(i);

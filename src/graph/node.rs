@@ -63,7 +63,7 @@ pub struct Node {
 
 /// QEMU's `detect-zeroes`: writes of all-zero data become write-zeroes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DetectZeroes {
+pub(crate) enum DetectZeroes {
     Off = 0,
     On = 1,
     /// Also let the storage be unmapped.

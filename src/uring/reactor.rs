@@ -312,7 +312,7 @@ impl Reactor {
 }
 
 /// A pending io_uring operation; resolves to the CQE's result (>= 0 or -errno).
-pub struct Op {
+pub(super) struct Op {
     idx: usize,
     done: bool,
     /// Dropping it before completion cancels it in the kernel: for waits

@@ -16,12 +16,12 @@ use super::blk::inflight;
 use super::dirty_log::MAX_LOG_BYTES;
 use super::memory::{self, RegionError};
 
-pub const HEADER_LEN: usize = 12;
+pub(crate) const HEADER_LEN: usize = 12;
 /// The protocol version every message carries in the VERSION bits.
 pub const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_VERSION_MASK: u32 = VhostUserHeaderFlag::VERSION.bits();
 pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
-pub const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+pub(crate) const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY;
 
 /// Regions SET_MEM_TABLE may carry (the protocol's fixed table size).
@@ -56,7 +56,7 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    pub fn need_reply(&self) -> bool {
+    pub(crate) fn need_reply(&self) -> bool {
         self.flags & FLAG_NEED_REPLY != 0
     }
 }

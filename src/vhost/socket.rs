@@ -21,7 +21,7 @@ pub(crate) struct Message {
 }
 
 impl Message {
-    pub fn need_reply(&self) -> bool {
+    pub(crate) fn need_reply(&self) -> bool {
         self.header.need_reply()
     }
 }

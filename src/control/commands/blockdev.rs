@@ -7,13 +7,13 @@ use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
 use crate::graph::{blockdev_add, blockdev_del};
 
-pub fn add(args: Args) -> CmdResult {
+pub(super) fn add(args: Args) -> CmdResult {
     blockdev_add(args.into_value())
         .map(|_| json!({}))
         .map_err(|e| QmpError::generic(e.0))
 }
 
-pub fn del(mut args: Args) -> CmdResult {
+pub(super) fn del(mut args: Args) -> CmdResult {
     let name = args.str("node-name")?;
     args.finish()?;
     blockdev_del(&name)

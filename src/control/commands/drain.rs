@@ -19,7 +19,7 @@ fn in_flight(t: &Target) -> u64 {
         .map_or(node, |e| node.max(e.state.in_flight()))
 }
 
-pub fn block_drain(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
+pub(super) fn block_drain(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
     let t = resolve(daemon, &mut args)?;
     args.finish()?;
     let at_start = in_flight(&t);
@@ -46,7 +46,11 @@ fn section_info(t: &Target) -> Value {
     })
 }
 
-pub fn drained_begin(daemon: &Arc<Daemon>, sections: &mut Sections, mut args: Args) -> CmdResult {
+pub(super) fn drained_begin(
+    daemon: &Arc<Daemon>,
+    sections: &mut Sections,
+    mut args: Args,
+) -> CmdResult {
     let t = resolve(daemon, &mut args)?;
     args.finish()?;
     t.node.drained_begin();
@@ -59,7 +63,11 @@ pub fn drained_begin(daemon: &Arc<Daemon>, sections: &mut Sections, mut args: Ar
     Ok(info)
 }
 
-pub fn drained_end(daemon: &Arc<Daemon>, sections: &mut Sections, mut args: Args) -> CmdResult {
+pub(super) fn drained_end(
+    daemon: &Arc<Daemon>,
+    sections: &mut Sections,
+    mut args: Args,
+) -> CmdResult {
     let t = resolve(daemon, &mut args)?;
     args.finish()?;
     if !sections.remove(&t.node) {

@@ -10,7 +10,7 @@ use crate::control::qmp::{CmdResult, QmpError};
 use crate::control::server::Daemon;
 use crate::vhost::exports::ExportOptions;
 
-pub fn add(daemon: &Arc<Daemon>, args: Args) -> CmdResult {
+pub(super) fn add(daemon: &Arc<Daemon>, args: Args) -> CmdResult {
     let serde_json::Value::Object(map) = args.into_value() else {
         return Err(QmpError::generic("Invalid arguments"));
     };
@@ -40,7 +40,7 @@ pub fn add(daemon: &Arc<Daemon>, args: Args) -> CmdResult {
 
 /// `mode`: `safe` (the default) refuses an export a frontend is connected
 /// to; `hard` disconnects it once its in-flight requests completed.
-pub fn del(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
+pub(super) fn del(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
     let id = args.str("id")?;
     let hard = match args.opt_str("mode")?.as_deref() {
         None | Some("safe") => false,

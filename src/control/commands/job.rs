@@ -13,7 +13,7 @@ fn reply(r: Result<(), BlockdevError>) -> CmdResult {
     r.map(|()| json!({})).map_err(|e| QmpError::generic(e.0))
 }
 
-pub fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
+pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
     let job_id = a.opt_str("job-id")?;
     let device = a.str("device")?;
     let base_node = a.opt_str("base-node")?;
@@ -81,7 +81,7 @@ fn run_verb(verb: &str, id: &str) -> CmdResult {
 }
 
 /// `job-complete`, `job-finalize`, `job-cancel`, `job-dismiss`: `{"id"}`.
-pub fn verb(name: &str, mut a: Args) -> CmdResult {
+pub(super) fn verb(name: &str, mut a: Args) -> CmdResult {
     let id = a.str("id")?;
     a.finish()?;
     run_verb(name.trim_start_matches("job-"), &id)
@@ -89,7 +89,7 @@ pub fn verb(name: &str, mut a: Args) -> CmdResult {
 
 /// `block-job-complete`, `block-job-cancel` (`{"device"}`, which names
 /// the job), `block-job-finalize`, `block-job-dismiss` (`{"id"}`).
-pub fn block_job_verb(name: &str, mut a: Args) -> CmdResult {
+pub(super) fn block_job_verb(name: &str, mut a: Args) -> CmdResult {
     let verb = name.trim_start_matches("block-job-");
     let id = match verb {
         "complete" | "cancel" => a.str("device")?,

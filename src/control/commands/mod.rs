@@ -19,7 +19,7 @@ use super::qmp::{self, CmdResult, QmpError};
 use super::server::{Daemon, Sections};
 
 /// Every command after negotiation, for `query-commands`.
-pub const COMMANDS: &[&str] = &[
+pub(super) const COMMANDS: &[&str] = &[
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -52,7 +52,7 @@ pub const COMMANDS: &[&str] = &[
     "quit",
 ];
 
-pub fn execute(
+pub(super) fn execute(
     daemon: &Arc<Daemon>,
     sections: &mut Sections,
     name: &str,

@@ -13,7 +13,7 @@ use crate::formats::BlockIo;
 use crate::graph::{all_nodes, ChildRole, Node};
 use crate::vhost::blk::stats::{OpSnapshot, StatsSnapshot};
 
-pub fn block_exports(daemon: &Daemon) -> Value {
+pub(super) fn block_exports(daemon: &Daemon) -> Value {
     Value::Array(
         daemon
             .exports
@@ -86,7 +86,7 @@ fn image_info(node: &Node, flat: bool) -> Value {
 }
 
 /// `query-named-block-nodes [flat]`: QEMU's BlockDeviceInfo per node.
-pub fn named_block_nodes(flat: bool) -> Value {
+pub(super) fn named_block_nodes(flat: bool) -> Value {
     Value::Array(
         all_nodes()
             .iter()
@@ -213,7 +213,7 @@ fn device_stats(s: &StatsSnapshot) -> Value {
 /// BlockBackend is the `device`), ours beside them as `x-stats` (every
 /// request kind with latencies) and `x-queues`; with `query-nodes`, one
 /// entry per node, which count requests only (`x-requests`).
-pub fn blockstats(daemon: &Daemon, query_nodes: bool) -> Value {
+pub(super) fn blockstats(daemon: &Daemon, query_nodes: bool) -> Value {
     if query_nodes {
         return Value::Array(all_nodes().iter().map(|n| node_stats(n)).collect());
     }
@@ -277,7 +277,7 @@ fn node_stats(n: &Node) -> Value {
 }
 
 /// `query-iothreads`: QEMU's IOThreadInfo for each iothread.
-pub fn iothreads(daemon: &Daemon) -> Value {
+pub(super) fn iothreads(daemon: &Daemon) -> Value {
     Value::Array(
         daemon
             .iothreads

@@ -11,7 +11,7 @@ use crate::control::qmp::{CmdResult, QmpError};
 use crate::control::server::Daemon;
 use crate::graph::{resize, ResizeError};
 
-pub fn block_resize(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
+pub(super) fn block_resize(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
     let t = resolve(daemon, &mut args)?;
     let size = args.u64("size")?;
     args.finish()?;

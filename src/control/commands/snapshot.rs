@@ -85,16 +85,16 @@ fn run(actions: Vec<Action>) -> CmdResult {
         .map_err(|e| QmpError::generic(e.0))
 }
 
-pub fn blockdev_snapshot_sync(daemon: &Daemon, args: Args) -> CmdResult {
+pub(super) fn blockdev_snapshot_sync(daemon: &Daemon, args: Args) -> CmdResult {
     run(vec![snapshot_sync(daemon, args)?])
 }
 
-pub fn blockdev_snapshot(args: Args) -> CmdResult {
+pub(super) fn blockdev_snapshot(args: Args) -> CmdResult {
     run(vec![snapshot(args)?])
 }
 
 /// `transaction`: QEMU's TransactionAction list (`{"type", "data"}`).
-pub fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
+pub(super) fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
     let list = match args.take("actions") {
         Some(Value::Array(l)) => l,
         Some(_) => {

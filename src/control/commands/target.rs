@@ -10,7 +10,7 @@ use crate::control::server::Daemon;
 use crate::graph::{find_node, Node};
 use crate::vhost::blk::export::BlkExport;
 
-pub struct Target {
+pub(super) struct Target {
     pub node: Arc<Node>,
     /// The export whose root this node is, if any.
     pub export: Option<Arc<BlkExport>>,
@@ -18,7 +18,7 @@ pub struct Target {
 
 impl Target {
     /// How the target was named, for messages and events.
-    pub fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         match &self.export {
             Some(e) => format!("export {} (node {})", e.id, self.node.name()),
             None => format!("node {}", self.node.name()),
@@ -26,7 +26,7 @@ impl Target {
     }
 }
 
-pub fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpError> {
+pub(super) fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpError> {
     let device = args.opt_str("device")?;
     let export = args.opt_str("export")?;
     let node_name = args.opt_str("node-name")?;

@@ -9,7 +9,7 @@ use super::cache::read_bytes;
 use crate::formats::ChildRef;
 
 /// Host byte offset and length of the compressed data an L2 entry names.
-pub fn locate(entry: u64, cluster_bits: u32) -> (u64, u64) {
+pub(super) fn locate(entry: u64, cluster_bits: u32) -> (u64, u64) {
     let x = 62 - (cluster_bits - 8);
     let offset = entry & ((1u64 << x) - 1);
     let extra_sectors = (entry >> x) & ((1u64 << (cluster_bits - 8)) - 1);
@@ -19,7 +19,11 @@ pub fn locate(entry: u64, cluster_bits: u32) -> (u64, u64) {
 }
 
 /// Read and inflate one compressed cluster.
-pub async fn read_cluster(file: &ChildRef, entry: u64, cluster_bits: u32) -> io::Result<Vec<u8>> {
+pub(super) async fn read_cluster(
+    file: &ChildRef,
+    entry: u64,
+    cluster_bits: u32,
+) -> io::Result<Vec<u8>> {
     let (offset, len) = locate(entry, cluster_bits);
     // The last compressed cluster may end in a partial sector at end of file.
     let len = len.min(file.size().saturating_sub(offset));

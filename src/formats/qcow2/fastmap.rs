@@ -49,7 +49,7 @@ struct Local {
     tables: Vec<Option<(usize, Arc<Table>)>>,
 }
 
-pub struct FastMap {
+pub(super) struct FastMap {
     gen: Arc<AtomicU64>,
     /// Entries per slot, a power of two.
     ways: usize,
@@ -65,7 +65,7 @@ fn thread_slot() -> usize {
 impl FastMap {
     /// `gen` is the metadata's `l2_gen`; `tables` how many tables a thread
     /// should remember (rounded to a power of two, at most 4096).
-    pub fn new(gen: Arc<AtomicU64>, tables: usize) -> Self {
+    pub(super) fn new(gen: Arc<AtomicU64>, tables: usize) -> Self {
         FastMap {
             gen,
             ways: tables.clamp(1, 4096).next_power_of_two(),
@@ -83,7 +83,7 @@ impl FastMap {
     }
 
     /// Entry `l2i` of the L2 table for `l1i`, if this thread remembers it.
-    pub fn get(&self, l1i: usize, l2i: usize) -> Option<u64> {
+    pub(super) fn get(&self, l1i: usize, l2i: usize) -> Option<u64> {
         let gen = self.gen.load(Ordering::Acquire);
         let mut local = self.local();
         if local.gen != gen {
@@ -102,7 +102,7 @@ impl FastMap {
 
     /// Remember `table` for `l1i`; `gen` is `l2_gen` as read under the
     /// metadata lock when the table was taken from the cache.
-    pub fn put(&self, gen: u64, l1i: usize, table: Arc<Table>) {
+    pub(super) fn put(&self, gen: u64, l1i: usize, table: Arc<Table>) {
         let mut local = self.local();
         if gen < local.gen {
             // The table may have left the cache since: don't keep it.

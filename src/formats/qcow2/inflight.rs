@@ -9,12 +9,12 @@ use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
-pub struct ClusterLocks {
+pub(super) struct ClusterLocks {
     held: Mutex<HashMap<u64, Vec<Waker>>>,
 }
 
 impl ClusterLocks {
-    pub fn lock(&self, cluster: u64) -> LockCluster<'_> {
+    pub(super) fn lock(&self, cluster: u64) -> LockCluster<'_> {
         LockCluster {
             locks: self,
             cluster,
@@ -22,7 +22,7 @@ impl ClusterLocks {
     }
 }
 
-pub struct LockCluster<'a> {
+pub(super) struct LockCluster<'a> {
     locks: &'a ClusterLocks,
     cluster: u64,
 }
@@ -50,7 +50,7 @@ impl<'a> Future for LockCluster<'a> {
     }
 }
 
-pub struct ClusterGuard<'a> {
+pub(super) struct ClusterGuard<'a> {
     locks: &'a ClusterLocks,
     cluster: u64,
 }
