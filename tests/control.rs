@@ -17,11 +17,11 @@ use common::*;
 /// Poll a query until `cond` holds (bounded): for effects the daemon applies
 /// after a client leaves, which no reply announces.
 fn eventually(q: &mut Qmp, what: &str, cond: impl Fn(&mut Qmp) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond(q) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
-    }
+    poll_until(
+        Duration::from_secs(10),
+        &format!("timed out waiting for {what}"),
+        || cond(q),
+    );
 }
 
 #[test]

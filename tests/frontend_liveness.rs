@@ -166,11 +166,11 @@ fn refused(s: &Setup, fe: &Frontend, req: R, fd: RawFd, what: &str) {
     let status = fe.ack(req, &0u64.to_le_bytes(), &[fd]);
     assert_ne!(status, 0, "{what}: accepted");
     assert!(fe.alive(), "{what}: the connection should keep working");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s.d.stderr().contains("is not an eventfd") {
-        assert!(Instant::now() < deadline, "{what}: no log line");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll_until(
+        Duration::from_secs(10),
+        &format!("{what}: no log line"),
+        || s.d.stderr().contains("is not an eventfd"),
+    );
 }
 
 #[test]
@@ -254,11 +254,11 @@ fn saturated_call_queue(sock: &Path, reblock: bool) -> (Frontend, GuestMem, Virt
         );
         q.kick();
         // Watch the used ring only: reading the call fd would unsaturate it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while q.used_idx(&mem) == used {
-            assert!(Instant::now() < deadline, "request {k} never completed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        poll_until(
+            Duration::from_secs(10),
+            &format!("request {k} never completed"),
+            || q.used_idx(&mem) != used,
+        );
     }
     (fe, mem, q)
 }
@@ -300,11 +300,11 @@ fn sigterm_with_a_saturated_call_eventfd_is_bounded() {
 /// Send `bytes` and wait (bounded) until the daemon has read them all.
 fn send_consumed(fe: &Frontend, bytes: &[u8]) {
     (&fe.sock).write_all(bytes).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while unread_by_peer(&fe.sock) > 0 {
-        assert!(Instant::now() < deadline, "the daemon never read our bytes");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    poll_until(
+        Duration::from_secs(10),
+        "the daemon never read our bytes",
+        || unread_by_peer(&fe.sock) == 0,
+    );
 }
 
 #[test]
@@ -389,11 +389,9 @@ fn sigterm_with_a_frontend_trickling_a_frame_is_bounded() {
     assert!(fe.alive());
     let (sender, sent) = trickle(&fe);
     // Mid-frame: a few bytes sent, all of them read by the daemon.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sent.load(std::sync::atomic::Ordering::SeqCst) < 3 || unread_by_peer(&fe.sock) > 0 {
-        assert!(Instant::now() < deadline, "the trickle did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    poll_until(Duration::from_secs(10), "the trickle did not start", || {
+        sent.load(std::sync::atomic::Ordering::SeqCst) >= 3 && unread_by_peer(&fe.sock) == 0
+    });
     s.sigterm_within(
         "SIGTERM with a frontend trickling a frame",
         STALLED_SIGTERM_BOUND,

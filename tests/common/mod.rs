@@ -84,6 +84,17 @@ pub fn wait_ready<T>(
     }
 }
 
+/// Poll `done` every millisecond until it holds, for at most `limit`;
+/// panic saying `what` did not happen if it never does. For conditions
+/// nothing notifies us of (a log line, a ring index, a socket's queue).
+pub fn poll_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A sparse raw image of `size` bytes.
 pub fn make_raw(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();
