@@ -698,8 +698,18 @@ fn pages_the_device_fills_during_a_migration_arrive_only_through_the_log() {
         "with the dirty log the page cache must arrive intact; console above"
     );
     let unlogged = migrate_page_cache_fill("migration-log-off", true);
+    // Stale pages show as a page cache that fails verify, or, when a page
+    // the device filled unlogged was reused by the guest's kernel before
+    // the check, as that kernel crashing on memory it never wrote (seen:
+    // a general protection fault in the slab allocator on the destination).
+    let crashed = ["general protection fault", "BUG: ", "Oops:", "Kernel panic"]
+        .iter()
+        .any(|m| unlogged.contains(m));
     assert!(
-        unlogged.contains("RB-CACHE-STALE"),
+        unlogged.contains("RB-CACHE-STALE") || crashed,
         "without the dirty log the destination must see stale pages; console above"
     );
+    if crashed {
+        eprintln!("without the dirty log, the destination's kernel crashed on stale memory");
+    }
 }
