@@ -440,12 +440,12 @@ impl Meta {
     }
 
     /// Give back the clusters reserved for allocations (before a close or
-    /// a read-only reopen) and write everything back.
-    pub async fn flush_for_close(&mut self, file: &ChildRef) -> io::Result<()> {
-        if let Some(r) = self.refcounts.as_mut() {
-            r.release_reserved(file).await?;
+    /// a read-only reopen, whose flush then writes the refcounts back).
+    pub async fn release_reserved(&mut self, file: &ChildRef) -> io::Result<()> {
+        match self.refcounts.as_mut() {
+            Some(r) => r.release_reserved(file).await,
+            None => Ok(()),
         }
-        self.flush(file).await
     }
 
     /// Write back everything dirty, refcounts before L2 tables, which

@@ -601,7 +601,9 @@ impl BlockDriver for Qcow2Driver {
             // Dirty tables go to the file now (no sync: that is the next
             // flush's job); a read-only image never writes them.
             crate::uring::block_on(|| async {
-                self.meta.lock().await.flush_for_close(&self.file).await
+                let mut meta = self.meta.lock().await;
+                meta.release_reserved(&self.file).await?;
+                meta.flush(&self.file).await
             })
             .and_then(|r| r)
             .map_err(|e| format!("{}: writing back metadata: {e}", self.name))?;
@@ -638,9 +640,9 @@ impl BlockDriver for Qcow2Driver {
     fn close(&self) -> io::Result<()> {
         // Write back the caches; the file node below syncs when it closes.
         crate::uring::block_on(|| async {
-            if !self.is_ro() {
-                self.meta.lock().await.flush_for_close(&self.file).await?;
-            }
+            // Unused reserved clusters back first, so the flush writes
+            // their refcounts (read-only: nothing is reserved).
+            self.meta.lock().await.release_reserved(&self.file).await?;
             self.do_flush().await
         })?
     }
