@@ -101,6 +101,19 @@ fn qcow2_4k_clusters_keep_completed_requests_across_sigkill() {
     );
 }
 
+/// The same on tmpfs, where ringblk writes its tables with plain system
+/// calls instead of through the ring.
+#[test]
+fn qcow2_4k_clusters_on_tmpfs_keep_completed_requests_across_sigkill() {
+    crash_rounds_in(
+        TestDir::in_memory("crash-qcow2-4k-tmpfs"),
+        Image::Qcow2 {
+            cluster: 4 << 10,
+            backing: false,
+        },
+    );
+}
+
 /// qcow2, 16 KiB clusters over a raw backing file holding a pattern in
 /// every sector: writes copy the rest of their cluster from it.
 #[test]
@@ -837,10 +850,14 @@ fn create_image(dir: &TestDir, image: Image) -> std::path::PathBuf {
 }
 
 fn crash_rounds(name: &str, image: Image) {
+    crash_rounds_in(TestDir::new(name), image)
+}
+
+fn crash_rounds_in(dir: TestDir, image: Image) {
+    let name = &dir.0.file_name().unwrap().to_string_lossy().into_owned();
     let seed = seed();
     eprintln!("{name}: seed {seed:#x} (RINGBLK_CRASH_SEED={seed:#x} runs this workload again)");
     let mut rng = Rng::new(seed);
-    let dir = TestDir::new(name);
     let img = create_image(&dir, image);
     let sock = dir.path("sock");
     let flat = dir.path("flat.raw");

@@ -20,6 +20,18 @@ pub trait BlockIo: Send + Sync {
     fn size(&self) -> u64;
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a>;
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a>;
+    /// A format driver's own metadata (tables, header), which guest
+    /// requests wait for: as `write`, done however is quickest for a short
+    /// write the caller waits on.
+    fn write_metadata<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        self.write(offset, buf)
+    }
+    /// Size (and alignment) of the smallest write this node takes as it is,
+    /// without a read-modify-write: the unit a format driver writes its
+    /// tables back in.
+    fn write_granularity(&self) -> usize {
+        4096
+    }
     /// Make every completed write durable.
     fn flush(&self) -> IoFuture<'_>;
     /// Hint that a range is unused; its contents become unspecified.

@@ -47,6 +47,9 @@ pub struct FileDriver {
     size: AtomicU64,
     zero_range_ok: AtomicBool,
     punch_hole_ok: AtomicBool,
+    /// The file lives in memory (tmpfs): metadata writes go inline
+    /// (`ops::Submit::Inline`).
+    in_memory: bool,
 }
 
 /// Open an image file. Only regular files and block devices are images: a
@@ -78,6 +81,16 @@ pub fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File>
         return Err(io::Error::last_os_error());
     }
     Ok(file)
+}
+
+/// True if `file` is on tmpfs, where a write is a page copy that never
+/// waits for a device (short of swapping).
+fn in_memory(file: &File) -> bool {
+    // SAFETY: fstatfs fills the zero-initialised struct from a valid fd.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+    }
 }
 
 /// (memory alignment, offset alignment) for O_DIRECT, if the kernel says.
@@ -155,6 +168,7 @@ impl FileDriver {
         } else {
             meta.len()
         };
+        let in_memory = in_memory(&file);
         Ok(FileDriver {
             fd: AtomicI32::new(file.as_raw_fd()),
             file: Mutex::new(file),
@@ -167,6 +181,7 @@ impl FileDriver {
             size: AtomicU64::new(size),
             zero_range_ok: AtomicBool::new(true),
             punch_hole_ok: AtomicBool::new(true),
+            in_memory,
         })
     }
 
@@ -351,12 +366,12 @@ impl FileDriver {
         Ok(())
     }
 
-    async fn do_write(&self, offset: u64, buf: &IoVec) -> io::Result<()> {
+    async fn do_write(&self, offset: u64, buf: &IoVec, submit: ops::Submit) -> io::Result<()> {
         if self.is_ro() {
             return Err(self.read_only_error());
         }
         if !self.direct || buf.is_aligned(self.mem_align) {
-            match ops::writev(self.fd(), buf, offset, self.submit()).await {
+            match ops::writev(self.fd(), buf, offset, submit).await {
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
                 r => {
                     if r.is_ok() {
@@ -478,7 +493,28 @@ impl BlockIo for FileDriver {
         Box::pin(self.do_read(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        Box::pin(self.do_write(offset, buf))
+        Box::pin(self.do_write(offset, buf, self.submit()))
+    }
+    fn write_granularity(&self) -> usize {
+        // Direct writes to a device: whole (4 KiB) sectors spare a 512e
+        // disk its read-modify-write. Into memory (the page cache, or
+        // tmpfs, which takes O_DIRECT as a copy), 512 bytes is a short copy.
+        if self.direct && !self.in_memory {
+            self.offset_align.max(4096)
+        } else {
+            self.offset_align.max(512)
+        }
+    }
+    fn write_metadata<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        // A format's tables, which guest requests wait for: on tmpfs the
+        // copy is cheaper than a worker thread's wake-up. Data writes stay
+        // on the ring, where several run at once on io_uring's workers.
+        let submit = if self.in_memory {
+            ops::Submit::Inline
+        } else {
+            self.submit()
+        };
+        Box::pin(self.do_write(offset, buf, submit))
     }
     fn flush(&self) -> IoFuture<'_> {
         // Read-only too: a snapshot leaves writes of the image's writable
@@ -726,6 +762,55 @@ mod tests {
         assert_eq!(drv.cache_direct(), kernel_allows);
         assert_eq!(drv.size(), 1 << 20);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn metadata_writes_on_tmpfs_are_done_by_the_time_the_call_returns() {
+        use std::task::{Context, Poll, Waker};
+        let pattern: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+        for (dir, cache) in [
+            ("/dev/shm".to_string(), CacheMode::None),
+            ("/dev/shm".to_string(), CacheMode::Writeback),
+            (disk_dir(), CacheMode::None),
+            (disk_dir(), CacheMode::Writeback),
+        ] {
+            let path = scratch(&dir, "meta", 1 << 20);
+            let drv = Arc::new(FileDriver::open(&path, false, cache, 512).unwrap());
+            let tmpfs = dir == "/dev/shm";
+            assert_eq!(drv.in_memory, tmpfs, "{dir}");
+            let g = drv.write_granularity();
+            if drv.cache_direct() && !tmpfs {
+                assert!(g >= 4096 && g.is_power_of_two(), "{dir}: {g}");
+            } else {
+                assert_eq!(g, 512, "{dir} {cache:?}: into memory");
+            }
+            let sector = move |p: &[u8]| {
+                let mut buf = AlignedBuf::zeroed(g, 4096);
+                buf.as_mut_slice()[..512].copy_from_slice(p);
+                IoVec::from_buf(buf)
+            };
+            if tmpfs {
+                let iov = sector(&pattern);
+                // Outside any iothread: only a write that does not go
+                // through a ring can finish here, and it does at once.
+                let mut fut = drv.write_metadata(4096, &iov);
+                let mut cx = Context::from_waker(Waker::noop());
+                assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+            } else {
+                let t = IoThread::start("file-meta", Duration::ZERO).unwrap();
+                let (d, p) = (drv.clone(), pattern.clone());
+                t.handle()
+                    .block_on(move || async move { d.write_metadata(4096, &sector(&p)).await })
+                    .unwrap();
+            }
+            let mut back = vec![0u8; 512];
+            File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut back, 4096)
+                .unwrap();
+            assert_eq!(back, pattern, "{dir} {cache:?}");
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]

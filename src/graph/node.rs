@@ -335,6 +335,12 @@ impl BlockIo for Node {
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
         Box::pin(self.write_in_place(offset, buf))
     }
+    fn write_granularity(&self) -> usize {
+        self.driver.write_granularity()
+    }
+    fn write_metadata<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        Box::pin(self.track(|d| d.write_metadata(offset, buf)))
+    }
     fn flush(&self) -> IoFuture<'_> {
         if self.no_flush.load(Ordering::Relaxed) {
             return Box::pin(std::future::ready(Ok(())));

@@ -27,9 +27,17 @@ pub struct TestDir(pub PathBuf);
 
 impl TestDir {
     pub fn new(name: &str) -> Self {
+        Self::under(env!("CARGO_TARGET_TMPDIR"), name)
+    }
+
+    /// A scratch directory on tmpfs (/dev/shm), where files live in memory.
+    pub fn in_memory(name: &str) -> Self {
+        Self::under("/dev/shm", name)
+    }
+
+    fn under(base: &str, name: &str) -> Self {
         let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
-        let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{name}-{}-{n}", std::process::id()));
+        let p = PathBuf::from(base).join(format!("{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TestDir(p)

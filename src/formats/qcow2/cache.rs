@@ -120,7 +120,7 @@ pub async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<
 pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Result<()> {
     let mut buf = AlignedBuf::zeroed(bytes.len(), 4096);
     buf.as_mut_slice().copy_from_slice(bytes);
-    file.write(offset, &IoVec::from_buf(buf)).await
+    file.write_metadata(offset, &IoVec::from_buf(buf)).await
 }
 
 /// Run `writes` at once and wait for all of them (a write-back's tables
@@ -216,15 +216,11 @@ impl Table {
     }
 }
 
-/// Bytes of a table written back as a unit: a write-back after one changed
-/// entry writes 4 KiB, not a whole (up to 2 MiB) cluster.
-const CHUNK: usize = 4096;
-
 struct Slot {
     offset: u64,
     table: Arc<Table>,
     dirty: bool,
-    /// Which CHUNK-sized pieces changed (meaningful while `dirty`).
+    /// Which chunks (see `TableCache::chunk`) changed (meaningful while `dirty`).
     dirty_chunks: Box<[bool]>,
 }
 
@@ -260,7 +256,7 @@ pub async fn write_tables(file: &ChildRef, tables: &[TableWrite]) -> io::Result<
     let writes = tables
         .iter()
         .flat_map(|t| t.writes.iter())
-        .map(|(at, part)| Box::pin(file.write(*at, part)) as IoFuture)
+        .map(|(at, part)| file.write_metadata(*at, part))
         .collect();
     join_all(writes).await?;
     for t in tables {
@@ -275,6 +271,10 @@ pub struct TableCache {
     encoding: Encoding,
     cluster_size: usize,
     capacity: usize,
+    /// Bytes of a table written back as a unit (the file's write
+    /// granularity): a write-back after one changed entry writes that
+    /// much, not a whole (up to 2 MiB) cluster.
+    chunk: usize,
     slots: Vec<Slot>,
     index: HashMap<u64, usize>,
     hand: usize,
@@ -285,11 +285,12 @@ pub struct TableCache {
 }
 
 impl TableCache {
-    pub fn new(encoding: Encoding, cluster_size: usize, capacity: usize) -> Self {
+    pub fn new(encoding: Encoding, cluster_size: usize, capacity: usize, chunk: usize) -> Self {
         TableCache {
             encoding,
             cluster_size,
             capacity: capacity.max(2),
+            chunk: chunk.max(8),
             slots: Vec::new(),
             index: HashMap::new(),
             hand: 0,
@@ -309,7 +310,7 @@ impl TableCache {
     }
 
     fn chunk_len(&self) -> usize {
-        CHUNK.min(self.cluster_size)
+        self.chunk.min(self.cluster_size)
     }
 
     /// Entry `entry` of the table at `offset` changed.
@@ -520,7 +521,7 @@ mod tests {
 
     #[test]
     fn eviction_spares_tables_used_since_the_hand_passed() {
-        let mut c = TableCache::new(Encoding::Be64, 512, 2);
+        let mut c = TableCache::new(Encoding::Be64, 512, 2, 4096);
         c.insert(512, vec![1; 64], false);
         c.insert(1024, vec![2; 64], true);
         // Both are new: the hand clears both bits, then picks the first.
@@ -553,7 +554,7 @@ mod tests {
     #[test]
     fn a_snapshot_takes_changed_chunks_and_keeps_its_tables_until_written() {
         // 16 KiB tables: four 4 KiB chunks of 512 entries each.
-        let mut c = TableCache::new(Encoding::Be64, 16384, 2);
+        let mut c = TableCache::new(Encoding::Be64, 16384, 2, 4096);
         c.insert(16384, vec![0; 2048], false);
         c.insert(32768, vec![0; 2048], false);
         c.mark_dirty(16384, 3); // chunk 0
@@ -593,5 +594,31 @@ mod tests {
             .map(|(at, v)| (*at, v.len()))
             .collect();
         assert_eq!(runs, vec![(16384, 4096), (16384 + 8192, 8192)]);
+    }
+
+    #[test]
+    fn a_file_that_takes_short_writes_gets_only_the_changed_sector() {
+        // 64 KiB tables over a file whose write granularity is 512 bytes:
+        // one changed entry writes its 512-byte sector, not 4 KiB.
+        let mut c = TableCache::new(Encoding::Be64, 65536, 2, 512);
+        c.insert(65536, vec![0; 8192], false);
+        c.mark_dirty(65536, 70); // bytes 560..568: sector 1
+        let snap = c.snapshot();
+        let runs: Vec<(u64, usize)> = snap[0]
+            .writes
+            .iter()
+            .map(|(at, v)| (*at, v.len()))
+            .collect();
+        assert_eq!(runs, vec![(65536 + 512, 512)]);
+        // Refcount blocks of 16-bit entries: entry 300 is bytes 600..602.
+        let mut r = TableCache::new(Encoding::Refcounts { order: 4 }, 65536, 2, 512);
+        r.insert(0, vec![0; 32768], false);
+        r.mark_dirty(0, 300);
+        let runs: Vec<(u64, usize)> = r.snapshot()[0]
+            .writes
+            .iter()
+            .map(|(at, v)| (*at, v.len()))
+            .collect();
+        assert_eq!(runs, vec![(512, 512)]);
     }
 }

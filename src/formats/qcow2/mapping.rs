@@ -182,7 +182,12 @@ impl Meta {
             },
             l1: Encoding::Be64.decode(l1_raw.as_slice()),
             l1_offset: h.l1_table_offset,
-            l2: TableCache::new(Encoding::Be64, h.cluster_size() as usize, l2_cache_tables),
+            l2: TableCache::new(
+                Encoding::Be64,
+                h.cluster_size() as usize,
+                l2_cache_tables,
+                file.write_granularity(),
+            ),
             l2_gen: Arc::new(AtomicU64::new(0)),
             refcounts: None,
             header: HeaderBlock { buf: header_bytes },

@@ -87,7 +87,12 @@ impl Refcounts {
         Ok(Refcounts {
             table,
             table_offset,
-            blocks: TableCache::new(Encoding::Refcounts { order }, cs as usize, cache_tables),
+            blocks: TableCache::new(
+                Encoding::Refcounts { order },
+                cs as usize,
+                cache_tables,
+                file.write_granularity(),
+            ),
             cluster_bits,
             next_free: file_len.div_ceil(cs),
             reserved: 0..0,
