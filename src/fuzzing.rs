@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::control::json_stream::{Piece, Splitter};
 use crate::control::server::{self, Daemon, Sections};
-use crate::graph::{open_null, Node};
+use crate::graph::{open_null, Graph, Node};
 use crate::uring::IoThread;
 use crate::vhost::blk::chain;
 use crate::vhost::blk::config::{seg_max_for, SIZE_MAX};
@@ -117,9 +117,11 @@ fn qmp_daemon() -> &'static (Arc<Daemon>, Arc<Node>, IoThread) {
         let t =
             IoThread::start("fuzz-qmp", Duration::ZERO).expect("an iothread for the QMP target");
         let exports = Arc::new(ExportTable::default());
+        let graph = Graph::new();
+        let null = open_null(&graph, 1 << 20);
         (
-            Daemon::new(exports, vec![t.handle()], t.handle(), || {}),
-            open_null(1 << 20),
+            Daemon::new(graph, exports, vec![t.handle()], t.handle(), || {}),
+            null,
             t,
         )
     })

@@ -20,7 +20,7 @@ use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{
-    open_image, open_null, BackingPolicy, BlockBackend, ImageFormat, ImageOptions, Node,
+    open_image, open_null, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions, Node,
 };
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
@@ -196,21 +196,25 @@ fn create(args: CreateArgs) -> Result<(), String> {
     let backing_size = match backing {
         Some((b, f)) => {
             let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
-            let node = open_image(&ImageOptions {
-                path: bpath,
-                format: match f {
-                    CreateFormat::Raw => ImageFormat::Raw,
-                    CreateFormat::Qcow2 => ImageFormat::Qcow2,
+            // A graph of its own, for as long as the size takes to read.
+            let node = open_image(
+                &Graph::new(),
+                &ImageOptions {
+                    path: bpath,
+                    format: match f {
+                        CreateFormat::Raw => ImageFormat::Raw,
+                        CreateFormat::Qcow2 => ImageFormat::Qcow2,
+                    },
+                    read_only: true,
+                    cache: CacheMode::Writeback,
+                    block_size: 512,
+                    qcow2: Qcow2Options::default(),
+                    force_share: false,
+                    backing: BackingPolicy::Any,
+                    auto_names: false,
+                    lock_wait: std::time::Duration::ZERO,
                 },
-                read_only: true,
-                cache: CacheMode::Writeback,
-                block_size: 512,
-                qcow2: Qcow2Options::default(),
-                force_share: false,
-                backing: BackingPolicy::Any,
-                auto_names: false,
-                lock_wait: std::time::Duration::ZERO,
-            })
+            )
             .map_err(|e| format!("backing file: {e}"))?;
             Some(BlockBackend::new("backing", node, true).size())
         }
@@ -250,7 +254,7 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
+fn open_root(graph: &Graph, args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
     if let Some(size) = args.null {
         if size % args.logical_block_size as u64 != 0 {
             return Err(format!(
@@ -258,7 +262,7 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
                 args.logical_block_size
             ));
         }
-        return Ok((open_null(size), format!("null disk of {size} bytes")));
+        return Ok((open_null(graph, size), format!("null disk of {size} bytes")));
     }
     let path = match &args.image {
         Some(p) => p.clone(),
@@ -290,7 +294,7 @@ fn open_root(args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
         auto_names: false,
         lock_wait: args.lock_wait.unwrap_or(ringblk::daemon::DEFAULT_LOCK_WAIT),
     };
-    let node = open_image(&opts).map_err(|e| e.to_string())?;
+    let node = open_image(graph, &opts).map_err(|e| e.to_string())?;
     let mut what = absolute(&path).display().to_string();
     if args.format == FormatArg::Auto {
         // The banner says so: a probed format is a guess the guest must not
@@ -328,8 +332,8 @@ fn iothread_count(args: &ServeArgs) -> u16 {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let signals = block_shutdown_signals();
-    let (root, what) = open_root(&args)?;
     let mut daemon = StorageDaemon::default();
+    let (root, what) = open_root(daemon.graph(), &args)?;
     // The simple form: queue k on iothread k mod n.
     let n = iothread_count(&args);
     let mut iothreads = Vec::new();

@@ -18,7 +18,7 @@ use super::client::Client;
 use super::commands;
 use super::json_stream::{Piece, Splitter};
 use super::qmp::{self, QmpError};
-use crate::graph::Node;
+use crate::graph::{Graph, Node};
 use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
 use crate::os::ratelimit::LogLimiter;
 use crate::os::wait::{wait_for, Wake};
@@ -28,6 +28,8 @@ use crate::vhost::exports::ExportTable;
 
 /// What commands act on, shared by every client.
 pub struct Daemon {
+    /// The block graph the commands work on.
+    pub graph: Graph,
     pub exports: Arc<ExportTable>,
     /// The daemon's iothreads, for `query-iothreads` and `block-export-add`.
     pub iothreads: Vec<IoThreadHandle>,
@@ -41,12 +43,14 @@ impl Daemon {
     /// `shutdown` is called by `quit`; it must only start the shutdown
     /// (the daemon's main thread carries it out).
     pub fn new(
+        graph: Graph,
         exports: Arc<ExportTable>,
         iothreads: Vec<IoThreadHandle>,
         default_iothread: IoThreadHandle,
         shutdown: impl Fn() + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Daemon {
+            graph,
             exports,
             iothreads,
             default_iothread,
@@ -137,7 +141,7 @@ impl ControlServer {
         log::info!("QMP control socket on {}", path.display());
         // Jobs announce their progress to every client.
         let events = Arc::downgrade(&daemon);
-        crate::graph::job::set_event_sink(move |name, data| {
+        daemon.graph.jobs().set_event_sink(move |name, data| {
             if let Some(d) = events.upgrade() {
                 d.emit(name, data);
             }
@@ -284,7 +288,7 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
         true
     });
     {
-        let _g = crate::graph::graph_lock();
+        let _g = daemon.graph.lock();
         sections.end_all();
     }
     daemon.clients().retain(|c| c.id != client.id);
@@ -331,7 +335,7 @@ pub(crate) fn respond(
             ))
         }
     } else {
-        let _g = crate::graph::graph_lock();
+        let _g = daemon.graph.lock();
         log::debug!("QMP client {client_id}: {}", req.execute);
         commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
     };

@@ -13,10 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control::{ControlServer, Daemon as ControlTarget};
-use crate::graph::{
-    all_nodes, drain_all_begin, drain_all_end, find_node, release_monitor_nodes, BackendError,
-    BlockBackend, Node,
-};
+use crate::graph::{BackendError, BlockBackend, Graph, Node};
 use crate::uring::IoThread;
 use crate::vhost::exports::ExportTable;
 pub use crate::vhost::exports::{ExportConfig, ExportListener, DEFAULT_SOCKET_MODE};
@@ -64,6 +61,8 @@ pub struct StorageDaemon {
     shared_iothread: Option<usize>,
     exports: Arc<ExportTable>,
     control: Option<ControlServer>,
+    /// The block graph: every node, BlockBackend and job of this daemon.
+    graph: Graph,
 }
 
 impl StorageDaemon {
@@ -107,9 +106,14 @@ impl StorageDaemon {
             .collect()
     }
 
+    /// The daemon's block graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
     /// A node by name.
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {
-        find_node(name)
+        self.graph.find_node(name)
     }
 
     /// Export `cfg.root`, its queues on the daemon's iothreads at
@@ -146,7 +150,13 @@ impl StorageDaemon {
         };
         let default = self.iothreads[shared].1.handle();
         let iothreads = self.iothreads.iter().map(|(_, t)| t.handle()).collect();
-        let target = ControlTarget::new(self.exports.clone(), iothreads, default, quit);
+        let target = ControlTarget::new(
+            self.graph.clone(),
+            self.exports.clone(),
+            iothreads,
+            default,
+            quit,
+        );
         let server = ControlServer::start(path, target, max_clients)
             .map_err(|e| format!("control socket: {e}"))?;
         self.control = Some(server);
@@ -166,11 +176,11 @@ impl StorageDaemon {
             c.shutdown(reason);
         }
         {
-            let _g = crate::graph::graph_lock();
-            crate::graph::job::cancel_all();
+            let _g = self.graph.lock();
+            self.graph.jobs().cancel_all();
         }
         let (backends, mut failed) = self.exports.stop_all();
-        drain_all_begin();
+        self.graph.drain_all_begin();
         let mut roots = Vec::new();
         for b in &backends {
             // Every export has an iothread, so there is one to flush on.
@@ -183,14 +193,19 @@ impl StorageDaemon {
             }
             roots.extend(b.eject());
         }
-        drain_all_end();
+        self.graph.drain_all_end();
         drop(roots);
         drop(backends);
-        release_monitor_nodes();
+        self.graph.release_monitor_nodes();
         for (_, t) in self.iothreads {
             t.stop();
         }
-        let left: Vec<String> = all_nodes().iter().map(|n| n.name().to_string()).collect();
+        let left: Vec<String> = self
+            .graph
+            .all_nodes()
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect();
         if !left.is_empty() {
             failed.push(format!(
                 "nodes still open after shutdown: {}",

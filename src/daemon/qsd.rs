@@ -12,7 +12,6 @@ use serde_json::{Map, Value};
 use super::keyval;
 use super::StorageDaemon;
 use super::{parse_lock_wait, DEFAULT_LOCK_WAIT};
-use crate::graph::blockdev_add_waiting;
 use crate::opts::Opts;
 use crate::vhost::exports::ExportOptions;
 
@@ -112,7 +111,10 @@ pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, Str
         let map = keyval::parse(value, implied).map_err(ctx)?;
         match name.as_str() {
             "--blockdev" => {
-                blockdev_add_waiting(Value::Object(map), lock_wait).map_err(|e| ctx(e.0))?;
+                daemon
+                    .graph()
+                    .blockdev_add_waiting(Value::Object(map), lock_wait)
+                    .map_err(|e| ctx(e.0))?;
             }
             "--object" => add_object(daemon, map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),
@@ -181,7 +183,7 @@ fn monitor(
 
 /// `--export type=vhost-user-blk,...`; returns its banner line.
 fn export(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<String, String> {
-    let ExportOptions { config, iothreads } = ExportOptions::parse(map)?;
+    let ExportOptions { config, iothreads } = ExportOptions::parse(daemon.graph(), map)?;
     let iothreads = daemon.iothreads_for(&iothreads)?;
     let line = format!(
         "ringblk: listening on {} (export {}, node {}, {} queue(s){})",

@@ -10,6 +10,7 @@ use std::task::{Poll, Waker};
 use super::in_flight::{InFlight, InFlightCounter};
 use super::node::Node;
 use super::parent::Parent;
+use super::registry::Graph;
 use crate::formats::BlockIo;
 use crate::uring::{fence, IoVec};
 
@@ -58,6 +59,8 @@ struct Attached {
 
 pub struct BlockBackend {
     name: String,
+    /// The graph of the root it was made with.
+    graph: Graph,
     /// The root and our edge in its parent list.
     root: RwLock<Option<Attached>>,
     read_only: bool,
@@ -81,9 +84,12 @@ enum Access {
 }
 
 impl BlockBackend {
+    /// A BlockBackend on `root`, in `root`'s graph.
     pub fn new(name: &str, root: Arc<Node>, read_only: bool) -> Arc<Self> {
+        let graph = root.graph().clone();
         let b = Arc::new_cyclic(|me| BlockBackend {
             name: name.to_string(),
+            graph: graph.clone(),
             root: RwLock::new(None),
             read_only,
             in_flight: InFlightCounter::new(),
@@ -95,8 +101,13 @@ impl BlockBackend {
         });
         // Cannot fail: a new backend has no root.
         let _ = b.attach(root);
-        super::registry::register_backend(&b);
+        graph.register_backend(&b);
         b
+    }
+
+    /// The graph this backend is in.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
     pub fn name(&self) -> &str {
@@ -400,7 +411,7 @@ impl std::ops::Deref for RequestRoot<'_> {
 /// many moved.
 pub(super) fn move_backends(from: &Arc<Node>, to: &Arc<Node>) -> usize {
     let mut moved = 0;
-    for b in super::registry::all_backends() {
+    for b in from.graph().all_backends() {
         if b.root().is_some_and(|r| Arc::ptr_eq(&r, from)) {
             match b.replace_root(to.clone()) {
                 Ok(_) => moved += 1,
@@ -454,7 +465,7 @@ impl Parent for BlockBackend {
 impl Drop for BlockBackend {
     fn drop(&mut self) {
         drop(self.eject());
-        super::registry::unregister_dead_backends();
+        self.graph.unregister_dead_backends();
     }
 }
 
@@ -475,7 +486,7 @@ mod tests {
     fn bounds_are_checked_with_overflow_in_mind() {
         let b = BlockBackend::new(
             "b",
-            Node::new("n", Box::new(NullDriver::new(4096)), vec![]),
+            Node::new(&Graph::new(), "n", Box::new(NullDriver::new(4096)), vec![]),
             false,
         );
         let t = IoThread::start("bb-bounds", Duration::ZERO).unwrap();
@@ -497,7 +508,7 @@ mod tests {
     fn read_only_backend_refuses_writes_but_reads_and_flushes() {
         let b = BlockBackend::new(
             "ro",
-            Node::new("n", Box::new(NullDriver::new(4096)), vec![]),
+            Node::new(&Graph::new(), "n", Box::new(NullDriver::new(4096)), vec![]),
             true,
         );
         let t = IoThread::start("bb-ro", Duration::ZERO).unwrap();
@@ -556,8 +567,10 @@ mod tests {
     #[test]
     fn eject_fails_new_requests_and_the_tree_closes_with_its_last_reference() {
         let closes = Arc::new(AtomicUsize::new(0));
-        let child = Node::new("child", Box::new(Counting(closes.clone())), vec![]);
+        let g = Graph::new();
+        let child = Node::new(&g, "child", Box::new(Counting(closes.clone())), vec![]);
         let parent = Node::new(
+            &g,
             "parent",
             Box::new(Counting(closes.clone())),
             vec![crate::graph::Child {

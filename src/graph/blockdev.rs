@@ -8,7 +8,7 @@
 //! both, as QEMU's input visitors do. Unknown keys are errors naming them.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -17,7 +17,7 @@ use super::node::{DetectZeroes, Node};
 use super::open::{
     open_backing_named_by, open_file_node, open_qcow2_node, open_raw_node, open_raw_window,
 };
-use super::registry::{all_backends, all_nodes, auto_node_name, find_node};
+use super::registry::Graph;
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{CacheMode, ImageLock, NullDriver};
 use crate::opts::Opts;
@@ -59,14 +59,14 @@ struct Inherited {
     lock_wait: Duration,
 }
 
-fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, BlockdevError> {
+fn common(g: &Graph, o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, BlockdevError> {
     let node_name = match o.string("node-name")? {
         Some(n) => {
-            check_new_node_name(&n)?;
+            check_new_node_name(g, &n)?;
             n
         }
         None if top => return err("A top-level node needs a node-name"),
-        None => auto_node_name(),
+        None => g.auto_node_name(),
     };
     let read_only = o.bool("read-only", parent.read_only)?;
     // auto-read-only: we never fall back to read-only on EACCES; accepted.
@@ -96,110 +96,105 @@ fn common(o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, Blockdev
 }
 
 /// Refuse a name a new node cannot take: malformed, or in use.
-pub(super) fn check_new_node_name(n: &str) -> Result<(), BlockdevError> {
+pub(super) fn check_new_node_name(g: &Graph, n: &str) -> Result<(), BlockdevError> {
     if n.is_empty() || n.starts_with('#') || n.len() > 31 {
         return err(format!("Invalid node-name: '{n}'"));
     }
-    if find_node(n).is_some() {
+    if g.find_node(n).is_some() {
         return err(format!("Duplicate nodes with node-name='{n}'"));
     }
     Ok(())
 }
 
-/// Nodes added by `blockdev-add` (QMP or `--blockdev`): the monitor holds
-/// them open until `blockdev-del` or shutdown (QEMU's monitor-owned nodes).
-static MONITOR_OWNED: Mutex<Vec<Arc<Node>>> = Mutex::new(Vec::new());
+impl Graph {
+    /// Add the node `options` describe (and its inline children), owned by
+    /// the monitor until [`Graph::blockdev_del`].
+    pub fn blockdev_add(&self, options: Value) -> Result<Arc<Node>, BlockdevError> {
+        self.blockdev_add_waiting(options, Duration::ZERO)
+    }
 
-fn monitor_owned() -> MutexGuard<'static, Vec<Arc<Node>>> {
-    MONITOR_OWNED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Add the node `options` describe (and its inline children), owned by
-/// the monitor until [`blockdev_del`].
-pub fn blockdev_add(options: Value) -> Result<Arc<Node>, BlockdevError> {
-    blockdev_add_waiting(options, Duration::ZERO)
-}
-
-/// [`blockdev_add`] at start-up (`--blockdev`): image locks another
-/// process holds are waited for, up to `lock_wait`.
-pub fn blockdev_add_waiting(
-    options: Value,
-    lock_wait: Duration,
-) -> Result<Arc<Node>, BlockdevError> {
-    let Value::Object(map) = options else {
-        return err("Invalid parameter type, expected: object");
-    };
-    let inherit = Inherited {
-        lock_wait,
-        ..Inherited::default()
-    };
-    let node = add(Opts::new(map), true, inherit)?;
-    monitor_owned().push(node.clone());
-    Ok(node)
-}
-
-/// The monitor takes a reference on `node`, as if `blockdev-add` had
-/// made it (an overlay nothing else would hold).
-pub(super) fn monitor_adopt(node: Arc<Node>) {
-    monitor_owned().push(node);
-}
-
-/// `blockdev-del`: close a node `blockdev-add` added, unless something
-/// (a parent node, an export) still uses it.
-pub fn blockdev_del(name: &str) -> Result<(), BlockdevError> {
-    let mut owned = monitor_owned();
-    let Some(i) = owned.iter().position(|n| n.name() == name) else {
-        return match find_node(name) {
-            Some(_) => err(format!("Node {name} is not owned by the monitor")),
-            None => err(format!("Failed to find node with node-name='{name}'")),
+    /// [`Graph::blockdev_add`] at start-up (`--blockdev`): image locks another
+    /// process holds are waited for, up to `lock_wait`.
+    pub fn blockdev_add_waiting(
+        &self,
+        options: Value,
+        lock_wait: Duration,
+    ) -> Result<Arc<Node>, BlockdevError> {
+        let Value::Object(map) = options else {
+            return err("Invalid parameter type, expected: object");
         };
-    };
-    if let Some(user) = user_of(&owned[i]) {
-        return err(format!("Node '{name}' is busy: {user}"));
+        let inherit = Inherited {
+            lock_wait,
+            ..Inherited::default()
+        };
+        let node = add(self, Opts::new(map), true, inherit)?;
+        self.monitor_owned().push(node.clone());
+        Ok(node)
     }
-    let node = owned.remove(i);
-    drop(owned);
-    // The last reference: the node (and children nobody else holds) close.
-    drop(node);
-    Ok(())
-}
 
-/// Who besides the monitor holds `node`, if anyone.
-fn user_of(node: &Arc<Node>) -> Option<String> {
-    for b in all_backends() {
-        if b.root().is_some_and(|r| Arc::ptr_eq(&r, node)) {
-            return Some(format!("it is in use by '{}'", b.name()));
+    /// The monitor takes a reference on `node`, as if `blockdev-add` had
+    /// made it (an overlay nothing else would hold).
+    pub(super) fn monitor_adopt(&self, node: Arc<Node>) {
+        self.monitor_owned().push(node);
+    }
+
+    /// `blockdev-del`: close a node `blockdev-add` added, unless something
+    /// (a parent node, an export) still uses it.
+    pub fn blockdev_del(&self, name: &str) -> Result<(), BlockdevError> {
+        let mut owned = self.monitor_owned();
+        let Some(i) = owned.iter().position(|n| n.name() == name) else {
+            return match self.find_node(name) {
+                Some(_) => err(format!("Node {name} is not owned by the monitor")),
+                None => err(format!("Failed to find node with node-name='{name}'")),
+            };
+        };
+        if let Some(user) = self.user_of(&owned[i]) {
+            return err(format!("Node '{name}' is busy: {user}"));
         }
+        let node = owned.remove(i);
+        drop(owned);
+        // The last reference: the node (and children nobody else holds) close.
+        drop(node);
+        Ok(())
     }
-    for parent in all_nodes() {
-        if let Some(c) = parent
-            .children()
-            .iter()
-            .find(|c| Arc::ptr_eq(&c.node, node))
-        {
-            return Some(format!(
-                "it is the {} child of node '{}'",
-                c.role,
-                parent.name()
-            ));
+
+    /// Who besides the monitor holds `node`, if anyone.
+    fn user_of(&self, node: &Arc<Node>) -> Option<String> {
+        for b in self.all_backends() {
+            if b.root().is_some_and(|r| Arc::ptr_eq(&r, node)) {
+                return Some(format!("it is in use by '{}'", b.name()));
+            }
         }
+        for parent in self.all_nodes() {
+            if let Some(c) = parent
+                .children()
+                .iter()
+                .find(|c| Arc::ptr_eq(&c.node, node))
+            {
+                return Some(format!(
+                    "it is the {} child of node '{}'",
+                    c.role,
+                    parent.name()
+                ));
+            }
+        }
+        None
     }
-    None
+
+    /// Shutdown: the monitor lets go of every node it holds.
+    pub fn release_monitor_nodes(&self) {
+        let nodes = std::mem::take(&mut *self.monitor_owned());
+        drop(nodes);
+    }
 }
 
-/// Shutdown: the monitor lets go of every node it holds.
-pub fn release_monitor_nodes() {
-    let nodes = std::mem::take(&mut *monitor_owned());
-    drop(nodes);
-}
-
-fn add(mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, BlockdevError> {
+fn add(g: &Graph, mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, BlockdevError> {
     let driver = o.required_string("driver")?;
-    let c = common(&mut o, top, parent)?;
+    let c = common(g, &mut o, top, parent)?;
     let node = match driver.as_str() {
-        "file" => add_file(&mut o, &c)?,
+        "file" => add_file(g, &mut o, &c)?,
         "raw" => {
-            let file = child(&mut o, "file", c.inherit)?.ok_or_else(|| {
+            let file = child(g, &mut o, "file", c.inherit)?.ok_or_else(|| {
                 BlockdevError(format!("Parameter '{}' is missing", o.name("file")))
             })?;
             let offset = o.size("offset")?.unwrap_or(0);
@@ -210,11 +205,11 @@ fn add(mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, BlockdevE
                 open_raw_window(&c.node_name, file, c.inherit.read_only, offset, size)?
             }
         }
-        "qcow2" => add_qcow2(&mut o, &c)?,
+        "qcow2" => add_qcow2(g, &mut o, &c)?,
         "null-co" => {
             let size = o.size("size")?.unwrap_or(NULL_DEFAULT_SIZE);
             o.bool("read-zeroes", false)?;
-            Node::new(&c.node_name, Box::new(NullDriver::new(size)), Vec::new())
+            Node::new(g, &c.node_name, Box::new(NullDriver::new(size)), Vec::new())
         }
         other => return err(format!("Unknown driver '{other}'")),
     };
@@ -223,7 +218,7 @@ fn add(mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, BlockdevE
     Ok(node)
 }
 
-fn add_file(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
+fn add_file(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
     let filename = PathBuf::from(o.required_string("filename")?);
     // The kernel interface is always io_uring here; the choice is accepted.
     o.choice("aio", &["threads", "native", "io_uring"])?;
@@ -238,6 +233,7 @@ fn add_file(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
         CacheMode::Writeback
     };
     open_file_node(
+        g,
         &c.node_name,
         &filename,
         c.inherit.read_only,
@@ -250,14 +246,20 @@ fn add_file(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
 
 /// A child given inline (an object: added now, with a generated name) or
 /// by reference (a string: an existing node).
-fn child(o: &mut Opts, key: &str, inherit: Inherited) -> Result<Option<Arc<Node>>, BlockdevError> {
+fn child(
+    g: &Graph,
+    o: &mut Opts,
+    key: &str,
+    inherit: Inherited,
+) -> Result<Option<Arc<Node>>, BlockdevError> {
     let prefix = format!("{}.", o.name(key));
     match o.take(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(name)) => find_node(&name)
+        Some(Value::String(name)) => g
+            .find_node(&name)
             .map(Some)
             .ok_or_else(|| BlockdevError(format!("Cannot find device='' nor node-name='{name}'"))),
-        Some(Value::Object(map)) => add(Opts::nested_in(map, prefix), false, inherit).map(Some),
+        Some(Value::Object(map)) => add(g, Opts::nested_in(map, prefix), false, inherit).map(Some),
         Some(_) => err(format!(
             "Invalid parameter type for '{}', expected: BlockdevRef",
             o.name(key)
@@ -265,8 +267,8 @@ fn child(o: &mut Opts, key: &str, inherit: Inherited) -> Result<Option<Arc<Node>
     }
 }
 
-fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
-    let file = child(o, "file", c.inherit)?
+fn add_qcow2(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
+    let file = child(g, o, "file", c.inherit)?
         .ok_or_else(|| BlockdevError(format!("Parameter '{}' is missing", o.name("file"))))?;
     let mut qopts = Qcow2Options::default();
     if let Some(n) = o.size("l2-cache-size")? {
@@ -290,7 +292,7 @@ fn add_qcow2(o: &mut Opts, c: &Common) -> Result<Arc<Node>, BlockdevError> {
                 read_only: true,
                 ..c.inherit
             };
-            child(o, "backing", backing)?
+            child(g, o, "backing", backing)?
         }
         // Absent: the one the image names, opened as ringblk serve would.
         None => open_backing_named_by(&path, &file).map_err(|e| BlockdevError(e.to_string()))?,

@@ -29,12 +29,10 @@ use std::sync::{Arc, Mutex, Weak};
 use super::backend::move_backends;
 use super::blockdev::{check_new_node_name, BlockdevError};
 use super::dirty::DirtyMap;
-use super::drain::{drain_all_begin, drain_all_end};
 use super::in_flight::{InFlight, InFlightCounter};
 use super::job::{Job, JobDriver, JobStatus};
 use super::node::{Child, ChildRole, Node};
 use super::parent::Parent;
-use super::registry::auto_node_name;
 use super::snapshot::check_top;
 use crate::formats::{failed, BlockDriver, BlockIo, IoFuture};
 use crate::uring::{self, AlignedBuf, IoThread, IoVec};
@@ -167,13 +165,20 @@ pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
         }
         None => bottom,
     };
+    let g = top.graph().clone();
     if let Some(n) = &o.filter_node_name {
-        check_new_node_name(n)?;
+        check_new_node_name(&g, n)?;
     }
-    let job = Job::register(&o.job_id, "commit", o.auto_finalize, o.auto_dismiss)?;
-    drain_all_begin();
+    let job = Job::register(
+        g.jobs(),
+        &o.job_id,
+        "commit",
+        o.auto_finalize,
+        o.auto_dismiss,
+    )?;
+    g.drain_all_begin();
     let started = install(&job, &top, &base, o.filter_node_name);
-    drain_all_end();
+    g.drain_all_end();
     let commit = match started {
         Ok(c) => c,
         Err(e) => {
@@ -217,8 +222,10 @@ fn install(
     base.reopen(false)
         .map_err(|e| BlockdevError(format!("Cannot commit into '{}': {e}", base.name())))?;
     let dirty = Arc::new(DirtyMap::new(top.size(), GRANULE_BITS));
+    let g = top.graph();
     let filter = Node::new(
-        &filter_name.unwrap_or_else(auto_node_name),
+        g,
+        &filter_name.unwrap_or_else(|| g.auto_node_name()),
         Box::new(CommitTop {
             top: top.clone(),
             dirty: dirty.clone(),
@@ -301,8 +308,8 @@ impl Commit {
     /// joins this one).
     async fn run(self: Arc<Self>) {
         if let Err(e) = self.copy_until_stopped().await {
-            let job = self.job.clone();
-            std::thread::spawn(move || super::job::fail(job, e));
+            let (job, g) = (self.job.clone(), self.top.graph().clone());
+            std::thread::spawn(move || super::job::fail(&g, job, e));
         }
     }
 
@@ -393,7 +400,7 @@ impl Commit {
 
 impl JobDriver for Commit {
     fn prepare_completion(&self) -> Result<(), String> {
-        drain_all_begin();
+        self.top.graph().drain_all_begin();
         self.completing.store(true, Ordering::SeqCst);
         self.catch_up().inspect_err(|_| self.abort())
     }
@@ -406,7 +413,7 @@ impl JobDriver for Commit {
         self.stop.store(true, Ordering::SeqCst);
         self.detach();
         if self.completing.swap(false, Ordering::SeqCst) {
-            drain_all_end();
+            self.top.graph().drain_all_end();
         }
         self.stop_thread();
         log::info!(
@@ -420,7 +427,8 @@ impl JobDriver for Commit {
     }
 
     fn abort(&self) {
-        drain_all_begin();
+        let g = self.top.graph();
+        g.drain_all_begin();
         self.stop.store(true, Ordering::SeqCst);
         let filter = self.take_filter();
         if let Some(f) = &filter {
@@ -441,9 +449,9 @@ impl JobDriver for Commit {
             }
         }
         self.detach();
-        drain_all_end();
+        g.drain_all_end();
         if self.completing.swap(false, Ordering::SeqCst) {
-            drain_all_end();
+            g.drain_all_end();
         }
         self.stop_thread();
         drop(filter);

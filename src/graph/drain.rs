@@ -8,19 +8,12 @@
 //! its parents nor its children have requests in flight. `drained_end` never
 //! polls. Sections nest; `drain_all` quiesces every node and polls once.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::in_flight::poll_while;
 use super::node::Node;
 use super::parent::Parent;
-use super::registry::{all_backends, all_nodes};
-
-/// Depth of `drain_all` sections: a node opened inside one starts drained.
-static DRAIN_ALL_DEPTH: AtomicU32 = AtomicU32::new(0);
-
-pub(super) fn drain_all_depth() -> u32 {
-    DRAIN_ALL_DEPTH.load(Ordering::SeqCst)
-}
+use super::registry::Graph;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
@@ -110,33 +103,36 @@ impl Parent for Node {
     }
 }
 
-/// Quiesce every node, then wait once until none has work in flight.
-/// Pair with `drain_all_end`.
-pub fn drain_all_begin() {
-    for n in all_nodes() {
-        n.drained_begin_quiesce();
+impl Graph {
+    /// Quiesce every node, then wait once until none has work in flight.
+    /// Pair with `drain_all_end`.
+    pub fn drain_all_begin(&self) {
+        for n in self.all_nodes() {
+            n.drained_begin_quiesce();
+        }
+        self.drain_all_depth().fetch_add(1, Ordering::SeqCst);
+        // Re-walk the registries on each wake: a completion may close nodes.
+        // Backends are polled too: one whose tree was ejected may still have
+        // requests holding the old tree.
+        poll_while(|| {
+            self.all_nodes().iter().any(|n| n.drain_busy())
+                || self.all_backends().iter().any(|b| b.drained_poll())
+        });
     }
-    DRAIN_ALL_DEPTH.fetch_add(1, Ordering::SeqCst);
-    // Re-walk the registries on each wake: a completion may close nodes.
-    // Backends are polled too: one whose tree was ejected may still have
-    // requests holding the old tree.
-    poll_while(|| {
-        all_nodes().iter().any(|n| n.drain_busy())
-            || all_backends().iter().any(|b| b.drained_poll())
-    });
-}
 
-pub fn drain_all_end() {
-    if DRAIN_ALL_DEPTH
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
-        .is_err()
-    {
-        log::error!("drain_all_end without drain_all_begin");
-        return;
-    }
-    for n in all_nodes() {
-        if let Err(e) = n.drained_end() {
-            log::error!("drain_all_end: {e}");
+    pub fn drain_all_end(&self) {
+        if self
+            .drain_all_depth()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+            .is_err()
+        {
+            log::error!("drain_all_end without drain_all_begin");
+            return;
+        }
+        for n in self.all_nodes() {
+            if let Err(e) = n.drained_end() {
+                log::error!("drain_all_end: {e}");
+            }
         }
     }
 }

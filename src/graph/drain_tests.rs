@@ -83,8 +83,8 @@ impl BlockDriver for GateDriver {
     }
 }
 
-fn gate_node(name: &str, gate: &Arc<Gate>) -> Arc<Node> {
-    Node::new(name, Box::new(GateDriver(gate.clone())), vec![])
+fn gate_node(g: &Graph, name: &str, gate: &Arc<Gate>) -> Arc<Node> {
+    Node::new(g, name, Box::new(GateDriver(gate.clone())), vec![])
 }
 
 /// A format-like node over `child`, forwarding everything to it.
@@ -125,6 +125,7 @@ impl BlockDriver for Forward {
 
 fn format_over(name: &str, child: &Arc<Node>) -> Arc<Node> {
     Node::new(
+        child.graph(),
         name,
         Box::new(Forward(child.clone())),
         vec![Child {
@@ -168,13 +169,6 @@ fn buf() -> IoVec {
     IoVec::from_buf(AlignedBuf::zeroed(512, 512))
 }
 
-/// drain_all touches every node in the process: these tests run one at a
-/// time so counters they assert on are theirs alone.
-pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Runs its closure when dropped. Declared after a test's iothreads, it
 /// unblocks their tasks if an assertion fails, so the iothreads can stop
 /// and the failure is reported instead of hanging.
@@ -197,9 +191,10 @@ pub(super) fn eventually(what: &str, cond: impl Fn() -> bool) {
 
 #[test]
 fn quiesce_spreads_to_parents_once_and_nests() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
-    let file = gate_node("t-nest-file", &gate);
+    let file = gate_node(&g, "t-nest-file", &gate);
     let fmt = format_over("t-nest-fmt", &file);
     let b = BlockBackend::new("t-nest", fmt.clone(), false);
     let dev = with_dev(&b);
@@ -250,9 +245,10 @@ fn quiesce_spreads_to_parents_once_and_nests() {
 
 #[test]
 fn drain_waits_for_requests_on_two_iothreads() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
-    let file = gate_node("t-io-file", &gate);
+    let file = gate_node(&g, "t-io-file", &gate);
     let fmt = format_over("t-io-fmt", &file);
     let b = BlockBackend::new("t-io", fmt.clone(), false);
     b.set_request_queuing(false);
@@ -297,10 +293,11 @@ fn drain_waits_for_requests_on_two_iothreads() {
 
 #[test]
 fn internal_requests_wait_for_drained_end() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
     gate.open();
-    let file = gate_node("t-queue-file", &gate);
+    let file = gate_node(&g, "t-queue-file", &gate);
     let b = BlockBackend::new("t-queue", file.clone(), false);
     let t = IoThread::start("t-queue", Duration::ZERO).unwrap();
     file.drained_begin();
@@ -327,10 +324,11 @@ fn internal_requests_wait_for_drained_end() {
 
 #[test]
 fn device_requests_pass_when_request_queuing_is_off() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
     gate.open();
-    let file = gate_node("t-pass-file", &gate);
+    let file = gate_node(&g, "t-pass-file", &gate);
     let b = BlockBackend::new("t-pass", file.clone(), false);
     b.set_request_queuing(false);
     let t = IoThread::start("t-pass", Duration::ZERO).unwrap();
@@ -345,24 +343,25 @@ fn device_requests_pass_when_request_queuing_is_off() {
 
 #[test]
 fn drain_all_quiesces_every_tree_and_new_nodes() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
     gate.open();
-    let a = gate_node("t-all-a", &gate);
-    let c = gate_node("t-all-c", &gate);
+    let a = gate_node(&g, "t-all-a", &gate);
+    let c = gate_node(&g, "t-all-c", &gate);
     let ba = BlockBackend::new("t-all-ba", a.clone(), false);
     let bc = BlockBackend::new("t-all-bc", c.clone(), false);
     let (da, dc) = (with_dev(&ba), with_dev(&bc));
-    drain_all_begin();
+    g.drain_all_begin();
     assert!(a.quiesce_counter() >= 1 && c.quiesce_counter() >= 1);
     assert_eq!(da.begins.load(Ordering::SeqCst), 1);
     assert_eq!(dc.begins.load(Ordering::SeqCst), 1);
-    let late = gate_node("t-all-late", &gate);
+    let late = gate_node(&g, "t-all-late", &gate);
     assert!(
         late.quiesce_counter() >= 1,
         "a node opened inside starts drained"
     );
-    drain_all_end();
+    g.drain_all_end();
     assert_eq!(late.quiesce_counter(), 0);
     assert_eq!(da.ends.load(Ordering::SeqCst), 1);
     assert_eq!(dc.ends.load(Ordering::SeqCst), 1);
@@ -371,9 +370,10 @@ fn drain_all_quiesces_every_tree_and_new_nodes() {
 
 #[test]
 fn a_node_deleted_by_a_completion_during_drain_all() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
-    let node = gate_node("t-del-node", &gate);
+    let node = gate_node(&g, "t-del-node", &gate);
     let weak = Arc::downgrade(&node);
     let b = BlockBackend::new("t-del", node, false);
     b.set_request_queuing(false);
@@ -401,24 +401,25 @@ fn a_node_deleted_by_a_completion_during_drain_all() {
     });
     let g2 = gate.clone();
     let opener = std::thread::spawn(move || g2.open());
-    drain_all_begin();
+    g.drain_all_begin();
     opener.join().unwrap();
     assert!(weak.upgrade().is_none(), "the node closed during the drain");
     assert!(rx.recv().unwrap(), "the request itself succeeded");
 
-    assert!(find_node("t-del-node").is_none());
-    drain_all_end();
+    assert!(g.find_node("t-del-node").is_none());
+    g.drain_all_end();
     assert_eq!(b.quiesce_counter(), 0);
 }
 
 #[test]
 fn detach_and_attach_inside_a_drained_section() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
     gate.open();
-    let a = gate_node("t-edge-a", &gate);
-    let fresh = gate_node("t-edge-b", &gate);
-    let drained = gate_node("t-edge-c", &gate);
+    let a = gate_node(&g, "t-edge-a", &gate);
+    let fresh = gate_node(&g, "t-edge-b", &gate);
+    let drained = gate_node(&g, "t-edge-c", &gate);
     let b = BlockBackend::new("t-edge", a.clone(), false);
     let dev = with_dev(&b);
 
@@ -450,9 +451,10 @@ fn detach_and_attach_inside_a_drained_section() {
 
 #[test]
 fn a_parent_node_built_over_a_drained_child_starts_drained() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
-    let file = gate_node("t-born-file", &gate);
+    let file = gate_node(&g, "t-born-file", &gate);
     file.drained_begin();
     let fmt = format_over("t-born-fmt", &file);
     assert_eq!(fmt.quiesce_counter(), 1);
@@ -462,9 +464,10 @@ fn a_parent_node_built_over_a_drained_child_starts_drained() {
 
 #[test]
 fn resize_reaches_the_device_through_every_parent() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
-    let file = gate_node("t-rs-file", &gate);
+    let file = gate_node(&g, "t-rs-file", &gate);
     let fmt = format_over("t-rs-fmt", &file);
     let b = BlockBackend::new("t-rs", fmt, false);
     let dev = with_dev(&b);
@@ -474,9 +477,10 @@ fn resize_reaches_the_device_through_every_parent() {
 
 #[test]
 fn drain_requests_waits_for_own_requests_without_stopping_anyone() {
-    let _serial = serial();
+    // A graph of its own: drain_all here touches only this test's nodes.
+    let g = Graph::new();
     let gate = Arc::new(Gate::default());
-    let file = gate_node("t-blk-file", &gate);
+    let file = gate_node(&g, "t-blk-file", &gate);
     let b = BlockBackend::new("t-blk", file.clone(), false);
     let dev = with_dev(&b);
     let t = IoThread::start("t-blk", Duration::ZERO).unwrap();
@@ -501,4 +505,30 @@ fn drain_requests_waits_for_own_requests_without_stopping_anyone() {
     gate.open();
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0);
     waiter.join().unwrap();
+}
+
+#[test]
+fn two_graphs_share_nothing() {
+    let (g1, g2) = (Graph::new(), Graph::new());
+    let gate = Arc::new(Gate::default());
+    let a = gate_node(&g1, "same-name", &gate);
+    let b = gate_node(&g2, "same-name", &gate);
+    g1.drain_all_begin();
+    assert_eq!(a.quiesce_counter(), 1);
+    assert_eq!(b.quiesce_counter(), 0, "another graph's drain_all");
+    let late = gate_node(&g2, "late", &gate);
+    assert_eq!(late.quiesce_counter(), 0, "born in another graph");
+    g1.drain_all_end();
+    assert!(Arc::ptr_eq(&g1.find_node("same-name").unwrap(), &a));
+    assert!(Arc::ptr_eq(&g2.find_node("same-name").unwrap(), &b));
+    // Node names, the monitor's nodes and jobs are each graph's own.
+    let null = |name: &str| serde_json::json!({"driver": "null-co", "node-name": name});
+    g1.blockdev_add(null("n0")).unwrap();
+    g2.blockdev_add(null("n0")).unwrap();
+    let e = g1.blockdev_add(null("n0")).unwrap_err();
+    assert_eq!(e.0, "Duplicate nodes with node-name='n0'");
+    g1.release_monitor_nodes();
+    assert!(g1.find_node("n0").is_none());
+    assert!(g2.find_node("n0").is_some());
+    assert_eq!(g2.jobs().query_jobs(), serde_json::json!([]));
 }

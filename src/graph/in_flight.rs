@@ -22,7 +22,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::uring::{fence, signal_eventfd, thread_slot, THREAD_SLOTS};
 
 /// Waiters registered right now; read on every 1 -> 0 transition so the
-/// common case (nobody draining) costs one load.
+/// common case (nobody draining) costs one load. Process-wide, not per
+/// graph: this is a wake-up channel, not graph state (a waiter re-checks
+/// its own condition, so another graph's kick is only a spurious wake-up),
+/// and the request path reads it without reaching for a graph.
 static WAITER_COUNT: AtomicUsize = AtomicUsize::new(0);
 static WAITERS: Mutex<Vec<Arc<EventFd>>> = Mutex::new(Vec::new());
 

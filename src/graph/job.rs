@@ -11,11 +11,12 @@
 //! data, and takes the graph lock to wind up after an error.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::{json, Value};
 
 use super::blockdev::BlockdevError;
+use super::registry::Graph;
 
 /// QEMU's JobStatus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,51 +81,60 @@ pub struct Job {
     auto_finalize: bool,
     auto_dismiss: bool,
     driver: Mutex<Option<Arc<dyn JobDriver>>>,
+    /// The job list it is in (weak: the list holds the job).
+    jobs: Weak<Jobs>,
 }
 
 type Sink = Arc<dyn Fn(&str, Value) + Send + Sync>;
 
-static JOBS: Mutex<Vec<Arc<Job>>> = Mutex::new(Vec::new());
-static EVENT_SINK: Mutex<Option<Sink>> = Mutex::new(None);
-
-fn jobs() -> MutexGuard<'static, Vec<Arc<Job>>> {
-    JOBS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Where job events go (the QMP server sends them to its clients).
-pub fn set_event_sink(sink: impl Fn(&str, Value) + Send + Sync + 'static) {
-    *EVENT_SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sink));
-}
-
-fn emit(name: &str, data: Value) {
-    let sink = EVENT_SINK.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if let Some(sink) = sink {
-        sink(name, data);
-    }
+/// A graph's jobs (those not yet dismissed), and where their events go.
+#[derive(Default)]
+pub struct Jobs {
+    list: Mutex<Vec<Arc<Job>>>,
+    sink: Mutex<Option<Sink>>,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
     Err(BlockdevError(msg.into()))
 }
 
-/// Whether a job called `id` exists (not yet dismissed).
-pub fn exists(id: &str) -> bool {
-    jobs().iter().any(|j| j.id == id)
-}
+impl Jobs {
+    fn list(&self) -> MutexGuard<'_, Vec<Arc<Job>>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-/// The job called `id`, if it exists.
-fn find(id: &str) -> Result<Arc<Job>, BlockdevError> {
-    jobs()
-        .iter()
-        .find(|j| j.id == id)
-        .cloned()
-        .ok_or_else(|| BlockdevError("Job not found".into()))
+    /// Where job events go (the QMP server sends them to its clients).
+    pub fn set_event_sink(&self, sink: impl Fn(&str, Value) + Send + Sync + 'static) {
+        *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sink));
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        let sink = self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(sink) = sink {
+            sink(name, data);
+        }
+    }
+
+    /// Whether a job called `id` exists (not yet dismissed).
+    pub fn exists(&self, id: &str) -> bool {
+        self.list().iter().any(|j| j.id == id)
+    }
+
+    /// The job called `id`, if it exists.
+    fn find(&self, id: &str) -> Result<Arc<Job>, BlockdevError> {
+        self.list()
+            .iter()
+            .find(|j| j.id == id)
+            .cloned()
+            .ok_or_else(|| BlockdevError("Job not found".into()))
+    }
 }
 
 impl Job {
-    /// Register a new job (status `created`); ids are unique among jobs
-    /// not yet dismissed.
+    /// Register a new job (status `created`) in `jobs`; ids are unique
+    /// among jobs not yet dismissed.
     pub(super) fn register(
+        jobs: &Arc<Jobs>,
         id: &str,
         kind: &'static str,
         auto_finalize: bool,
@@ -133,7 +143,7 @@ impl Job {
         if id.is_empty() || id.starts_with('#') {
             return err(format!("Invalid job ID '{id}'"));
         }
-        let mut all = jobs();
+        let mut all = jobs.list();
         if all.iter().any(|j| j.id == id) {
             return err(format!("Job ID '{id}' already in use"));
         }
@@ -148,6 +158,7 @@ impl Job {
             auto_finalize,
             auto_dismiss,
             driver: Mutex::new(None),
+            jobs: Arc::downgrade(jobs),
         });
         all.push(job.clone());
         drop(all);
@@ -157,7 +168,15 @@ impl Job {
 
     /// Forget a job whose start failed (it never ran).
     pub(super) fn unregister(&self) {
-        jobs().retain(|j| j.id != self.id);
+        if let Some(jobs) = self.jobs.upgrade() {
+            jobs.list().retain(|j| j.id != self.id);
+        }
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        if let Some(jobs) = self.jobs.upgrade() {
+            jobs.emit(name, data);
+        }
     }
 
     pub(super) fn set_driver(&self, d: Arc<dyn JobDriver>) {
@@ -184,7 +203,7 @@ impl Job {
     }
 
     fn announce(&self, s: JobStatus) {
-        emit(
+        self.emit(
             "JOB_STATUS_CHANGE",
             json!({"id": self.id, "status": s.name()}),
         );
@@ -229,7 +248,7 @@ impl Job {
     pub(super) fn ready(&self) {
         self.set_status(JobStatus::Ready);
         let done = self.offset.load(Ordering::Relaxed);
-        emit("BLOCK_JOB_READY", self.progress_as(done, done));
+        self.emit("BLOCK_JOB_READY", self.progress_as(done, done));
     }
 
     /// The job ends: success (`error` None, after `pending`), failure or
@@ -241,12 +260,12 @@ impl Job {
         }
         let mut data = self.progress();
         if cancelled {
-            emit("BLOCK_JOB_CANCELLED", data);
+            self.emit("BLOCK_JOB_CANCELLED", data);
         } else {
             if let Some(e) = &error {
                 data["error"] = json!(e);
             }
-            emit("BLOCK_JOB_COMPLETED", data);
+            self.emit("BLOCK_JOB_COMPLETED", data);
         }
         self.state().error = error;
         self.set_status(JobStatus::Concluded);
@@ -270,138 +289,140 @@ impl Job {
     }
 }
 
-/// `job-complete`: only a job that is `ready`. Without auto-finalize it
-/// stops at `pending` (BLOCK_JOB_PENDING) until `job-finalize`.
-pub fn complete(id: &str) -> Result<(), BlockdevError> {
-    let job = find(id)?;
-    if job.status() != JobStatus::Ready {
-        return Err(job.refuse("complete"));
+impl Jobs {
+    /// `job-complete`: only a job that is `ready`. Without auto-finalize it
+    /// stops at `pending` (BLOCK_JOB_PENDING) until `job-finalize`.
+    pub fn complete(&self, id: &str) -> Result<(), BlockdevError> {
+        let job = self.find(id)?;
+        if job.status() != JobStatus::Ready {
+            return Err(job.refuse("complete"));
+        }
+        let Some(d) = job.driver() else {
+            return Err(job.refuse("complete"));
+        };
+        if let Err(e) = d.prepare_completion() {
+            job.conclude(Some(e), false);
+            return Ok(());
+        }
+        job.set_status(JobStatus::Waiting);
+        job.set_status(JobStatus::Pending);
+        if job.auto_finalize {
+            d.finalize();
+            job.conclude(None, false);
+        } else {
+            self.emit("BLOCK_JOB_PENDING", json!({"type": job.kind, "id": job.id}));
+        }
+        Ok(())
     }
-    let Some(d) = job.driver() else {
-        return Err(job.refuse("complete"));
-    };
-    if let Err(e) = d.prepare_completion() {
-        job.conclude(Some(e), false);
-        return Ok(());
-    }
-    job.set_status(JobStatus::Waiting);
-    job.set_status(JobStatus::Pending);
-    if job.auto_finalize {
+
+    /// `job-finalize`: only a job that is `pending`.
+    pub fn finalize(&self, id: &str) -> Result<(), BlockdevError> {
+        let job = self.find(id)?;
+        let d = match (job.status(), job.driver()) {
+            (JobStatus::Pending, Some(d)) => d,
+            _ => return Err(job.refuse("finalize")),
+        };
         d.finalize();
         job.conclude(None, false);
-    } else {
-        emit("BLOCK_JOB_PENDING", json!({"type": job.kind, "id": job.id}));
+        Ok(())
     }
-    Ok(())
-}
 
-/// `job-finalize`: only a job that is `pending`.
-pub fn finalize(id: &str) -> Result<(), BlockdevError> {
-    let job = find(id)?;
-    let d = match (job.status(), job.driver()) {
-        (JobStatus::Pending, Some(d)) => d,
-        _ => return Err(job.refuse("finalize")),
-    };
-    d.finalize();
-    job.conclude(None, false);
-    Ok(())
-}
-
-/// `job-cancel`: undo what the job did; it ends with BLOCK_JOB_CANCELLED.
-pub fn cancel(id: &str) -> Result<(), BlockdevError> {
-    let job = find(id)?;
-    let Some(d) = job.driver() else {
-        return Err(job.refuse("cancel"));
-    };
-    d.abort();
-    job.conclude(None, true);
-    Ok(())
-}
-
-/// `job-dismiss`: forget a concluded job.
-pub fn dismiss(id: &str) -> Result<(), BlockdevError> {
-    let job = find(id)?;
-    if job.status() != JobStatus::Concluded {
-        return Err(job.refuse("dismiss"));
+    /// `job-cancel`: undo what the job did; it ends with BLOCK_JOB_CANCELLED.
+    pub fn cancel(&self, id: &str) -> Result<(), BlockdevError> {
+        let job = self.find(id)?;
+        let Some(d) = job.driver() else {
+            return Err(job.refuse("cancel"));
+        };
+        d.abort();
+        job.conclude(None, true);
+        Ok(())
     }
-    job.dismiss_now();
-    Ok(())
+
+    /// `job-dismiss`: forget a concluded job.
+    pub fn dismiss(&self, id: &str) -> Result<(), BlockdevError> {
+        let job = self.find(id)?;
+        if job.status() != JobStatus::Concluded {
+            return Err(job.refuse("dismiss"));
+        }
+        job.dismiss_now();
+        Ok(())
+    }
+
+    /// Shutdown: cancel every job before the trees are ejected, so their
+    /// graph changes are undone and their threads gone. The caller holds the
+    /// graph lock.
+    pub fn cancel_all(&self) {
+        let all: Vec<Arc<Job>> = self.list().clone();
+        for j in all {
+            if let Some(d) = j.driver() {
+                log::info!("job {}: cancelled at shutdown", j.id);
+                d.abort();
+                j.conclude(None, true);
+            }
+        }
+    }
+
+    /// `query-jobs`.
+    pub fn query_jobs(&self) -> Value {
+        Value::Array(
+            self.list()
+                .iter()
+                .map(|j| {
+                    let (done, total) = j.done_and_total();
+                    let st = j.state();
+                    let mut v = json!({
+                        "id": j.id,
+                        "type": j.kind,
+                        "status": st.status.name(),
+                        "current-progress": done,
+                        "total-progress": total,
+                    });
+                    if let Some(e) = &st.error {
+                        v["error"] = json!(e);
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// `query-block-jobs`.
+    pub fn query_block_jobs(&self) -> Value {
+        Value::Array(
+            self.list()
+                .iter()
+                .map(|j| {
+                    let (status, error) = {
+                        let st = j.state();
+                        (st.status, st.error.clone())
+                    };
+                    let d = j.driver();
+                    let mut v = j.progress();
+                    v["busy"] = json!(d.as_ref().is_some_and(|d| d.busy()));
+                    v["paused"] = json!(d.as_ref().is_some_and(|d| d.paused()));
+                    v["io-status"] = json!("ok");
+                    v["ready"] = json!(status == JobStatus::Ready);
+                    v["status"] = json!(status.name());
+                    v["auto-finalize"] = json!(j.auto_finalize);
+                    v["auto-dismiss"] = json!(j.auto_dismiss);
+                    if let Some(e) = error {
+                        v["error"] = json!(e);
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
 }
 
 /// A job's thread failed: undo its graph changes and report the error.
 /// Runs on a thread of its own, not the job's (which abort joins).
-pub(super) fn fail(job: Arc<Job>, error: String) {
-    let _g = super::graph_lock();
+pub(super) fn fail(graph: &Graph, job: Arc<Job>, error: String) {
+    let _g = graph.lock();
     let Some(d) = job.driver() else {
         return; // Completed or cancelled meanwhile.
     };
     log::error!("job {}: {error}", job.id);
     d.abort();
     job.conclude(Some(error), false);
-}
-
-/// Shutdown: cancel every job before the trees are ejected, so their
-/// graph changes are undone and their threads gone. The caller holds the
-/// graph lock.
-pub fn cancel_all() {
-    let all: Vec<Arc<Job>> = jobs().clone();
-    for j in all {
-        if let Some(d) = j.driver() {
-            log::info!("job {}: cancelled at shutdown", j.id);
-            d.abort();
-            j.conclude(None, true);
-        }
-    }
-}
-
-/// `query-jobs`.
-pub fn query_jobs() -> Value {
-    Value::Array(
-        jobs()
-            .iter()
-            .map(|j| {
-                let (done, total) = j.done_and_total();
-                let st = j.state();
-                let mut v = json!({
-                    "id": j.id,
-                    "type": j.kind,
-                    "status": st.status.name(),
-                    "current-progress": done,
-                    "total-progress": total,
-                });
-                if let Some(e) = &st.error {
-                    v["error"] = json!(e);
-                }
-                v
-            })
-            .collect(),
-    )
-}
-
-/// `query-block-jobs`.
-pub fn query_block_jobs() -> Value {
-    Value::Array(
-        jobs()
-            .iter()
-            .map(|j| {
-                let (status, error) = {
-                    let st = j.state();
-                    (st.status, st.error.clone())
-                };
-                let d = j.driver();
-                let mut v = j.progress();
-                v["busy"] = json!(d.as_ref().is_some_and(|d| d.busy()));
-                v["paused"] = json!(d.as_ref().is_some_and(|d| d.paused()));
-                v["io-status"] = json!("ok");
-                v["ready"] = json!(status == JobStatus::Ready);
-                v["status"] = json!(status.name());
-                v["auto-finalize"] = json!(j.auto_finalize);
-                v["auto-dismiss"] = json!(j.auto_dismiss);
-                if let Some(e) = error {
-                    v["error"] = json!(e);
-                }
-                v
-            })
-            .collect(),
-    )
 }

@@ -19,29 +19,17 @@ mod resize;
 mod snapshot;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
-pub use blockdev::{
-    blockdev_add, blockdev_add_waiting, blockdev_del, release_monitor_nodes, BlockdevError,
-};
+pub use blockdev::BlockdevError;
 pub use commit::{start_commit, CommitOptions};
-pub use drain::{drain_all_begin, drain_all_end, DrainError};
+pub use drain::DrainError;
 pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};
+pub use job::Jobs;
 pub use node::{Child, ChildRole, Node};
 pub use open::{open_image, open_null, BackingPolicy, ImageFormat, ImageOptions};
 pub use parent::Parent;
-pub use registry::{all_backends, all_nodes, find_node};
+pub use registry::Graph;
 pub use resize::{resize, ResizeError};
-pub use snapshot::{transaction, Action, OverlayMode};
-
-use std::sync::{Mutex, MutexGuard};
-
-static GRAPH_LOCK: Mutex<()> = Mutex::new(());
-
-/// Graph changes (QMP commands, a job finishing) run one at a time under
-/// this lock, on the thread that took it. Iothreads never take it: they
-/// are kept out by drained sections.
-pub fn graph_lock() -> MutexGuard<'static, ()> {
-    GRAPH_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use snapshot::{Action, OverlayMode};
 
 #[cfg(test)]
 mod drain_tests;

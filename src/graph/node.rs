@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use super::in_flight::{InFlight, InFlightCounter};
 use super::parent::{Parent, Parents};
-use super::{drain, registry};
+use super::registry::Graph;
 use crate::formats::{BlockDriver, BlockIo, IoFuture};
 use crate::uring::IoVec;
 
@@ -44,6 +44,8 @@ pub struct Child {
 /// (QEMU: BlockDriverState).
 pub struct Node {
     name: String,
+    /// The graph this node is in.
+    graph: Graph,
     driver: Box<dyn BlockDriver>,
     /// Child edges, each with the id of this node's entry in the child's
     /// parent list. Changed only on the control thread in drained sections
@@ -71,7 +73,14 @@ pub(crate) enum DetectZeroes {
 }
 
 impl Node {
-    pub fn new(name: &str, driver: Box<dyn BlockDriver>, children: Vec<Child>) -> Arc<Self> {
+    /// A node of `graph`; its children must be nodes of `graph` too.
+    pub fn new(
+        graph: &Graph,
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        children: Vec<Child>,
+    ) -> Arc<Self> {
+        debug_assert!(children.iter().all(|c| c.node.graph.same(graph)));
         let node = Arc::new_cyclic(|me: &Weak<Node>| {
             let me: Weak<dyn Parent> = me.clone();
             let children = children
@@ -83,12 +92,13 @@ impl Node {
                 .collect();
             Node {
                 name: name.to_string(),
+                graph: graph.clone(),
                 driver,
                 children: Mutex::new(children),
                 parents: Parents::default(),
                 in_flight: InFlightCounter::new(),
                 // A node born inside drain_all is drained like the rest.
-                quiesce_counter: AtomicU32::new(drain::drain_all_depth()),
+                quiesce_counter: AtomicU32::new(graph.drain_all_depth().load(Ordering::SeqCst)),
                 no_flush: AtomicBool::new(false),
                 detect_zeroes: AtomicU8::new(DetectZeroes::Off as u8),
             }
@@ -100,12 +110,17 @@ impl Node {
                 c.node.parents.drained_begin();
             }
         }
-        registry::register(&node);
+        graph.register(&node);
         node
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The graph this node is in.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
     pub fn driver_name(&self) -> &'static str {
@@ -366,7 +381,7 @@ impl Drop for Node {
         for (c, edge) in &edges {
             c.node.parents.detach(*edge);
         }
-        registry::unregister_dead();
+        self.graph.unregister_dead();
         if let Err(e) = self.driver.close() {
             log::error!("node {}: close failed: {e}", self.name);
         } else {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::node::{Child, ChildRole, Node};
-use super::registry::auto_node_name;
+use super::registry::Graph;
 use crate::formats::file::open_file;
 use crate::formats::qcow2::{self, Qcow2Driver, Qcow2Error, Qcow2Options};
 use crate::formats::{
@@ -127,11 +127,12 @@ fn qcow2_error(path: &Path, e: Qcow2Error) -> OpenError {
 
 /// Open `opts.path` and return its format node (`fmt0`, over `file0`; a
 /// backing image is `fmt1` over `file1`, and so on).
-pub fn open_image(opts: &ImageOptions) -> Result<Arc<Node>, OpenError> {
-    open_layer(&opts.path, opts.format, opts.read_only, opts, 0)
+pub fn open_image(graph: &Graph, opts: &ImageOptions) -> Result<Arc<Node>, OpenError> {
+    open_layer(graph, &opts.path, opts.format, opts.read_only, opts, 0)
 }
 
 fn open_layer(
+    graph: &Graph,
     path: &Path,
     format: ImageFormat,
     read_only: bool,
@@ -157,11 +158,13 @@ fn open_layer(
     };
     let lock = Some(ImageLock::for_open(read_only, opts.force_share).waiting(opts.lock_wait));
     let (file_name, name) = if opts.auto_names {
-        (auto_node_name(), auto_node_name())
+        (graph.auto_node_name(), graph.auto_node_name())
     } else {
         (format!("file{depth}"), format!("fmt{depth}"))
     };
-    let file = open_file_node(&file_name, path, read_only, opts.cache, block_size, lock)?;
+    let file = open_file_node(
+        graph, &file_name, path, read_only, opts.cache, block_size, lock,
+    )?;
     match format {
         ImageFormat::Raw | ImageFormat::Auto => {
             if probed {
@@ -174,7 +177,7 @@ fn open_layer(
         }
         ImageFormat::Qcow2 => {
             let header = read_qcow2_header(path, &file)?;
-            let backing = open_backing(path, &header, opts, depth)?;
+            let backing = open_backing(graph, path, &header, opts, depth)?;
             open_qcow2_node(&name, path, file, read_only, backing, opts.qcow2)
         }
     }
@@ -184,6 +187,7 @@ fn open_layer(
 /// format as recorded: backing files are never probed), `depth` layers
 /// down from the top image.
 fn open_backing(
+    graph: &Graph,
     path: &Path,
     header: &qcow2::header::Header,
     opts: &ImageOptions,
@@ -215,7 +219,7 @@ fn open_backing(
     // Relative names are relative to the overlay's folder.
     let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
     allowed_backing(path, b, &bpath, opts.backing)?;
-    let layer = open_layer(&bpath, bformat, true, opts, depth + 1)
+    let layer = open_layer(graph, &bpath, bformat, true, opts, depth + 1)
         .map_err(|e| invalid(path, format!("backing file: {e}")))?;
     Ok(Some(layer))
 }
@@ -240,12 +244,13 @@ pub(crate) fn open_backing_named_by(
         auto_names: true,
         lock_wait: Duration::ZERO,
     };
-    open_backing(path, &header, &opts, 0)
+    open_backing(file.graph(), path, &header, &opts, 0)
 }
 
 /// A `file` protocol node named `name` over the host file at `path`,
 /// locked as `lock` says (None: no locks, QEMU's `locking=off`).
 pub(crate) fn open_file_node(
+    graph: &Graph,
     name: &str,
     path: &Path,
     read_only: bool,
@@ -257,7 +262,7 @@ pub(crate) fn open_file_node(
     if let Some(lock) = lock {
         file.lock(lock)?;
     }
-    Ok(Node::new(name, Box::new(file), Vec::new()))
+    Ok(Node::new(graph, name, Box::new(file), Vec::new()))
 }
 
 /// A `raw` format node over `file`; `probed` if the format was guessed.
@@ -288,11 +293,12 @@ pub(crate) fn open_raw_window(
 }
 
 fn raw_node(name: &str, file: Arc<Node>, raw: RawDriver) -> Arc<Node> {
+    let graph = file.graph().clone();
     let child = Child {
         role: ChildRole::File,
         node: file,
     };
-    Node::new(name, Box::new(raw), vec![child])
+    Node::new(&graph, name, Box::new(raw), vec![child])
 }
 
 /// The header of the qcow2 image in `file` (from `path`, for messages).
@@ -327,6 +333,7 @@ pub(crate) fn open_qcow2_node(
         source,
     })?
     .map_err(|e| qcow2_error(path, e))?;
+    let graph = file.graph().clone();
     let mut children = vec![Child {
         role: ChildRole::File,
         node: file,
@@ -337,10 +344,10 @@ pub(crate) fn open_qcow2_node(
             node: b,
         });
     }
-    Ok(Node::new(name, Box::new(driver), children))
+    Ok(Node::new(&graph, name, Box::new(driver), children))
 }
 
-/// A `null` node of `size` bytes.
-pub fn open_null(size: u64) -> Arc<Node> {
-    Node::new("null0", Box::new(NullDriver::new(size)), Vec::new())
+/// A `null` node of `size` bytes in `graph`.
+pub fn open_null(graph: &Graph, size: u64) -> Arc<Node> {
+    Node::new(graph, "null0", Box::new(NullDriver::new(size)), Vec::new())
 }

@@ -18,6 +18,8 @@ pub trait Parent: Send + Sync {
     fn resized(&self);
 }
 
+/// Edge ids are unique in the process, not per graph: a counter, not
+/// graph state (no graph ever sees another's edges).
 static NEXT_EDGE: AtomicU64 = AtomicU64::new(1);
 
 struct Edge {

@@ -20,11 +20,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::backend::move_backends;
-use super::blockdev::{check_new_node_name, monitor_adopt, BlockdevError};
-use super::drain::{drain_all_begin, drain_all_end};
+use super::blockdev::{check_new_node_name, BlockdevError};
 use super::node::{ChildRole, Node};
 use super::open::{open_file_node, open_qcow2_node};
-use super::registry::{all_backends, all_nodes, find_node};
+use super::registry::Graph;
 use crate::formats::qcow2::create::{create, CreateOptions, DEFAULT_CLUSTER_SIZE};
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{BlockIo, CacheMode, ImageLock};
@@ -65,58 +64,60 @@ fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
     Err(BlockdevError(msg.into()))
 }
 
-/// Apply `actions` atomically: all of them, or (on the first error, which
-/// is returned) none.
-pub fn transaction(actions: Vec<Action>) -> Result<(), BlockdevError> {
-    // Before the drained section, so the guest does not wait for it: the
-    // new overlay files are created and synced.
-    let mut made: Vec<PathBuf> = Vec::new();
-    for a in &actions {
-        if let Action::SnapshotSync {
-            node,
-            file,
-            mode: OverlayMode::AbsolutePaths,
-            ..
-        } = a
-        {
-            if let Err(e) = create_overlay_file(node, file) {
-                remove_files(&made);
-                return Err(e);
-            }
-            made.push(file.clone());
-        }
-    }
-    let started = Instant::now();
-    drain_all_begin();
-    let drained = Instant::now();
-    let mut prepared: Vec<Prepared> = Vec::new();
-    let mut failure = None;
-    for a in actions {
-        match prepare(a, &prepared) {
-            Ok(p) => prepared.push(p),
-            Err(e) => {
-                failure = Some(e);
-                break;
+impl Graph {
+    /// Apply `actions` atomically: all of them, or (on the first error, which
+    /// is returned) none. Their nodes are nodes of this graph.
+    pub fn transaction(&self, actions: Vec<Action>) -> Result<(), BlockdevError> {
+        // Before the drained section, so the guest does not wait for it: the
+        // new overlay files are created and synced.
+        let mut made: Vec<PathBuf> = Vec::new();
+        for a in &actions {
+            if let Action::SnapshotSync {
+                node,
+                file,
+                mode: OverlayMode::AbsolutePaths,
+                ..
+            } = a
+            {
+                if let Err(e) = create_overlay_file(node, file) {
+                    remove_files(&made);
+                    return Err(e);
+                }
+                made.push(file.clone());
             }
         }
+        let started = Instant::now();
+        self.drain_all_begin();
+        let drained = Instant::now();
+        let mut prepared: Vec<Prepared> = Vec::new();
+        let mut failure = None;
+        for a in actions {
+            match prepare(a, &prepared) {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => prepared.into_iter().for_each(commit),
+            Some(_) => prepared.into_iter().rev().for_each(abort),
+        }
+        self.drain_all_end();
+        log::info!(
+            "transaction: {} in {:?} (waiting for requests in flight {:?}, drained {:?})",
+            if failure.is_some() { "aborted" } else { "done" },
+            started.elapsed(),
+            drained - started,
+            drained.elapsed()
+        );
+        if failure.is_some() {
+            // The overlays that used them are closed by now.
+            remove_files(&made);
+        }
+        failure.map_or(Ok(()), Err)
     }
-    match failure {
-        None => prepared.into_iter().for_each(commit),
-        Some(_) => prepared.into_iter().rev().for_each(abort),
-    }
-    drain_all_end();
-    log::info!(
-        "transaction: {} in {:?} (waiting for requests in flight {:?}, drained {:?})",
-        if failure.is_some() { "aborted" } else { "done" },
-        started.elapsed(),
-        drained - started,
-        drained.elapsed()
-    );
-    if failure.is_some() {
-        // The overlays that used them are closed by now.
-        remove_files(&made);
-    }
-    failure.map_or(Ok(()), Err)
 }
 
 fn remove_files(files: &[PathBuf]) {
@@ -131,7 +132,7 @@ fn remove_files(files: &[PathBuf]) {
 /// their children for good (only BlockBackends are moved to the overlay),
 /// and a commit's filter is the job's.
 pub(super) fn check_top(node: &Arc<Node>) -> Result<(), BlockdevError> {
-    for parent in all_nodes() {
+    for parent in node.graph().all_nodes() {
         if let Some(c) = parent
             .children()
             .iter()
@@ -195,15 +196,16 @@ fn prepare_sync(
     file: &Path,
     node_name: Option<String>,
 ) -> Result<Prepared, BlockdevError> {
+    let g = node.graph();
     let name = match node_name {
-        Some(n) if find_node(&n).is_some() => {
+        Some(n) if g.find_node(&n).is_some() => {
             return err("New overlay node-name already in use");
         }
         Some(n) => {
-            check_new_node_name(&n)?;
+            check_new_node_name(g, &n)?;
             n
         }
-        None => super::registry::auto_node_name(),
+        None => g.auto_node_name(),
     };
     let overlay = open_overlay(&name, file, &node)?;
     Ok(Prepared {
@@ -261,8 +263,10 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
     } else {
         CacheMode::Writeback
     };
+    let g = backing.graph();
     let file = open_file_node(
-        &super::registry::auto_node_name(),
+        g,
+        &g.auto_node_name(),
         path,
         false,
         cache,
@@ -301,10 +305,18 @@ fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, Blockde
             overlay.name()
         ));
     }
-    if all_backends()
+    let g = node.graph();
+    if !overlay.graph().same(g) {
+        return err(format!(
+            "The overlay '{}' is not in the graph of node '{}'",
+            overlay.name(),
+            node.name()
+        ));
+    }
+    if g.all_backends()
         .iter()
         .any(|b| b.root().is_some_and(|r| Arc::ptr_eq(&r, &overlay)))
-        || all_nodes()
+        || g.all_nodes()
             .iter()
             .any(|n| n.children().iter().any(|c| Arc::ptr_eq(&c.node, &overlay)))
     {
@@ -352,7 +364,7 @@ fn commit(p: Prepared) {
     // With no BlockBackend on it, nothing would hold the new overlay: the
     // monitor does, as QEMU's user would expect to find it.
     if moved == 0 && !p.added {
-        monitor_adopt(p.overlay.clone());
+        p.overlay.graph().monitor_adopt(p.overlay.clone());
     }
     log::info!(
         "snapshot: node '{}' is now the backing image of '{}'",
@@ -369,8 +381,9 @@ fn abort(p: Prepared) {
         return;
     }
     let name = p.overlay.name().to_string();
+    let g = p.overlay.graph().clone();
     drop(p.overlay);
-    if find_node(&name).is_some() {
+    if g.find_node(&name).is_some() {
         log::error!("snapshot abort: overlay '{name}' is still open");
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::drain_tests::{eventually, serial};
+use super::drain_tests::eventually;
 use super::*;
 use crate::formats::lock::ImageLock;
 use crate::formats::CacheMode;
@@ -23,21 +23,24 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A raw image of SIZE bytes, every byte `fill`, as a backend's root.
-fn raw_disk(name: &str, fill: u8) -> (PathBuf, Arc<BlockBackend>) {
+fn raw_disk(g: &Graph, name: &str, fill: u8) -> (PathBuf, Arc<BlockBackend>) {
     let path = scratch(name);
     std::fs::write(&path, vec![fill; SIZE as usize]).unwrap();
-    let node = open_image(&ImageOptions {
-        path: path.clone(),
-        format: ImageFormat::Raw,
-        read_only: false,
-        cache: CacheMode::Writeback,
-        block_size: 512,
-        qcow2: Default::default(),
-        force_share: false,
-        backing: BackingPolicy::None,
-        auto_names: true,
-        lock_wait: Default::default(),
-    })
+    let node = open_image(
+        g,
+        &ImageOptions {
+            path: path.clone(),
+            format: ImageFormat::Raw,
+            read_only: false,
+            cache: CacheMode::Writeback,
+            block_size: 512,
+            qcow2: Default::default(),
+            force_share: false,
+            backing: BackingPolicy::None,
+            auto_names: true,
+            lock_wait: Default::default(),
+        },
+    )
     .unwrap();
     let b = BlockBackend::new(name, node, false);
     (path, b)
@@ -67,40 +70,42 @@ fn sync(node: &Arc<Node>, file: &std::path::Path, mode: OverlayMode, name: &str)
     }
 }
 
-fn node_names() -> Vec<String> {
-    let mut v: Vec<String> = all_nodes().iter().map(|n| n.name().to_string()).collect();
+fn node_names(g: &Graph) -> Vec<String> {
+    let mut v: Vec<String> = g.all_nodes().iter().map(|n| n.name().to_string()).collect();
     v.sort();
     v
 }
 
 #[test]
 fn a_failed_action_leaves_every_disk_and_file_as_it_was() {
-    let _serial = serial();
-    let (_, a) = raw_disk("fail-a", 1);
-    let (_, b) = raw_disk("fail-b", 2);
+    let g = Graph::new();
+    let (_, a) = raw_disk(&g, "fail-a", 1);
+    let (_, b) = raw_disk(&g, "fail-b", 2);
     let (ra, rb) = (a.root().unwrap(), b.root().unwrap());
-    let before = node_names();
+    let before = node_names(&g);
     let ov_a = scratch("fail-ov-a");
     let missing = scratch("no-such-dir").join("ov-b.qcow2");
-    let e = transaction(vec![
-        sync(&ra, &ov_a, OverlayMode::AbsolutePaths, "fail-ova"),
-        sync(&rb, &missing, OverlayMode::AbsolutePaths, "fail-ovb"),
-    ])
-    .unwrap_err();
+    let e = g
+        .transaction(vec![
+            sync(&ra, &ov_a, OverlayMode::AbsolutePaths, "fail-ova"),
+            sync(&rb, &missing, OverlayMode::AbsolutePaths, "fail-ovb"),
+        ])
+        .unwrap_err();
     assert!(e.0.contains("Could not create"), "{e}");
     assert!(!ov_a.exists(), "the first action's overlay file is removed");
     assert!(Arc::ptr_eq(&a.root().unwrap(), &ra) && Arc::ptr_eq(&b.root().unwrap(), &rb));
     assert!(!ra.is_read_only() && !rb.is_read_only(), "still writable");
-    assert_eq!(node_names(), before);
+    assert_eq!(node_names(&g), before);
 
-    let e = transaction(vec![
-        sync(&ra, &ov_a, OverlayMode::AbsolutePaths, "fail-ova"),
-        Action::Abort,
-    ])
-    .unwrap_err();
+    let e = g
+        .transaction(vec![
+            sync(&ra, &ov_a, OverlayMode::AbsolutePaths, "fail-ova"),
+            Action::Abort,
+        ])
+        .unwrap_err();
     assert_eq!(e.0, "Transaction aborted using Abort action");
     assert!(!ov_a.exists());
-    assert_eq!(node_names(), before);
+    assert_eq!(node_names(&g), before);
     // Not drained any more: I/O goes on.
     let t = IoThread::start("snap-fail", Duration::ZERO).unwrap();
     assert_eq!(io(&t, &a, Some(7), 0), vec![7; 4096]);
@@ -109,8 +114,8 @@ fn a_failed_action_leaves_every_disk_and_file_as_it_was() {
 
 #[test]
 fn a_snapshot_moves_writes_to_the_overlay_and_locks_the_image_as_a_backing_file() {
-    let _serial = serial();
-    let (path, b) = raw_disk("snap", 5);
+    let g = Graph::new();
+    let (path, b) = raw_disk(&g, "snap", 5);
     let t = IoThread::start("snap-move", Duration::ZERO).unwrap();
     let old = b.root().unwrap();
     // Writable: nobody else may even read it consistently.
@@ -120,7 +125,8 @@ fn a_snapshot_moves_writes_to_the_overlay_and_locks_the_image_as_a_backing_file(
     };
     assert!(probe().is_err());
     let ov = scratch("snap-ov");
-    transaction(vec![sync(&old, &ov, OverlayMode::AbsolutePaths, "snap-ov")]).unwrap();
+    g.transaction(vec![sync(&old, &ov, OverlayMode::AbsolutePaths, "snap-ov")])
+        .unwrap();
     let top = b.root().unwrap();
     assert_eq!(top.name(), "snap-ov");
     assert!(old.is_read_only());
@@ -145,27 +151,31 @@ fn a_snapshot_moves_writes_to_the_overlay_and_locks_the_image_as_a_backing_file(
 
     // The same node again, and a name in use: refused, nothing changes.
     let ov2 = scratch("snap-ov2");
-    let e = transaction(vec![
-        sync(&top, &ov2, OverlayMode::AbsolutePaths, "snap-ov2"),
-        sync(
-            &top,
-            &scratch("snap-ov3"),
-            OverlayMode::AbsolutePaths,
-            "snap-ov3",
-        ),
-    ])
-    .unwrap_err();
+    let e = g
+        .transaction(vec![
+            sync(&top, &ov2, OverlayMode::AbsolutePaths, "snap-ov2"),
+            sync(
+                &top,
+                &scratch("snap-ov3"),
+                OverlayMode::AbsolutePaths,
+                "snap-ov3",
+            ),
+        ])
+        .unwrap_err();
     assert!(e.0.contains("twice"), "{e}");
-    let e = transaction(vec![sync(
-        &top,
-        &ov2,
-        OverlayMode::AbsolutePaths,
-        "snap-ov",
-    )])
-    .unwrap_err();
+    let e = g
+        .transaction(vec![sync(
+            &top,
+            &ov2,
+            OverlayMode::AbsolutePaths,
+            "snap-ov",
+        )])
+        .unwrap_err();
     assert!(e.0.contains("already in use"), "{e}");
     assert!(!ov2.exists());
-    let e = transaction(vec![sync(&old, &ov2, OverlayMode::AbsolutePaths, "x")]).unwrap_err();
+    let e = g
+        .transaction(vec![sync(&old, &ov2, OverlayMode::AbsolutePaths, "x")])
+        .unwrap_err();
     assert!(e.0.contains("used as backing hd"), "only the top: {e}");
     drop(b);
     drop(top);
@@ -187,12 +197,12 @@ fn qemu_img_check(p: &std::path::Path) -> (bool, String) {
 
 #[test]
 fn a_commit_pivots_onto_the_base_with_everything_written() {
-    let _serial = serial();
-    let (path, b) = raw_disk("commit", 3);
+    let g = Graph::new();
+    let (path, b) = raw_disk(&g, "commit", 3);
     let t = IoThread::start("snap-commit", Duration::ZERO).unwrap();
     let base = b.root().unwrap();
     let ov = scratch("commit-ov");
-    transaction(vec![sync(
+    g.transaction(vec![sync(
         &base,
         &ov,
         OverlayMode::AbsolutePaths,
@@ -214,14 +224,14 @@ fn a_commit_pivots_onto_the_base_with_everything_written() {
     // Written while the job runs: copied too.
     io(&t, &b, Some(8), 65536 * 10);
     eventually("the job to be ready", || {
-        job::query_jobs()[0]["status"] == "ready"
+        g.jobs().query_jobs()[0]["status"] == "ready"
     });
-    job::complete("unit-c0").unwrap();
-    assert_eq!(job::query_jobs()[0]["status"], "concluded");
-    job::dismiss("unit-c0").unwrap();
-    assert_eq!(job::query_jobs(), serde_json::json!([]));
+    g.jobs().complete("unit-c0").unwrap();
+    assert_eq!(g.jobs().query_jobs()[0]["status"], "concluded");
+    g.jobs().dismiss("unit-c0").unwrap();
+    assert_eq!(g.jobs().query_jobs(), serde_json::json!([]));
     assert!(Arc::ptr_eq(&b.root().unwrap(), &base), "back on the base");
-    assert!(find_node("commit-ov").is_none(), "the overlay closed");
+    assert!(g.find_node("commit-ov").is_none(), "the overlay closed");
     assert!(ov.exists(), "its file stays");
     io(&t, &b, Some(1), 4096);
     drop(b);
@@ -236,7 +246,7 @@ fn a_commit_pivots_onto_the_base_with_everything_written() {
 
 #[test]
 fn a_commit_reopens_a_base_opened_read_only_for_writing() {
-    let _serial = serial();
+    let g = Graph::new();
     let base = scratch("ro-base");
     std::fs::write(&base, vec![2u8; SIZE as usize]).unwrap();
     let ov = scratch("ro-ov");
@@ -249,18 +259,21 @@ fn a_commit_reopens_a_base_opened_read_only_for_writing() {
         .expect("qemu-img is required")
         .success();
     assert!(ok);
-    let top = open_image(&ImageOptions {
-        path: ov.clone(),
-        format: ImageFormat::Qcow2,
-        read_only: false,
-        cache: CacheMode::Writeback,
-        block_size: 512,
-        qcow2: Default::default(),
-        force_share: false,
-        backing: BackingPolicy::Any,
-        auto_names: true,
-        lock_wait: Default::default(),
-    })
+    let top = open_image(
+        &g,
+        &ImageOptions {
+            path: ov.clone(),
+            format: ImageFormat::Qcow2,
+            read_only: false,
+            cache: CacheMode::Writeback,
+            block_size: 512,
+            qcow2: Default::default(),
+            force_share: false,
+            backing: BackingPolicy::Any,
+            auto_names: true,
+            lock_wait: Default::default(),
+        },
+    )
     .unwrap();
     let base_node = top.child(ChildRole::Backing).unwrap();
     assert!(base_node.is_read_only());
@@ -278,10 +291,14 @@ fn a_commit_reopens_a_base_opened_read_only_for_writing() {
     .unwrap();
     assert!(!base_node.is_read_only(), "reopened for writing");
     eventually("the job to be ready", || {
-        job::query_jobs()[0]["status"] == "ready"
+        g.jobs().query_jobs()[0]["status"] == "ready"
     });
-    job::complete("unit-c1").unwrap();
-    assert_eq!(job::query_jobs(), serde_json::json!([]), "auto-dismissed");
+    g.jobs().complete("unit-c1").unwrap();
+    assert_eq!(
+        g.jobs().query_jobs(),
+        serde_json::json!([]),
+        "auto-dismissed"
+    );
     assert!(Arc::ptr_eq(&b.root().unwrap(), &base_node));
     io(&t, &b, Some(0x77), 0);
     drop(b);

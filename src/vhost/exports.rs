@@ -17,7 +17,7 @@ use super::blk::export::BlkExport;
 use super::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
 use super::blk::state::ExportState;
 use super::server::VhostServer;
-use crate::graph::{find_node, BlockBackend, Node};
+use crate::graph::{BlockBackend, Graph, Node};
 use crate::opts::Opts;
 use crate::uring::IoThreadHandle;
 
@@ -75,7 +75,8 @@ pub struct ExportOptions {
 }
 
 impl ExportOptions {
-    pub fn parse(map: Map<String, Value>) -> Result<ExportOptions, String> {
+    /// Options naming a node of `graph`.
+    pub fn parse(graph: &Graph, map: Map<String, Value>) -> Result<ExportOptions, String> {
         let mut o = Opts::new(map);
         let kind = o.required_string("type")?;
         if kind != "vhost-user-blk" {
@@ -85,7 +86,8 @@ impl ExportOptions {
         }
         let id = o.required_string("id")?;
         let node_name = o.required_string("node-name")?;
-        let root = find_node(&node_name)
+        let root = graph
+            .find_node(&node_name)
             .ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
         let writable = o.bool("writable", false)?;
         o.bool("writethrough", false)?;

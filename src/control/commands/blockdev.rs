@@ -5,18 +5,20 @@ use serde_json::json;
 
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
-use crate::graph::{blockdev_add, blockdev_del};
+use crate::graph::Graph;
 
-pub(super) fn add(args: Args) -> CmdResult {
-    blockdev_add(args.into_value())
+pub(super) fn add(graph: &Graph, args: Args) -> CmdResult {
+    graph
+        .blockdev_add(args.into_value())
         .map(|_| json!({}))
         .map_err(|e| QmpError::generic(e.0))
 }
 
-pub(super) fn del(mut args: Args) -> CmdResult {
+pub(super) fn del(graph: &Graph, mut args: Args) -> CmdResult {
     let name = args.str("node-name")?;
     args.finish()?;
-    blockdev_del(&name)
+    graph
+        .blockdev_del(&name)
         .map(|()| json!({}))
         .map_err(|e| QmpError::generic(e.0))
 }

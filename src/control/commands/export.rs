@@ -15,7 +15,7 @@ pub(super) fn add(daemon: &Arc<Daemon>, args: Args) -> CmdResult {
         return Err(QmpError::generic("Invalid arguments"));
     };
     let ExportOptions { config, iothreads } =
-        ExportOptions::parse(map).map_err(QmpError::generic)?;
+        ExportOptions::parse(&daemon.graph, map).map_err(QmpError::generic)?;
     let handles = if iothreads.is_empty() {
         vec![daemon.default_iothread.clone()]
     } else {

@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, ErrorClass, QmpError};
 use crate::control::server::Daemon;
-use crate::graph::{find_node, job, start_commit, BlockdevError, CommitOptions};
+use crate::graph::{start_commit, BlockdevError, CommitOptions, Jobs};
 
 fn reply(r: Result<(), BlockdevError>) -> CmdResult {
     r.map(|()| json!({})).map_err(|e| QmpError::generic(e.0))
@@ -44,7 +44,9 @@ pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
     }
     let top = match daemon.export(&device).and_then(|e| e.state.backend.root()) {
         Some(root) => root,
-        None => find_node(&device)
+        None => daemon
+            .graph
+            .find_node(&device)
             .ok_or_else(|| QmpError::not_found(format!("Device '{device}' not found")))?,
     };
     if let Some(t) = top_node {
@@ -56,7 +58,7 @@ pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
         }
     }
     let base = match base_node {
-        Some(b) => Some(find_node(&b).ok_or_else(|| {
+        Some(b) => Some(daemon.graph.find_node(&b).ok_or_else(|| {
             QmpError::generic(format!("Cannot find device='' nor node-name='{b}'"))
         })?),
         None => None,
@@ -71,25 +73,25 @@ pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
     }))
 }
 
-fn run_verb(verb: &str, id: &str) -> CmdResult {
+fn run_verb(jobs: &Jobs, verb: &str, id: &str) -> CmdResult {
     reply(match verb {
-        "complete" => job::complete(id),
-        "finalize" => job::finalize(id),
-        "cancel" => job::cancel(id),
-        _ => job::dismiss(id),
+        "complete" => jobs.complete(id),
+        "finalize" => jobs.finalize(id),
+        "cancel" => jobs.cancel(id),
+        _ => jobs.dismiss(id),
     })
 }
 
 /// `job-complete`, `job-finalize`, `job-cancel`, `job-dismiss`: `{"id"}`.
-pub(super) fn verb(name: &str, mut a: Args) -> CmdResult {
+pub(super) fn verb(jobs: &Jobs, name: &str, mut a: Args) -> CmdResult {
     let id = a.str("id")?;
     a.finish()?;
-    run_verb(name.trim_start_matches("job-"), &id)
+    run_verb(jobs, name.trim_start_matches("job-"), &id)
 }
 
 /// `block-job-complete`, `block-job-cancel` (`{"device"}`, which names
 /// the job), `block-job-finalize`, `block-job-dismiss` (`{"id"}`).
-pub(super) fn block_job_verb(name: &str, mut a: Args) -> CmdResult {
+pub(super) fn block_job_verb(jobs: &Jobs, name: &str, mut a: Args) -> CmdResult {
     let verb = name.trim_start_matches("block-job-");
     let id = match verb {
         "complete" | "cancel" => a.str("device")?,
@@ -99,11 +101,11 @@ pub(super) fn block_job_verb(name: &str, mut a: Args) -> CmdResult {
         a.opt_bool("force")?;
     }
     a.finish()?;
-    if !job::exists(&id) {
+    if !jobs.exists(&id) {
         return Err(QmpError {
             class: ErrorClass::DeviceNotActive,
             desc: format!("Block job '{id}' not found"),
         });
     }
-    run_verb(verb, &id)
+    run_verb(jobs, verb, &id)
 }

@@ -70,15 +70,16 @@ pub(super) fn execute(
         "query-block-exports" => no_args(args).map(|_| query::block_exports(daemon)),
         "query-named-block-nodes" => {
             let flat = args.opt_bool("flat")?.unwrap_or(false);
-            args.finish().map(|_| query::named_block_nodes(flat))
+            args.finish()
+                .map(|_| query::named_block_nodes(&daemon.graph, flat))
         }
         "query-blockstats" => {
             let nodes = args.opt_bool("query-nodes")?.unwrap_or(false);
             args.finish().map(|_| query::blockstats(daemon, nodes))
         }
         "query-iothreads" => no_args(args).map(|_| query::iothreads(daemon)),
-        "blockdev-add" => blockdev::add(args),
-        "blockdev-del" => blockdev::del(args),
+        "blockdev-add" => blockdev::add(&daemon.graph, args),
+        "blockdev-del" => blockdev::del(&daemon.graph, args),
         "block-export-add" => export::add(daemon, args),
         "block-export-del" => export::del(daemon, args),
         "block_resize" => resize::block_resize(daemon, args),
@@ -86,14 +87,16 @@ pub(super) fn execute(
         "block-drained-begin" => drain::drained_begin(daemon, sections, args),
         "block-drained-end" => drain::drained_end(daemon, sections, args),
         "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(daemon, args),
-        "blockdev-snapshot" => snapshot::blockdev_snapshot(args),
+        "blockdev-snapshot" => snapshot::blockdev_snapshot(&daemon.graph, args),
         "transaction" => snapshot::transaction_cmd(daemon, args),
         "block-commit" => job::block_commit(daemon, args),
-        "query-jobs" => no_args(args).map(|_| crate::graph::job::query_jobs()),
-        "query-block-jobs" => no_args(args).map(|_| crate::graph::job::query_block_jobs()),
-        "job-complete" | "job-finalize" | "job-cancel" | "job-dismiss" => job::verb(name, args),
+        "query-jobs" => no_args(args).map(|_| daemon.graph.jobs().query_jobs()),
+        "query-block-jobs" => no_args(args).map(|_| daemon.graph.jobs().query_block_jobs()),
+        "job-complete" | "job-finalize" | "job-cancel" | "job-dismiss" => {
+            job::verb(daemon.graph.jobs(), name, args)
+        }
         "block-job-complete" | "block-job-finalize" | "block-job-cancel" | "block-job-dismiss" => {
-            job::block_job_verb(name, args)
+            job::block_job_verb(daemon.graph.jobs(), name, args)
         }
         // The caller starts the shutdown once the reply is out.
         "quit" => no_args(args).map(|_| json!({})),

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use crate::control::server::Daemon;
 use crate::formats::BlockIo;
-use crate::graph::{all_nodes, ChildRole, Node};
+use crate::graph::{ChildRole, Graph, Node};
 use crate::vhost::blk::stats::{OpSnapshot, StatsSnapshot};
 
 pub(super) fn block_exports(daemon: &Daemon) -> Value {
@@ -86,9 +86,10 @@ fn image_info(node: &Node, flat: bool) -> Value {
 }
 
 /// `query-named-block-nodes [flat]`: QEMU's BlockDeviceInfo per node.
-pub(super) fn named_block_nodes(flat: bool) -> Value {
+pub(super) fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
     Value::Array(
-        all_nodes()
+        graph
+            .all_nodes()
             .iter()
             .map(|n| {
                 let chain = backing_chain(n);
@@ -215,7 +216,14 @@ fn device_stats(s: &StatsSnapshot) -> Value {
 /// entry per node, which count requests only (`x-requests`).
 pub(super) fn blockstats(daemon: &Daemon, query_nodes: bool) -> Value {
     if query_nodes {
-        return Value::Array(all_nodes().iter().map(|n| node_stats(n)).collect());
+        return Value::Array(
+            daemon
+                .graph
+                .all_nodes()
+                .iter()
+                .map(|n| node_stats(n))
+                .collect(),
+        );
     }
     Value::Array(
         daemon

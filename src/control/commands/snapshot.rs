@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
 use crate::control::server::Daemon;
-use crate::graph::{find_node, transaction, Action, Node, OverlayMode};
+use crate::graph::{Action, Graph, Node, OverlayMode};
 
 /// A node by QEMU's `device` (a BlockBackend's name: here an export id,
 /// meaning its root node) or `node-name`.
@@ -25,13 +25,16 @@ fn lookup(
     {
         return Ok(root);
     }
-    node_name.as_deref().and_then(find_node).ok_or_else(|| {
-        QmpError::generic(format!(
-            "Cannot find device='{}' nor node-name='{}'",
-            device.unwrap_or_default(),
-            node_name.as_deref().unwrap_or_default()
-        ))
-    })
+    node_name
+        .as_deref()
+        .and_then(|n| daemon.graph.find_node(n))
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.unwrap_or_default(),
+                node_name.as_deref().unwrap_or_default()
+            ))
+        })
 }
 
 fn snapshot_sync(daemon: &Daemon, mut a: Args) -> Result<Action, QmpError> {
@@ -64,12 +67,12 @@ fn snapshot_sync(daemon: &Daemon, mut a: Args) -> Result<Action, QmpError> {
     })
 }
 
-fn snapshot(mut a: Args) -> Result<Action, QmpError> {
+fn snapshot(graph: &Graph, mut a: Args) -> Result<Action, QmpError> {
     let node = a.str("node")?;
     let overlay = a.str("overlay")?;
     a.finish()?;
     let find = |n: &str| {
-        find_node(n).ok_or_else(|| {
+        graph.find_node(n).ok_or_else(|| {
             QmpError::generic(format!("Cannot find device='{n}' nor node-name='{n}'"))
         })
     };
@@ -79,18 +82,19 @@ fn snapshot(mut a: Args) -> Result<Action, QmpError> {
     })
 }
 
-fn run(actions: Vec<Action>) -> CmdResult {
-    transaction(actions)
+fn run(graph: &Graph, actions: Vec<Action>) -> CmdResult {
+    graph
+        .transaction(actions)
         .map(|()| json!({}))
         .map_err(|e| QmpError::generic(e.0))
 }
 
 pub(super) fn blockdev_snapshot_sync(daemon: &Daemon, args: Args) -> CmdResult {
-    run(vec![snapshot_sync(daemon, args)?])
+    run(&daemon.graph, vec![snapshot_sync(daemon, args)?])
 }
 
-pub(super) fn blockdev_snapshot(args: Args) -> CmdResult {
-    run(vec![snapshot(args)?])
+pub(super) fn blockdev_snapshot(graph: &Graph, args: Args) -> CmdResult {
+    run(graph, vec![snapshot(graph, args)?])
 }
 
 /// `transaction`: QEMU's TransactionAction list (`{"type", "data"}`).
@@ -153,7 +157,7 @@ pub(super) fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
         let data = Args::new(data);
         actions.push(match kind.as_str() {
             "blockdev-snapshot-sync" => snapshot_sync(daemon, data)?,
-            "blockdev-snapshot" => snapshot(data)?,
+            "blockdev-snapshot" => snapshot(&daemon.graph, data)?,
             "abort" => {
                 data.finish()?;
                 Action::Abort
@@ -165,5 +169,5 @@ pub(super) fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
             }
         });
     }
-    run(actions)
+    run(&daemon.graph, actions)
 }

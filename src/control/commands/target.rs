@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::control::args::Args;
 use crate::control::qmp::QmpError;
 use crate::control::server::Daemon;
-use crate::graph::{find_node, Node};
+use crate::graph::Node;
 use crate::vhost::blk::export::BlkExport;
 
 pub(super) struct Target {
@@ -61,7 +61,9 @@ pub(super) fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpErr
             })
         }
         (None, Some(name)) => {
-            let node = find_node(&name)
+            let node = daemon
+                .graph
+                .find_node(&name)
                 .ok_or_else(|| QmpError::not_found(format!("Cannot find node '{name}'")))?;
             let export = daemon.exports.list().into_iter().find(|e| {
                 e.state

@@ -15,7 +15,7 @@ mod fake_guest {
     use super::super::queue::{self, CallFd, QueueControl, QueueSetup};
     use super::super::request::*;
     use super::super::state::ExportState;
-    use crate::graph::{open_null, BlockBackend};
+    use crate::graph::{open_null, BlockBackend, Graph};
     use crate::uring::IoThread;
     use crate::vhost::memory::{new_shared_memory, GuestRam};
 
@@ -95,7 +95,7 @@ mod fake_guest {
                 max_segments: 1,
                 serial,
             };
-            let backend = BlockBackend::new("test", open_null(DISK), read_only);
+            let backend = BlockBackend::new("test", open_null(&Graph::new(), DISK), read_only);
             let export = ExportState::new("test", backend, limits, QSIZE as usize, 1);
             let state = export.clone();
             let thread = IoThread::start("test-queue", std::time::Duration::ZERO).unwrap();
