@@ -74,6 +74,8 @@ fn parse() -> Opts {
 struct QueueResult {
     ios: u64,
     lat_ns: Vec<u32>,
+    /// The longest request, unsaturated (`lat_ns` saturates at 4.29 s).
+    max_ns: u128,
     errors: u64,
 }
 
@@ -140,6 +142,7 @@ fn main() {
                     let mut res = QueueResult {
                         ios: 0,
                         lat_ns: Vec::with_capacity(1 << 20),
+                        max_ns: 0,
                         errors: 0,
                     };
                     let mut comps: Vec<MaybeUninit<Completion>> =
@@ -151,6 +154,7 @@ fn main() {
                             measuring = true;
                             res.ios = 0;
                             res.lat_ns.clear();
+                            res.max_ns = 0;
                         }
                         let done = measuring && now - begin >= warmup + run;
                         for c in &comps[..n] {
@@ -160,9 +164,9 @@ fn main() {
                                 res.errors += 1;
                             }
                             res.ios += 1;
-                            res.lat_ns
-                                .push((now - sent[c.user_data]).as_nanos().min(u32::MAX as u128)
-                                    as u32);
+                            let took = (now - sent[c.user_data]).as_nanos();
+                            res.max_ns = res.max_ns.max(took);
+                            res.lat_ns.push(took.min(u32::MAX as u128) as u32);
                             if !done {
                                 sent[c.user_data] = Instant::now();
                                 issue(&mut q, c.user_data, next());
@@ -181,15 +185,17 @@ fn main() {
     });
     let ios: u64 = results.iter().map(|r| r.ios).sum();
     let errors: u64 = results.iter().map(|r| r.errors).sum();
+    let max = results.iter().map(|r| r.max_ns).max().unwrap_or(0);
     let mut lat: Vec<u32> = results.into_iter().flat_map(|r| r.lat_ns).collect();
     lat.sort_unstable();
     let avg = lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len().max(1) as f64;
     let p99 = lat.get(lat.len() * 99 / 100).copied().unwrap_or(0);
     println!(
-        "{{\"iops\": {:.0}, \"ios\": {ios}, \"errors\": {errors}, \"avg_us\": {:.2}, \"p99_us\": {:.2}, \"seconds\": {}}}",
+        "{{\"iops\": {:.0}, \"ios\": {ios}, \"errors\": {errors}, \"avg_us\": {:.2}, \"p99_us\": {:.2}, \"max_us\": {:.2}, \"seconds\": {}}}",
         ios as f64 / o.seconds,
         avg / 1000.0,
         p99 as f64 / 1000.0,
+        max as f64 / 1000.0,
         o.seconds
     );
 }

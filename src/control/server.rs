@@ -287,10 +287,9 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
         }
         true
     });
-    {
-        let _g = daemon.graph.lock();
-        sections.end_all();
-    }
+    // No graph lock: ending a section never waits, and must not wait
+    // behind another client's graph change.
+    sections.end_all();
     daemon.clients().retain(|c| c.id != client.id);
     log::info!("QMP client {} disconnected", client.id);
 }
@@ -335,7 +334,7 @@ pub(crate) fn respond(
             ))
         }
     } else {
-        let _g = daemon.graph.lock();
+        let _g = commands::holds_graph_lock(&req.execute).then(|| daemon.graph.lock());
         log::debug!("QMP client {client_id}: {}", req.execute);
         commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
     };

@@ -1,7 +1,8 @@
 //! Active commit (QEMU's `block-commit` of the active layer): merge an
 //! overlay chain back into its base while the guest keeps writing.
 //!
-//! Start: in a drained section, the base is reopened read-write and a
+//! Start: in a drained section of the top and the base (the rest of the
+//! graph goes on), the base is reopened read-write and a
 //! `commit_top` filter node goes between the BlockBackends and the top
 //! node; it passes every request down and, once a write has completed,
 //! marks its granules dirty. A job thread first marks every granule some
@@ -9,10 +10,13 @@
 //! (reading through the chain gives exactly what the guest sees) into the
 //! base, and reports `ready` once it has caught up.
 //!
-//! `job-complete` drains everything, copies what is still dirty, flushes
-//! the base and points the BlockBackends at it: the guest now writes the
-//! base, and the overlays close (their files stay: nothing the user did not
-//! ask for is deleted). Cancel points them back at the top.
+//! `job-complete` flushes the base while the guest still runs, then drains
+//! the top and the base, copies what the guest wrote since (little: the job
+//! keeps up) and points the BlockBackends at the base; once the section
+//! has ended the base is flushed again and the job reports completion. The
+//! guest now writes the base, and the overlays close (their files stay:
+//! nothing the user did not ask for is deleted). Cancel points the
+//! BlockBackends back at the top.
 //!
 //! Crash safety: the base only ever receives data the top also shows for
 //! the same granule, so at any moment the chain reads the same as before;
@@ -29,6 +33,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::backend::move_backends;
 use super::blockdev::{check_new_node_name, BlockdevError};
 use super::dirty::DirtyMap;
+use super::drain::Drained;
 use super::in_flight::{InFlight, InFlightCounter};
 use super::job::{Job, JobDriver, JobStatus};
 use super::node::{Child, ChildRole, Node};
@@ -130,9 +135,9 @@ struct Commit {
     /// Drained sections covering the top or the base right now.
     paused: AtomicU32,
     stop: AtomicBool,
-    /// `job-complete` began a drained section that `finalize` (or `abort`)
-    /// ends.
-    completing: AtomicBool,
+    /// The drained section (of the top and the base) `job-complete` began
+    /// and `finalize` (or `abort`) ends.
+    completing: Mutex<Option<Drained>>,
     /// A copy in progress (what a drain waits for).
     busy: InFlightCounter,
     /// Our entries in the top's and the base's parent lists.
@@ -176,9 +181,10 @@ pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
         o.auto_finalize,
         o.auto_dismiss,
     )?;
-    g.drain_all_begin();
+    // Only this disk's nodes: the rest of the graph goes on.
+    let section = Drained::begin(vec![top.clone(), base.clone()]);
     let started = install(&job, &top, &base, o.filter_node_name);
-    g.drain_all_end();
+    drop(section);
     let commit = match started {
         Ok(c) => c,
         Err(e) => {
@@ -244,7 +250,7 @@ fn install(
         dirty,
         paused: AtomicU32::new(0),
         stop: AtomicBool::new(false),
-        completing: AtomicBool::new(false),
+        completing: Mutex::new(None),
         busy: InFlightCounter::new(),
         edges: Mutex::new(Vec::new()),
         io: Mutex::new(None),
@@ -380,7 +386,11 @@ impl Commit {
         self.filter.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Copy what is still dirty and flush the base (everything drained).
+    fn completing(&self) -> std::sync::MutexGuard<'_, Option<Drained>> {
+        self.completing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Copy what is still dirty (the top and the base drained).
     fn catch_up(&self) -> Result<(), String> {
         let r = uring::block_on(|| async {
             while let Some((offset, len)) = self.dirty.take_run() {
@@ -389,19 +399,30 @@ impl Commit {
                     .map_err(|e| format!("copying {len} bytes at offset {offset}: {e}"))?;
                 self.job.add_progress(len);
             }
-            self.base
-                .flush()
-                .await
-                .map_err(|e| format!("flushing '{}': {e}", self.base.name()))
+            Ok(())
         });
         r.map_err(|e| e.to_string()).and_then(|r| r)
+    }
+
+    /// Make what was copied into the base durable (no drained section
+    /// needed: the guest may go on meanwhile).
+    fn flush_base(&self) -> Result<(), String> {
+        let base = self.base.clone();
+        let r = uring::block_on(move || async move { base.flush().await });
+        r.and_then(|r| r)
+            .map_err(|e| format!("flushing '{}': {e}", self.base.name()))
     }
 }
 
 impl JobDriver for Commit {
     fn prepare_completion(&self) -> Result<(), String> {
-        self.top.graph().drain_all_begin();
-        self.completing.store(true, Ordering::SeqCst);
+        // The slow part first, with the guest running: what the job copied
+        // so far reaches the disk. The drained section, of this disk's
+        // nodes only, then covers just the copy of what the guest wrote
+        // since; the flush of that comes after the pivot.
+        self.flush_base().inspect_err(|_| self.abort())?;
+        let section = Drained::begin(vec![self.top.clone(), self.base.clone()]);
+        *self.completing() = Some(section);
         self.catch_up().inspect_err(|_| self.abort())
     }
 
@@ -412,10 +433,12 @@ impl JobDriver for Commit {
         }
         self.stop.store(true, Ordering::SeqCst);
         self.detach();
-        if self.completing.swap(false, Ordering::SeqCst) {
-            self.top.graph().drain_all_end();
-        }
+        drop(self.completing().take());
         self.stop_thread();
+        // The last copies, before the job reports that it completed.
+        if let Err(e) = self.flush_base() {
+            log::error!("job {}: {e}", self.job.id());
+        }
         log::info!(
             "job {}: '{}' committed; the disk is on '{}' now",
             self.job.id(),
@@ -427,21 +450,11 @@ impl JobDriver for Commit {
     }
 
     fn abort(&self) {
-        let g = self.top.graph();
-        g.drain_all_begin();
+        let section = Drained::begin(vec![self.top.clone(), self.base.clone()]);
         self.stop.store(true, Ordering::SeqCst);
         let filter = self.take_filter();
         if let Some(f) = &filter {
             move_backends(f, &self.top);
-        }
-        let base = self.base.clone();
-        let flushed = uring::block_on(move || async move { base.flush().await });
-        if let Err(e) = flushed.and_then(|r| r) {
-            log::error!(
-                "job {}: flushing '{}': {e}",
-                self.job.id(),
-                self.base.name()
-            );
         }
         if self.base_was_read_only {
             if let Err(e) = self.base.reopen(true) {
@@ -449,11 +462,14 @@ impl JobDriver for Commit {
             }
         }
         self.detach();
-        g.drain_all_end();
-        if self.completing.swap(false, Ordering::SeqCst) {
-            g.drain_all_end();
-        }
+        drop(section);
+        drop(self.completing().take());
         self.stop_thread();
+        // What was copied reaches the disk, so that the base is
+        // consistent there too (a read-only node flushes as well).
+        if let Err(e) = self.flush_base() {
+            log::error!("job {}: {e}", self.job.id());
+        }
         drop(filter);
     }
 

@@ -9,6 +9,7 @@
 //! polls. Sections nest; `drain_all` quiesces every node and polls once.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::in_flight::poll_while;
 use super::node::Node;
@@ -81,6 +82,32 @@ impl Node {
     pub fn notify_resized(&self) {
         for p in self.parents.live() {
             p.resized();
+        }
+    }
+}
+
+/// A drained section over a few nodes at once (the ones a graph change
+/// touches, and with them their parents and what lies below): each is
+/// quiesced, then one wait until none of them has requests in flight.
+/// Other nodes of the graph go on. Ends when dropped.
+pub(super) struct Drained(Vec<Arc<Node>>);
+
+impl Drained {
+    pub(super) fn begin(nodes: Vec<Arc<Node>>) -> Self {
+        for n in &nodes {
+            n.drained_begin_quiesce();
+        }
+        poll_while(|| nodes.iter().any(|n| n.drain_busy()));
+        Drained(nodes)
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        for n in self.0.iter().rev() {
+            if let Err(e) = n.drained_end() {
+                log::error!("{e}");
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::uring::{AlignedBuf, IoThread, IoVec};
 
 /// Requests block until the test opens the gate (a stand-in for slow I/O).
 #[derive(Default)]
-struct Gate {
+pub(super) struct Gate {
     state: Mutex<(bool, Vec<Waker>)>,
     /// Run by the first request through the open gate, still inside the
     /// driver: a completion that changes the graph.
@@ -24,7 +24,7 @@ struct Gate {
 }
 
 impl Gate {
-    fn open(&self) {
+    pub(super) fn open(&self) {
         let mut s = self.state.lock().unwrap();
         s.0 = true;
         for w in s.1.drain(..) {
@@ -83,7 +83,7 @@ impl BlockDriver for GateDriver {
     }
 }
 
-fn gate_node(g: &Graph, name: &str, gate: &Arc<Gate>) -> Arc<Node> {
+pub(super) fn gate_node(g: &Graph, name: &str, gate: &Arc<Gate>) -> Arc<Node> {
     Node::new(g, name, Box::new(GateDriver(gate.clone())), vec![])
 }
 
@@ -172,7 +172,7 @@ fn buf() -> IoVec {
 /// Runs its closure when dropped. Declared after a test's iothreads, it
 /// unblocks their tasks if an assertion fails, so the iothreads can stop
 /// and the failure is reported instead of hanging.
-struct OnDrop<F: FnMut()>(F);
+pub(super) struct OnDrop<F: FnMut()>(pub(super) F);
 
 impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {

@@ -4,16 +4,17 @@
 //! A snapshot puts a qcow2 overlay above a node: the overlay's backing
 //! image is the node, every BlockBackend on the node moves to the overlay,
 //! and the node is reopened read-only. A transaction applies several at
-//! once, all or none. First, with the guest still running, it creates the
-//! new overlay files (the slow, synced part). Then it drains every node
-//! (`drain_all`, as QEMU does: a transaction may name any node, and the
-//! nodes it does not name keep their requests for the milliseconds it
-//! takes), prepares each action (open the overlay over the node), then
+//! once, all or none. First, with the guest still running and without the
+//! graph lock, it creates the new overlay files (the slow, synced part).
+//! Then, under the graph lock, it drains the nodes the actions name (and
+//! with them their BlockBackends and what lies below; QEMU drains every
+//! node here, but the disks a transaction does not name need not wait for
+//! it), prepares each action (open the overlay over the node), then
 //! commits them all or, if one failed, aborts those prepared, in reverse,
 //! and deletes the files it created. Nothing is synced while the guest
-//! waits: the overlay's next flush syncs the old image first. Every phase runs
-//! on the calling (control) thread with the iothreads quiesced; no lock is
-//! held across phases that an iothread could want.
+//! waits: the overlay's next flush syncs the old image first. Every phase
+//! runs on the calling (control) thread; no lock is held across phases
+//! that an iothread could want.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use std::time::Instant;
 
 use super::backend::move_backends;
 use super::blockdev::{check_new_node_name, BlockdevError};
+use super::drain::Drained;
 use super::node::{ChildRole, Node};
 use super::open::{open_file_node, open_qcow2_node};
 use super::registry::Graph;
@@ -66,7 +68,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
 
 impl Graph {
     /// Apply `actions` atomically: all of them, or (on the first error, which
-    /// is returned) none. Their nodes are nodes of this graph.
+    /// is returned) none. Their nodes are nodes of this graph. Takes the
+    /// graph lock once the overlay files exist.
     pub fn transaction(&self, actions: Vec<Action>) -> Result<(), BlockdevError> {
         // Before the drained section, so the guest does not wait for it: the
         // new overlay files are created and synced.
@@ -86,8 +89,26 @@ impl Graph {
                 made.push(file.clone());
             }
         }
+        let _lock = self.lock();
+        let mut touched: Vec<Arc<Node>> = Vec::new();
+        for a in &actions {
+            let nodes = match a {
+                Action::SnapshotSync { node, .. } => vec![node],
+                Action::Snapshot { node, overlay } => vec![node, overlay],
+                Action::Abort => vec![],
+            };
+            for n in nodes {
+                if !n.graph().same(self) {
+                    remove_files(&made);
+                    return err(format!("Node '{}' is not in this graph", n.name()));
+                }
+                if !touched.iter().any(|t| Arc::ptr_eq(t, n)) {
+                    touched.push(n.clone());
+                }
+            }
+        }
         let started = Instant::now();
-        self.drain_all_begin();
+        let section = Drained::begin(touched);
         let drained = Instant::now();
         let mut prepared: Vec<Prepared> = Vec::new();
         let mut failure = None;
@@ -104,7 +125,7 @@ impl Graph {
             None => prepared.into_iter().for_each(commit),
             Some(_) => prepared.into_iter().rev().for_each(abort),
         }
-        self.drain_all_end();
+        drop(section);
         log::info!(
             "transaction: {} in {:?} (waiting for requests in flight {:?}, drained {:?})",
             if failure.is_some() { "aborted" } else { "done" },

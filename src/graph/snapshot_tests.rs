@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::drain_tests::eventually;
+use super::drain_tests::{eventually, gate_node, Gate, OnDrop};
 use super::*;
 use crate::formats::lock::ImageLock;
 use crate::formats::CacheMode;
@@ -305,4 +305,67 @@ fn a_commit_reopens_a_base_opened_read_only_for_writing() {
     drop(base_node);
     let data = std::fs::read(&base).unwrap();
     assert_eq!((data[0], data[65536], data[65536 * 2]), (0x77, 0x5a, 2));
+}
+
+/// Run `f` on a thread of its own; its result, or a failure naming `what`
+/// if it has not returned within 20 s (it waits for something it must not).
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} waited for another disk's request"))
+}
+
+#[test]
+fn a_snapshot_and_a_commit_of_one_disk_do_not_wait_for_another() {
+    let g = Graph::new();
+    let (_, a) = raw_disk(&g, "iso-a", 1);
+    // Disk b, in the same graph: its read hangs until the test ends.
+    let gate = Arc::new(Gate::default());
+    let b = BlockBackend::new("iso-b", gate_node(&g, "iso-b-node", &gate), false);
+    let t = IoThread::start("snap-iso", Duration::ZERO).unwrap();
+    let _unstick = OnDrop(|| gate.open());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let bb = b.clone();
+    t.handle().run(move || {
+        crate::uring::spawn(async move {
+            let buf = IoVec::from_buf(AlignedBuf::zeroed(4096, 4096));
+            let _ = tx.send(bb.read(0, &buf).await.is_ok());
+        });
+    });
+    eventually("b's read to be in flight", || b.in_flight() == 1);
+
+    // Draining every node, as QEMU does, would wait for b's read forever.
+    let base = a.root().unwrap();
+    let (ga, root, ov) = (g.clone(), base.clone(), scratch("iso-ov"));
+    within("a snapshot of disk a", move || {
+        ga.transaction(vec![sync(&root, &ov, OverlayMode::AbsolutePaths, "iso-ov")])
+    })
+    .unwrap();
+    io(&t, &a, Some(9), 0);
+    start_commit(CommitOptions {
+        job_id: "iso-c".into(),
+        top: a.root().unwrap(),
+        base: None,
+        filter_node_name: None,
+        auto_finalize: true,
+        auto_dismiss: true,
+    })
+    .unwrap();
+    eventually("the job to be ready", || {
+        g.jobs().query_jobs()[0]["status"] == "ready"
+    });
+    let ga = g.clone();
+    within("job-complete on disk a", move || {
+        ga.jobs().complete("iso-c")
+    })
+    .unwrap();
+    assert_eq!(g.jobs().query_jobs(), serde_json::json!([]));
+    assert!(Arc::ptr_eq(&a.root().unwrap(), &base), "back on the base");
+    assert_eq!(io(&t, &a, None, 0), vec![9; 4096]);
+    assert_eq!(b.in_flight(), 1, "b's read was stuck all along");
+    gate.open();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
 }

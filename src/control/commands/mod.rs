@@ -52,6 +52,26 @@ pub(super) const COMMANDS: &[&str] = &[
     "quit",
 ];
 
+/// Whether `name` runs under the graph lock, taken by the caller. Graph
+/// changes do, one at a time. Queries and drained sections do not: they
+/// must never wait behind another client's graph change (a drained
+/// section's end would keep a guest stopped for as long). Snapshots and
+/// transactions take the lock themselves, once their overlay files exist.
+pub(super) fn holds_graph_lock(name: &str) -> bool {
+    !(name.starts_with("query-")
+        || matches!(
+            name,
+            "qmp_capabilities"
+                | "quit"
+                | "block-drain"
+                | "block-drained-begin"
+                | "block-drained-end"
+                | "blockdev-snapshot-sync"
+                | "blockdev-snapshot"
+                | "transaction"
+        ))
+}
+
 pub(super) fn execute(
     daemon: &Arc<Daemon>,
     sections: &mut Sections,
