@@ -5,7 +5,6 @@ mod cli;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 
@@ -15,13 +14,12 @@ use cli::{
 };
 use ringblk::control::ctl;
 use ringblk::daemon::qsd::{self, QsdArgs};
-use ringblk::daemon::{quit_requested, request_quit, ExportConfig, ExportListener, StorageDaemon};
+use ringblk::daemon::serve::{self, Root, ServeOptions};
+use ringblk::daemon::{quit_requested, StorageDaemon};
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
-use ringblk::graph::{
-    open_image, open_null, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions, Node,
-};
+use ringblk::graph::{open_image, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions};
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
 // (its own, its file child node's, the file driver's), and with dozens of
@@ -254,15 +252,10 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-fn open_root(graph: &Graph, args: &ServeArgs) -> Result<(Arc<Node>, String), String> {
+/// What `serve` exports: the null disk or image the arguments name.
+fn root_of(args: &ServeArgs) -> Result<(Root, PathBuf), String> {
     if let Some(size) = args.null {
-        if size % args.logical_block_size as u64 != 0 {
-            return Err(format!(
-                "--null size must be a multiple of {}",
-                args.logical_block_size
-            ));
-        }
-        return Ok((open_null(graph, size), format!("null disk of {size} bytes")));
+        return Ok((Root::Null(size), PathBuf::new()));
     }
     let path = match &args.image {
         Some(p) => p.clone(),
@@ -294,12 +287,19 @@ fn open_root(graph: &Graph, args: &ServeArgs) -> Result<(Arc<Node>, String), Str
         auto_names: false,
         lock_wait: args.lock_wait.unwrap_or(ringblk::daemon::DEFAULT_LOCK_WAIT),
     };
-    let node = open_image(graph, &opts).map_err(|e| e.to_string())?;
-    let mut what = absolute(&path).display().to_string();
+    Ok((Root::Image(opts), path))
+}
+
+/// The banner's words for what is served.
+fn describe(args: &ServeArgs, path: &Path, backend: &BlockBackend) -> String {
+    if args.null.is_some() {
+        return format!("null disk of {} bytes", backend.size());
+    }
+    let mut what = absolute(path).display().to_string();
     if args.format == FormatArg::Auto {
         // The banner says so: a probed format is a guess the guest must not
         // be able to change (see RawDriver::probed).
-        let format = node.driver_name();
+        let format = backend.root().map_or("raw", |n| n.driver_name());
         what = format!("{what}, format probed as {format}; give --format {format} to pin it");
         if format == "raw" {
             what.push_str(
@@ -307,7 +307,7 @@ fn open_root(graph: &Graph, args: &ServeArgs) -> Result<(Arc<Node>, String), Str
             );
         }
     }
-    Ok((node, what))
+    what
 }
 
 fn print_attach_help(sock: &Path, args: &ServeArgs) {
@@ -322,44 +322,28 @@ fn print_attach_help(sock: &Path, args: &ServeArgs) {
     println!("  cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket={s},num_queues={n},queue_size={q} ...");
 }
 
-/// `--iothreads`, or one per queue but at most one fewer than the CPUs we
-/// may use (at least one); never more than there are queues.
-fn iothread_count(args: &ServeArgs) -> u16 {
-    let spare = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1));
-    let default = u16::try_from(spare.max(1)).unwrap_or(u16::MAX);
-    args.iothreads.unwrap_or(default).min(args.num_queues)
-}
-
 fn serve(args: ServeArgs) -> Result<(), String> {
     let signals = block_shutdown_signals();
-    let mut daemon = StorageDaemon::default();
-    let (root, what) = open_root(daemon.graph(), &args)?;
-    // The simple form: queue k on iothread k mod n.
-    let n = iothread_count(&args);
-    let mut iothreads = Vec::new();
-    for i in 0..n {
-        let poll = std::time::Duration::from_micros(args.poll_max_us);
-        iothreads.push(daemon.add_iothread(&format!("iothread{i}"), poll)?);
-    }
-    let backend = daemon
-        .add_export(
-            ExportConfig {
-                id: args.id.clone(),
-                root,
-                read_only: args.read_only,
-                num_queues: args.num_queues,
-                queue_size: args.queue_size,
-                logical_block_size: args.logical_block_size,
-                serial: args.serial.clone(),
-                listener: ExportListener::Path(args.socket.clone()),
-                socket_mode: args.socket_mode,
-            },
-            &iothreads,
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
-    if let Some(path) = &args.control {
-        daemon.start_control(path, args.control_max_clients as usize, request_quit)?;
-    }
+    let (root, path) = root_of(&args)?;
+    let (daemon, backend) = serve::build(ServeOptions {
+        root,
+        socket: args.socket.clone(),
+        socket_mode: args.socket_mode,
+        id: args.id.clone(),
+        read_only: args.read_only,
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        logical_block_size: args.logical_block_size,
+        serial: args.serial.clone(),
+        iothreads: args.iothreads,
+        poll_max: std::time::Duration::from_micros(args.poll_max_us),
+        control: args
+            .control
+            .clone()
+            .map(|p| (p, args.control_max_clients as usize)),
+    })?;
+    let what = describe(&args, &path, &backend);
+    let n = daemon.iothread_count();
 
     print_attach_help(&args.socket, &args);
     println!("ringblk: serving {what}");

@@ -6,6 +6,7 @@
 
 pub mod keyval;
 pub mod qsd;
+pub mod serve;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +105,11 @@ impl StorageDaemon {
                     .ok_or_else(|| format!("Cannot find iothread {id}"))
             })
             .collect()
+    }
+
+    /// How many iothreads run.
+    pub fn iothread_count(&self) -> usize {
+        self.iothreads.len()
     }
 
     /// The daemon's block graph.

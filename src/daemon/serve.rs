@@ -1,0 +1,106 @@
+//! ringblk's own command line (`ringblk serve`): one image (or a null
+//! disk), one export with its queues spread over iothreads, and a QMP
+//! socket if asked for. It builds the same `StorageDaemon` the QSD form
+//! builds (`qsd.rs`); `main.rs` only turns arguments into [`ServeOptions`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{request_quit, ExportConfig, ExportListener, StorageDaemon};
+use crate::graph::{open_image, open_null, BlockBackend, ImageOptions};
+
+/// What the export serves.
+pub enum Root {
+    /// A null disk of this many bytes.
+    Null(u64),
+    Image(ImageOptions),
+}
+
+pub struct ServeOptions {
+    pub root: Root,
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub id: String,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub logical_block_size: u32,
+    pub serial: String,
+    /// Iothreads; None: the default of [`default_iothreads`].
+    pub iothreads: Option<u16>,
+    pub poll_max: Duration,
+    /// The QMP socket, and how many clients it takes at once.
+    pub control: Option<(PathBuf, usize)>,
+}
+
+/// One iothread per queue, but at most one fewer than the CPUs we may use
+/// (at least one): on a small machine a second busy iothread only takes
+/// turns with the first and with the guest.
+pub fn default_iothreads() -> u16 {
+    let spare = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1));
+    u16::try_from(spare.max(1)).unwrap_or(u16::MAX)
+}
+
+/// The daemon `o` describes, serving; and its export's BlockBackend.
+/// Queue k runs on iothread k mod n. On failure, what was built is shut
+/// down again.
+pub fn build(o: ServeOptions) -> Result<(StorageDaemon, Arc<BlockBackend>), String> {
+    let mut daemon = StorageDaemon::default();
+    match populate(&mut daemon, o) {
+        Ok(backend) => Ok((daemon, backend)),
+        Err(e) => {
+            if let Err(close) = daemon.shutdown("host-error") {
+                log::error!("{close}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBackend>, String> {
+    let root = match &o.root {
+        Root::Null(size) => {
+            if size % o.logical_block_size as u64 != 0 {
+                return Err(format!(
+                    "--null size must be a multiple of {}",
+                    o.logical_block_size
+                ));
+            }
+            open_null(daemon.graph(), *size)
+        }
+        Root::Image(opts) => open_image(daemon.graph(), opts).map_err(|e| e.to_string())?,
+    };
+    let n = o
+        .iothreads
+        .unwrap_or_else(default_iothreads)
+        .min(o.num_queues);
+    let mut iothreads = Vec::new();
+    for i in 0..n {
+        iothreads.push(daemon.add_iothread(&format!("iothread{i}"), o.poll_max)?);
+    }
+    let what = match &o.root {
+        Root::Null(_) => "null disk".to_string(),
+        Root::Image(opts) => opts.path.display().to_string(),
+    };
+    let backend = daemon
+        .add_export(
+            ExportConfig {
+                id: o.id,
+                root,
+                read_only: o.read_only,
+                num_queues: o.num_queues,
+                queue_size: o.queue_size,
+                logical_block_size: o.logical_block_size,
+                serial: o.serial,
+                listener: ExportListener::Path(o.socket),
+                socket_mode: o.socket_mode,
+            },
+            &iothreads,
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+    if let Some((path, clients)) = &o.control {
+        daemon.start_control(path, *clients, request_quit)?;
+    }
+    Ok(backend)
+}
