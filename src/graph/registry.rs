@@ -99,6 +99,23 @@ impl Graph {
         self.0.backends.all()
     }
 
+    /// The BlockBackend called `name` (an export's id) that has a medium
+    /// (QEMU's blk_by_name).
+    pub fn find_backend(&self, name: &str) -> Option<Arc<BlockBackend>> {
+        self.all_backends()
+            .into_iter()
+            .find(|b| b.name() == name && b.root().is_some())
+    }
+
+    /// A node named by QEMU's `device` (a BlockBackend, meaning its root)
+    /// or, failing that, `node-name` (QEMU's bdrv_lookup_bs).
+    pub fn lookup_node(&self, device: Option<&str>, node_name: Option<&str>) -> Option<Arc<Node>> {
+        device
+            .and_then(|d| self.find_backend(d))
+            .and_then(|b| b.root())
+            .or_else(|| node_name.and_then(|n| self.find_node(n)))
+    }
+
     /// The jobs of this graph.
     pub fn jobs(&self) -> &Arc<Jobs> {
         &self.0.jobs

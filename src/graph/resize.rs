@@ -18,10 +18,12 @@ pub enum ResizeError {
     Io(#[from] io::Error),
 }
 
-/// Grow `node` to `size` bytes inside a drained section on it, then flush
-/// (the new size must survive a crash like any acknowledged write), and
-/// tell its parents (an export tells its guest). The same size again is
-/// nothing to do. Returns the old size.
+/// Grow `node` to `size` bytes inside a drained section on it and tell its
+/// parents (an export tells its guest), then, with the section ended,
+/// flush (the new size must survive a crash like any acknowledged write;
+/// the guest's writes past the old end may go on meanwhile, as any write
+/// before a flush). The same size again is nothing to do. Returns the old
+/// size.
 pub fn resize(node: &Arc<Node>, size: u64) -> Result<u64, ResizeError> {
     if node.is_read_only() {
         return Err(ResizeError::ReadOnly(node.name().to_string()));
@@ -39,16 +41,14 @@ pub fn resize(node: &Arc<Node>, size: u64) -> Result<u64, ResizeError> {
     }
     node.drained_begin();
     let n = node.clone();
-    let grown = uring::block_on(move || async move {
-        n.grow(size).await?;
-        n.flush().await
-    })
-    .and_then(|r| r);
+    let grown = uring::block_on(move || async move { n.grow(size).await }).and_then(|r| r);
     if grown.is_ok() {
         node.notify_resized();
     }
     // Cannot fail: the section begun above is still open.
     let _ = node.drained_end();
     grown?;
+    let n = node.clone();
+    uring::block_on(move || async move { n.flush().await }).and_then(|r| r)?;
     Ok(old)
 }

@@ -42,13 +42,10 @@ pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
             "Name nodes with 'base-node' and 'top-node'; 'base', 'top' and 'backing-file' are not supported",
         ));
     }
-    let top = match daemon.export(&device).and_then(|e| e.state.backend.root()) {
-        Some(root) => root,
-        None => daemon
-            .graph
-            .find_node(&device)
-            .ok_or_else(|| QmpError::not_found(format!("Device '{device}' not found")))?,
-    };
+    let top = daemon
+        .graph
+        .lookup_node(Some(&device), Some(&device))
+        .ok_or_else(|| QmpError::not_found(format!("Device '{device}' not found")))?;
     if let Some(t) = top_node {
         if t != top.name() {
             return Err(QmpError::generic(format!(

@@ -18,16 +18,9 @@ fn lookup(
     device: Option<String>,
     node_name: Option<String>,
 ) -> Result<Arc<Node>, QmpError> {
-    if let Some(root) = device
-        .as_deref()
-        .and_then(|d| daemon.export(d))
-        .and_then(|e| e.state.backend.root())
-    {
-        return Ok(root);
-    }
-    node_name
-        .as_deref()
-        .and_then(|n| daemon.graph.find_node(n))
+    daemon
+        .graph
+        .lookup_node(device.as_deref(), node_name.as_deref())
         .ok_or_else(|| {
             QmpError::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",
