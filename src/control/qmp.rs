@@ -2,6 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::graph::{ErrorKind, GraphError};
 use serde_json::{json, Map, Value};
 
 /// Error classes QMP clients know.
@@ -29,6 +30,24 @@ impl ErrorClass {
 pub struct QmpError {
     pub class: ErrorClass,
     pub desc: String,
+}
+
+/// A graph operation's failure as QMP reports it. QEMU answers every one
+/// of these kinds with GenericError (a node, job or device the command
+/// names but cannot find included: DeviceNotFound is for the few commands
+/// that look a device up before anything else, and they say so
+/// themselves), so the kind decides nothing here yet; this is where it
+/// will.
+impl From<GraphError> for QmpError {
+    fn from(e: GraphError) -> Self {
+        match e.kind() {
+            ErrorKind::InvalidInput
+            | ErrorKind::NotFound
+            | ErrorKind::Busy
+            | ErrorKind::Unsupported
+            | ErrorKind::Io => QmpError::generic(e.message()),
+        }
+    }
 }
 
 impl QmpError {

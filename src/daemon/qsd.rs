@@ -114,7 +114,7 @@ pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, Str
                 daemon
                     .graph()
                     .blockdev_add_waiting(Value::Object(map), lock_wait)
-                    .map_err(|e| ctx(e.0))?;
+                    .map_err(|e| ctx(e.to_string()))?;
             }
             "--object" => add_object(daemon, map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),

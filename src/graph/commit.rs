@@ -31,9 +31,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::backend::move_backends;
-use super::blockdev::{check_new_node_name, BlockdevError};
+use super::blockdev::check_new_node_name;
 use super::dirty::DirtyMap;
 use super::drain::Drained;
+use super::error::GraphError;
 use super::in_flight::{InFlight, InFlightCounter};
 use super::job::{Job, JobDriver, JobStatus};
 use super::node::{Child, ChildRole, Node};
@@ -63,8 +64,8 @@ pub struct CommitOptions {
     pub auto_dismiss: bool,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
-    Err(BlockdevError(msg.into()))
+fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
+    Err(GraphError::invalid(msg))
 }
 
 /// The filter between the BlockBackends and the top during a commit.
@@ -146,7 +147,7 @@ struct Commit {
 }
 
 /// Start an active commit job.
-pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
+pub fn start_commit(o: CommitOptions) -> Result<(), GraphError> {
     let top = o.top;
     check_top(&top)?;
     let mut chain = Vec::new();
@@ -200,7 +201,9 @@ pub fn start_commit(o: CommitOptions) -> Result<(), BlockdevError> {
             commit.abort();
             job.set_status(JobStatus::Null);
             job.unregister();
-            return err(format!("Cannot start the job's thread: {e}"));
+            return Err(GraphError::io(format!(
+                "Cannot start the job's thread: {e}"
+            )));
         }
     };
     let handle = io.handle();
@@ -223,10 +226,10 @@ fn install(
     top: &Arc<Node>,
     base: &Arc<Node>,
     filter_name: Option<String>,
-) -> Result<Arc<Commit>, BlockdevError> {
+) -> Result<Arc<Commit>, GraphError> {
     let base_was_read_only = base.is_read_only();
     base.reopen(false)
-        .map_err(|e| BlockdevError(format!("Cannot commit into '{}': {e}", base.name())))?;
+        .map_err(|e| GraphError::io(format!("Cannot commit into '{}': {e}", base.name())))?;
     let dirty = Arc::new(DirtyMap::new(top.size(), GRANULE_BITS));
     let g = top.graph();
     let filter = Node::new(
@@ -319,7 +322,7 @@ impl Commit {
         }
     }
 
-    async fn copy_until_stopped(&self) -> Result<(), String> {
+    async fn copy_until_stopped(&self) -> Result<(), GraphError> {
         let gran = self.dirty.granularity();
         let granules = self.dirty.granules();
         let mut g = 0;
@@ -328,10 +331,12 @@ impl Commit {
                 return Ok(());
             };
             for g in g..(g + SCAN_BATCH).min(granules) {
-                let allocated = self
-                    .allocated_above_base(g * gran)
-                    .await
-                    .map_err(|e| format!("reading the allocation at offset {}: {e}", g * gran))?;
+                let allocated = self.allocated_above_base(g * gran).await.map_err(|e| {
+                    GraphError::io(format!(
+                        "reading the allocation at offset {}: {e}",
+                        g * gran
+                    ))
+                })?;
                 if allocated {
                     self.dirty.mark(g * gran, gran);
                 }
@@ -347,7 +352,9 @@ impl Commit {
                 Some((offset, len)) => {
                     if let Err(e) = self.copy(offset, len).await {
                         self.dirty.mark(offset, len);
-                        return Err(format!("copying {len} bytes at offset {offset}: {e}"));
+                        return Err(GraphError::io(format!(
+                            "copying {len} bytes at offset {offset}: {e}"
+                        )));
                     }
                     drop(busy);
                     self.job.add_progress(len);
@@ -391,31 +398,31 @@ impl Commit {
     }
 
     /// Copy what is still dirty (the top and the base drained).
-    fn catch_up(&self) -> Result<(), String> {
+    fn catch_up(&self) -> Result<(), GraphError> {
         let r = uring::block_on(|| async {
             while let Some((offset, len)) = self.dirty.take_run() {
-                self.copy(offset, len)
-                    .await
-                    .map_err(|e| format!("copying {len} bytes at offset {offset}: {e}"))?;
+                self.copy(offset, len).await.map_err(|e| {
+                    GraphError::io(format!("copying {len} bytes at offset {offset}: {e}"))
+                })?;
                 self.job.add_progress(len);
             }
             Ok(())
         });
-        r.map_err(|e| e.to_string()).and_then(|r| r)
+        r.map_err(|e| GraphError::io(e.to_string())).and_then(|r| r)
     }
 
     /// Make what was copied into the base durable (no drained section
     /// needed: the guest may go on meanwhile).
-    fn flush_base(&self) -> Result<(), String> {
+    fn flush_base(&self) -> Result<(), GraphError> {
         let base = self.base.clone();
         let r = uring::block_on(move || async move { base.flush().await });
         r.and_then(|r| r)
-            .map_err(|e| format!("flushing '{}': {e}", self.base.name()))
+            .map_err(|e| GraphError::io(format!("flushing '{}': {e}", self.base.name())))
     }
 }
 
 impl JobDriver for Commit {
-    fn prepare_completion(&self) -> Result<(), String> {
+    fn prepare_completion(&self) -> Result<(), GraphError> {
         // The slow part first, with the guest running: what the job copied
         // so far reaches the disk. The drained section, of this disk's
         // nodes only, then covers just the copy of what the guest wrote

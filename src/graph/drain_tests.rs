@@ -526,8 +526,11 @@ fn two_graphs_share_nothing() {
     g1.blockdev_add(null("n0")).unwrap();
     g2.blockdev_add(null("n0")).unwrap();
     let e = g1.blockdev_add(null("n0")).unwrap_err();
-    assert_eq!(e.0, "Duplicate nodes with node-name='n0'");
+    assert_eq!(e.message(), "Duplicate nodes with node-name='n0'");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
     g1.release_monitor_nodes();
+    let e = g1.blockdev_del("n0").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(g1.find_node("n0").is_none());
     assert!(g2.find_node("n0").is_some());
     assert_eq!(g2.jobs().query_jobs(), serde_json::json!([]));

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::{json, Value};
 
-use super::blockdev::BlockdevError;
+use super::error::GraphError;
 use super::registry::Graph;
 
 /// QEMU's JobStatus.
@@ -52,7 +52,7 @@ pub(super) trait JobDriver: Send + Sync {
     /// drained section it keeps until `finalize` or `abort`). An error is
     /// the job's failure, reported in its completion event; the job has
     /// undone its graph changes by then.
-    fn prepare_completion(&self) -> Result<(), String>;
+    fn prepare_completion(&self) -> Result<(), GraphError>;
     /// Make the result part of the graph (a commit pivots).
     fn finalize(&self);
     /// Undo the job's graph changes and stop its thread (cancel, failure,
@@ -94,8 +94,8 @@ pub struct Jobs {
     sink: Mutex<Option<Sink>>,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
-    Err(BlockdevError(msg.into()))
+fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
+    Err(GraphError::invalid(msg))
 }
 
 impl Jobs {
@@ -121,12 +121,12 @@ impl Jobs {
     }
 
     /// The job called `id`, if it exists.
-    fn find(&self, id: &str) -> Result<Arc<Job>, BlockdevError> {
+    fn find(&self, id: &str) -> Result<Arc<Job>, GraphError> {
         self.list()
             .iter()
             .find(|j| j.id == id)
             .cloned()
-            .ok_or_else(|| BlockdevError("Job not found".into()))
+            .ok_or_else(|| GraphError::not_found("Job not found"))
     }
 }
 
@@ -139,13 +139,13 @@ impl Job {
         kind: &'static str,
         auto_finalize: bool,
         auto_dismiss: bool,
-    ) -> Result<Arc<Job>, BlockdevError> {
+    ) -> Result<Arc<Job>, GraphError> {
         if id.is_empty() || id.starts_with('#') {
             return err(format!("Invalid job ID '{id}'"));
         }
         let mut all = jobs.list();
         if all.iter().any(|j| j.id == id) {
-            return err(format!("Job ID '{id}' already in use"));
+            return Err(GraphError::busy(format!("Job ID '{id}' already in use")));
         }
         let job = Arc::new(Job {
             id: id.to_string(),
@@ -280,8 +280,8 @@ impl Job {
         self.unregister();
     }
 
-    fn refuse(&self, verb: &str) -> BlockdevError {
-        BlockdevError(format!(
+    fn refuse(&self, verb: &str) -> GraphError {
+        GraphError::busy(format!(
             "Job '{}' in state '{}' cannot accept command verb '{verb}'",
             self.id,
             self.status().name()
@@ -292,7 +292,7 @@ impl Job {
 impl Jobs {
     /// `job-complete`: only a job that is `ready`. Without auto-finalize it
     /// stops at `pending` (BLOCK_JOB_PENDING) until `job-finalize`.
-    pub fn complete(&self, id: &str) -> Result<(), BlockdevError> {
+    pub fn complete(&self, id: &str) -> Result<(), GraphError> {
         let job = self.find(id)?;
         if job.status() != JobStatus::Ready {
             return Err(job.refuse("complete"));
@@ -301,7 +301,7 @@ impl Jobs {
             return Err(job.refuse("complete"));
         };
         if let Err(e) = d.prepare_completion() {
-            job.conclude(Some(e), false);
+            job.conclude(Some(e.to_string()), false);
             return Ok(());
         }
         job.set_status(JobStatus::Waiting);
@@ -316,7 +316,7 @@ impl Jobs {
     }
 
     /// `job-finalize`: only a job that is `pending`.
-    pub fn finalize(&self, id: &str) -> Result<(), BlockdevError> {
+    pub fn finalize(&self, id: &str) -> Result<(), GraphError> {
         let job = self.find(id)?;
         let d = match (job.status(), job.driver()) {
             (JobStatus::Pending, Some(d)) => d,
@@ -328,7 +328,7 @@ impl Jobs {
     }
 
     /// `job-cancel`: undo what the job did; it ends with BLOCK_JOB_CANCELLED.
-    pub fn cancel(&self, id: &str) -> Result<(), BlockdevError> {
+    pub fn cancel(&self, id: &str) -> Result<(), GraphError> {
         let job = self.find(id)?;
         let Some(d) = job.driver() else {
             return Err(job.refuse("cancel"));
@@ -339,7 +339,7 @@ impl Jobs {
     }
 
     /// `job-dismiss`: forget a concluded job.
-    pub fn dismiss(&self, id: &str) -> Result<(), BlockdevError> {
+    pub fn dismiss(&self, id: &str) -> Result<(), GraphError> {
         let job = self.find(id)?;
         if job.status() != JobStatus::Concluded {
             return Err(job.refuse("dismiss"));
@@ -417,12 +417,12 @@ impl Jobs {
 
 /// A job's thread failed: undo its graph changes and report the error.
 /// Runs on a thread of its own, not the job's (which abort joins).
-pub(super) fn fail(graph: &Graph, job: Arc<Job>, error: String) {
+pub(super) fn fail(graph: &Graph, job: Arc<Job>, error: GraphError) {
     let _g = graph.lock();
     let Some(d) = job.driver() else {
         return; // Completed or cancelled meanwhile.
     };
     log::error!("job {}: {error}", job.id);
     d.abort();
-    job.conclude(Some(error), false);
+    job.conclude(Some(error.to_string()), false);
 }

@@ -9,6 +9,7 @@ mod blockdev;
 mod commit;
 mod dirty;
 mod drain;
+mod error;
 mod in_flight;
 pub mod job;
 mod node;
@@ -19,9 +20,9 @@ mod resize;
 mod snapshot;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
-pub use blockdev::BlockdevError;
 pub use commit::{start_commit, CommitOptions};
 pub use drain::DrainError;
+pub use error::{ErrorKind, GraphError};
 pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};
 pub use job::Jobs;
 pub use node::{Child, ChildRole, Node};

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
+use super::error::GraphError;
 use super::in_flight::{InFlight, InFlightCounter};
 use super::parent::{Parent, Parents};
 use super::registry::Graph;
@@ -179,9 +180,13 @@ impl Node {
 
     /// Give this node a new backing image (None: none). The caller holds
     /// the node drained: no request can see the old and the new at once.
-    pub(crate) fn set_backing(self: &Arc<Self>, backing: Option<Arc<Node>>) -> Result<(), String> {
+    pub(crate) fn set_backing(
+        self: &Arc<Self>,
+        backing: Option<Arc<Node>>,
+    ) -> Result<(), GraphError> {
         self.driver
-            .set_backing(backing.clone().map(|b| b as crate::formats::ChildRef))?;
+            .set_backing(backing.clone().map(|b| b as crate::formats::ChildRef))
+            .map_err(|e| GraphError::unsupported(format!("node '{}': {e}", self.name)))?;
         let me: Weak<dyn Parent> = Arc::downgrade(self) as Weak<dyn Parent>;
         let mut edges = self.edges();
         let old = edges
@@ -215,7 +220,7 @@ impl Node {
     /// between read-only and read-write use, as a snapshot does to the
     /// image it puts an overlay on and a commit to its base. The caller
     /// holds the node drained. On error nothing changed.
-    pub(crate) fn reopen(&self, read_only: bool) -> Result<(), String> {
+    pub(crate) fn reopen(&self, read_only: bool) -> Result<(), GraphError> {
         let files: Vec<Arc<Node>> = self
             .children()
             .into_iter()
@@ -223,17 +228,17 @@ impl Node {
             .map(|c| c.node)
             .collect();
         let was = self.is_read_only();
-        let ctx = |e: String| format!("node '{}': {e}", self.name);
+        let ctx = |e: &dyn std::fmt::Display| GraphError::io(format!("node '{}': {e}", self.name));
         if read_only {
             // Top down: nothing above writes once this layer refuses to.
-            self.driver.reopen(true).map_err(ctx)?;
+            self.driver.reopen(true).map_err(|e| ctx(&e))?;
             for (i, f) in files.iter().enumerate() {
                 if let Err(e) = f.reopen(true) {
                     for f in &files[..i] {
                         let _ = f.reopen(was);
                     }
                     let _ = self.driver.reopen(was);
-                    return Err(ctx(e));
+                    return Err(ctx(&e));
                 }
             }
         } else {
@@ -243,14 +248,14 @@ impl Node {
                     for f in &files[..i] {
                         let _ = f.reopen(true);
                     }
-                    return Err(ctx(e));
+                    return Err(ctx(&e));
                 }
             }
             if let Err(e) = self.driver.reopen(false) {
                 for f in &files {
                     let _ = f.reopen(true);
                 }
-                return Err(ctx(e));
+                return Err(ctx(&e));
             }
         }
         Ok(())

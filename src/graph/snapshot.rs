@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::backend::move_backends;
-use super::blockdev::{check_new_node_name, BlockdevError};
+use super::blockdev::check_new_node_name;
 use super::drain::Drained;
+use super::error::GraphError;
 use super::node::{ChildRole, Node};
 use super::open::{open_file_node, open_qcow2_node};
 use super::registry::Graph;
@@ -62,15 +63,15 @@ struct Prepared {
     added: bool,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, BlockdevError> {
-    Err(BlockdevError(msg.into()))
+fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
+    Err(GraphError::invalid(msg))
 }
 
 impl Graph {
     /// Apply `actions` atomically: all of them, or (on the first error, which
     /// is returned) none. Their nodes are nodes of this graph. Takes the
     /// graph lock once the overlay files exist.
-    pub fn transaction(&self, actions: Vec<Action>) -> Result<(), BlockdevError> {
+    pub fn transaction(&self, actions: Vec<Action>) -> Result<(), GraphError> {
         // Before the drained section, so the guest does not wait for it: the
         // new overlay files are created and synced.
         let mut made: Vec<PathBuf> = Vec::new();
@@ -152,7 +153,7 @@ fn remove_files(files: &[PathBuf]) {
 /// Refuse a node that is not at the top of its tree: parent nodes hold
 /// their children for good (only BlockBackends are moved to the overlay),
 /// and a commit's filter is the job's.
-pub(super) fn check_top(node: &Arc<Node>) -> Result<(), BlockdevError> {
+pub(super) fn check_top(node: &Arc<Node>) -> Result<(), GraphError> {
     for parent in node.graph().all_nodes() {
         if let Some(c) = parent
             .children()
@@ -167,13 +168,16 @@ pub(super) fn check_top(node: &Arc<Node>) -> Result<(), BlockdevError> {
             } else {
                 format!("node is used as {} of '{}'", c.role, parent.name())
             };
-            return err(format!("Node '{}' is busy: {why}", node.name()));
+            return Err(GraphError::busy(format!(
+                "Node '{}' is busy: {why}",
+                node.name()
+            )));
         }
     }
     Ok(())
 }
 
-fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, BlockdevError> {
+fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, GraphError> {
     let node = match &action {
         Action::Abort => return err("Transaction aborted using Abort action"),
         Action::SnapshotSync { node, .. } | Action::Snapshot { node, .. } => node.clone(),
@@ -216,7 +220,7 @@ fn prepare_sync(
     node: Arc<Node>,
     file: &Path,
     node_name: Option<String>,
-) -> Result<Prepared, BlockdevError> {
+) -> Result<Prepared, GraphError> {
     let g = node.graph();
     let name = match node_name {
         Some(n) if g.find_node(&n).is_some() => {
@@ -238,7 +242,7 @@ fn prepare_sync(
 
 /// Create the qcow2 file a snapshot of `node` writes into: the node's size,
 /// the node's image (absolute path) and format as its backing file.
-fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), BlockdevError> {
+fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), GraphError> {
     let Some(backing) = node.image_filename() else {
         return err(format!(
             "Node '{}' has no image file an overlay could name as its backing file",
@@ -255,11 +259,11 @@ fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), BlockdevErro
         backing: Some((&backing, backing_format(node))),
     };
     create(file, &opts).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => BlockdevError(format!(
+        std::io::ErrorKind::AlreadyExists => GraphError::invalid(format!(
             "Could not create '{}': the file exists (ringblk never overwrites one; mode 'existing' uses it as the overlay)",
             file.display()
         )),
-        _ => BlockdevError(format!(
+        _ => GraphError::io(format!(
             "Could not create '{}': {}",
             file.display(),
             os_text(&e)
@@ -278,7 +282,7 @@ fn os_text(e: &std::io::Error) -> String {
 }
 
 /// Open the overlay file at `path` as node `name`, over `backing`.
-fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node>, BlockdevError> {
+fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node>, GraphError> {
     let cache = if backing.cache_direct() {
         CacheMode::None
     } else {
@@ -294,7 +298,7 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
         512,
         Some(ImageLock::for_open(false, false)),
     )
-    .map_err(|e| BlockdevError(e.to_string()))?;
+    .map_err(|e| GraphError::io(e.to_string()))?;
     let overlay = open_qcow2_node(
         name,
         path,
@@ -303,7 +307,7 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
         Some(backing.clone()),
         Qcow2Options::default(),
     )
-    .map_err(|e| BlockdevError(e.to_string()))?;
+    .map_err(|e| GraphError::io(e.to_string()))?;
     if overlay.size() != backing.size() {
         return err(format!(
             "The overlay '{}' is {} bytes, node '{}' is {}",
@@ -316,7 +320,7 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
     Ok(overlay)
 }
 
-fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, BlockdevError> {
+fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, GraphError> {
     if Arc::ptr_eq(&node, &overlay) {
         return err("The overlay cannot be the node itself");
     }
@@ -359,7 +363,7 @@ fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, Blockde
         ));
     }
     overlay.set_backing(Some(node.clone())).map_err(|e| {
-        BlockdevError(format!(
+        GraphError::unsupported(format!(
             "The overlay '{}' does not support backing images: {e}",
             overlay.name()
         ))

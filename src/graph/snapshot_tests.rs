@@ -91,7 +91,8 @@ fn a_failed_action_leaves_every_disk_and_file_as_it_was() {
             sync(&rb, &missing, OverlayMode::AbsolutePaths, "fail-ovb"),
         ])
         .unwrap_err();
-    assert!(e.0.contains("Could not create"), "{e}");
+    assert!(e.message().contains("Could not create"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Io, "a folder that does not exist");
     assert!(!ov_a.exists(), "the first action's overlay file is removed");
     assert!(Arc::ptr_eq(&a.root().unwrap(), &ra) && Arc::ptr_eq(&b.root().unwrap(), &rb));
     assert!(!ra.is_read_only() && !rb.is_read_only(), "still writable");
@@ -103,7 +104,7 @@ fn a_failed_action_leaves_every_disk_and_file_as_it_was() {
             Action::Abort,
         ])
         .unwrap_err();
-    assert_eq!(e.0, "Transaction aborted using Abort action");
+    assert_eq!(e.message(), "Transaction aborted using Abort action");
     assert!(!ov_a.exists());
     assert_eq!(node_names(&g), before);
     // Not drained any more: I/O goes on.
@@ -162,7 +163,7 @@ fn a_snapshot_moves_writes_to_the_overlay_and_locks_the_image_as_a_backing_file(
             ),
         ])
         .unwrap_err();
-    assert!(e.0.contains("twice"), "{e}");
+    assert!(e.message().contains("twice"), "{e}");
     let e = g
         .transaction(vec![sync(
             &top,
@@ -171,12 +172,15 @@ fn a_snapshot_moves_writes_to_the_overlay_and_locks_the_image_as_a_backing_file(
             "snap-ov",
         )])
         .unwrap_err();
-    assert!(e.0.contains("already in use"), "{e}");
+    assert!(e.message().contains("already in use"), "{e}");
     assert!(!ov2.exists());
     let e = g
         .transaction(vec![sync(&old, &ov2, OverlayMode::AbsolutePaths, "x")])
         .unwrap_err();
-    assert!(e.0.contains("used as backing hd"), "only the top: {e}");
+    assert!(
+        e.message().contains("used as backing hd"),
+        "only the top: {e}"
+    );
     drop(b);
     drop(top);
     drop(old);

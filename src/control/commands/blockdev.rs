@@ -11,7 +11,7 @@ pub(super) fn add(graph: &Graph, args: Args) -> CmdResult {
     graph
         .blockdev_add(args.into_value())
         .map(|_| json!({}))
-        .map_err(|e| QmpError::generic(e.0))
+        .map_err(QmpError::from)
 }
 
 pub(super) fn del(graph: &Graph, mut args: Args) -> CmdResult {
@@ -20,5 +20,5 @@ pub(super) fn del(graph: &Graph, mut args: Args) -> CmdResult {
     graph
         .blockdev_del(&name)
         .map(|()| json!({}))
-        .map_err(|e| QmpError::generic(e.0))
+        .map_err(QmpError::from)
 }

@@ -7,10 +7,10 @@ use serde_json::json;
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, ErrorClass, QmpError};
 use crate::control::server::Daemon;
-use crate::graph::{start_commit, BlockdevError, CommitOptions, Jobs};
+use crate::graph::{start_commit, CommitOptions, GraphError, Jobs};
 
-fn reply(r: Result<(), BlockdevError>) -> CmdResult {
-    r.map(|()| json!({})).map_err(|e| QmpError::generic(e.0))
+fn reply(r: Result<(), GraphError>) -> CmdResult {
+    r.map(|()| json!({})).map_err(QmpError::from)
 }
 
 pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {

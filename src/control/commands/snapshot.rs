@@ -79,7 +79,7 @@ fn run(graph: &Graph, actions: Vec<Action>) -> CmdResult {
     graph
         .transaction(actions)
         .map(|()| json!({}))
-        .map_err(|e| QmpError::generic(e.0))
+        .map_err(QmpError::from)
 }
 
 pub(super) fn blockdev_snapshot_sync(daemon: &Daemon, args: Args) -> CmdResult {

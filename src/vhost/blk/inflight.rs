@@ -51,6 +51,11 @@ pub const VERSION: u16 = 1;
 /// Each queue's region is rounded up to this many bytes.
 const QUEUE_ALIGN: u64 = 64;
 
+// The `vhost` crate has structs of these names, but not for this use: its
+// `QueueRegionSplit` carries a `desc` pointer field the shared region does
+// not have (the region's header is 16 bytes, then the array), and neither
+// is `ByteValued`, so neither can be read from or written to the region.
+
 /// One descriptor head's state (spec: `DescStateSplit`).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
