@@ -194,24 +194,14 @@ fn create(args: CreateArgs) -> Result<(), String> {
     let backing_size = match backing {
         Some((b, f)) => {
             let bpath = path.parent().unwrap_or(Path::new(".")).join(b);
+            let format = match f {
+                CreateFormat::Raw => ImageFormat::Raw,
+                CreateFormat::Qcow2 => ImageFormat::Qcow2,
+            };
             // A graph of its own, for as long as the size takes to read.
             let node = open_image(
                 &Graph::new(),
-                &ImageOptions {
-                    path: bpath,
-                    format: match f {
-                        CreateFormat::Raw => ImageFormat::Raw,
-                        CreateFormat::Qcow2 => ImageFormat::Qcow2,
-                    },
-                    read_only: true,
-                    cache: CacheMode::Writeback,
-                    block_size: 512,
-                    qcow2: Qcow2Options::default(),
-                    force_share: false,
-                    backing: BackingPolicy::Any,
-                    auto_names: false,
-                    lock_wait: std::time::Duration::ZERO,
-                },
+                &ImageOptions::read_only(bpath, format, false),
             )
             .map_err(|e| format!("backing file: {e}"))?;
             Some(BlockBackend::new("backing", node, true).size())

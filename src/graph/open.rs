@@ -57,6 +57,25 @@ pub struct ImageOptions {
     pub lock_wait: Duration,
 }
 
+impl ImageOptions {
+    /// A backing image opened to read it: read-only, through the page
+    /// cache, any backing file it names followed, no lock wait.
+    pub fn read_only(path: PathBuf, format: ImageFormat, auto_names: bool) -> Self {
+        ImageOptions {
+            path,
+            format,
+            read_only: true,
+            cache: CacheMode::Writeback,
+            block_size: 512,
+            qcow2: Qcow2Options::default(),
+            force_share: false,
+            backing: BackingPolicy::Any,
+            auto_names,
+            lock_wait: Duration::ZERO,
+        }
+    }
+}
+
 /// Deepest backing chain we follow (a loop would be infinitely deep). Each
 /// live snapshot adds a layer, so chains of dozens are ordinary.
 const MAX_CHAIN_DEPTH: usize = 64;
@@ -232,18 +251,7 @@ pub(crate) fn open_backing_named_by(
     file: &Arc<Node>,
 ) -> Result<Option<Arc<Node>>, OpenError> {
     let header = read_qcow2_header(path, file)?;
-    let opts = ImageOptions {
-        path: path.to_path_buf(),
-        format: ImageFormat::Qcow2,
-        read_only: true,
-        cache: CacheMode::Writeback,
-        block_size: 512,
-        qcow2: Qcow2Options::default(),
-        force_share: false,
-        backing: BackingPolicy::Any,
-        auto_names: true,
-        lock_wait: Duration::ZERO,
-    };
+    let opts = ImageOptions::read_only(path.to_path_buf(), ImageFormat::Qcow2, true);
     open_backing(file.graph(), path, &header, &opts, 0)
 }
 

@@ -496,6 +496,11 @@ impl TableCache {
 mod tests {
     use super::*;
 
+    /// (file offset, length) of each write a snapshot of one table makes.
+    fn runs_of(t: &TableWrite) -> Vec<(u64, usize)> {
+        t.writes.iter().map(|(at, v)| (*at, v.len())).collect()
+    }
+
     #[test]
     fn refcount_widths_round_trip() {
         for order in 0..=6u32 {
@@ -562,11 +567,7 @@ mod tests {
         c.mark_dirty(16384, 1600); // chunk 3
         let snap = c.snapshot();
         assert_eq!(snap.len(), 1);
-        let runs: Vec<(u64, usize)> = snap[0]
-            .writes
-            .iter()
-            .map(|(at, v)| (*at, v.len()))
-            .collect();
+        let runs = runs_of(&snap[0]);
         assert_eq!(runs, vec![(16384, 4096), (16384 + 8192, 8192)]);
         assert!(c.dirty().is_empty(), "taken tables are clean");
         // Being written, the table is never the victim; the other one is.
@@ -588,11 +589,7 @@ mod tests {
         c.redirty(&snap[0].changed);
         assert_eq!(c.dirty(), vec![16384]);
         let again = c.snapshot();
-        let runs: Vec<(u64, usize)> = again[0]
-            .writes
-            .iter()
-            .map(|(at, v)| (*at, v.len()))
-            .collect();
+        let runs = runs_of(&again[0]);
         assert_eq!(runs, vec![(16384, 4096), (16384 + 8192, 8192)]);
     }
 
@@ -604,21 +601,12 @@ mod tests {
         c.insert(65536, vec![0; 8192], false);
         c.mark_dirty(65536, 70); // bytes 560..568: sector 1
         let snap = c.snapshot();
-        let runs: Vec<(u64, usize)> = snap[0]
-            .writes
-            .iter()
-            .map(|(at, v)| (*at, v.len()))
-            .collect();
+        let runs = runs_of(&snap[0]);
         assert_eq!(runs, vec![(65536 + 512, 512)]);
         // Refcount blocks of 16-bit entries: entry 300 is bytes 600..602.
         let mut r = TableCache::new(Encoding::Refcounts { order: 4 }, 65536, 2, 512);
         r.insert(0, vec![0; 32768], false);
         r.mark_dirty(0, 300);
-        let runs: Vec<(u64, usize)> = r.snapshot()[0]
-            .writes
-            .iter()
-            .map(|(at, v)| (*at, v.len()))
-            .collect();
-        assert_eq!(runs, vec![(512, 512)]);
+        assert_eq!(runs_of(&r.snapshot()[0]), vec![(512, 512)]);
     }
 }
