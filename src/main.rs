@@ -89,6 +89,7 @@ fn serve_qsd(args: &[String]) -> Result<(), String> {
         println!("{line}");
     }
     let _ = std::io::stdout().flush();
+    daemon.ready();
     let sig = wait_for_signal(&signals);
     log::info!("signal {sig} received, shutting down");
     let reason = if quit_requested() {
@@ -315,7 +316,7 @@ fn print_attach_help(sock: &Path, args: &ServeArgs) {
 fn serve(args: ServeArgs) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let (root, path) = root_of(&args)?;
-    let (daemon, backend) = serve::build(ServeOptions {
+    let (mut daemon, backend) = serve::build(ServeOptions {
         root,
         socket: args.socket.clone(),
         socket_mode: args.socket_mode,
@@ -354,6 +355,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         );
     }
     let _ = std::io::stdout().flush();
+    daemon.ready();
 
     let sig = wait_for_signal(&signals);
     let quit = quit_requested();

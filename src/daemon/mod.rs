@@ -7,6 +7,7 @@
 pub mod keyval;
 pub mod qsd;
 pub mod serve;
+mod systemd;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,8 @@ pub struct StorageDaemon {
     control: Option<ControlServer>,
     /// The block graph: every node, BlockBackend and job of this daemon.
     graph: Graph,
+    /// systemd's notification socket (and watchdog), once ready.
+    systemd: Option<systemd::Systemd>,
 }
 
 impl StorageDaemon {
@@ -169,6 +172,16 @@ impl StorageDaemon {
         Ok(())
     }
 
+    /// Every export and the control socket accept connections: tell
+    /// systemd, if it started us (`READY=1` with what is served), and start
+    /// the watchdog pings it asked for.
+    pub fn ready(&mut self) {
+        let ids: Vec<String> = self.exports.list().iter().map(|e| e.id.clone()).collect();
+        let status = format!("serving {} export(s): {}", ids.len(), ids.join(", "));
+        let iothreads = self.iothreads.iter().map(|(_, t)| t.handle()).collect();
+        self.systemd = systemd::Systemd::ready(&status, iothreads);
+    }
+
     /// Shut down in this order: control clients are told and disconnected
     /// (their drained sections end) -> jobs are cancelled (their graph
     /// changes undone, their threads gone) -> exports stop accepting work, each
@@ -177,7 +190,10 @@ impl StorageDaemon {
     /// our references go, so nodes close (qcow2 writes back its caches,
     /// files sync) -> nothing may be left open. `reason` is the SHUTDOWN
     /// event's.
-    pub fn shutdown(self, reason: &str) -> Result<(), String> {
+    pub fn shutdown(mut self, reason: &str) -> Result<(), String> {
+        if let Some(s) = self.systemd.take() {
+            s.stopping();
+        }
         if let Some(c) = self.control {
             c.shutdown(reason);
         }

@@ -43,6 +43,16 @@ impl IoThreadHandle {
         rx.recv().expect("iothread exited while running a future")
     }
 
+    /// Whether the iothread's loop runs a posted closure within `limit`:
+    /// a thread stuck in a system call or a busy task does not.
+    pub fn responds_within(&self, limit: std::time::Duration) -> bool {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.run(move || {
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(limit).is_ok()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -132,5 +142,26 @@ impl IoThread {
 impl Drop for IoThread {
     fn drop(&mut self) {
         self.stop_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_blocked_iothread_does_not_respond_and_a_free_one_does() {
+        let t = IoThread::start("io-alive", Duration::ZERO).unwrap();
+        assert!(t.handle().responds_within(Duration::from_secs(10)));
+        // Block the loop in a closure until the test lets go.
+        let (release, wait) = mpsc::channel::<()>();
+        t.handle().run(move || {
+            let _ = wait.recv();
+        });
+        assert!(!t.handle().responds_within(Duration::from_millis(50)));
+        drop(release);
+        assert!(t.handle().responds_within(Duration::from_secs(10)));
     }
 }

@@ -1,0 +1,139 @@
+//! Under systemd (`Type=notify`): the test owns the datagram socket
+//! `NOTIFY_SOCKET` names, as systemd would, and reads what the daemon
+//! tells it.
+
+mod common;
+
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// The next notification, within `limit`.
+fn next(sock: &UnixDatagram, limit: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Notifications until one contains `want`, which is returned.
+fn until(sock: &UnixDatagram, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next(sock, left.max(Duration::from_millis(1))) {
+            Some(m) if m.lines().any(|l| l == want) => return m,
+            Some(_) => continue,
+            None => panic!("no {want} from the daemon within 30 s"),
+        }
+    }
+}
+
+fn assert_accepts(path: &Path) {
+    if let Err(e) = UnixStream::connect(path) {
+        panic!(
+            "READY=1 came before {} accepted a connection: {e}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn serve_says_ready_once_its_sockets_accept_pings_the_watchdog_and_says_stopping() {
+    let dir = TestDir::new("systemd-serve");
+    let img = dir.path("disk.raw");
+    make_raw(&img, 16 * MIB);
+    let notify_path = dir.path("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let sock = dir.path("sock");
+    let qmp = dir.path("qmp");
+    let d = Daemon::start_qsd(
+        &sock,
+        &[
+            "serve",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--control",
+            qmp.to_str().unwrap(),
+        ],
+        |c| {
+            c.env("NOTIFY_SOCKET", &notify_path)
+                .env("WATCHDOG_USEC", "200000");
+        },
+    );
+    let ready = until(&notify, "READY=1");
+    assert_accepts(&sock);
+    assert_accepts(&qmp);
+    assert!(
+        ready.contains("STATUS=serving 1 export(s): vda"),
+        "{ready:?}"
+    );
+    // Pings every 100 ms (half of WATCHDOG_USEC): two in a row.
+    until(&notify, "WATCHDOG=1");
+    until(&notify, "WATCHDOG=1");
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    until(&notify, "STOPPING=1");
+    assert!(d.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn the_qsd_form_says_ready_once_every_export_and_the_monitor_accept() {
+    let dir = TestDir::new("systemd-qsd");
+    let (a, b) = (dir.path("a.raw"), dir.path("b.raw"));
+    make_raw(&a, 16 * MIB);
+    make_raw(&b, 16 * MIB);
+    let notify_path = dir.path("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let (sa, sb, qmp) = (dir.path("a.sock"), dir.path("b.sock"), dir.path("qmp"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "--object".to_string(),
+        "iothread,id=io0".into(),
+        "--blockdev".into(),
+        format!("driver=file,node-name=fa,filename={}", s(&a)),
+        "--blockdev".into(),
+        format!("driver=file,node-name=fb,filename={}", s(&b)),
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=ea,node-name=fa,addr.type=unix,addr.path={},iothread=io0",
+            s(&sa)
+        ),
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=eb,node-name=fb,addr.type=unix,addr.path={}",
+            s(&sb)
+        ),
+        "--chardev".into(),
+        format!("socket,id=m,path={},server=on,wait=off", s(&qmp)),
+        "--monitor".into(),
+        "chardev=m".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start_qsd(&sa, &args, |c| {
+        c.env("NOTIFY_SOCKET", &notify_path);
+    });
+    let ready = until(&notify, "READY=1");
+    for p in [&sa, &sb, &qmp] {
+        assert_accepts(p);
+    }
+    assert!(
+        ready.contains("STATUS=serving 2 export(s): ea, eb"),
+        "{ready:?}"
+    );
+    // No watchdog asked for: none sent.
+    assert_eq!(next(&notify, Duration::from_millis(300)), None);
+    assert!(d.stop().success());
+    assert_eq!(
+        next(&notify, Duration::from_secs(10)).as_deref(),
+        Some("STOPPING=1")
+    );
+}
