@@ -20,6 +20,7 @@ use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{open_image, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions};
+use ringblk::os::journal;
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
 // (its own, its file child node's, the file driver's), and with dozens of
@@ -34,7 +35,21 @@ const DEFAULT_IMAGE: &str = "ringblk.qcow2";
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if journal::stderr_is_journal() {
+        // The journal stamps the time itself and reads the priority prefix.
+        logger.format(|f, r| {
+            writeln!(
+                f,
+                "<{}>{}: {}",
+                journal::priority(r.level()),
+                r.target(),
+                r.args()
+            )
+        });
+    }
+    logger.init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let qsd_form = args.first().is_some_and(|a| {
         let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);

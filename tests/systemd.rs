@@ -137,3 +137,56 @@ fn the_qsd_form_says_ready_once_every_export_and_the_monitor_accept() {
         Some("STOPPING=1")
     );
 }
+
+/// With `JOURNAL_STREAM` naming its stderr, as systemd sets it, the daemon
+/// logs priority prefixes and no timestamps; with it naming another
+/// stream (a child that inherited the variable), as before.
+#[test]
+fn logs_carry_syslog_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    use std::process::{Command, Stdio};
+    let dir = TestDir::new("systemd-journal");
+    for journal in [true, false] {
+        let log = dir.path("stderr.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let sock = dir.path("sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
+            .args(["serve", "--socket", sock.to_str().unwrap(), "--null", "1M"])
+            .env("JOURNAL_STREAM", &stream)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        poll_until(Duration::from_secs(30), "the export's socket", || {
+            sock.exists()
+        });
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        let shutdown = text
+            .lines()
+            .find(|l| l.contains("shut down cleanly"))
+            .unwrap_or_else(|| panic!("no shutdown line in {text:?}"));
+        if journal {
+            assert!(
+                shutdown.starts_with("<6>"),
+                "an info line, priority 6, no timestamp: {shutdown:?}"
+            );
+            assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
+        } else {
+            assert!(
+                shutdown.starts_with('['),
+                "env_logger's own format: {shutdown:?}"
+            );
+        }
+        std::fs::remove_file(&sock).ok();
+    }
+}
