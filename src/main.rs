@@ -15,11 +15,12 @@ use cli::{
 use ringblk::control::ctl;
 use ringblk::daemon::qsd::{self, QsdArgs};
 use ringblk::daemon::serve::{self, Root, ServeOptions};
-use ringblk::daemon::{quit_requested, StorageDaemon};
+use ringblk::daemon::{quit_requested, ExportListener, StorageDaemon};
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{open_image, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions};
+use ringblk::os::activation::PassedFds;
 use ringblk::os::journal;
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
@@ -82,7 +83,8 @@ fn serve_qsd(args: &[String]) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let parsed = QsdArgs::parse(args)?;
     let mut daemon = StorageDaemon::default();
-    let setup = match qsd::build(&mut daemon, &parsed) {
+    let mut passed = PassedFds::from_env();
+    let setup = match qsd::build(&mut daemon, &parsed, &mut passed) {
         Ok(s) => s,
         Err(e) => {
             // Close what the options before the bad one opened.
@@ -331,9 +333,15 @@ fn print_attach_help(sock: &Path, args: &ServeArgs) {
 fn serve(args: ServeArgs) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let (root, path) = root_of(&args)?;
+    // A socket systemd passed (socket activation) bound to --socket is
+    // served as it is; otherwise ringblk creates the socket.
+    let listener = match PassedFds::from_env().take_bound_to(&args.socket) {
+        Some(fd) => ExportListener::Fd(fd),
+        None => ExportListener::Path(args.socket.clone()),
+    };
     let (mut daemon, backend) = serve::build(ServeOptions {
         root,
-        socket: args.socket.clone(),
+        listener,
         socket_mode: args.socket_mode,
         id: args.id.clone(),
         read_only: args.read_only,

@@ -190,3 +190,53 @@ fn logs_carry_syslog_priorities_when_stderr_is_the_journal() {
         std::fs::remove_file(&sock).ok();
     }
 }
+
+/// Started by `systemd-socket-activate`, which binds the socket, waits for
+/// the first client and only then starts ringblk with the socket as fd 3:
+/// that client is served on the passed socket, in both command-line forms
+/// (the QSD form finds it by its name).
+#[test]
+fn socket_activation_serves_the_client_that_started_the_daemon() {
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_ringblk");
+    let dir = TestDir::new("systemd-activate");
+    for qsd in [false, true] {
+        let sock = dir.path(if qsd { "qsd.sock" } else { "serve.sock" });
+        let s = sock.to_str().unwrap();
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.args(["-l", s]);
+        if qsd {
+            cmd.args([
+                "--fdname=vda",
+                bin,
+                "--blockdev",
+                "driver=null-co,node-name=n0,size=16M,read-zeroes=on",
+                "--export",
+                "type=vhost-user-blk,id=e0,node-name=n0,addr.type=fd,addr.str=vda,writable=on",
+            ]);
+        } else {
+            cmd.args([bin, "serve", "--socket", s, "--null", "16M"]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("systemd-socket-activate (Debian's systemd package)");
+        poll_until(Duration::from_secs(30), "the activation socket", || {
+            sock.exists()
+        });
+        let mut c = connect(&sock, 1).expect("a client on the passed socket");
+        c.buf()[..4096].fill(0x5a);
+        assert_eq!(c.run(0, Req::Write(8192, 0, 4096)), 0);
+        c.buf()[..4096].fill(0);
+        assert_eq!(c.run(0, Req::Read(8192, 0, 4096)), 0);
+        drop(c);
+        // SAFETY: kill(2) on our child (systemd-socket-activate exec'd
+        // ringblk in its place).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "qsd form {qsd}: {log}");
+        assert!(log.contains("shut down cleanly"), "{log}");
+    }
+}

@@ -13,6 +13,7 @@ use super::keyval;
 use super::StorageDaemon;
 use super::{parse_lock_wait, DEFAULT_LOCK_WAIT};
 use crate::opts::Opts;
+use crate::os::activation::PassedFds;
 use crate::vhost::exports::ExportOptions;
 
 /// The QSD options ringblk takes (each with a value but `--daemonize`).
@@ -82,7 +83,13 @@ struct Chardev {
 }
 
 /// Apply every option to `daemon`, in order.
-pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, String> {
+/// Build `daemon` from `args`; `passed` are the sockets systemd passed,
+/// which `addr.type=fd,addr.str=NAME` exports take by name.
+pub fn build(
+    daemon: &mut StorageDaemon,
+    args: &QsdArgs,
+    passed: &mut PassedFds,
+) -> Result<QsdSetup, String> {
     let mut setup = QsdSetup::default();
     let mut chardevs = Vec::new();
     // Wherever it stands, it applies to every --blockdev.
@@ -119,7 +126,9 @@ pub fn build(daemon: &mut StorageDaemon, args: &QsdArgs) -> Result<QsdSetup, Str
             "--object" => add_object(daemon, map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),
             "--monitor" => monitor(daemon, map, &chardevs).map_err(ctx)?,
-            "--export" => setup.exports.push(export(daemon, map).map_err(ctx)?),
+            "--export" => setup
+                .exports
+                .push(export(daemon, map, passed).map_err(ctx)?),
             _ => unreachable!("QsdArgs::parse admits only OPTIONS"),
         }
     }
@@ -181,8 +190,35 @@ fn monitor(
     daemon.start_control(&c.path, super::DEFAULT_CONTROL_CLIENTS, super::request_quit)
 }
 
+/// `addr.type=fd` with a name instead of a number (`addr.str=vda`): the
+/// socket systemd passed under that name (`FileDescriptorName=`).
+fn name_passed_fd(map: &mut Map<String, Value>, passed: &mut PassedFds) -> Result<(), String> {
+    let Some(Value::Object(addr)) = map.get_mut("addr") else {
+        return Ok(());
+    };
+    if addr.get("type").and_then(Value::as_str) != Some("fd") {
+        return Ok(());
+    }
+    let Some(Value::String(name)) = addr.get("str") else {
+        return Ok(());
+    };
+    if name.parse::<i32>().is_ok() {
+        return Ok(());
+    }
+    let fd = passed.take_named(name).ok_or_else(|| {
+        format!("addr.str: no socket called '{name}' was passed (LISTEN_FDNAMES)")
+    })?;
+    addr.insert("str".into(), Value::String(fd.to_string()));
+    Ok(())
+}
+
 /// `--export type=vhost-user-blk,...`; returns its banner line.
-fn export(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<String, String> {
+fn export(
+    daemon: &mut StorageDaemon,
+    mut map: Map<String, Value>,
+    passed: &mut PassedFds,
+) -> Result<String, String> {
+    name_passed_fd(&mut map, passed)?;
     let ExportOptions { config, iothreads } = ExportOptions::parse(daemon.graph(), map)?;
     let iothreads = daemon.iothreads_for(&iothreads)?;
     let line = format!(

@@ -19,7 +19,8 @@ pub enum Root {
 
 pub struct ServeOptions {
     pub root: Root,
-    pub socket: PathBuf,
+    /// The export's socket: a path, or a socket systemd passed.
+    pub listener: ExportListener,
     pub socket_mode: u32,
     pub id: String,
     pub read_only: bool,
@@ -93,7 +94,7 @@ fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBack
                 queue_size: o.queue_size,
                 logical_block_size: o.logical_block_size,
                 serial: o.serial,
-                listener: ExportListener::Path(o.socket),
+                listener: o.listener,
                 socket_mode: o.socket_mode,
             },
             &iothreads,

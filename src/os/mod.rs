@@ -4,6 +4,7 @@
 //! socket. Nothing here knows about
 //! block devices or QMP.
 
+pub mod activation;
 pub mod journal;
 pub mod listen;
 pub mod notify;
