@@ -217,7 +217,7 @@ fn socket_activation_serves_the_client_that_started_the_daemon() {
         } else {
             cmd.args([bin, "serve", "--socket", s, "--null", "16M"]);
         }
-        let mut child = cmd
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
