@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::control::{ControlServer, Daemon as ControlTarget};
 use crate::graph::{BackendError, BlockBackend, Graph, Node};
-use crate::uring::IoThread;
+use crate::uring::{find_iothreads, IoThread, IoThreadHandle};
 use crate::vhost::exports::ExportTable;
 pub use crate::vhost::exports::{ExportConfig, ExportListener, DEFAULT_SOCKET_MODE};
 
@@ -57,10 +57,10 @@ pub fn quit_requested() -> bool {
 #[derive(Default)]
 pub struct StorageDaemon {
     /// Iothreads and their ids (`--object iothread,id=`).
-    iothreads: Vec<(String, IoThread)>,
+    iothreads: Vec<IoThread>,
     /// The iothread of exports that name none (QSD runs them in its main
     /// loop; ours is one shared iothread).
-    shared_iothread: Option<usize>,
+    shared_iothread: Option<IoThreadHandle>,
     exports: Arc<ExportTable>,
     control: Option<ControlServer>,
     /// The block graph: every node, BlockBackend and job of this daemon.
@@ -70,44 +70,45 @@ pub struct StorageDaemon {
 }
 
 impl StorageDaemon {
-    /// Start an iothread (its own io_uring ring and executor); returns its
-    /// index for [`ExportConfig::iothreads`].
-    pub fn add_iothread(&mut self, name: &str, poll_max: Duration) -> Result<usize, String> {
+    /// Start an iothread (its own io_uring ring and executor).
+    pub fn add_iothread(
+        &mut self,
+        name: &str,
+        poll_max: Duration,
+    ) -> Result<IoThreadHandle, String> {
         let t = IoThread::start(name, poll_max)
             .map_err(|e| format!("cannot start iothread {name}: {e}"))?;
-        self.iothreads.push((name.to_string(), t));
-        Ok(self.iothreads.len() - 1)
+        let handle = t.handle();
+        self.iothreads.push(t);
+        Ok(handle)
+    }
+
+    fn handles(&self) -> Vec<IoThreadHandle> {
+        self.iothreads.iter().map(IoThread::handle).collect()
     }
 
     /// `--object iothread,id=ID`: ids are unique.
     pub fn add_named_iothread(&mut self, id: &str, poll_max: Duration) -> Result<(), String> {
-        if self.iothreads.iter().any(|(n, _)| n == id) {
+        if self.iothreads.iter().any(|t| t.handle().name() == id) {
             return Err(format!("attempt to add duplicate property '{id}'"));
         }
         self.add_iothread(id, poll_max).map(|_| ())
     }
 
     /// The iothreads named `ids`, or the shared one if `ids` is empty.
-    pub fn iothreads_for(&mut self, ids: &[String]) -> Result<Vec<usize>, String> {
+    pub fn iothreads_for(&mut self, ids: &[String]) -> Result<Vec<IoThreadHandle>, String> {
         if ids.is_empty() {
-            let shared = match self.shared_iothread {
-                Some(i) => i,
+            let shared = match &self.shared_iothread {
+                Some(t) => t.clone(),
                 None => {
-                    let i = self.add_iothread("main-iothread", Duration::from_micros(32))?;
-                    self.shared_iothread = Some(i);
-                    i
+                    let t = self.add_iothread("main-iothread", Duration::from_micros(32))?;
+                    self.shared_iothread = Some(t.clone());
+                    t
                 }
             };
             return Ok(vec![shared]);
         }
-        ids.iter()
-            .map(|id| {
-                self.iothreads
-                    .iter()
-                    .position(|(n, _)| n == id)
-                    .ok_or_else(|| format!("Cannot find iothread {id}"))
-            })
-            .collect()
+        find_iothreads(&self.handles(), ids)
     }
 
     /// How many iothreads run.
@@ -125,20 +126,14 @@ impl StorageDaemon {
         self.graph.find_node(name)
     }
 
-    /// Export `cfg.root`, its queues on the daemon's iothreads at
-    /// `iothreads` (queue k on the k mod n-th); frontends are accepted from
-    /// now on.
+    /// Export `cfg.root`, its queues on the daemon's `iothreads` (queue k
+    /// on the k mod n-th); frontends are accepted from now on.
     pub fn add_export(
         &mut self,
         cfg: ExportConfig,
-        iothreads: &[usize],
+        iothreads: Vec<IoThreadHandle>,
     ) -> Result<Arc<BlockBackend>, String> {
-        let handles = iothreads
-            .iter()
-            .map(|&i| self.iothreads.get(i).map(|(_, t)| t.handle()))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| format!("export {}: no such iothread", cfg.id))?;
-        self.exports.add(cfg, handles)
+        self.exports.add(cfg, iothreads)
     }
 
     /// Open the QMP control socket over the exports added so far. `quit`
@@ -152,13 +147,12 @@ impl StorageDaemon {
         // Exports added over QMP without an iothread go where command-line
         // exports without one went, else onto the first iothread; a thread
         // is started for them only if there is none at all.
-        let shared = match self.shared_iothread {
-            Some(i) => i,
-            None if !self.iothreads.is_empty() => 0,
-            None => self.iothreads_for(&[])?[0],
+        let default = match (&self.shared_iothread, self.iothreads.first()) {
+            (Some(t), _) => t.clone(),
+            (None, Some(first)) => first.handle(),
+            (None, None) => self.iothreads_for(&[])?.remove(0),
         };
-        let default = self.iothreads[shared].1.handle();
-        let iothreads = self.iothreads.iter().map(|(_, t)| t.handle()).collect();
+        let iothreads = self.handles();
         let target = ControlTarget::new(
             self.graph.clone(),
             self.exports.clone(),
@@ -178,7 +172,7 @@ impl StorageDaemon {
     pub fn ready(&mut self) {
         let ids: Vec<String> = self.exports.list().iter().map(|e| e.id.clone()).collect();
         let status = format!("serving {} export(s): {}", ids.len(), ids.join(", "));
-        let iothreads = self.iothreads.iter().map(|(_, t)| t.handle()).collect();
+        let iothreads = self.handles();
         self.systemd = systemd::Systemd::ready(&status, iothreads);
     }
 
@@ -206,7 +200,7 @@ impl StorageDaemon {
         let mut roots = Vec::new();
         for b in &backends {
             // Every export has an iothread, so there is one to flush on.
-            if let Some((_, t)) = self.iothreads.first() {
+            if let Some(t) = self.iothreads.first() {
                 let bb = b.clone();
                 match t.handle().block_on(move || async move { bb.flush().await }) {
                     Err(BackendError::Ejected { .. }) | Ok(()) => {}
@@ -219,7 +213,7 @@ impl StorageDaemon {
         drop(roots);
         drop(backends);
         self.graph.release_monitor_nodes();
-        for (_, t) in self.iothreads {
+        for t in self.iothreads {
             t.stop();
         }
         let left: Vec<String> = self

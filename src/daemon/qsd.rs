@@ -229,7 +229,7 @@ fn export(
         config.num_queues,
         if config.read_only { ", read-only" } else { "" }
     );
-    daemon.add_export(config, &iothreads)?;
+    daemon.add_export(config, iothreads)?;
     Ok(line)
 }
 

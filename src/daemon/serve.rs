@@ -97,7 +97,7 @@ fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBack
                 listener: o.listener,
                 socket_mode: o.socket_mode,
             },
-            &iothreads,
+            iothreads,
         )
         .map_err(|e| format!("{what}: {e}"))?;
     if let Some((path, clients)) = &o.control {

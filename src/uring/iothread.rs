@@ -67,6 +67,21 @@ impl IoThreadHandle {
     }
 }
 
+/// The iothreads of `all` called `ids`, in that order.
+pub fn find_iothreads(
+    all: &[IoThreadHandle],
+    ids: &[String],
+) -> Result<Vec<IoThreadHandle>, String> {
+    ids.iter()
+        .map(|id| {
+            all.iter()
+                .find(|t| t.name() == id.as_str())
+                .cloned()
+                .ok_or_else(|| format!("Cannot find iothread {id}"))
+        })
+        .collect()
+}
+
 /// An owned iothread; stopping waits for its tasks to finish.
 pub struct IoThread {
     handle: IoThreadHandle,

@@ -19,7 +19,7 @@ pub use eventfd::signal_eventfd;
 pub use executor::{
     add_poller, block_on, now, on_turn_end, remove_poller, spawn, spawn_with, yield_now,
 };
-pub use iothread::{IoThread, IoThreadHandle};
+pub use iothread::{find_iothreads, IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
 pub use lock::AsyncMutex;
 pub use poll::{DriverPollDetector, Poller, PollingDriver};

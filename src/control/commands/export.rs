@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
 use crate::control::server::Daemon;
+use crate::uring::find_iothreads;
 use crate::vhost::exports::ExportOptions;
 
 pub(super) fn add(daemon: &Arc<Daemon>, args: Args) -> CmdResult {
@@ -19,17 +20,7 @@ pub(super) fn add(daemon: &Arc<Daemon>, args: Args) -> CmdResult {
     let handles = if iothreads.is_empty() {
         vec![daemon.default_iothread.clone()]
     } else {
-        iothreads
-            .iter()
-            .map(|id| {
-                daemon
-                    .iothreads
-                    .iter()
-                    .find(|t| t.name() == id)
-                    .cloned()
-                    .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?
+        find_iothreads(&daemon.iothreads, &iothreads).map_err(QmpError::generic)?
     };
     daemon
         .exports
