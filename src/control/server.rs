@@ -1,6 +1,7 @@
 //! The QMP socket: accepts clients up to a limit, one thread each.
-//! Commands run under the graph lock (QEMU's BQL counterpart), so drains
-//! and graph changes from different clients never interleave.
+//! Commands that change the graph run under the graph lock (QEMU's BQL
+//! counterpart), so graph changes from different clients never interleave;
+//! queries and drained sections do not take it (`holds_graph_lock`).
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
