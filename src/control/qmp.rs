@@ -2,8 +2,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::graph::{ErrorKind, GraphError};
 use serde_json::{json, Map, Value};
+
+use crate::graph::{ErrorKind, GraphError};
 
 /// Error classes QMP clients know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

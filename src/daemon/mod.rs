@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control::{ControlServer, Daemon as ControlTarget};
-use crate::graph::{BackendError, BlockBackend, Graph, Node};
+use crate::graph::{BackendError, BlockBackend, Graph};
 use crate::uring::{find_iothreads, IoThread, IoThreadHandle};
 use crate::vhost::exports::ExportTable;
 pub use crate::vhost::exports::{ExportConfig, ExportListener, DEFAULT_SOCKET_MODE};
@@ -119,11 +119,6 @@ impl StorageDaemon {
     /// The daemon's block graph.
     pub fn graph(&self) -> &Graph {
         &self.graph
-    }
-
-    /// A node by name.
-    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
-        self.graph.find_node(name)
     }
 
     /// Export `cfg.root`, its queues on the daemon's `iothreads` (queue k
