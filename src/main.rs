@@ -168,7 +168,7 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
         log::info!(
             "SIGUSR1: exiting for a restart; guests with inflight tracking keep their requests"
         );
-        ringblk::vhost::blk::inflight::begin_detach();
+        ringblk::vhost::inflight::begin_detach();
     }
     sig
 }

@@ -12,8 +12,8 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
-use super::blk::inflight;
 use super::dirty_log::MAX_LOG_BYTES;
+use super::inflight;
 use super::memory::{self, RegionError};
 
 pub(crate) const HEADER_LEN: usize = 12;

@@ -5,42 +5,41 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::blk::export::BlkExport;
+use super::device::Device;
 use super::session::Session;
 use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
 use crate::os::wait::{wait_for, Wake};
 
-pub struct VhostServer {
+pub(crate) struct VhostServer<D> {
     listener: UnixListener,
     path: PathBuf,
     /// Removes the socket file when the server goes (none for a socket
     /// the caller passed as an fd).
     _file: Option<SocketFile>,
     stop: EventFd,
-    export: Arc<BlkExport>,
+    device: Arc<D>,
 }
 
-impl VhostServer {
+impl<D: Device> VhostServer<D> {
     /// Listen on `path`, a socket created with permission bits `mode`.
-    pub fn bind(path: &Path, mode: u32, export: Arc<BlkExport>) -> io::Result<Self> {
+    pub(crate) fn bind(path: &Path, mode: u32, device: Arc<D>) -> io::Result<Self> {
         let (listener, file) = bind_listener(path, mode)?;
         Ok(VhostServer {
             listener,
             path: path.to_path_buf(),
             _file: Some(file),
             stop: EventFd::new(libc::EFD_CLOEXEC)?,
-            export,
+            device,
         })
     }
 
     /// Listen on a socket the caller created and passed as inherited fd
     /// `fd` (QSD's `addr.type=fd`): it must be a listening Unix socket.
-    pub fn from_fd(fd: RawFd, export: Arc<BlkExport>) -> io::Result<Self> {
+    pub(crate) fn from_fd(fd: RawFd, device: Arc<D>) -> io::Result<Self> {
         let invalid =
             |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd}: {what}"));
         let int_opt = |opt| -> io::Result<libc::c_int> {
@@ -80,18 +79,18 @@ impl VhostServer {
             path: PathBuf::from(format!("fd {fd}")),
             _file: None,
             stop: EventFd::new(libc::EFD_CLOEXEC)?,
-            export,
+            device,
         })
     }
 
     /// A handle that makes `serve` return (after the current frontend's
     /// requests have completed).
-    pub fn stopper(&self) -> io::Result<EventFd> {
+    pub(crate) fn stopper(&self) -> io::Result<EventFd> {
         self.stop.try_clone()
     }
 
     /// Accept and serve frontends until stopped.
-    pub fn serve(&self) {
+    pub(crate) fn serve(&self) {
         let mut backoff = AcceptBackoff::default();
         loop {
             match wait_for(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
@@ -112,14 +111,15 @@ impl VhostServer {
                 }
             };
             backoff.succeeded();
-            log::info!("export {}: frontend connected", self.export.id);
-            self.export.connected.store(true, Ordering::SeqCst);
-            match Session::new(&self.export, &stream) {
+            let id = self.device.id();
+            log::info!("export {id}: frontend connected");
+            self.device.set_connected(true);
+            match Session::new(&*self.device, &stream) {
                 Ok(mut session) => session.run(self.stop.as_raw_fd()),
-                Err(e) => log::error!("export {}: cannot serve the frontend: {e}", self.export.id),
+                Err(e) => log::error!("export {id}: cannot serve the frontend: {e}"),
             }
-            self.export.state.set_backend_channel(None);
-            self.export.connected.store(false, Ordering::SeqCst);
+            self.device.set_backend_channel(None);
+            self.device.set_connected(false);
         }
     }
 }

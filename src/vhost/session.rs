@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,19 +10,17 @@ use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserInflight,
     VhostUserProtocolFeatures, VhostUserU64, VhostUserVirtioFeatures, VhostUserVringState,
 };
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::ByteValued;
 
-use super::blk::config::{
-    CONFIG_WRITEBACK_OFFSET, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
-use super::blk::export::BlkExport;
-use super::blk::inflight::{self, InflightMap};
-use super::blk::queue::{self, CallFd, QueueControl, QueueSetup};
+use super::device::{Device, RunningQueue};
 use super::dirty_log::{DirtyLog, LogMap};
+use super::inflight::{self, InflightMap};
 use super::memory::{new_shared_memory, MemoryMap, SharedMemory};
 use super::message::{self, Request};
 use super::notify_fd;
 use super::socket::{self, FrameError, Message};
+use super::vring::{ring_sizes, CallFd, QueueSetup};
 use crate::os::ratelimit::LogLimiter;
 use crate::os::wait;
 
@@ -49,8 +46,7 @@ fn protocol_features() -> VhostUserProtocolFeatures {
 /// VHOST_F_LOG_ALL: the driver turns it on for a migration's duration.
 const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
-#[derive(Default)]
-struct Vring {
+struct Vring<Q> {
     size: u16,
     base: u16,
     /// desc, used, avail in frontend virtual addresses.
@@ -58,7 +54,21 @@ struct Vring {
     kick: Option<Arc<File>>,
     call: Arc<CallFd>,
     enabled: bool,
-    running: Option<Arc<QueueControl>>,
+    running: Option<Q>,
+}
+
+impl<Q> Default for Vring<Q> {
+    fn default() -> Self {
+        Vring {
+            size: 0,
+            base: 0,
+            addr: None,
+            kick: None,
+            call: Arc::default(),
+            enabled: false,
+            running: None,
+        }
+    }
 }
 
 enum Reply {
@@ -71,8 +81,8 @@ enum Reply {
 
 type HandlerResult = Result<Reply, String>;
 
-pub struct Session<'a> {
-    export: &'a BlkExport,
+pub(crate) struct Session<'a, D: Device> {
+    device: &'a D,
     stream: &'a UnixStream,
     features: u64,
     /// SET_FEATURES was received (queues may start).
@@ -80,7 +90,7 @@ pub struct Session<'a> {
     protocol: u64,
     memory: MemoryMap,
     shared_mem: Arc<SharedMemory>,
-    vrings: Vec<Vring>,
+    vrings: Vec<Vring<D::Queue>>,
     log: LogLimiter,
     /// Signalled when the daemon shuts down (set by `run`).
     stop_fd: RawFd,
@@ -93,9 +103,9 @@ pub struct Session<'a> {
     dirty_log: Arc<DirtyLog>,
 }
 
-impl<'a> Session<'a> {
-    pub fn new(export: &'a BlkExport, stream: &'a UnixStream) -> std::io::Result<Self> {
-        let n = export.geometry.num_queues as usize;
+impl<'a, D: Device> Session<'a, D> {
+    pub(crate) fn new(device: &'a D, stream: &'a UnixStream) -> std::io::Result<Self> {
+        let n = device.num_queues() as usize;
         // SAFETY: plain syscall; the result is checked before use.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -104,7 +114,7 @@ impl<'a> Session<'a> {
         // SAFETY: a fresh descriptor nobody else owns.
         let poison_fd = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
         Ok(Session {
-            export,
+            device,
             stream,
             features: 0,
             features_set: false,
@@ -121,7 +131,7 @@ impl<'a> Session<'a> {
     }
 
     /// Serve messages until the frontend leaves or `stop_fd` is signalled.
-    pub fn run(&mut self, stop_fd: i32) {
+    pub(crate) fn run(&mut self, stop_fd: i32) {
         self.stop_fd = stop_fd;
         loop {
             let alarm = self.poison_fd.as_raw_fd();
@@ -131,19 +141,19 @@ impl<'a> Session<'a> {
                     log::error!(
                         "export {}: the frontend shrank its guest memory under us (the \
                          accesses past its end read zeros); disconnecting it",
-                        self.export.id
+                        self.device.id()
                     );
                     break;
                 }
                 Ok(Some(wait::Wake::Stop)) => {
                     log::info!(
                         "export {}: disconnecting the frontend (shutdown)",
-                        self.export.id
+                        self.device.id()
                     );
                     break;
                 }
                 Err(e) => {
-                    log::error!("export {}: poll failed: {e}", self.export.id);
+                    log::error!("export {}: poll failed: {e}", self.device.id());
                     break;
                 }
             }
@@ -152,16 +162,16 @@ impl<'a> Session<'a> {
             match socket::recv_message(self.stream, self.bound()) {
                 Ok(msg) => {
                     if let Err(e) = self.dispatch(msg) {
-                        log::error!("export {}: {e}; closing the connection", self.export.id);
+                        log::error!("export {}: {e}; closing the connection", self.device.id());
                         break;
                     }
                 }
                 Err(FrameError::Closed) => {
-                    log::info!("export {}: frontend disconnected", self.export.id);
+                    log::info!("export {}: frontend disconnected", self.device.id());
                     break;
                 }
                 Err(e) => {
-                    log::error!("export {}: {e}; closing the connection", self.export.id);
+                    log::error!("export {}: {e}; closing the connection", self.device.id());
                     break;
                 }
             }
@@ -211,7 +221,7 @@ impl<'a> Session<'a> {
             Ok(Reply::Ack) => self.ack(&msg, 0),
             Err(e) => {
                 if self.log.allow("refused message") {
-                    log::error!("export {}: {name}: {e}", self.export.id);
+                    log::error!("export {}: {name}: {e}", self.device.id());
                 }
                 if FrontendReq::try_from(code) == Ok(FrontendReq::GET_CONFIG) {
                     // A config header with size 0 tells the frontend the read failed.
@@ -269,7 +279,7 @@ impl<'a> Session<'a> {
     }
 
     /// Ring setup may change only while the ring is stopped.
-    fn stopped(&mut self, i: usize) -> Result<&mut Vring, String> {
+    fn stopped(&mut self, i: usize) -> Result<&mut Vring<D::Queue>, String> {
         if self.vrings[i].running.is_some() {
             return Err(format!("vring {i} is running; stop it first"));
         }
@@ -277,9 +287,8 @@ impl<'a> Session<'a> {
     }
 
     fn handle(&mut self, req: Request, msg: &mut Message) -> HandlerResult {
-        let features = self.export.geometry.features()
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | LOG_ALL;
+        let features =
+            self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL;
         match req {
             Request::GetFeatures => Ok(u64_reply(features)),
             Request::SetFeatures(f) => {
@@ -298,7 +307,7 @@ impl<'a> Session<'a> {
                 if logging != (self.features & LOG_ALL != 0) {
                     log::info!(
                         "export {}: dirty logging {} (migration {})",
-                        self.export.id,
+                        self.device.id(),
                         if logging { "on" } else { "off" },
                         if logging { "starts" } else { "ended" },
                     );
@@ -433,9 +442,7 @@ impl<'a> Session<'a> {
                     // forever). A driver takes a spurious one in its stride.
                     // From the queue's iothread, never waiting (the frontend
                     // may have made the fd blocking and its counter full).
-                    self.export
-                        .iothread_for(index as u16)
-                        .run(move || queue::signal_once(call, index));
+                    self.device.signal_call_once(index as u16, call);
                 }
                 Ok(Reply::Ack)
             }
@@ -454,7 +461,7 @@ impl<'a> Session<'a> {
             }
             Request::GetConfig { offset, size } => Ok(self.get_config(offset, size)),
             Request::SetConfig { offset, data } => {
-                self.set_config(offset as usize, &data);
+                self.device.write_config(offset as usize, &data);
                 Ok(Reply::Ack)
             }
             Request::SetBackendReqFd => {
@@ -464,9 +471,7 @@ impl<'a> Session<'a> {
                     );
                 }
                 let fd = take_fd(msg)?;
-                self.export
-                    .state
-                    .set_backend_channel(Some(UnixStream::from(fd)));
+                self.device.set_backend_channel(Some(UnixStream::from(fd)));
                 Ok(Reply::Ack)
             }
             Request::GetInflightFd {
@@ -493,7 +498,7 @@ impl<'a> Session<'a> {
                 let map = InflightMap::open(&fd, mmap_size, mmap_offset, num_queues, queue_size)?;
                 log::info!(
                     "export {}: inflight region set ({num_queues} queues of {queue_size})",
-                    self.export.id
+                    self.device.id()
                 );
                 self.inflight = Some(Arc::new(map));
                 Ok(Reply::Ack)
@@ -509,7 +514,7 @@ impl<'a> Session<'a> {
                 let map = LogMap::open(&fd, mmap_size, mmap_offset, self.poison_fd.as_raw_fd())?;
                 log::info!(
                     "export {}: dirty log of {mmap_size} bytes mapped",
-                    self.export.id
+                    self.device.id()
                 );
                 // Queues pick the new log up at their next write; the old
                 // one is unmapped when the last of them lets it go.
@@ -553,7 +558,7 @@ impl<'a> Session<'a> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Reply {
-        let space = self.export.config_space();
+        let space = self.device.config_space();
         let mut out = VhostUserConfig::new(offset, size, VhostUserConfigFlags::empty())
             .as_slice()
             .to_vec();
@@ -561,27 +566,6 @@ impl<'a> Session<'a> {
         // our config space read as zero.
         out.extend((offset..offset + size).map(|k| space.get(k as usize).copied().unwrap_or(0)));
         Reply::Payload(out)
-    }
-
-    fn set_config(&self, offset: usize, data: &[u8]) {
-        let space = self.export.config_space();
-        for (k, b) in data.iter().enumerate() {
-            if offset + k == CONFIG_WRITEBACK_OFFSET {
-                let wb = *b != 0;
-                self.export.state.writeback.store(wb, Ordering::Relaxed);
-                log::info!(
-                    "export {}: guest set the write cache to {}",
-                    self.export.id,
-                    if wb { "writeback" } else { "writethrough" }
-                );
-            } else if space.get(offset + k).is_none_or(|old| old != b) {
-                log::debug!(
-                    "export {}: ignoring write to config byte {}",
-                    self.export.id,
-                    offset + k
-                );
-            }
-        }
     }
 
     fn start_vring_if_ready(&mut self, i: usize) -> Result<(), String> {
@@ -601,7 +585,7 @@ impl<'a> Session<'a> {
             return Err(format!("vring {i}: cannot start before SET_FEATURES"));
         }
         let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let sizes = queue::ring_sizes(size, event_idx);
+        let sizes = ring_sizes(size, event_idx);
         let gpa = |va: u64, len: u64, what: &str| {
             self.memory.va_range_to_gpa(va, len).ok_or_else(|| {
                 format!(
@@ -626,13 +610,7 @@ impl<'a> Session<'a> {
             },
             dirty_log: self.dirty_log.clone(),
         };
-        let thread = self.export.iothread_for(i as u16);
-        let ctl = queue::start(
-            setup,
-            self.shared_mem.clone(),
-            self.export.state.clone(),
-            thread,
-        )?;
+        let ctl = self.device.start_queue(setup, self.shared_mem.clone())?;
         self.vrings[i].running = Some(ctl);
         Ok(())
     }

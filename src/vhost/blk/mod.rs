@@ -30,7 +30,6 @@
 pub mod chain;
 pub mod config;
 pub mod export;
-pub mod inflight;
 pub mod queue;
 mod queue_tests;
 pub mod request;

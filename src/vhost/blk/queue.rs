@@ -16,7 +16,6 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::chain;
-use super::inflight::{self, QueueInflight};
 use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::ring::RingView;
 use super::state::{ExportState, QueueInFlight};
@@ -24,55 +23,15 @@ use super::stats::OpKind;
 use crate::graph::HeldRoot;
 use crate::os::ratelimit::LogLimiter;
 use crate::uring::{self, ops};
+use crate::vhost::device::RunningQueue;
 use crate::vhost::dirty_log::{self, DirtyLog};
+use crate::vhost::inflight::{self, QueueInflight};
 use crate::vhost::memory::{GuestRam, SharedMemory};
-use crate::vhost::published::{LocalCopy, Published};
+use crate::vhost::published::LocalCopy;
+use crate::vhost::vring::{ring_sizes, CallFd, QueueSetup};
 
 /// How often a queue slow to stop says so.
 const STOP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Everything a queue needs to start, gathered by the vhost session.
-pub(crate) struct QueueSetup {
-    pub index: u16,
-    pub size: u16,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub event_idx: bool,
-    pub indirect: bool,
-    pub kick: Arc<File>,
-    pub call: Arc<CallFd>,
-    /// This queue's part of the inflight region (INFLIGHT_SHMFD).
-    pub inflight: Option<QueueInflight>,
-    /// The migration dirty log (marked only while VHOST_F_LOG_ALL is on).
-    pub dirty_log: Arc<DirtyLog>,
-}
-
-/// Bytes of guest memory each part of a split virtqueue occupies.
-pub struct RingSizes {
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-}
-
-/// Ring sizes for a queue of `size` entries (at most 32768: no overflow).
-pub fn ring_sizes(size: u16, event_idx: bool) -> RingSizes {
-    let (n, event) = (size as u64, if event_idx { 2 } else { 0 });
-    RingSizes {
-        desc: 16 * n,
-        // flags, idx, ring[n], used_event
-        avail: 4 + 2 * n + event,
-        // flags, idx, ring[n] of (id, len), avail_event
-        used: 4 + 8 * n + event,
-    }
-}
-
-/// The guest's interrupt eventfd. The frontend may replace it while the
-/// queue runs (QEMU does when it reprograms MSI-X); the queue's iothread
-/// keeps its own copy (see [`Published`]), so that a notification
-/// executes no locked instruction.
-pub(crate) type CallFd = Published<Option<Arc<File>>>;
 
 /// Shared between the vhost thread and the queue's task.
 pub struct QueueControl {
@@ -92,11 +51,6 @@ pub struct QueueControl {
 }
 
 impl QueueControl {
-    /// (gpa, len) of the descriptor table, avail ring and used ring.
-    pub fn ring_ranges(&self) -> [(u64, u64); 3] {
-        self.rings
-    }
-
     /// Make the queue look at its avail ring again (to stop, or after a
     /// drained section).
     pub fn wake(&self) {
@@ -106,10 +60,14 @@ impl QueueControl {
             w.wake();
         }
     }
+}
 
-    /// Ask the queue to stop popping, wait until its requests completed, and
-    /// return the next avail index (for GET_VRING_BASE).
-    pub fn stop_and_wait(&self) -> u16 {
+impl RunningQueue for Arc<QueueControl> {
+    fn ring_ranges(&self) -> [(u64, u64); 3] {
+        self.rings
+    }
+
+    fn stop_and_wait(&self) -> u16 {
         self.stop.store(true, Ordering::Release);
         // Wake the task if it waits for a kick.
         self.wake();

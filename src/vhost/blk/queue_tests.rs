@@ -12,12 +12,14 @@ mod fake_guest {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::super::config::seg_max_for;
-    use super::super::queue::{self, CallFd, QueueControl, QueueSetup};
+    use super::super::queue::{self, QueueControl};
     use super::super::request::*;
     use super::super::state::ExportState;
     use crate::graph::{open_null, BlockBackend, Graph};
     use crate::uring::IoThread;
+    use crate::vhost::device::RunningQueue;
     use crate::vhost::memory::{new_shared_memory, GuestRam};
+    use crate::vhost::vring::{CallFd, QueueSetup};
 
     const QSIZE: u16 = 16;
     const DESC: u64 = 0x1000;

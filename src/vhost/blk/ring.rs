@@ -10,8 +10,8 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 
-use super::queue::ring_sizes;
 use crate::vhost::memory::GuestRam;
+use crate::vhost::vring::ring_sizes;
 
 /// Where one queue's avail and used rings are mapped, in the memory
 /// generation `gen`. Field offsets follow the virtio 1.x split ring:
