@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use ringblk::error::Error;
 use ringblk::size::parse_size;
 
 #[derive(Parser, Debug)]
@@ -227,36 +228,42 @@ pub struct CtlArgs {
     pub args: Vec<String>,
 }
 
-fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+fn parse_queue_size(s: &str) -> Result<u16, Error> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| Error::invalid(format!("'{s}' is not a number")))?;
     if !(2..=32768).contains(&n) || !n.is_power_of_two() {
-        return Err(format!(
+        return Err(Error::invalid(format!(
             "queue size must be a power of two from 2 to 32768, not {n}"
-        ));
+        )));
     }
     Ok(n as u16)
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+fn parse_mode(s: &str) -> Result<u32, Error> {
     match u32::from_str_radix(s, 8) {
         Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(format!(
+        _ => Err(Error::invalid(format!(
             "'{s}' is not an octal permission mode from 0 to 0777"
-        )),
+        ))),
     }
 }
 
-fn parse_block_size(s: &str) -> Result<u32, String> {
+fn parse_block_size(s: &str) -> Result<u32, Error> {
     match s {
         "512" => Ok(512),
         "4096" | "4K" | "4k" => Ok(4096),
-        _ => Err(format!("logical block size must be 512 or 4096, not {s}")),
+        _ => Err(Error::invalid(format!(
+            "logical block size must be 512 or 4096, not {s}"
+        ))),
     }
 }
 
-fn parse_serial(s: &str) -> Result<String, String> {
+fn parse_serial(s: &str) -> Result<String, Error> {
     if s.len() > 20 {
-        return Err(format!("serial '{s}' is longer than 20 bytes"));
+        return Err(Error::invalid(format!(
+            "serial '{s}' is longer than 20 bytes"
+        )));
     }
     Ok(s.to_string())
 }

@@ -10,13 +10,12 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::control::json_stream::{Piece, Splitter};
-use crate::control::server::{self, Daemon, Sections};
-use crate::graph::{open_null, Graph, Node};
-use crate::uring::IoThread;
+use crate::control::server::{self, Monitor, Sections};
+use crate::graph::{open_null, Node};
+use crate::state::DaemonState;
 use crate::vhost::blk::chain;
 use crate::vhost::blk::config::{seg_max_for, SIZE_MAX};
 use crate::vhost::blk::request::{self, Limits, Op, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK};
-use crate::vhost::exports::ExportTable;
 use crate::vhost::memory::GuestRam;
 
 /// Guest memory of the request target: two adjacent regions (buffers may
@@ -111,19 +110,15 @@ pub fn virtio_blk_request(data: &[u8]) -> Option<u8> {
 
 /// What the QMP target works on: a daemon without exports, one iothread,
 /// and one `null` node (`null0`) that node-name commands can reach.
-fn qmp_daemon() -> &'static (Arc<Daemon>, Arc<Node>, IoThread) {
-    static DAEMON: OnceLock<(Arc<Daemon>, Arc<Node>, IoThread)> = OnceLock::new();
+fn qmp_daemon() -> &'static (Arc<Monitor>, Arc<Node>) {
+    static DAEMON: OnceLock<(Arc<Monitor>, Arc<Node>)> = OnceLock::new();
     DAEMON.get_or_init(|| {
-        let t =
-            IoThread::start("fuzz-qmp", Duration::ZERO).expect("an iothread for the QMP target");
-        let exports = Arc::new(ExportTable::default());
-        let graph = Graph::new();
-        let null = open_null(&graph, 1 << 20);
-        (
-            Daemon::new(graph, exports, vec![t.handle()], t.handle(), || {}),
-            null,
-            t,
-        )
+        let state = DaemonState::new();
+        state
+            .add_iothread("fuzz-qmp", Duration::ZERO)
+            .expect("an iothread for the QMP target");
+        let null = open_null(state.graph(), 1 << 20);
+        (Monitor::new(state, || {}), null)
     })
 }
 
@@ -146,7 +141,7 @@ pub fn qmp_input(data: &[u8]) {
     let Some((&first, input)) = data.split_first() else {
         return;
     };
-    let (daemon, _null, _iothread) = qmp_daemon();
+    let (mon, _null) = qmp_daemon();
     let negotiated = AtomicBool::new(first & 1 == 1);
     let mut sections = Sections::default();
     let mut splitter = Splitter::default();
@@ -160,7 +155,7 @@ pub fn qmp_input(data: &[u8]) {
             if unfuzzed(&t) {
                 continue;
             }
-            let (reply, _quit) = server::respond(daemon, &negotiated, &mut sections, &t, 0);
+            let (reply, _quit) = server::respond(mon, &negotiated, &mut sections, &t, 0);
             assert!(reply.get("return").is_some() || reply.get("error").is_some());
         }
     }

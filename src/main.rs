@@ -15,7 +15,8 @@ use cli::{
 use ringblk::control::ctl;
 use ringblk::daemon::qsd::{self, QsdArgs};
 use ringblk::daemon::serve::{self, Root, ServeOptions};
-use ringblk::daemon::{quit_requested, ExportListener, StorageDaemon};
+use ringblk::daemon::{ExportListener, StorageDaemon};
+use ringblk::error::Error;
 use ringblk::formats::qcow2::create::{self as qcreate, CreateOptions};
 use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_command(command: Command) -> Result<(), String> {
+fn run_command(command: Command) -> Result<(), Error> {
     match command {
         Command::Serve(args) => serve(args),
         Command::Create(args) => create(args),
@@ -79,7 +80,7 @@ fn run_command(command: Command) -> Result<(), String> {
 }
 
 /// qemu-storage-daemon's command line (`ringblk --blockdev ... --export ...`).
-fn serve_qsd(args: &[String]) -> Result<(), String> {
+fn serve_qsd(args: &[String]) -> Result<(), Error> {
     let signals = block_shutdown_signals();
     let parsed = QsdArgs::parse(args)?;
     let mut daemon = StorageDaemon::default();
@@ -99,7 +100,7 @@ fn serve_qsd(args: &[String]) -> Result<(), String> {
             if let Err(close) = daemon.shutdown("host-error") {
                 log::error!("{close}");
             }
-            return Err(format!("--pidfile {}: {e}", p.display()));
+            return Err(Error::from(e).context(format!("--pidfile {}", p.display())));
         }
     }
     for line in &setup.exports {
@@ -109,7 +110,7 @@ fn serve_qsd(args: &[String]) -> Result<(), String> {
     daemon.ready();
     let sig = wait_for_signal(&signals);
     log::info!("signal {sig} received, shutting down");
-    let reason = if quit_requested() {
+    let reason = if daemon.quit_requested() {
         "host-qmp-quit"
     } else {
         "host-signal"
@@ -136,7 +137,7 @@ fn block_shutdown_signals() -> libc::sigset_t {
     }
 }
 
-fn ctl_command(args: CtlArgs) -> Result<(), String> {
+fn ctl_command(args: CtlArgs) -> Result<(), Error> {
     let mut arguments = serde_json::Map::new();
     for a in &args.args {
         let (k, v) = ctl::parse_arg(a)?;
@@ -147,7 +148,7 @@ fn ctl_command(args: CtlArgs) -> Result<(), String> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&ret).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&ret).map_err(|e| Error::io(e.to_string()))?
         );
     } else {
         print!("{}", ctl::human(&ret));
@@ -174,7 +175,7 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 }
 
 /// The default image: a qcow2 created on first use, reused afterwards.
-fn default_image() -> Result<PathBuf, String> {
+fn default_image() -> Result<PathBuf, Error> {
     let path = PathBuf::from(DEFAULT_IMAGE);
     if path.exists() {
         println!(
@@ -188,7 +189,8 @@ fn default_image() -> Result<PathBuf, String> {
         cluster_size: qcreate::DEFAULT_CLUSTER_SIZE,
         backing: None,
     };
-    qcreate::create(&path, &opts).map_err(|e| format!("cannot create {DEFAULT_IMAGE}: {e}"))?;
+    qcreate::create(&path, &opts)
+        .map_err(|e| Error::io(format!("cannot create {DEFAULT_IMAGE}: {e}")))?;
     println!(
         "ringblk: no --image given; created {} (1 GiB, qcow2)",
         absolute(&path).display()
@@ -196,12 +198,12 @@ fn default_image() -> Result<PathBuf, String> {
     Ok(path)
 }
 
-fn create(args: CreateArgs) -> Result<(), String> {
+fn create(args: CreateArgs) -> Result<(), Error> {
     let path = &args.path;
     let backing = match (&args.backing, args.backing_format) {
         (Some(b), Some(f)) => {
             if args.format == CreateFormat::Raw {
-                return Err("a raw image cannot have a backing file".into());
+                return Err(Error::invalid("a raw image cannot have a backing file"));
             }
             Some((b.as_str(), f))
         }
@@ -221,7 +223,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
                 &Graph::new(),
                 &ImageOptions::read_only(bpath, format, false),
             )
-            .map_err(|e| format!("backing file: {e}"))?;
+            .map_err(|e| Error::invalid(format!("backing file: {e}")))?;
             Some(BlockBackend::new("backing", node, true).size())
         }
         None => None,
@@ -229,7 +231,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
     let size = args
         .size
         .or(backing_size)
-        .ok_or("a size is required (or a backing file to take it from)")?;
+        .ok_or_else(|| Error::invalid("a size is required (or a backing file to take it from)"))?;
     let r = match args.format {
         CreateFormat::Raw => qcreate::create_raw(path, size),
         CreateFormat::Qcow2 => {
@@ -247,7 +249,7 @@ fn create(args: CreateArgs) -> Result<(), String> {
             )
         }
     };
-    r.map_err(|e| format!("{}: {e}", path.display()))?;
+    r.map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
     println!(
         "Formatting '{}', fmt={:?}, size={size}",
         path.display(),
@@ -261,7 +263,7 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// What `serve` exports: the null disk or image the arguments name.
-fn root_of(args: &ServeArgs) -> Result<(Root, PathBuf), String> {
+fn root_of(args: &ServeArgs) -> Result<(Root, PathBuf), Error> {
     if let Some(size) = args.null {
         return Ok((Root::Null(size), PathBuf::new()));
     }
@@ -330,7 +332,7 @@ fn print_attach_help(sock: &Path, args: &ServeArgs) {
     println!("  cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket={s},num_queues={n},queue_size={q} ...");
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+fn serve(args: ServeArgs) -> Result<(), Error> {
     let signals = block_shutdown_signals();
     let (root, path) = root_of(&args)?;
     // A socket systemd passed (socket activation) bound to --socket is
@@ -381,7 +383,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     daemon.ready();
 
     let sig = wait_for_signal(&signals);
-    let quit = quit_requested();
+    let quit = daemon.quit_requested();
     if quit {
         log::info!("quit requested on the control socket, shutting down");
     } else {

@@ -1,7 +1,9 @@
 //! Human sizes on the command line: `512`, `64K`, `10G`, `1T`.
 
+use crate::error::Error;
+
 /// Parse a byte count with an optional K/M/G/T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
     let (digits, shift) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -11,9 +13,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'G' => 30,
                 'T' => 40,
                 _ => {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "unknown size suffix '{c}' in '{s}' (use K, M, G or T)"
-                    ))
+                    )))
                 }
             };
             (&s[..i], shift)
@@ -22,9 +24,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 512, 64K, 10G)"))?;
+        .map_err(|_| Error::invalid(format!("'{s}' is not a size (examples: 512, 64K, 10G)")))?;
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+        .ok_or_else(|| Error::invalid(format!("size '{s}' is too large")))
 }
 
 #[cfg(test)]

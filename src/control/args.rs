@@ -20,11 +20,11 @@ impl Args {
     }
 
     pub(super) fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
-        self.0.string(name).map_err(QmpError::generic)
+        self.0.string(name).map_err(QmpError::from)
     }
 
     pub(super) fn str(&mut self, name: &str) -> Result<String, QmpError> {
-        self.0.required_string(name).map_err(QmpError::generic)
+        self.0.required_string(name).map_err(QmpError::from)
     }
 
     /// A boolean, if given (QMP takes JSON booleans only).
@@ -61,6 +61,6 @@ impl Args {
 
     /// Refuse arguments no one asked for (call after taking the known ones).
     pub(super) fn finish(self) -> Result<(), QmpError> {
-        self.0.finish().map_err(QmpError::generic)
+        self.0.finish().map_err(QmpError::from)
     }
 }

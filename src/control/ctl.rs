@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::error::{Error, ErrorKind};
 use crate::size::parse_size;
 
 /// Longest we wait for one answer (a drain waits for in-flight I/O).
@@ -14,16 +15,17 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `key=value` → a JSON argument: booleans, integers and sizes (`20G`)
 /// become numbers, anything else a string; `key:=JSON` passes JSON as is.
-pub fn parse_arg(arg: &str) -> Result<(String, Value), String> {
+pub fn parse_arg(arg: &str) -> Result<(String, Value), Error> {
     if let Some((k, v)) = arg.split_once(":=") {
-        let v = serde_json::from_str(v).map_err(|e| format!("{arg}: not JSON: {e}"))?;
+        let v =
+            serde_json::from_str(v).map_err(|e| Error::invalid(format!("{arg}: not JSON: {e}")))?;
         return Ok((k.to_string(), v));
     }
     let (k, v) = arg
         .split_once('=')
-        .ok_or_else(|| format!("'{arg}': arguments are key=value"))?;
+        .ok_or_else(|| Error::invalid(format!("'{arg}': arguments are key=value")))?;
     if k.is_empty() {
-        return Err(format!("'{arg}': empty argument name"));
+        return Err(Error::invalid(format!("'{arg}': empty argument name")));
     }
     let value = match v {
         "true" => json!(true),
@@ -43,35 +45,37 @@ pub struct Connection {
 
 impl Connection {
     /// Connect, read the greeting and negotiate capabilities.
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let stream = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let stream =
+            UnixStream::connect(path).map_err(|e| Error::from(e).context(path.display()))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        let writer = stream.try_clone()?;
         let mut c = Connection {
             reader: BufReader::new(stream),
             writer,
         };
         let greeting = c.next_message()?;
         if greeting.get("QMP").is_none() {
-            return Err(format!("not a QMP server (greeting: {greeting})"));
+            return Err(Error::invalid(format!(
+                "not a QMP server (greeting: {greeting})"
+            )));
         }
         c.execute("qmp_capabilities", Map::new())?
-            .map_err(|e| format!("capabilities negotiation failed: {e}"))?;
+            .map_err(|e| e.context("capabilities negotiation failed"))?;
         Ok(c)
     }
 
-    fn next_message(&mut self) -> Result<Value, String> {
+    fn next_message(&mut self) -> Result<Value, Error> {
         let mut line = String::new();
         let n = self
             .reader
             .read_line(&mut line)
-            .map_err(|e| format!("reading from the daemon: {e}"))?;
+            .map_err(|e| Error::from(e).context("reading from the daemon"))?;
         if n == 0 {
-            return Err("the daemon closed the connection".into());
+            return Err(Error::io("the daemon closed the connection"));
         }
-        serde_json::from_str(&line).map_err(|e| format!("bad message from the daemon: {e}"))
+        serde_json::from_str(&line)
+            .map_err(|e| Error::invalid(format!("bad message from the daemon: {e}")))
     }
 
     /// Run a command. Outer error: the connection failed; inner error: the
@@ -80,14 +84,14 @@ impl Connection {
         &mut self,
         command: &str,
         args: Map<String, Value>,
-    ) -> Result<Result<Value, String>, String> {
+    ) -> Result<Result<Value, Error>, Error> {
         let req = json!({"execute": command, "arguments": args, "id": "ctl"});
         // One write: the daemon acts on the closing brace, and after `quit`
         // it may be gone before a separate newline could follow.
         let line = format!("{req}\n");
         self.writer
             .write_all(line.as_bytes())
-            .map_err(|e| format!("sending to the daemon: {e}"))?;
+            .map_err(|e| Error::from(e).context("sending to the daemon"))?;
         loop {
             let msg = self.next_message()?;
             if let Some(r) = msg.get("return") {
@@ -96,7 +100,12 @@ impl Connection {
             if let Some(e) = msg.get("error") {
                 let class = e["class"].as_str().unwrap_or("Error");
                 let desc = e["desc"].as_str().unwrap_or("");
-                return Ok(Err(format!("{class}: {desc}")));
+                let kind = match class {
+                    "DeviceNotFound" => ErrorKind::NotFound,
+                    "CommandNotFound" => ErrorKind::Unsupported,
+                    _ => ErrorKind::InvalidInput,
+                };
+                return Ok(Err(Error::new(kind, format!("{class}: {desc}"))));
             }
             // An event: not ours to print.
         }

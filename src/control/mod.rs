@@ -9,4 +9,4 @@ pub(crate) mod json_stream;
 pub mod qmp;
 pub(crate) mod server;
 
-pub use server::{ControlServer, Daemon};
+pub use server::{ControlServer, Monitor};

@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use crate::graph::{ErrorKind, GraphError};
+use crate::error::{Error, ErrorKind};
 
 /// Error classes QMP clients know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,8 +39,8 @@ pub struct QmpError {
 /// that look a device up before anything else, and they say so
 /// themselves), so the kind decides nothing here yet; this is where it
 /// will.
-impl From<GraphError> for QmpError {
-    fn from(e: GraphError) -> Self {
+impl From<Error> for QmpError {
+    fn from(e: Error) -> Self {
         match e.kind() {
             ErrorKind::InvalidInput
             | ErrorKind::NotFound

@@ -19,49 +19,29 @@ use super::client::Client;
 use super::commands;
 use super::json_stream::{Piece, Splitter};
 use super::qmp::{self, QmpError};
-use crate::graph::{Graph, Node};
+use crate::graph::Node;
 use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
 use crate::os::ratelimit::LogLimiter;
 use crate::os::wait::{wait_for, Wake};
-use crate::uring::IoThreadHandle;
-use crate::vhost::blk::export::BlkExport;
-use crate::vhost::exports::ExportTable;
+use crate::state::DaemonState;
 
-/// What commands act on, shared by every client.
-pub struct Daemon {
-    /// The block graph the commands work on.
-    pub graph: Graph,
-    pub exports: Arc<ExportTable>,
-    /// The daemon's iothreads, for `query-iothreads` and `block-export-add`.
-    pub iothreads: Vec<IoThreadHandle>,
-    /// Where `block-export-add` puts an export that names no iothread.
-    pub default_iothread: IoThreadHandle,
+/// The QMP monitor: the daemon's state its commands act on, the clients
+/// connected, and how `quit` starts the shutdown.
+pub struct Monitor {
+    pub state: Arc<DaemonState>,
     clients: Mutex<Vec<Arc<Client>>>,
     shutdown: Box<dyn Fn() + Send + Sync>,
 }
 
-impl Daemon {
+impl Monitor {
     /// `shutdown` is called by `quit`; it must only start the shutdown
     /// (the daemon's main thread carries it out).
-    pub fn new(
-        graph: Graph,
-        exports: Arc<ExportTable>,
-        iothreads: Vec<IoThreadHandle>,
-        default_iothread: IoThreadHandle,
-        shutdown: impl Fn() + Send + Sync + 'static,
-    ) -> Arc<Self> {
-        Arc::new(Daemon {
-            graph,
-            exports,
-            iothreads,
-            default_iothread,
+    pub fn new(state: Arc<DaemonState>, shutdown: impl Fn() + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Monitor {
+            state,
             clients: Mutex::new(Vec::new()),
             shutdown: Box::new(shutdown),
         })
-    }
-
-    pub fn export(&self, id: &str) -> Option<Arc<BlkExport>> {
-        self.exports.find(id)
     }
 
     pub fn request_shutdown(&self) {
@@ -123,7 +103,7 @@ pub struct ControlServer {
     /// Removes the socket file when the server goes.
     _file: SocketFile,
     stop: EventFd,
-    daemon: Arc<Daemon>,
+    mon: Arc<Monitor>,
     accept_thread: Option<JoinHandle<()>>,
     client_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -131,18 +111,18 @@ pub struct ControlServer {
 impl ControlServer {
     /// Bind `path` and start accepting clients, at most `max_clients` at
     /// once.
-    pub fn start(path: &Path, daemon: Arc<Daemon>, max_clients: usize) -> io::Result<Self> {
+    pub fn start(path: &Path, mon: Arc<Monitor>, max_clients: usize) -> io::Result<Self> {
         let (listener, file) = bind_listener(path, CONTROL_SOCKET_MODE)?;
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
         let client_threads = Arc::new(Mutex::new(Vec::new()));
-        let (d, s, t) = (daemon.clone(), stop.try_clone()?, client_threads.clone());
+        let (d, s, t) = (mon.clone(), stop.try_clone()?, client_threads.clone());
         let accept_thread = std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || accept_loop(listener, d, s, t, max_clients))?;
         log::info!("QMP control socket on {}", path.display());
         // Jobs announce their progress to every client.
-        let events = Arc::downgrade(&daemon);
-        daemon.graph.jobs().set_event_sink(move |name, data| {
+        let events = Arc::downgrade(&mon);
+        mon.state.graph().jobs().set_event_sink(move |name, data| {
             if let Some(d) = events.upgrade() {
                 d.emit(name, data);
             }
@@ -150,7 +130,7 @@ impl ControlServer {
         Ok(ControlServer {
             _file: file,
             stop,
-            daemon,
+            mon,
             accept_thread: Some(accept_thread),
             client_threads,
         })
@@ -159,13 +139,13 @@ impl ControlServer {
     /// Announce the shutdown, stop accepting, disconnect every client (their
     /// drained sections end) and wait for their threads.
     pub fn shutdown(mut self, reason: &str) {
-        self.daemon
+        self.mon
             .emit("SHUTDOWN", json!({"guest": false, "reason": reason}));
         let _ = self.stop.write(1);
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
-        for c in self.daemon.clients().iter() {
+        for c in self.mon.clients().iter() {
             c.close();
         }
         let threads = std::mem::take(
@@ -182,7 +162,7 @@ impl ControlServer {
 
 fn accept_loop(
     listener: UnixListener,
-    daemon: Arc<Daemon>,
+    mon: Arc<Monitor>,
     stop: EventFd,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
     max_clients: usize,
@@ -208,7 +188,7 @@ fn accept_loop(
                 continue;
             }
         };
-        if daemon.clients().len() >= max_clients {
+        if mon.clients().len() >= max_clients {
             if refusals.allow("QMP client refused") {
                 log::warn!("QMP socket: refusing a client: {max_clients} are connected");
             }
@@ -228,8 +208,8 @@ fn accept_loop(
             }
         };
         backoff.succeeded();
-        daemon.clients().push(client.clone());
-        let d = daemon.clone();
+        mon.clients().push(client.clone());
+        let d = mon.clone();
         let c = client.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("qmp-client{}", client.id))
@@ -242,7 +222,7 @@ fn accept_loop(
             }
             Err(e) => {
                 log::error!("QMP socket: cannot start a client thread: {e}");
-                daemon.clients().retain(|c| c.id != client.id);
+                mon.clients().retain(|c| c.id != client.id);
             }
         }
     }
@@ -260,7 +240,7 @@ fn refuse(stream: UnixStream, max_clients: usize) {
     }
 }
 
-fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
+fn serve_client(mon: Arc<Monitor>, client: Arc<Client>, stream: UnixStream) {
     log::info!("QMP client {} connected", client.id);
     client.send(&qmp::greeting());
     let mut splitter = Splitter::default();
@@ -270,7 +250,7 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
         splitter.feed(bytes, &mut pieces);
         for piece in pieces.drain(..) {
             match piece {
-                Piece::Text(t) => handle_text(&daemon, &client, &mut sections, &t),
+                Piece::Text(t) => handle_text(&mon, &client, &mut sections, &t),
                 Piece::Garbage(g) => client.send(&qmp::response(
                     &Err(QmpError::generic(format!(
                         "JSON parse error, invalid keyword '{g}'"
@@ -291,15 +271,15 @@ fn serve_client(daemon: Arc<Daemon>, client: Arc<Client>, stream: UnixStream) {
     // No graph lock: ending a section never waits, and must not wait
     // behind another client's graph change.
     sections.end_all();
-    daemon.clients().retain(|c| c.id != client.id);
+    mon.clients().retain(|c| c.id != client.id);
     log::info!("QMP client {} disconnected", client.id);
 }
 
-fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, text: &[u8]) {
-    let (reply, quit) = respond(daemon, &client.negotiated, sections, text, client.id);
+fn handle_text(mon: &Arc<Monitor>, client: &Client, sections: &mut Sections, text: &[u8]) {
+    let (reply, quit) = respond(mon, &client.negotiated, sections, text, client.id);
     client.send(&reply);
     if quit {
-        daemon.request_shutdown();
+        mon.request_shutdown();
     }
 }
 
@@ -307,7 +287,7 @@ fn handle_text(daemon: &Arc<Daemon>, client: &Client, sections: &mut Sections, t
 /// successful `quit` (the caller starts the shutdown once the reply is
 /// out). No socket involved, so the fuzzer drives this directly.
 pub(crate) fn respond(
-    daemon: &Arc<Daemon>,
+    mon: &Arc<Monitor>,
     negotiated: &AtomicBool,
     sections: &mut Sections,
     text: &[u8],
@@ -335,9 +315,9 @@ pub(crate) fn respond(
             ))
         }
     } else {
-        let _g = commands::holds_graph_lock(&req.execute).then(|| daemon.graph.lock());
+        let _g = commands::holds_graph_lock(&req.execute).then(|| mon.state.graph().lock());
         log::debug!("QMP client {client_id}: {}", req.execute);
-        commands::execute(daemon, sections, &req.execute, Args::new(req.arguments))
+        commands::execute(mon, sections, &req.execute, Args::new(req.arguments))
     };
     let quit = result.is_ok() && req.execute == "quit";
     (qmp::response(&result, req.id), quit)

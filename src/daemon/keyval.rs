@@ -7,16 +7,17 @@
 //! that are all digits make a list (`iothread.0=a,iothread.1=b`). An
 //! argument starting with `{` is parsed as JSON instead.
 
+use crate::error::Error;
 use serde_json::{Map, Value};
 
 /// Parse one option argument; `implied` names the key of a leading bare
 /// value, if the option has one.
-pub fn parse(arg: &str, implied: Option<&str>) -> Result<Map<String, Value>, String> {
+pub fn parse(arg: &str, implied: Option<&str>) -> Result<Map<String, Value>, Error> {
     if arg.trim_start().starts_with('{') {
         return match serde_json::from_str(arg) {
             Ok(Value::Object(m)) => Ok(m),
-            Ok(_) => Err("expected a JSON object".into()),
-            Err(e) => Err(format!("invalid JSON: {e}")),
+            Ok(_) => Err(Error::invalid("expected a JSON object")),
+            Err(e) => Err(Error::invalid(format!("invalid JSON: {e}"))),
         };
     }
     let mut root = Map::new();
@@ -25,7 +26,11 @@ pub fn parse(arg: &str, implied: Option<&str>) -> Result<Map<String, Value>, Str
             Some((k, v)) => (k.to_string(), v.to_string()),
             None => match implied {
                 Some(k) if i == 0 => (k.to_string(), item.clone()),
-                _ => return Err(format!("Expected '=' after parameter '{item}'")),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "Expected '=' after parameter '{item}'"
+                    )))
+                }
             },
         };
         insert(&mut root, &key, value)?;
@@ -59,16 +64,18 @@ fn split_items(arg: &str) -> Vec<String> {
     items
 }
 
-fn insert(root: &mut Map<String, Value>, key: &str, value: String) -> Result<(), String> {
+fn insert(root: &mut Map<String, Value>, key: &str, value: String) -> Result<(), Error> {
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err(format!("Invalid parameter '{key}'"));
+        return Err(Error::invalid(format!("Invalid parameter '{key}'")));
     }
     let mut level = root;
     for (i, part) in parts.iter().enumerate() {
         if i + 1 == parts.len() {
             if level.contains_key(*part) {
-                return Err(format!("Parameter '{key}' given more than once"));
+                return Err(Error::invalid(format!(
+                    "Parameter '{key}' given more than once"
+                )));
             }
             level.insert(part.to_string(), Value::String(value));
             return Ok(());
@@ -79,10 +86,10 @@ fn insert(root: &mut Map<String, Value>, key: &str, value: String) -> Result<(),
         level = match next {
             Value::Object(m) => m,
             _ => {
-                return Err(format!(
+                return Err(Error::invalid(format!(
                     "Parameter '{}' used inconsistently",
                     parts[..=i].join(".")
-                ))
+                )))
             }
         };
     }

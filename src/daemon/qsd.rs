@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use super::keyval;
 use super::StorageDaemon;
 use super::{parse_lock_wait, DEFAULT_LOCK_WAIT};
+use crate::error::Error;
 use crate::opts::Opts;
 use crate::os::activation::PassedFds;
 use crate::vhost::exports::ExportOptions;
@@ -38,7 +39,7 @@ pub struct QsdArgs {
 impl QsdArgs {
     /// Split `args` (without the program name): `--opt value` or
     /// `--opt=value`. Unknown options are errors naming them.
-    pub fn parse(args: &[String]) -> Result<QsdArgs, String> {
+    pub fn parse(args: &[String]) -> Result<QsdArgs, Error> {
         let mut options = Vec::new();
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -47,20 +48,22 @@ impl QsdArgs {
                 _ => (a.clone(), None),
             };
             if !OPTIONS.contains(&name.as_str()) {
-                return Err(format!("{name}: unrecognized option"));
+                return Err(Error::invalid(format!("{name}: unrecognized option")));
             }
             if name == "--daemonize" {
-                return Err("--daemonize is not supported: run ringblk in the foreground under a service manager (systemd, a container runtime)".into());
+                return Err(Error::invalid("--daemonize is not supported: run ringblk in the foreground under a service manager (systemd, a container runtime)"));
             }
             if name == "--nbd-server" {
-                return Err("--nbd-server: ringblk serves vhost-user-blk exports only".into());
+                return Err(Error::invalid(
+                    "--nbd-server: ringblk serves vhost-user-blk exports only",
+                ));
             }
             let value = match inline {
                 Some(v) => v,
                 None => it
                     .next()
                     .cloned()
-                    .ok_or_else(|| format!("{name}: requires an argument"))?,
+                    .ok_or_else(|| Error::invalid(format!("{name}: requires an argument")))?,
             };
             options.push((name, value));
         }
@@ -89,14 +92,15 @@ pub fn build(
     daemon: &mut StorageDaemon,
     args: &QsdArgs,
     passed: &mut PassedFds,
-) -> Result<QsdSetup, String> {
+) -> Result<QsdSetup, Error> {
     let mut setup = QsdSetup::default();
     let mut chardevs = Vec::new();
     // Wherever it stands, it applies to every --blockdev.
     let mut lock_wait = DEFAULT_LOCK_WAIT;
     for (name, value) in &args.options {
         if name == "--lock-wait" {
-            lock_wait = parse_lock_wait(value).map_err(|e| format!("{name} {value}: {e}"))?;
+            lock_wait = parse_lock_wait(value)
+                .map_err(|e| Error::invalid(format!("{name} {value}: {e}")))?;
         }
     }
     for (name, value) in &args.options {
@@ -107,7 +111,7 @@ pub fn build(
             "--monitor" => Some("chardev"),
             _ => None,
         };
-        let ctx = |e: String| format!("{name} {value}: {e}");
+        let ctx = |e: Error| e.context(format!("{name} {value}"));
         if name == "--pidfile" {
             setup.pidfile = Some(PathBuf::from(value));
             continue;
@@ -119,9 +123,10 @@ pub fn build(
         match name.as_str() {
             "--blockdev" => {
                 daemon
+                    .state()
                     .graph()
                     .blockdev_add_waiting(Value::Object(map), lock_wait)
-                    .map_err(|e| ctx(e.to_string()))?;
+                    .map_err(ctx)?;
             }
             "--object" => add_object(daemon, map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),
@@ -135,13 +140,13 @@ pub fn build(
     Ok(setup)
 }
 
-fn add_object(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<(), String> {
+fn add_object(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<(), Error> {
     let mut o = Opts::new(map);
     let kind = o.required_string("qom-type")?;
     if kind != "iothread" {
-        return Err(format!(
+        return Err(Error::invalid(format!(
             "object type '{kind}' is not supported (only iothread)"
-        ));
+        )));
     }
     let id = o.required_string("id")?;
     // QEMU's default adaptive polling limit is 32 µs.
@@ -150,24 +155,26 @@ fn add_object(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<(),
     o.size("poll-shrink")?;
     o.size("aio-max-batch")?;
     o.finish()?;
-    daemon.add_named_iothread(&id, Duration::from_nanos(poll))
+    daemon
+        .state()
+        .add_named_iothread(&id, Duration::from_nanos(poll))
 }
 
-fn chardev(map: Map<String, Value>) -> Result<Chardev, String> {
+fn chardev(map: Map<String, Value>) -> Result<Chardev, Error> {
     let mut o = Opts::new(map);
     let backend = o.required_string("backend")?;
     if backend != "socket" {
-        return Err(format!(
+        return Err(Error::invalid(format!(
             "chardev backend '{backend}' is not supported (only socket)"
-        ));
+        )));
     }
     let id = o.required_string("id")?;
     let path = PathBuf::from(o.required_string("path")?);
     if !o.bool("server", false)? {
-        return Err("only server=on sockets are supported".into());
+        return Err(Error::invalid("only server=on sockets are supported"));
     }
     if o.bool("wait", true)? {
-        return Err("wait=on is not supported: give wait=off".into());
+        return Err(Error::invalid("wait=on is not supported: give wait=off"));
     }
     o.finish()?;
     Ok(Chardev { id, path })
@@ -177,7 +184,7 @@ fn monitor(
     daemon: &mut StorageDaemon,
     map: Map<String, Value>,
     chardevs: &[Chardev],
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let mut o = Opts::new(map);
     let id = o.required_string("chardev")?;
     o.choice("mode", &["control"])?;
@@ -186,13 +193,13 @@ fn monitor(
     let c = chardevs
         .iter()
         .find(|c| c.id == id)
-        .ok_or_else(|| format!("chardev '{id}' not found"))?;
-    daemon.start_control(&c.path, super::DEFAULT_CONTROL_CLIENTS, super::request_quit)
+        .ok_or_else(|| Error::invalid(format!("chardev '{id}' not found")))?;
+    daemon.start_control(&c.path, super::DEFAULT_CONTROL_CLIENTS)
 }
 
 /// `addr.type=fd` with a name instead of a number (`addr.str=vda`): the
 /// socket systemd passed under that name (`FileDescriptorName=`).
-fn name_passed_fd(map: &mut Map<String, Value>, passed: &mut PassedFds) -> Result<(), String> {
+fn name_passed_fd(map: &mut Map<String, Value>, passed: &mut PassedFds) -> Result<(), Error> {
     let Some(Value::Object(addr)) = map.get_mut("addr") else {
         return Ok(());
     };
@@ -206,7 +213,9 @@ fn name_passed_fd(map: &mut Map<String, Value>, passed: &mut PassedFds) -> Resul
         return Ok(());
     }
     let fd = passed.take_named(name).ok_or_else(|| {
-        format!("addr.str: no socket called '{name}' was passed (LISTEN_FDNAMES)")
+        Error::not_found(format!(
+            "addr.str: no socket called '{name}' was passed (LISTEN_FDNAMES)"
+        ))
     })?;
     addr.insert("str".into(), Value::String(fd.to_string()));
     Ok(())
@@ -217,10 +226,11 @@ fn export(
     daemon: &mut StorageDaemon,
     mut map: Map<String, Value>,
     passed: &mut PassedFds,
-) -> Result<String, String> {
+) -> Result<String, Error> {
     name_passed_fd(&mut map, passed)?;
-    let ExportOptions { config, iothreads } = ExportOptions::parse(daemon.graph(), map)?;
-    let iothreads = daemon.iothreads_for(&iothreads)?;
+    let state = daemon.state();
+    let ExportOptions { config, iothreads } = ExportOptions::parse(state.graph(), map)?;
+    let iothreads = state.iothreads_for(&iothreads)?;
     let line = format!(
         "ringblk: listening on {} (export {}, node {}, {} queue(s){})",
         config.listener.describe(),
@@ -229,7 +239,7 @@ fn export(
         config.num_queues,
         if config.read_only { ", read-only" } else { "" }
     );
-    daemon.add_export(config, iothreads)?;
+    state.add_export(config, iothreads)?;
     Ok(line)
 }
 
@@ -256,10 +266,10 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_options_are_named() {
         let e = QsdArgs::parse(&args(&["--bogus", "x"])).err().unwrap();
-        assert!(e.contains("--bogus"), "{e}");
+        assert!(e.message().contains("--bogus"), "{e}");
         let e = QsdArgs::parse(&args(&["--daemonize"])).err().unwrap();
-        assert!(e.contains("--daemonize"), "{e}");
+        assert!(e.message().contains("--daemonize"), "{e}");
         let e = QsdArgs::parse(&args(&["--export"])).err().unwrap();
-        assert!(e.contains("requires an argument"), "{e}");
+        assert!(e.message().contains("requires an argument"), "{e}");
     }
 }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{request_quit, ExportConfig, ExportListener, StorageDaemon};
+use super::{ExportConfig, ExportListener, StorageDaemon};
+use crate::error::Error;
 use crate::graph::{open_image, open_null, BlockBackend, ImageOptions};
 
 /// What the export serves.
@@ -46,7 +47,7 @@ pub fn default_iothreads() -> u16 {
 /// The daemon `o` describes, serving; and its export's BlockBackend.
 /// Queue k runs on iothread k mod n. On failure, what was built is shut
 /// down again.
-pub fn build(o: ServeOptions) -> Result<(StorageDaemon, Arc<BlockBackend>), String> {
+pub fn build(o: ServeOptions) -> Result<(StorageDaemon, Arc<BlockBackend>), Error> {
     let mut daemon = StorageDaemon::default();
     match populate(&mut daemon, o) {
         Ok(backend) => Ok((daemon, backend)),
@@ -59,18 +60,18 @@ pub fn build(o: ServeOptions) -> Result<(StorageDaemon, Arc<BlockBackend>), Stri
     }
 }
 
-fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBackend>, String> {
+fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBackend>, Error> {
     let root = match &o.root {
         Root::Null(size) => {
             if size % o.logical_block_size as u64 != 0 {
-                return Err(format!(
+                return Err(Error::invalid(format!(
                     "--null size must be a multiple of {}",
                     o.logical_block_size
-                ));
+                )));
             }
-            open_null(daemon.graph(), *size)
+            open_null(daemon.state().graph(), *size)
         }
-        Root::Image(opts) => open_image(daemon.graph(), opts).map_err(|e| e.to_string())?,
+        Root::Image(opts) => open_image(daemon.state().graph(), opts)?,
     };
     let n = o
         .iothreads
@@ -78,13 +79,18 @@ fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBack
         .min(o.num_queues);
     let mut iothreads = Vec::new();
     for i in 0..n {
-        iothreads.push(daemon.add_iothread(&format!("iothread{i}"), o.poll_max)?);
+        iothreads.push(
+            daemon
+                .state()
+                .add_iothread(&format!("iothread{i}"), o.poll_max)?,
+        );
     }
     let what = match &o.root {
         Root::Null(_) => "null disk".to_string(),
         Root::Image(opts) => opts.path.display().to_string(),
     };
     let backend = daemon
+        .state()
         .add_export(
             ExportConfig {
                 id: o.id,
@@ -99,9 +105,9 @@ fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBack
             },
             iothreads,
         )
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
     if let Some((path, clients)) = &o.control {
-        daemon.start_control(path, *clients, request_quit)?;
+        daemon.start_control(path, *clients)?;
     }
     Ok(backend)
 }

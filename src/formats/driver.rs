@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::error::Error;
 use crate::uring::IoVec;
 
 /// A request in flight on the current iothread.
@@ -79,27 +80,27 @@ pub trait BlockDriver: BlockIo {
     /// Switch between read-only and read-write use. Called on the control
     /// thread with the node drained; going read-only, a driver writes back
     /// what it caches (syncing is left to the next flush).
-    fn reopen(&self, read_only: bool) -> Result<(), String> {
+    fn reopen(&self, read_only: bool) -> Result<(), Error> {
         if read_only == self.is_read_only() {
             Ok(())
         } else {
-            Err(format!(
+            Err(Error::invalid(format!(
                 "the {} driver cannot be reopened read-{}",
                 self.driver_name(),
                 if read_only { "only" } else { "write" }
-            ))
+            )))
         }
     }
     /// The backing image has writes no flush covered yet: the next flush
     /// here must flush it too. Drivers without a backing image ignore it.
     fn backing_unflushed(&self) {}
     /// Replace the backing image (drained). Drivers without one refuse.
-    fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), String> {
+    fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), Error> {
         let _ = backing;
-        Err(format!(
+        Err(Error::invalid(format!(
             "the {} driver has no backing image",
             self.driver_name()
-        ))
+        )))
     }
     /// Whether this layer itself holds the data at guest `offset` (rather
     /// than showing its backing image's). Layers without a backing image

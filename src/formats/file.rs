@@ -13,6 +13,7 @@ use super::bounce;
 use super::driver::{BlockDriver, BlockIo, IoFuture};
 use super::lock::Perms;
 use super::{ImageLock, OpenError};
+use crate::error::Error;
 use crate::uring::{ops, AlignedBuf, IoVec};
 
 /// How the host page cache is used.
@@ -573,8 +574,8 @@ impl BlockDriver for FileDriver {
     fn is_read_only(&self) -> bool {
         self.is_ro()
     }
-    fn reopen(&self, read_only: bool) -> Result<(), String> {
-        self.do_reopen(read_only).map_err(|e| e.to_string())
+    fn reopen(&self, read_only: bool) -> Result<(), Error> {
+        Ok(self.do_reopen(read_only)?)
     }
     fn filename(&self) -> Option<String> {
         Some(self.path.display().to_string())

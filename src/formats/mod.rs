@@ -36,3 +36,15 @@ pub enum OpenError {
     )]
     Locked { path: PathBuf, reason: String },
 }
+
+impl From<OpenError> for crate::error::Error {
+    fn from(e: OpenError) -> Self {
+        use crate::error::{Error, ErrorKind};
+        let kind = match e {
+            OpenError::Io { .. } => ErrorKind::Io,
+            OpenError::Invalid { .. } => ErrorKind::InvalidInput,
+            OpenError::Locked { .. } => ErrorKind::Busy,
+        };
+        Error::new(kind, e.to_string())
+    }
+}

@@ -4,6 +4,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::driver::{failed, BlockDriver, BlockIo, ChildRef, IoFuture};
+use crate::error::Error;
 use crate::uring::{AlignedBuf, IoVec};
 
 /// The bytes a format probe looks at: the first sector.
@@ -39,15 +40,17 @@ impl RawDriver {
         read_only: bool,
         offset: u64,
         size: Option<u64>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         let len = file.size();
         if !offset.is_multiple_of(512) || size.is_some_and(|s| !s.is_multiple_of(512)) {
-            return Err("raw offset and size must be multiples of 512".into());
+            return Err(Error::invalid(
+                "raw offset and size must be multiples of 512",
+            ));
         }
         if offset > len || size.is_some_and(|s| s > len - offset) {
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "offset {offset} and size {size:?} reach past the end of the file ({len} bytes)"
-            ));
+            )));
         }
         Ok(RawDriver {
             offset,
@@ -176,7 +179,7 @@ impl BlockDriver for RawDriver {
     fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
     }
-    fn reopen(&self, read_only: bool) -> Result<(), String> {
+    fn reopen(&self, read_only: bool) -> Result<(), Error> {
         // The graph reopens the file child; raw itself only checks.
         self.read_only.store(read_only, Ordering::Release);
         Ok(())

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::error::GraphError;
 use super::node::{DetectZeroes, Node};
 use super::open::{
     open_backing_named_by, open_file_node, open_qcow2_node, open_raw_node, open_raw_window,
 };
 use super::registry::Graph;
+use crate::error::Error;
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{CacheMode, ImageLock, NullDriver};
 use crate::opts::Opts;
@@ -26,8 +26,8 @@ use crate::opts::Opts;
 /// QEMU's size of a `null-co` node when none is given.
 const NULL_DEFAULT_SIZE: u64 = 1 << 30;
 
-fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
-    Err(GraphError::invalid(msg))
+fn err<T>(msg: impl Into<String>) -> Result<T, Error> {
+    Err(Error::invalid(msg))
 }
 
 /// Options every driver takes (BlockdevOptions' base).
@@ -49,7 +49,7 @@ struct Inherited {
     lock_wait: Duration,
 }
 
-fn common(g: &Graph, o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, GraphError> {
+fn common(g: &Graph, o: &mut Opts, top: bool, parent: Inherited) -> Result<Common, Error> {
     let node_name = match o.string("node-name")? {
         Some(n) => {
             check_new_node_name(g, &n)?;
@@ -86,7 +86,7 @@ fn common(g: &Graph, o: &mut Opts, top: bool, parent: Inherited) -> Result<Commo
 }
 
 /// Refuse a name a new node cannot take: malformed, or in use.
-pub(super) fn check_new_node_name(g: &Graph, n: &str) -> Result<(), GraphError> {
+pub(super) fn check_new_node_name(g: &Graph, n: &str) -> Result<(), Error> {
     if n.is_empty() || n.starts_with('#') || n.len() > 31 {
         return err(format!("Invalid node-name: '{n}'"));
     }
@@ -99,7 +99,7 @@ pub(super) fn check_new_node_name(g: &Graph, n: &str) -> Result<(), GraphError> 
 impl Graph {
     /// Add the node `options` describe (and its inline children), owned by
     /// the monitor until [`Graph::blockdev_del`].
-    pub fn blockdev_add(&self, options: Value) -> Result<Arc<Node>, GraphError> {
+    pub fn blockdev_add(&self, options: Value) -> Result<Arc<Node>, Error> {
         self.blockdev_add_waiting(options, Duration::ZERO)
     }
 
@@ -109,7 +109,7 @@ impl Graph {
         &self,
         options: Value,
         lock_wait: Duration,
-    ) -> Result<Arc<Node>, GraphError> {
+    ) -> Result<Arc<Node>, Error> {
         let Value::Object(map) = options else {
             return err("Invalid parameter type, expected: object");
         };
@@ -130,18 +130,18 @@ impl Graph {
 
     /// `blockdev-del`: close a node `blockdev-add` added, unless something
     /// (a parent node, an export) still uses it.
-    pub fn blockdev_del(&self, name: &str) -> Result<(), GraphError> {
+    pub fn blockdev_del(&self, name: &str) -> Result<(), Error> {
         let mut owned = self.monitor_owned();
         let Some(i) = owned.iter().position(|n| n.name() == name) else {
             return match self.find_node(name) {
                 Some(_) => err(format!("Node {name} is not owned by the monitor")),
-                None => Err(GraphError::not_found(format!(
+                None => Err(Error::not_found(format!(
                     "Failed to find node with node-name='{name}'"
                 ))),
             };
         };
         if let Some(user) = self.user_of(&owned[i]) {
-            return Err(GraphError::busy(format!("Node '{name}' is busy: {user}")));
+            return Err(Error::busy(format!("Node '{name}' is busy: {user}")));
         }
         let node = owned.remove(i);
         drop(owned);
@@ -180,14 +180,14 @@ impl Graph {
     }
 }
 
-fn add(g: &Graph, mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, GraphError> {
+fn add(g: &Graph, mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>, Error> {
     let driver = o.required_string("driver")?;
     let c = common(g, &mut o, top, parent)?;
     let node = match driver.as_str() {
         "file" => add_file(g, &mut o, &c)?,
         "raw" => {
             let file = child(g, &mut o, "file", c.inherit)?.ok_or_else(|| {
-                GraphError::invalid(format!("Parameter '{}' is missing", o.name("file")))
+                Error::invalid(format!("Parameter '{}' is missing", o.name("file")))
             })?;
             let offset = o.size("offset")?.unwrap_or(0);
             let size = o.size("size")?;
@@ -203,14 +203,14 @@ fn add(g: &Graph, mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>
             o.bool("read-zeroes", false)?;
             Node::new(g, &c.node_name, Box::new(NullDriver::new(size)), Vec::new())
         }
-        other => return Err(GraphError::unsupported(format!("Unknown driver '{other}'"))),
+        other => return Err(Error::unsupported(format!("Unknown driver '{other}'"))),
     };
     o.finish()?;
     node.set_io_options(c.inherit.no_flush, c.detect_zeroes);
     Ok(node)
 }
 
-fn add_file(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, GraphError> {
+fn add_file(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, Error> {
     let filename = PathBuf::from(o.required_string("filename")?);
     // The kernel interface is always io_uring here; the choice is accepted.
     o.choice("aio", &["threads", "native", "io_uring"])?;
@@ -233,7 +233,7 @@ fn add_file(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, GraphError
         512,
         lock,
     )
-    .map_err(|e| GraphError::io(e.to_string()))
+    .map_err(|e| Error::io(e.to_string()))
 }
 
 /// A child given inline (an object: added now, with a generated name) or
@@ -243,12 +243,12 @@ fn child(
     o: &mut Opts,
     key: &str,
     inherit: Inherited,
-) -> Result<Option<Arc<Node>>, GraphError> {
+) -> Result<Option<Arc<Node>>, Error> {
     let prefix = format!("{}.", o.name(key));
     match o.take(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(name)) => g.find_node(&name).map(Some).ok_or_else(|| {
-            GraphError::not_found(format!("Cannot find device='' nor node-name='{name}'"))
+            Error::not_found(format!("Cannot find device='' nor node-name='{name}'"))
         }),
         Some(Value::Object(map)) => add(g, Opts::nested_in(map, prefix), false, inherit).map(Some),
         Some(_) => err(format!(
@@ -258,9 +258,9 @@ fn child(
     }
 }
 
-fn add_qcow2(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, GraphError> {
+fn add_qcow2(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, Error> {
     let file = child(g, o, "file", c.inherit)?
-        .ok_or_else(|| GraphError::invalid(format!("Parameter '{}' is missing", o.name("file"))))?;
+        .ok_or_else(|| Error::invalid(format!("Parameter '{}' is missing", o.name("file"))))?;
     let mut qopts = Qcow2Options::default();
     if let Some(n) = o.size("l2-cache-size")? {
         qopts.l2_cache_bytes = n;
@@ -286,7 +286,7 @@ fn add_qcow2(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, GraphErro
             child(g, o, "backing", backing)?
         }
         // Absent: the one the image names, opened as ringblk serve would.
-        None => open_backing_named_by(&path, &file).map_err(|e| GraphError::io(e.to_string()))?,
+        None => open_backing_named_by(&path, &file).map_err(|e| Error::io(e.to_string()))?,
     };
     open_qcow2_node(
         &c.node_name,
@@ -296,5 +296,5 @@ fn add_qcow2(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, GraphErro
         backing,
         qopts,
     )
-    .map_err(|e| GraphError::io(e.to_string()))
+    .map_err(|e| Error::io(e.to_string()))
 }

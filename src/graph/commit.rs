@@ -34,12 +34,12 @@ use super::backend::move_backends;
 use super::blockdev::check_new_node_name;
 use super::dirty::DirtyMap;
 use super::drain::Drained;
-use super::error::GraphError;
 use super::in_flight::{InFlight, InFlightCounter};
 use super::job::{Job, JobDriver, JobStatus};
 use super::node::{Child, ChildRole, Node};
 use super::parent::Parent;
 use super::snapshot::check_top;
+use crate::error::Error;
 use crate::formats::{failed, BlockDriver, BlockIo, IoFuture};
 use crate::uring::{self, AlignedBuf, IoThread, IoVec};
 
@@ -64,8 +64,8 @@ pub struct CommitOptions {
     pub auto_dismiss: bool,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
-    Err(GraphError::invalid(msg))
+fn err<T>(msg: impl Into<String>) -> Result<T, Error> {
+    Err(Error::invalid(msg))
 }
 
 /// The filter between the BlockBackends and the top during a commit.
@@ -147,7 +147,7 @@ struct Commit {
 }
 
 /// Start an active commit job.
-pub fn start_commit(o: CommitOptions) -> Result<(), GraphError> {
+pub fn start_commit(o: CommitOptions) -> Result<(), Error> {
     let top = o.top;
     check_top(&top)?;
     let mut chain = Vec::new();
@@ -201,9 +201,7 @@ pub fn start_commit(o: CommitOptions) -> Result<(), GraphError> {
             commit.abort();
             job.set_status(JobStatus::Null);
             job.unregister();
-            return Err(GraphError::io(format!(
-                "Cannot start the job's thread: {e}"
-            )));
+            return Err(Error::io(format!("Cannot start the job's thread: {e}")));
         }
     };
     let handle = io.handle();
@@ -226,10 +224,10 @@ fn install(
     top: &Arc<Node>,
     base: &Arc<Node>,
     filter_name: Option<String>,
-) -> Result<Arc<Commit>, GraphError> {
+) -> Result<Arc<Commit>, Error> {
     let base_was_read_only = base.is_read_only();
     base.reopen(false)
-        .map_err(|e| GraphError::io(format!("Cannot commit into '{}': {e}", base.name())))?;
+        .map_err(|e| Error::io(format!("Cannot commit into '{}': {e}", base.name())))?;
     let dirty = Arc::new(DirtyMap::new(top.size(), GRANULE_BITS));
     let g = top.graph();
     let filter = Node::new(
@@ -322,7 +320,7 @@ impl Commit {
         }
     }
 
-    async fn copy_until_stopped(&self) -> Result<(), GraphError> {
+    async fn copy_until_stopped(&self) -> Result<(), Error> {
         let gran = self.dirty.granularity();
         let granules = self.dirty.granules();
         let mut g = 0;
@@ -332,7 +330,7 @@ impl Commit {
             };
             for g in g..(g + SCAN_BATCH).min(granules) {
                 let allocated = self.allocated_above_base(g * gran).await.map_err(|e| {
-                    GraphError::io(format!(
+                    Error::io(format!(
                         "reading the allocation at offset {}: {e}",
                         g * gran
                     ))
@@ -352,7 +350,7 @@ impl Commit {
                 Some((offset, len)) => {
                     if let Err(e) = self.copy(offset, len).await {
                         self.dirty.mark(offset, len);
-                        return Err(GraphError::io(format!(
+                        return Err(Error::io(format!(
                             "copying {len} bytes at offset {offset}: {e}"
                         )));
                     }
@@ -398,31 +396,31 @@ impl Commit {
     }
 
     /// Copy what is still dirty (the top and the base drained).
-    fn catch_up(&self) -> Result<(), GraphError> {
+    fn catch_up(&self) -> Result<(), Error> {
         let r = uring::block_on(|| async {
             while let Some((offset, len)) = self.dirty.take_run() {
                 self.copy(offset, len).await.map_err(|e| {
-                    GraphError::io(format!("copying {len} bytes at offset {offset}: {e}"))
+                    Error::io(format!("copying {len} bytes at offset {offset}: {e}"))
                 })?;
                 self.job.add_progress(len);
             }
             Ok(())
         });
-        r.map_err(|e| GraphError::io(e.to_string())).and_then(|r| r)
+        r.map_err(|e| Error::io(e.to_string())).and_then(|r| r)
     }
 
     /// Make what was copied into the base durable (no drained section
     /// needed: the guest may go on meanwhile).
-    fn flush_base(&self) -> Result<(), GraphError> {
+    fn flush_base(&self) -> Result<(), Error> {
         let base = self.base.clone();
         let r = uring::block_on(move || async move { base.flush().await });
         r.and_then(|r| r)
-            .map_err(|e| GraphError::io(format!("flushing '{}': {e}", self.base.name())))
+            .map_err(|e| Error::io(format!("flushing '{}': {e}", self.base.name())))
     }
 }
 
 impl JobDriver for Commit {
-    fn prepare_completion(&self) -> Result<(), GraphError> {
+    fn prepare_completion(&self) -> Result<(), Error> {
         // The slow part first, with the guest running: what the job copied
         // so far reaches the disk. The drained section, of this disk's
         // nodes only, then covers just the copy of what the guest wrote

@@ -11,6 +11,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::error::ErrorKind;
 use crate::formats::{BlockDriver, BlockIo, IoFuture};
 use crate::uring::{AlignedBuf, IoThread, IoVec};
 

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::{json, Value};
 
-use super::error::GraphError;
 use super::registry::Graph;
+use crate::error::Error;
 
 /// QEMU's JobStatus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +52,7 @@ pub(super) trait JobDriver: Send + Sync {
     /// drained section it keeps until `finalize` or `abort`). An error is
     /// the job's failure, reported in its completion event; the job has
     /// undone its graph changes by then.
-    fn prepare_completion(&self) -> Result<(), GraphError>;
+    fn prepare_completion(&self) -> Result<(), Error>;
     /// Make the result part of the graph (a commit pivots).
     fn finalize(&self);
     /// Undo the job's graph changes and stop its thread (cancel, failure,
@@ -94,8 +94,8 @@ pub struct Jobs {
     sink: Mutex<Option<Sink>>,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
-    Err(GraphError::invalid(msg))
+fn err<T>(msg: impl Into<String>) -> Result<T, Error> {
+    Err(Error::invalid(msg))
 }
 
 impl Jobs {
@@ -121,12 +121,12 @@ impl Jobs {
     }
 
     /// The job called `id`, if it exists.
-    fn find(&self, id: &str) -> Result<Arc<Job>, GraphError> {
+    fn find(&self, id: &str) -> Result<Arc<Job>, Error> {
         self.list()
             .iter()
             .find(|j| j.id == id)
             .cloned()
-            .ok_or_else(|| GraphError::not_found("Job not found"))
+            .ok_or_else(|| Error::not_found("Job not found"))
     }
 }
 
@@ -139,13 +139,13 @@ impl Job {
         kind: &'static str,
         auto_finalize: bool,
         auto_dismiss: bool,
-    ) -> Result<Arc<Job>, GraphError> {
+    ) -> Result<Arc<Job>, Error> {
         if id.is_empty() || id.starts_with('#') {
             return err(format!("Invalid job ID '{id}'"));
         }
         let mut all = jobs.list();
         if all.iter().any(|j| j.id == id) {
-            return Err(GraphError::busy(format!("Job ID '{id}' already in use")));
+            return Err(Error::busy(format!("Job ID '{id}' already in use")));
         }
         let job = Arc::new(Job {
             id: id.to_string(),
@@ -280,8 +280,8 @@ impl Job {
         self.unregister();
     }
 
-    fn refuse(&self, verb: &str) -> GraphError {
-        GraphError::busy(format!(
+    fn refuse(&self, verb: &str) -> Error {
+        Error::busy(format!(
             "Job '{}' in state '{}' cannot accept command verb '{verb}'",
             self.id,
             self.status().name()
@@ -292,7 +292,7 @@ impl Job {
 impl Jobs {
     /// `job-complete`: only a job that is `ready`. Without auto-finalize it
     /// stops at `pending` (BLOCK_JOB_PENDING) until `job-finalize`.
-    pub fn complete(&self, id: &str) -> Result<(), GraphError> {
+    pub fn complete(&self, id: &str) -> Result<(), Error> {
         let job = self.find(id)?;
         if job.status() != JobStatus::Ready {
             return Err(job.refuse("complete"));
@@ -316,7 +316,7 @@ impl Jobs {
     }
 
     /// `job-finalize`: only a job that is `pending`.
-    pub fn finalize(&self, id: &str) -> Result<(), GraphError> {
+    pub fn finalize(&self, id: &str) -> Result<(), Error> {
         let job = self.find(id)?;
         let d = match (job.status(), job.driver()) {
             (JobStatus::Pending, Some(d)) => d,
@@ -328,7 +328,7 @@ impl Jobs {
     }
 
     /// `job-cancel`: undo what the job did; it ends with BLOCK_JOB_CANCELLED.
-    pub fn cancel(&self, id: &str) -> Result<(), GraphError> {
+    pub fn cancel(&self, id: &str) -> Result<(), Error> {
         let job = self.find(id)?;
         let Some(d) = job.driver() else {
             return Err(job.refuse("cancel"));
@@ -339,7 +339,7 @@ impl Jobs {
     }
 
     /// `job-dismiss`: forget a concluded job.
-    pub fn dismiss(&self, id: &str) -> Result<(), GraphError> {
+    pub fn dismiss(&self, id: &str) -> Result<(), Error> {
         let job = self.find(id)?;
         if job.status() != JobStatus::Concluded {
             return Err(job.refuse("dismiss"));
@@ -417,7 +417,7 @@ impl Jobs {
 
 /// A job's thread failed: undo its graph changes and report the error.
 /// Runs on a thread of its own, not the job's (which abort joins).
-pub(super) fn fail(graph: &Graph, job: Arc<Job>, error: GraphError) {
+pub(super) fn fail(graph: &Graph, job: Arc<Job>, error: Error) {
     let _g = graph.lock();
     let Some(d) = job.driver() else {
         return; // Completed or cancelled meanwhile.

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
-use super::error::GraphError;
 use super::in_flight::{InFlight, InFlightCounter};
 use super::parent::{Parent, Parents};
 use super::registry::Graph;
+use crate::error::Error;
 use crate::formats::{BlockDriver, BlockIo, IoFuture};
 use crate::uring::IoVec;
 
@@ -180,13 +180,10 @@ impl Node {
 
     /// Give this node a new backing image (None: none). The caller holds
     /// the node drained: no request can see the old and the new at once.
-    pub(crate) fn set_backing(
-        self: &Arc<Self>,
-        backing: Option<Arc<Node>>,
-    ) -> Result<(), GraphError> {
+    pub(crate) fn set_backing(self: &Arc<Self>, backing: Option<Arc<Node>>) -> Result<(), Error> {
         self.driver
             .set_backing(backing.clone().map(|b| b as crate::formats::ChildRef))
-            .map_err(|e| GraphError::unsupported(format!("node '{}': {e}", self.name)))?;
+            .map_err(|e| Error::unsupported(format!("node '{}': {e}", self.name)))?;
         let me: Weak<dyn Parent> = Arc::downgrade(self) as Weak<dyn Parent>;
         let mut edges = self.edges();
         let old = edges
@@ -220,7 +217,7 @@ impl Node {
     /// between read-only and read-write use, as a snapshot does to the
     /// image it puts an overlay on and a commit to its base. The caller
     /// holds the node drained. On error nothing changed.
-    pub(crate) fn reopen(&self, read_only: bool) -> Result<(), GraphError> {
+    pub(crate) fn reopen(&self, read_only: bool) -> Result<(), Error> {
         let files: Vec<Arc<Node>> = self
             .children()
             .into_iter()
@@ -228,7 +225,7 @@ impl Node {
             .map(|c| c.node)
             .collect();
         let was = self.is_read_only();
-        let ctx = |e: &dyn std::fmt::Display| GraphError::io(format!("node '{}': {e}", self.name));
+        let ctx = |e: &dyn std::fmt::Display| Error::io(format!("node '{}': {e}", self.name));
         if read_only {
             // Top down: nothing above writes once this layer refuses to.
             self.driver.reopen(true).map_err(|e| ctx(&e))?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::node::{Child, ChildRole, Node};
 use super::registry::Graph;
+use crate::error::Error;
 use crate::formats::file::open_file;
 use crate::formats::qcow2::{self, Qcow2Driver, Qcow2Error, Qcow2Options};
 use crate::formats::{
@@ -295,7 +296,7 @@ pub(crate) fn open_raw_window(
     read_only: bool,
     offset: u64,
     size: Option<u64>,
-) -> Result<Arc<Node>, String> {
+) -> Result<Arc<Node>, Error> {
     let raw = RawDriver::window(file.clone(), read_only, offset, size)?;
     Ok(raw_node(name, file, raw))
 }

@@ -23,10 +23,10 @@ use std::time::Instant;
 use super::backend::move_backends;
 use super::blockdev::check_new_node_name;
 use super::drain::Drained;
-use super::error::GraphError;
 use super::node::{ChildRole, Node};
 use super::open::{open_file_node, open_qcow2_node};
 use super::registry::Graph;
+use crate::error::Error;
 use crate::formats::qcow2::create::{create, CreateOptions, DEFAULT_CLUSTER_SIZE};
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{BlockIo, CacheMode, ImageLock};
@@ -63,15 +63,15 @@ struct Prepared {
     added: bool,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, GraphError> {
-    Err(GraphError::invalid(msg))
+fn err<T>(msg: impl Into<String>) -> Result<T, Error> {
+    Err(Error::invalid(msg))
 }
 
 impl Graph {
     /// Apply `actions` atomically: all of them, or (on the first error, which
     /// is returned) none. Their nodes are nodes of this graph. Takes the
     /// graph lock once the overlay files exist.
-    pub fn transaction(&self, actions: Vec<Action>) -> Result<(), GraphError> {
+    pub fn transaction(&self, actions: Vec<Action>) -> Result<(), Error> {
         // Before the drained section, so the guest does not wait for it: the
         // new overlay files are created and synced.
         let mut made: Vec<PathBuf> = Vec::new();
@@ -153,7 +153,7 @@ fn remove_files(files: &[PathBuf]) {
 /// Refuse a node that is not at the top of its tree: parent nodes hold
 /// their children for good (only BlockBackends are moved to the overlay),
 /// and a commit's filter is the job's.
-pub(super) fn check_top(node: &Arc<Node>) -> Result<(), GraphError> {
+pub(super) fn check_top(node: &Arc<Node>) -> Result<(), Error> {
     for parent in node.graph().all_nodes() {
         if let Some(c) = parent
             .children()
@@ -168,7 +168,7 @@ pub(super) fn check_top(node: &Arc<Node>) -> Result<(), GraphError> {
             } else {
                 format!("node is used as {} of '{}'", c.role, parent.name())
             };
-            return Err(GraphError::busy(format!(
+            return Err(Error::busy(format!(
                 "Node '{}' is busy: {why}",
                 node.name()
             )));
@@ -177,7 +177,7 @@ pub(super) fn check_top(node: &Arc<Node>) -> Result<(), GraphError> {
     Ok(())
 }
 
-fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, GraphError> {
+fn prepare(action: Action, earlier: &[Prepared]) -> Result<Prepared, Error> {
     let node = match &action {
         Action::Abort => return err("Transaction aborted using Abort action"),
         Action::SnapshotSync { node, .. } | Action::Snapshot { node, .. } => node.clone(),
@@ -220,7 +220,7 @@ fn prepare_sync(
     node: Arc<Node>,
     file: &Path,
     node_name: Option<String>,
-) -> Result<Prepared, GraphError> {
+) -> Result<Prepared, Error> {
     let g = node.graph();
     let name = match node_name {
         Some(n) if g.find_node(&n).is_some() => {
@@ -242,7 +242,7 @@ fn prepare_sync(
 
 /// Create the qcow2 file a snapshot of `node` writes into: the node's size,
 /// the node's image (absolute path) and format as its backing file.
-fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), GraphError> {
+fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), Error> {
     let Some(backing) = node.image_filename() else {
         return err(format!(
             "Node '{}' has no image file an overlay could name as its backing file",
@@ -259,11 +259,11 @@ fn create_overlay_file(node: &Arc<Node>, file: &Path) -> Result<(), GraphError> 
         backing: Some((&backing, backing_format(node))),
     };
     create(file, &opts).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => GraphError::invalid(format!(
+        std::io::ErrorKind::AlreadyExists => Error::invalid(format!(
             "Could not create '{}': the file exists (ringblk never overwrites one; mode 'existing' uses it as the overlay)",
             file.display()
         )),
-        _ => GraphError::io(format!(
+        _ => Error::io(format!(
             "Could not create '{}': {}",
             file.display(),
             os_text(&e)
@@ -282,7 +282,7 @@ fn os_text(e: &std::io::Error) -> String {
 }
 
 /// Open the overlay file at `path` as node `name`, over `backing`.
-fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node>, GraphError> {
+fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node>, Error> {
     let cache = if backing.cache_direct() {
         CacheMode::None
     } else {
@@ -298,7 +298,7 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
         512,
         Some(ImageLock::for_open(false, false)),
     )
-    .map_err(|e| GraphError::io(e.to_string()))?;
+    .map_err(|e| Error::io(e.to_string()))?;
     let overlay = open_qcow2_node(
         name,
         path,
@@ -307,7 +307,7 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
         Some(backing.clone()),
         Qcow2Options::default(),
     )
-    .map_err(|e| GraphError::io(e.to_string()))?;
+    .map_err(|e| Error::io(e.to_string()))?;
     if overlay.size() != backing.size() {
         return err(format!(
             "The overlay '{}' is {} bytes, node '{}' is {}",
@@ -320,7 +320,7 @@ fn open_overlay(name: &str, path: &Path, backing: &Arc<Node>) -> Result<Arc<Node
     Ok(overlay)
 }
 
-fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, GraphError> {
+fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, Error> {
     if Arc::ptr_eq(&node, &overlay) {
         return err("The overlay cannot be the node itself");
     }
@@ -363,7 +363,7 @@ fn prepare_with(node: Arc<Node>, overlay: Arc<Node>) -> Result<Prepared, GraphEr
         ));
     }
     overlay.set_backing(Some(node.clone())).map_err(|e| {
-        GraphError::unsupported(format!(
+        Error::unsupported(format!(
             "The overlay '{}' does not support backing images: {e}",
             overlay.name()
         ))

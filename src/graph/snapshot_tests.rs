@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::drain_tests::{eventually, gate_node, Gate, OnDrop};
 use super::*;
+use crate::error::ErrorKind;
 use crate::formats::lock::ImageLock;
 use crate::formats::CacheMode;
 use crate::uring::{AlignedBuf, IoThread, IoVec};

@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 
 use super::executor::{Message, Remote, Runtime};
 use super::slot::SlotLease;
+use crate::error::Error;
 
 /// Ring size per iothread; enough for a 1024-entry virtqueue plus our own ops.
 const RING_ENTRIES: u32 = 2048;
@@ -71,13 +72,13 @@ impl IoThreadHandle {
 pub fn find_iothreads(
     all: &[IoThreadHandle],
     ids: &[String],
-) -> Result<Vec<IoThreadHandle>, String> {
+) -> Result<Vec<IoThreadHandle>, Error> {
     ids.iter()
         .map(|id| {
             all.iter()
                 .find(|t| t.name() == id.as_str())
                 .cloned()
-                .ok_or_else(|| format!("Cannot find iothread {id}"))
+                .ok_or_else(|| Error::not_found(format!("Cannot find iothread {id}")))
         })
         .collect()
 }

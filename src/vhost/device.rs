@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::memory::SharedMemory;
 use super::vring::QueueSetup;
+use crate::error::Error;
 
 pub(crate) trait Device: Send + Sync {
     /// A queue while it runs.
@@ -48,7 +49,7 @@ pub(crate) trait Device: Send + Sync {
         &self,
         setup: QueueSetup,
         memory: Arc<SharedMemory>,
-    ) -> Result<Self::Queue, String>;
+    ) -> Result<Self::Queue, Error>;
 }
 
 /// A running queue, as the session controls it.

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use super::guest_fault;
 use super::shared_map::SharedMap;
+use crate::error::Error;
 
 /// Bytes of guest memory one bit of the log stands for (the spec's
 /// VHOST_LOG_PAGE).
@@ -65,15 +66,17 @@ impl LogMap {
         mmap_size: u64,
         mmap_offset: u64,
         poison_fd: RawFd,
-    ) -> Result<LogMap, String> {
+    ) -> Result<LogMap, Error> {
         if mmap_size == 0 || mmap_size > MAX_LOG_BYTES {
-            return Err(format!("log of {mmap_size} bytes (1 to {MAX_LOG_BYTES})"));
+            return Err(Error::invalid(format!(
+                "log of {mmap_size} bytes (1 to {MAX_LOG_BYTES})"
+            )));
         }
         let map = SharedMap::open(fd.as_fd(), mmap_offset, mmap_size, "dirty log")?;
         // SAFETY: sysconf has no side effects.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let registration = guest_fault::register(map.ptr() as usize, map.len(), page, poison_fd)
-            .map_err(|e| format!("registering the dirty log: {e}"))?;
+            .map_err(|e| Error::invalid(format!("registering the dirty log: {e}")))?;
         Ok(LogMap {
             _registration: Some(registration),
             map,

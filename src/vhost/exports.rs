@@ -17,6 +17,7 @@ use super::blk::export::BlkExport;
 use super::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
 use super::blk::state::ExportState;
 use super::server::VhostServer;
+use crate::error::Error;
 use crate::graph::{BlockBackend, Graph, Node};
 use crate::opts::Opts;
 use crate::uring::IoThreadHandle;
@@ -76,31 +77,35 @@ pub struct ExportOptions {
 
 impl ExportOptions {
     /// Options naming a node of `graph`.
-    pub fn parse(graph: &Graph, map: Map<String, Value>) -> Result<ExportOptions, String> {
+    pub fn parse(graph: &Graph, map: Map<String, Value>) -> Result<ExportOptions, Error> {
         let mut o = Opts::new(map);
         let kind = o.required_string("type")?;
         if kind != "vhost-user-blk" {
-            return Err(format!(
+            return Err(Error::unsupported(format!(
                 "export type '{kind}' is not supported (only vhost-user-blk)"
-            ));
+            )));
         }
         let id = o.required_string("id")?;
         let node_name = o.required_string("node-name")?;
-        let root = graph
-            .find_node(&node_name)
-            .ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
+        let root = graph.find_node(&node_name).ok_or_else(|| {
+            Error::not_found(format!("Cannot find device='' nor node-name='{node_name}'"))
+        })?;
         let writable = o.bool("writable", false)?;
         o.bool("writethrough", false)?;
         let n = o.size("num-queues")?.unwrap_or(1);
         let num_queues = u16::try_from(n)
             .ok()
             .filter(|n| (1..=64).contains(n))
-            .ok_or_else(|| format!("num-queues must be from 1 to 64, not {n}"))?;
+            .ok_or_else(|| Error::invalid(format!("num-queues must be from 1 to 64, not {n}")))?;
         let logical_block_size = match o.size("logical-block-size")?.unwrap_or(512) {
             n @ (512 | 4096) => n as u32,
-            n => return Err(format!("logical-block-size must be 512 or 4096, not {n}")),
+            n => {
+                return Err(Error::invalid(format!(
+                    "logical-block-size must be 512 or 4096, not {n}"
+                )))
+            }
         };
-        let mistyped = || "Invalid parameter type for 'iothread', expected: string".to_string();
+        let mistyped = || Error::invalid("Invalid parameter type for 'iothread', expected: string");
         let iothreads = match o.take("iothread") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(s)) => vec![s],
@@ -119,12 +124,16 @@ impl ExportOptions {
             "unix" => ExportListener::Path(PathBuf::from(addr.required_string("path")?)),
             "fd" => {
                 let s = addr.required_string("str")?;
-                let fd = s
-                    .parse::<RawFd>()
-                    .map_err(|_| format!("addr.str: '{s}' is not a file descriptor number"))?;
+                let fd = s.parse::<RawFd>().map_err(|_| {
+                    Error::invalid(format!("addr.str: '{s}' is not a file descriptor number"))
+                })?;
                 ExportListener::Fd(fd)
             }
-            other => return Err(format!("addr.type '{other}' is not supported (unix or fd)")),
+            other => {
+                return Err(Error::unsupported(format!(
+                    "addr.type '{other}' is not supported (unix or fd)"
+                )))
+            }
         };
         addr.finish()?;
         o.finish()?;
@@ -155,11 +164,11 @@ struct RunningExport {
 impl RunningExport {
     /// Stop accepting frontends, let the connected one's in-flight requests
     /// complete, disconnect it, and let go of the node.
-    fn stop(self) -> Result<Arc<BlockBackend>, String> {
+    fn stop(self) -> Result<Arc<BlockBackend>, Error> {
         let _ = self.stopper.write(1);
         let joined = self.server.join();
         let id = &self.export.id;
-        joined.map_err(|_| format!("export {id}: its vhost thread panicked"))?;
+        joined.map_err(|_| Error::io(format!("export {id}: its vhost thread panicked")))?;
         Ok(self.backend)
     }
 }
@@ -180,27 +189,29 @@ impl ExportTable {
         &self,
         cfg: ExportConfig,
         iothreads: Vec<IoThreadHandle>,
-    ) -> Result<Arc<BlockBackend>, String> {
+    ) -> Result<Arc<BlockBackend>, Error> {
         let id = cfg.id.clone();
         if self.lock().iter().any(|e| e.export.id == id) {
-            return Err(format!("Block export id '{id}' is already in use"));
+            return Err(Error::busy(format!(
+                "Block export id '{id}' is already in use"
+            )));
         }
         if cfg.serial.len() > VIRTIO_BLK_ID_BYTES {
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "export {id}: serial '{}' is longer than {VIRTIO_BLK_ID_BYTES} bytes",
                 cfg.serial
-            ));
+            )));
         }
         if iothreads.is_empty() {
-            return Err(format!("export {id}: no iothread"));
+            return Err(Error::invalid(format!("export {id}: no iothread")));
         }
         let backend = BlockBackend::new(&id, cfg.root, cfg.read_only);
         let bs = cfg.logical_block_size as u64;
         if backend.size() < bs {
             backend.eject();
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "export {id}: the disk is smaller than one {bs}-byte block"
-            ));
+            )));
         }
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
         serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
@@ -248,7 +259,7 @@ impl ExportTable {
             Ok(s) => s,
             Err(e) => {
                 backend.eject();
-                return Err(format!("export {id}: {e}"));
+                return Err(Error::from(e).context(format!("export {id}")));
             }
         };
         self.lock().push(RunningExport {
@@ -274,15 +285,15 @@ impl ExportTable {
 
     /// `block-export-del`: stop export `id` and detach it from its node.
     /// Unless `hard`, an export with a frontend connected is refused.
-    pub fn remove(&self, id: &str, hard: bool) -> Result<(), String> {
+    pub fn remove(&self, id: &str, hard: bool) -> Result<(), Error> {
         let running = {
             let mut all = self.lock();
             let i = all
                 .iter()
                 .position(|e| e.export.id == id)
-                .ok_or_else(|| format!("Export '{id}' is not found"))?;
+                .ok_or_else(|| Error::not_found(format!("Export '{id}' is not found")))?;
             if !hard && all[i].export.is_connected() {
-                return Err(format!("export '{id}' is in use"));
+                return Err(Error::busy(format!("export '{id}' is in use")));
             }
             all.remove(i)
         };
@@ -295,7 +306,7 @@ impl ExportTable {
 
     /// Stop every export (shutdown): all stop accepting at once, then each
     /// finishes; their BlockBackends, still attached, are returned.
-    pub fn stop_all(&self) -> (Vec<Arc<BlockBackend>>, Vec<String>) {
+    pub fn stop_all(&self) -> (Vec<Arc<BlockBackend>>, Vec<Error>) {
         let all = std::mem::take(&mut *self.lock());
         for e in &all {
             let _ = e.stopper.write(1);

@@ -44,6 +44,7 @@ use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU16, AtomicU64, Atomic
 
 use vm_memory::ByteValued;
 
+use crate::error::Error;
 use crate::vhost::shared_map::{os_err, SharedMap};
 
 /// The region layout version we write and accept.
@@ -128,7 +129,7 @@ pub struct InflightMap {
 impl InflightMap {
     /// GET_INFLIGHT_FD: a fresh zeroed region in a memfd sealed against
     /// resizing. Returns the mapping and the fd to hand to the frontend.
-    pub fn create(num_queues: u16, queue_size: u16) -> Result<(InflightMap, OwnedFd), String> {
+    pub fn create(num_queues: u16, queue_size: u16) -> Result<(InflightMap, OwnedFd), Error> {
         let len = region_size(num_queues, queue_size);
         // SAFETY: NUL-terminated name; the result is checked.
         let raw = unsafe {
@@ -164,20 +165,19 @@ impl InflightMap {
         mmap_offset: u64,
         num_queues: u16,
         queue_size: u16,
-    ) -> Result<InflightMap, String> {
+    ) -> Result<InflightMap, Error> {
         let need = region_size(num_queues, queue_size);
         if mmap_size < need {
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "inflight region of {mmap_size} bytes, {need} needed for {num_queues} queues of {queue_size}"
-            ));
+            )));
         }
         // SAFETY: fcntl on a descriptor we own; -1 (not a memfd) is checked.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(
-                "the inflight fd must be a memfd sealed against shrinking, as GET_INFLIGHT_FD hands out"
-                    .into(),
-            );
+            return Err(Error::invalid(
+                "the inflight fd must be a memfd sealed against shrinking, as GET_INFLIGHT_FD hands out",
+            ));
         }
         Self::map(fd, mmap_offset, need, num_queues, queue_size)
     }
@@ -188,7 +188,7 @@ impl InflightMap {
         len: u64,
         num_queues: u16,
         queue_size: u16,
-    ) -> Result<InflightMap, String> {
+    ) -> Result<InflightMap, Error> {
         Ok(InflightMap {
             map: SharedMap::open(fd.as_fd(), offset, len, "inflight region")?,
             num_queues,
@@ -201,18 +201,18 @@ impl InflightMap {
         self: &std::sync::Arc<Self>,
         index: u16,
         ring_size: u16,
-    ) -> Result<QueueInflight, String> {
+    ) -> Result<QueueInflight, Error> {
         if index >= self.num_queues {
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "vring {index}: the inflight region covers {} queues",
                 self.num_queues
-            ));
+            )));
         }
         if ring_size > self.queue_size {
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "vring {index}: size {ring_size} exceeds the inflight region's queue size {}",
                 self.queue_size
-            ));
+            )));
         }
         Ok(QueueInflight {
             map: self.clone(),

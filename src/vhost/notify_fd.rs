@@ -8,6 +8,7 @@
 //! goes through the ring with RWF_NOWAIT (`ops::signal_eventfd_nowait`),
 //! and a queue is woken to stop through its waker, not its kick fd.
 
+use crate::error::Error;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -44,14 +45,25 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// Accept `fd` as vring `index`'s `what` ("kick" or "call") descriptor if
 /// it is an eventfd, and make it non-blocking.
-pub fn accept(fd: OwnedFd, index: usize, what: &str) -> Result<File, String> {
+pub fn accept(fd: OwnedFd, index: usize, what: &str) -> Result<File, Error> {
     match is_eventfd(&fd) {
         Ok(true) => {}
-        Ok(false) => return Err(format!("vring {index}: the {what} fd is not an eventfd")),
-        Err(e) => return Err(format!("vring {index}: cannot inspect the {what} fd: {e}")),
+        Ok(false) => {
+            return Err(Error::invalid(format!(
+                "vring {index}: the {what} fd is not an eventfd"
+            )))
+        }
+        Err(e) => {
+            return Err(Error::invalid(format!(
+                "vring {index}: cannot inspect the {what} fd: {e}"
+            )))
+        }
     }
-    set_nonblocking(&fd)
-        .map_err(|e| format!("vring {index}: cannot make the {what} fd non-blocking: {e}"))?;
+    set_nonblocking(&fd).map_err(|e| {
+        Error::invalid(format!(
+            "vring {index}: cannot make the {what} fd non-blocking: {e}"
+        ))
+    })?;
     Ok(File::from(fd))
 }
 
@@ -79,7 +91,10 @@ mod tests {
         // SAFETY: pipe2 into a two-int array.
         assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         let (r, w) = (owned(p[0]), owned(p[1]));
-        assert!(accept(r, 1, "kick").unwrap_err().contains("not an eventfd"));
+        assert!(accept(r, 1, "kick")
+            .unwrap_err()
+            .message()
+            .contains("not an eventfd"));
         assert!(accept(w, 1, "call").is_err());
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(accept(OwnedFd::from(a), 2, "kick").is_err());

@@ -21,6 +21,7 @@ use super::message::{self, Request};
 use super::notify_fd;
 use super::socket::{self, FrameError, Message};
 use super::vring::{ring_sizes, CallFd, QueueSetup};
+use crate::error::Error;
 use crate::os::ratelimit::LogLimiter;
 use crate::os::wait;
 
@@ -79,7 +80,7 @@ enum Reply {
     PayloadFd(Vec<u8>, OwnedFd),
 }
 
-type HandlerResult = Result<Reply, String>;
+type HandlerResult = Result<Reply, Error>;
 
 pub(crate) struct Session<'a, D: Device> {
     device: &'a D,
@@ -203,14 +204,14 @@ impl<'a, D: Device> Session<'a, D> {
 
     /// Decode and handle one message. Errors that break the protocol (a
     /// request that needs a payload reply failed) close the connection.
-    fn dispatch(&mut self, mut msg: Message) -> Result<(), String> {
+    fn dispatch(&mut self, mut msg: Message) -> Result<(), Error> {
         let code = msg.header.request;
         let decoded = message::decode(&msg.header, &msg.payload, msg.fds.len(), self.vrings.len());
         let name = FrontendReq::try_from(code)
             .map_or_else(|_| format!("request {code}"), |r| format!("{r:?}"));
         let result = match decoded {
             Ok(req) => self.handle(req, &mut msg),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Error::invalid(e.to_string())),
         };
         // Unused fds (refused messages) are closed when `msg` drops.
         let sent = match result {
@@ -232,20 +233,20 @@ impl<'a, D: Device> Session<'a, D> {
                         self.bound(),
                     )
                 } else if message::has_payload_reply(code) {
-                    return Err(format!("{name} refused ({e})"));
+                    return Err(Error::invalid(format!("{name} refused ({e})")));
                 } else if FrontendReq::try_from(code) == Ok(FrontendReq::SET_LOG_BASE)
                     && self.log_shmfd()
                 {
                     // The frontend waits for a reply that carries no status:
                     // any reply would tell it its log is in place, and a
                     // migration would then silently miss our writes.
-                    return Err(format!("{name} refused ({e})"));
+                    return Err(Error::invalid(format!("{name} refused ({e})")));
                 } else {
                     self.ack(&msg, 1)
                 }
             }
         };
-        sent.map_err(|e| format!("{name}: cannot reply: {e}"))
+        sent.map_err(|e| Error::invalid(format!("{name}: cannot reply: {e}")))
     }
 
     /// Acknowledge a request if the frontend asked for it (REPLY_ACK).
@@ -279,9 +280,11 @@ impl<'a, D: Device> Session<'a, D> {
     }
 
     /// Ring setup may change only while the ring is stopped.
-    fn stopped(&mut self, i: usize) -> Result<&mut Vring<D::Queue>, String> {
+    fn stopped(&mut self, i: usize) -> Result<&mut Vring<D::Queue>, Error> {
         if self.vrings[i].running.is_some() {
-            return Err(format!("vring {i} is running; stop it first"));
+            return Err(Error::invalid(format!(
+                "vring {i} is running; stop it first"
+            )));
         }
         Ok(&mut self.vrings[i])
     }
@@ -293,15 +296,15 @@ impl<'a, D: Device> Session<'a, D> {
             Request::GetFeatures => Ok(u64_reply(features)),
             Request::SetFeatures(f) => {
                 if f & !features != 0 {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "frontend acked features we do not offer: {:#x}",
                         f & !features
-                    ));
+                    )));
                 }
                 // VHOST_F_LOG_ALL alone flips while the queues run: that
                 // is how a migration starts and ends.
                 if self.features_set && (f ^ self.features) & !LOG_ALL != 0 && self.any_running() {
-                    return Err("features changed while queues run".into());
+                    return Err(Error::invalid("features changed while queues run"));
                 }
                 let logging = f & LOG_ALL != 0;
                 if logging != (self.features & LOG_ALL != 0) {
@@ -322,10 +325,10 @@ impl<'a, D: Device> Session<'a, D> {
             Request::SetProtocolFeatures(f) => {
                 let offered = protocol_features().bits();
                 if f & !offered != 0 {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "frontend acked protocol features we do not offer: {:#x}",
                         f & !offered
-                    ));
+                    )));
                 }
                 self.protocol = f;
                 Ok(Reply::Ack)
@@ -342,19 +345,30 @@ impl<'a, D: Device> Session<'a, D> {
                     .into_iter()
                     .zip(std::mem::take(&mut msg.fds))
                     .collect();
-                let map = self.memory.replaced_by(table).map_err(|e| e.to_string())?;
+                let map = self
+                    .memory
+                    .replaced_by(table)
+                    .map_err(|e| Error::invalid(e.to_string()))?;
                 self.publish(map)
             }
             Request::AddMemReg(r) => {
                 if self.memory.num_regions() as u64 >= MAX_MEM_SLOTS {
-                    return Err(format!("all {MAX_MEM_SLOTS} memory slots are in use"));
+                    return Err(Error::invalid(format!(
+                        "all {MAX_MEM_SLOTS} memory slots are in use"
+                    )));
                 }
                 let fd = take_fd(msg)?;
-                let map = self.memory.with_region(&r, fd).map_err(|e| e.to_string())?;
+                let map = self
+                    .memory
+                    .with_region(&r, fd)
+                    .map_err(|e| Error::invalid(e.to_string()))?;
                 self.publish(map)
             }
             Request::RemMemReg(r) => {
-                let map = self.memory.without_region(&r).map_err(|e| e.to_string())?;
+                let map = self
+                    .memory
+                    .without_region(&r)
+                    .map_err(|e| Error::invalid(e.to_string()))?;
                 self.publish(map)
             }
             Request::SetVringNum { index, num } => {
@@ -377,7 +391,9 @@ impl<'a, D: Device> Session<'a, D> {
                     return Ok(Reply::Ack);
                 }
                 if self.memory.num_regions() == 0 {
-                    return Err(format!("vring {index}: address set before any memory"));
+                    return Err(Error::invalid(format!(
+                        "vring {index}: address set before any memory"
+                    )));
                 }
                 let rings = [
                     ("descriptor table", desc),
@@ -386,9 +402,9 @@ impl<'a, D: Device> Session<'a, D> {
                 ];
                 for (what, va) in rings {
                     if self.memory.va_range_to_gpa(va, 1).is_none() {
-                        return Err(format!(
+                        return Err(Error::invalid(format!(
                             "vring {index}: {what} address {va:#x} is not in any memory region"
-                        ));
+                        )));
                     }
                 }
                 self.stopped(index)?.addr = Some((desc, used, avail));
@@ -412,12 +428,14 @@ impl<'a, D: Device> Session<'a, D> {
             }
             Request::SetVringKick { index, has_fd } => {
                 if !has_fd {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "vring {index}: polling mode without a kick fd is not supported"
-                    ));
+                    )));
                 }
                 if !self.features_set {
-                    return Err(format!("vring {index}: kick fd before SET_FEATURES"));
+                    return Err(Error::invalid(format!(
+                        "vring {index}: kick fd before SET_FEATURES"
+                    )));
                 }
                 let kick = notify_fd::accept(take_fd(msg)?, index, "kick")?;
                 self.stop_vring(index);
@@ -449,7 +467,9 @@ impl<'a, D: Device> Session<'a, D> {
             Request::SetVringErr => Ok(Reply::Ack),
             Request::SetVringEnable { index, enable } => {
                 if !self.protocol_features_acked() {
-                    return Err("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES".into());
+                    return Err(Error::invalid(
+                        "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES",
+                    ));
                 }
                 self.vrings[index].enabled = enable;
                 if enable {
@@ -466,9 +486,9 @@ impl<'a, D: Device> Session<'a, D> {
             }
             Request::SetBackendReqFd => {
                 if self.protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits() == 0 {
-                    return Err(
-                        "SET_BACKEND_REQ_FD without the BACKEND_REQ protocol feature".into(),
-                    );
+                    return Err(Error::invalid(
+                        "SET_BACKEND_REQ_FD without the BACKEND_REQ protocol feature",
+                    ));
                 }
                 let fd = take_fd(msg)?;
                 self.device.set_backend_channel(Some(UnixStream::from(fd)));
@@ -508,7 +528,9 @@ impl<'a, D: Device> Session<'a, D> {
                 mmap_offset,
             } => {
                 if !self.log_shmfd() {
-                    return Err("SET_LOG_BASE without the LOG_SHMFD protocol feature".into());
+                    return Err(Error::invalid(
+                        "SET_LOG_BASE without the LOG_SHMFD protocol feature",
+                    ));
                 }
                 let fd = take_fd(msg)?;
                 let map = LogMap::open(&fd, mmap_size, mmap_offset, self.poison_fd.as_raw_fd())?;
@@ -528,12 +550,14 @@ impl<'a, D: Device> Session<'a, D> {
 
     /// The inflight region may be given or replaced only if negotiated,
     /// and only while no queue runs with the old one.
-    fn inflight_allowed(&self) -> Result<(), String> {
+    fn inflight_allowed(&self) -> Result<(), Error> {
         if self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0 {
-            return Err("inflight region without the INFLIGHT_SHMFD protocol feature".into());
+            return Err(Error::invalid(
+                "inflight region without the INFLIGHT_SHMFD protocol feature",
+            ));
         }
         if self.any_running() {
-            return Err("inflight region changed while queues run".into());
+            return Err(Error::invalid("inflight region changed while queues run"));
         }
         Ok(())
     }
@@ -546,9 +570,9 @@ impl<'a, D: Device> Session<'a, D> {
             let Some(ctl) = &v.running else { continue };
             for (gpa, len) in ctl.ring_ranges() {
                 if ram.host_range(gpa, len).is_none() {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "vring {i} runs with a ring at gpa {gpa:#x} the new memory map lacks"
-                    ));
+                    )));
                 }
             }
         }
@@ -568,7 +592,7 @@ impl<'a, D: Device> Session<'a, D> {
         Reply::Payload(out)
     }
 
-    fn start_vring_if_ready(&mut self, i: usize) -> Result<(), String> {
+    fn start_vring_if_ready(&mut self, i: usize) -> Result<(), Error> {
         let v = &self.vrings[i];
         let (Some(kick), Some((desc, used, avail))) = (&v.kick, v.addr) else {
             return Ok(());
@@ -577,20 +601,22 @@ impl<'a, D: Device> Session<'a, D> {
             return Ok(());
         }
         let size = if v.size == 0 {
-            return Err(format!("vring {i}: no size set"));
+            return Err(Error::invalid(format!("vring {i}: no size set")));
         } else {
             v.size
         };
         if !self.features_set {
-            return Err(format!("vring {i}: cannot start before SET_FEATURES"));
+            return Err(Error::invalid(format!(
+                "vring {i}: cannot start before SET_FEATURES"
+            )));
         }
         let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let sizes = ring_sizes(size, event_idx);
         let gpa = |va: u64, len: u64, what: &str| {
             self.memory.va_range_to_gpa(va, len).ok_or_else(|| {
-                format!(
+                Error::invalid(format!(
                     "vring {i}: {what} at {va:#x} ({len} bytes) is not inside one memory region"
-                )
+                ))
             })
         };
         let setup = QueueSetup {
@@ -626,9 +652,9 @@ fn u64_reply(v: u64) -> Reply {
     Reply::Payload(VhostUserU64::new(v).as_slice().to_vec())
 }
 
-fn take_fd(msg: &mut Message) -> Result<OwnedFd, String> {
+fn take_fd(msg: &mut Message) -> Result<OwnedFd, Error> {
     // decode() checked the count; this only guards against a mismatch.
     msg.fds
         .pop()
-        .ok_or_else(|| "message carries no file descriptor".to_string())
+        .ok_or_else(|| Error::invalid("message carries no file descriptor"))
 }

@@ -2,6 +2,7 @@
 //! inflight region, the dirty log): mapped shared and read-write, only ever
 //! accessed through atomics by its users, unmapped when dropped.
 
+use crate::error::Error;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 pub(crate) struct SharedMap {
@@ -15,8 +16,8 @@ unsafe impl Send for SharedMap {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMap {}
 
-pub(crate) fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+pub(crate) fn os_err(what: &str) -> Error {
+    Error::from(std::io::Error::last_os_error()).context(what)
 }
 
 impl SharedMap {
@@ -28,7 +29,7 @@ impl SharedMap {
         offset: u64,
         len: u64,
         what: &str,
-    ) -> Result<SharedMap, String> {
+    ) -> Result<SharedMap, Error> {
         // SAFETY: fstat into a zeroed struct we own; the fd is open.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -36,19 +37,22 @@ impl SharedMap {
             return Err(os_err(&format!("fstat of the {what} fd")));
         }
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(format!("the {what} fd is not a memfd or regular file"));
+            return Err(Error::invalid(format!(
+                "the {what} fd is not a memfd or regular file"
+            )));
         }
         let end = offset
             .checked_add(len)
-            .ok_or_else(|| format!("{what}: offset + size overflows"))?;
+            .ok_or_else(|| Error::invalid(format!("{what}: offset + size overflows")))?;
         if (st.st_size as u64) < end {
-            return Err(format!(
+            return Err(Error::invalid(format!(
                 "the {what} fd holds {} bytes, {end} needed",
                 st.st_size
-            ));
+            )));
         }
-        let len = usize::try_from(len).map_err(|_| format!("{what} too large"))?;
-        let off = libc::off_t::try_from(offset).map_err(|_| format!("{what}: offset too large"))?;
+        let len = usize::try_from(len).map_err(|_| Error::invalid(format!("{what} too large")))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| Error::invalid(format!("{what}: offset too large")))?;
         // SAFETY: a new shared mapping of a file checked to hold it; the
         // result is checked.
         let ptr = unsafe {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::target::{resolve, Target};
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
-use crate::control::server::{Daemon, Sections};
+use crate::control::server::{Monitor, Sections};
 
 /// Requests the target has in flight: for an export's root, everything
 /// the guest submitted and we have not completed.
@@ -19,8 +19,8 @@ fn in_flight(t: &Target) -> u64 {
         .map_or(node, |e| node.max(e.state.in_flight()))
 }
 
-pub(super) fn block_drain(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
-    let t = resolve(daemon, &mut args)?;
+pub(super) fn block_drain(mon: &Arc<Monitor>, mut args: Args) -> CmdResult {
+    let t = resolve(mon, &mut args)?;
     args.finish()?;
     let at_start = in_flight(&t);
     let started = Instant::now();
@@ -47,11 +47,11 @@ fn section_info(t: &Target) -> Value {
 }
 
 pub(super) fn drained_begin(
-    daemon: &Arc<Daemon>,
+    mon: &Arc<Monitor>,
     sections: &mut Sections,
     mut args: Args,
 ) -> CmdResult {
-    let t = resolve(daemon, &mut args)?;
+    let t = resolve(mon, &mut args)?;
     args.finish()?;
     t.node.drained_begin();
     // Recorded before replying: if the client vanishes now, its
@@ -59,16 +59,16 @@ pub(super) fn drained_begin(
     sections.push(t.node.clone());
     let info = section_info(&t);
     log::info!("{}: drained section begun ({info})", t.label());
-    daemon.emit("BLOCK_DRAINED_BEGIN", info.clone());
+    mon.emit("BLOCK_DRAINED_BEGIN", info.clone());
     Ok(info)
 }
 
 pub(super) fn drained_end(
-    daemon: &Arc<Daemon>,
+    mon: &Arc<Monitor>,
     sections: &mut Sections,
     mut args: Args,
 ) -> CmdResult {
-    let t = resolve(daemon, &mut args)?;
+    let t = resolve(mon, &mut args)?;
     args.finish()?;
     if !sections.remove(&t.node) {
         return Err(QmpError::generic(format!(
@@ -81,6 +81,6 @@ pub(super) fn drained_end(
         .map_err(|e| QmpError::generic(e.to_string()))?;
     let info = section_info(&t);
     log::info!("{}: drained section ended ({info})", t.label());
-    daemon.emit("BLOCK_DRAINED_END", info.clone());
+    mon.emit("BLOCK_DRAINED_END", info.clone());
     Ok(info)
 }

@@ -6,14 +6,15 @@ use serde_json::json;
 
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, ErrorClass, QmpError};
-use crate::control::server::Daemon;
-use crate::graph::{start_commit, CommitOptions, GraphError, Jobs};
+use crate::control::server::Monitor;
+use crate::error::Error;
+use crate::graph::{start_commit, CommitOptions, Jobs};
 
-fn reply(r: Result<(), GraphError>) -> CmdResult {
+fn reply(r: Result<(), Error>) -> CmdResult {
     r.map(|()| json!({})).map_err(QmpError::from)
 }
 
-pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
+pub(super) fn block_commit(mon: &Monitor, mut a: Args) -> CmdResult {
     let job_id = a.opt_str("job-id")?;
     let device = a.str("device")?;
     let base_node = a.opt_str("base-node")?;
@@ -42,8 +43,9 @@ pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
             "Name nodes with 'base-node' and 'top-node'; 'base', 'top' and 'backing-file' are not supported",
         ));
     }
-    let top = daemon
-        .graph
+    let top = mon
+        .state
+        .graph()
         .lookup_node(Some(&device), Some(&device))
         .ok_or_else(|| QmpError::not_found(format!("Device '{device}' not found")))?;
     if let Some(t) = top_node {
@@ -55,7 +57,7 @@ pub(super) fn block_commit(daemon: &Daemon, mut a: Args) -> CmdResult {
         }
     }
     let base = match base_node {
-        Some(b) => Some(daemon.graph.find_node(&b).ok_or_else(|| {
+        Some(b) => Some(mon.state.graph().find_node(&b).ok_or_else(|| {
             QmpError::generic(format!("Cannot find device='' nor node-name='{b}'"))
         })?),
         None => None,

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::args::Args;
 use super::qmp::{self, CmdResult, QmpError};
-use super::server::{Daemon, Sections};
+use super::server::{Monitor, Sections};
 
 /// Every command after negotiation, for `query-commands`.
 pub(super) const COMMANDS: &[&str] = &[
@@ -73,7 +73,7 @@ pub(super) fn holds_graph_lock(name: &str) -> bool {
 }
 
 pub(super) fn execute(
-    daemon: &Arc<Daemon>,
+    mon: &Arc<Monitor>,
     sections: &mut Sections,
     name: &str,
     mut args: Args,
@@ -87,36 +87,36 @@ pub(super) fn execute(
         "query-commands" => no_args(args)
             .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({ "name": c })).collect())),
         "query-version" => no_args(args).map(|_| qmp::version()),
-        "query-block-exports" => no_args(args).map(|_| query::block_exports(daemon)),
+        "query-block-exports" => no_args(args).map(|_| query::block_exports(mon)),
         "query-named-block-nodes" => {
             let flat = args.opt_bool("flat")?.unwrap_or(false);
             args.finish()
-                .map(|_| query::named_block_nodes(&daemon.graph, flat))
+                .map(|_| query::named_block_nodes(mon.state.graph(), flat))
         }
         "query-blockstats" => {
             let nodes = args.opt_bool("query-nodes")?.unwrap_or(false);
-            args.finish().map(|_| query::blockstats(daemon, nodes))
+            args.finish().map(|_| query::blockstats(mon, nodes))
         }
-        "query-iothreads" => no_args(args).map(|_| query::iothreads(daemon)),
-        "blockdev-add" => blockdev::add(&daemon.graph, args),
-        "blockdev-del" => blockdev::del(&daemon.graph, args),
-        "block-export-add" => export::add(daemon, args),
-        "block-export-del" => export::del(daemon, args),
-        "block_resize" => resize::block_resize(daemon, args),
-        "block-drain" => drain::block_drain(daemon, args),
-        "block-drained-begin" => drain::drained_begin(daemon, sections, args),
-        "block-drained-end" => drain::drained_end(daemon, sections, args),
-        "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(daemon, args),
-        "blockdev-snapshot" => snapshot::blockdev_snapshot(&daemon.graph, args),
-        "transaction" => snapshot::transaction_cmd(daemon, args),
-        "block-commit" => job::block_commit(daemon, args),
-        "query-jobs" => no_args(args).map(|_| daemon.graph.jobs().query_jobs()),
-        "query-block-jobs" => no_args(args).map(|_| daemon.graph.jobs().query_block_jobs()),
+        "query-iothreads" => no_args(args).map(|_| query::iothreads(mon)),
+        "blockdev-add" => blockdev::add(mon.state.graph(), args),
+        "blockdev-del" => blockdev::del(mon.state.graph(), args),
+        "block-export-add" => export::add(mon, args),
+        "block-export-del" => export::del(mon, args),
+        "block_resize" => resize::block_resize(mon, args),
+        "block-drain" => drain::block_drain(mon, args),
+        "block-drained-begin" => drain::drained_begin(mon, sections, args),
+        "block-drained-end" => drain::drained_end(mon, sections, args),
+        "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(mon, args),
+        "blockdev-snapshot" => snapshot::blockdev_snapshot(mon.state.graph(), args),
+        "transaction" => snapshot::transaction_cmd(mon, args),
+        "block-commit" => job::block_commit(mon, args),
+        "query-jobs" => no_args(args).map(|_| mon.state.graph().jobs().query_jobs()),
+        "query-block-jobs" => no_args(args).map(|_| mon.state.graph().jobs().query_block_jobs()),
         "job-complete" | "job-finalize" | "job-cancel" | "job-dismiss" => {
-            job::verb(daemon.graph.jobs(), name, args)
+            job::verb(mon.state.graph().jobs(), name, args)
         }
         "block-job-complete" | "block-job-finalize" | "block-job-cancel" | "block-job-dismiss" => {
-            job::block_job_verb(daemon.graph.jobs(), name, args)
+            job::block_job_verb(mon.state.graph().jobs(), name, args)
         }
         // The caller starts the shutdown once the reply is out.
         "quit" => no_args(args).map(|_| json!({})),

@@ -8,15 +8,15 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use crate::control::server::Daemon;
+use crate::control::server::Monitor;
 use crate::formats::BlockIo;
 use crate::graph::{ChildRole, Graph, Node};
 use crate::vhost::blk::stats::{OpSnapshot, StatsSnapshot};
 
-pub(super) fn block_exports(daemon: &Daemon) -> Value {
+pub(super) fn block_exports(mon: &Monitor) -> Value {
     Value::Array(
-        daemon
-            .exports
+        mon.state
+            .exports()
             .list()
             .iter()
             .map(|e| {
@@ -214,11 +214,11 @@ fn device_stats(s: &StatsSnapshot) -> Value {
 /// BlockBackend is the `device`), ours beside them as `x-stats` (every
 /// request kind with latencies) and `x-queues`; with `query-nodes`, one
 /// entry per node, which count requests only (`x-requests`).
-pub(super) fn blockstats(daemon: &Daemon, query_nodes: bool) -> Value {
+pub(super) fn blockstats(mon: &Monitor, query_nodes: bool) -> Value {
     if query_nodes {
         return Value::Array(
-            daemon
-                .graph
+            mon.state
+                .graph()
                 .all_nodes()
                 .iter()
                 .map(|n| node_stats(n))
@@ -226,8 +226,8 @@ pub(super) fn blockstats(daemon: &Daemon, query_nodes: bool) -> Value {
         );
     }
     Value::Array(
-        daemon
-            .exports
+        mon.state
+            .exports()
             .list()
             .iter()
             .map(|e| {
@@ -285,10 +285,10 @@ fn node_stats(n: &Node) -> Value {
 }
 
 /// `query-iothreads`: QEMU's IOThreadInfo for each iothread.
-pub(super) fn iothreads(daemon: &Daemon) -> Value {
+pub(super) fn iothreads(mon: &Monitor) -> Value {
     Value::Array(
-        daemon
-            .iothreads
+        mon.state
+            .iothreads()
             .iter()
             .map(|t| {
                 json!({

@@ -8,11 +8,11 @@ use serde_json::json;
 use super::target::resolve;
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
-use crate::control::server::Daemon;
+use crate::control::server::Monitor;
 use crate::graph::{resize, ResizeError};
 
-pub(super) fn block_resize(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
-    let t = resolve(daemon, &mut args)?;
+pub(super) fn block_resize(mon: &Arc<Monitor>, mut args: Args) -> CmdResult {
+    let t = resolve(mon, &mut args)?;
     let size = args.u64("size")?;
     args.finish()?;
     let node = &t.node;
@@ -33,7 +33,7 @@ pub(super) fn block_resize(daemon: &Arc<Daemon>, mut args: Args) -> CmdResult {
     })?;
     if size > old {
         log::info!("{}: resized from {old} to {size} bytes", t.label());
-        daemon.emit(
+        mon.emit(
             "BLOCK_RESIZED",
             json!({
                 "node-name": node.name(),

@@ -8,18 +8,18 @@ use serde_json::{json, Map, Value};
 
 use crate::control::args::Args;
 use crate::control::qmp::{CmdResult, QmpError};
-use crate::control::server::Daemon;
+use crate::control::server::Monitor;
 use crate::graph::{Action, Graph, Node, OverlayMode};
 
 /// A node by QEMU's `device` (a BlockBackend's name: here an export id,
 /// meaning its root node) or `node-name`.
 fn lookup(
-    daemon: &Daemon,
+    mon: &Monitor,
     device: Option<String>,
     node_name: Option<String>,
 ) -> Result<Arc<Node>, QmpError> {
-    daemon
-        .graph
+    mon.state
+        .graph()
         .lookup_node(device.as_deref(), node_name.as_deref())
         .ok_or_else(|| {
             QmpError::generic(format!(
@@ -30,7 +30,7 @@ fn lookup(
         })
 }
 
-fn snapshot_sync(daemon: &Daemon, mut a: Args) -> Result<Action, QmpError> {
+fn snapshot_sync(mon: &Monitor, mut a: Args) -> Result<Action, QmpError> {
     let device = a.opt_str("device")?;
     let node_name = a.opt_str("node-name")?;
     let file = a.str("snapshot-file")?;
@@ -51,7 +51,7 @@ fn snapshot_sync(daemon: &Daemon, mut a: Args) -> Result<Action, QmpError> {
         }
     };
     a.finish()?;
-    let node = lookup(daemon, device, node_name)?;
+    let node = lookup(mon, device, node_name)?;
     Ok(Action::SnapshotSync {
         node,
         file: PathBuf::from(file),
@@ -82,8 +82,8 @@ fn run(graph: &Graph, actions: Vec<Action>) -> CmdResult {
         .map_err(QmpError::from)
 }
 
-pub(super) fn blockdev_snapshot_sync(daemon: &Daemon, args: Args) -> CmdResult {
-    run(&daemon.graph, vec![snapshot_sync(daemon, args)?])
+pub(super) fn blockdev_snapshot_sync(mon: &Monitor, args: Args) -> CmdResult {
+    run(mon.state.graph(), vec![snapshot_sync(mon, args)?])
 }
 
 pub(super) fn blockdev_snapshot(graph: &Graph, args: Args) -> CmdResult {
@@ -91,7 +91,7 @@ pub(super) fn blockdev_snapshot(graph: &Graph, args: Args) -> CmdResult {
 }
 
 /// `transaction`: QEMU's TransactionAction list (`{"type", "data"}`).
-pub(super) fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
+pub(super) fn transaction_cmd(mon: &Monitor, mut args: Args) -> CmdResult {
     let list = match args.take("actions") {
         Some(Value::Array(l)) => l,
         Some(_) => {
@@ -149,8 +149,8 @@ pub(super) fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
         }
         let data = Args::new(data);
         actions.push(match kind.as_str() {
-            "blockdev-snapshot-sync" => snapshot_sync(daemon, data)?,
-            "blockdev-snapshot" => snapshot(&daemon.graph, data)?,
+            "blockdev-snapshot-sync" => snapshot_sync(mon, data)?,
+            "blockdev-snapshot" => snapshot(mon.state.graph(), data)?,
             "abort" => {
                 data.finish()?;
                 Action::Abort
@@ -162,5 +162,5 @@ pub(super) fn transaction_cmd(daemon: &Daemon, mut args: Args) -> CmdResult {
             }
         });
     }
-    run(&daemon.graph, actions)
+    run(mon.state.graph(), actions)
 }

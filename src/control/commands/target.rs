@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::control::args::Args;
 use crate::control::qmp::QmpError;
-use crate::control::server::Daemon;
+use crate::control::server::Monitor;
 use crate::graph::Node;
 use crate::vhost::blk::export::BlkExport;
 
@@ -26,7 +26,7 @@ impl Target {
     }
 }
 
-pub(super) fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpError> {
+pub(super) fn resolve(mon: &Monitor, args: &mut Args) -> Result<Target, QmpError> {
     let device = args.opt_str("device")?;
     let export = args.opt_str("export")?;
     let node_name = args.opt_str("node-name")?;
@@ -49,7 +49,8 @@ pub(super) fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpErr
             "Parameter 'device' (or 'export') or 'node-name' is missing",
         )),
         (Some((id, what)), None) => {
-            let e = daemon
+            let e = mon
+                .state
                 .export(&id)
                 .ok_or_else(|| QmpError::not_found(format!("{what} '{id}' not found")))?;
             let node = e.state.backend.root().ok_or_else(|| {
@@ -61,11 +62,12 @@ pub(super) fn resolve(daemon: &Daemon, args: &mut Args) -> Result<Target, QmpErr
             })
         }
         (None, Some(name)) => {
-            let node = daemon
-                .graph
+            let node = mon
+                .state
+                .graph()
                 .find_node(&name)
                 .ok_or_else(|| QmpError::not_found(format!("Cannot find node '{name}'")))?;
-            let export = daemon.exports.list().into_iter().find(|e| {
+            let export = mon.state.exports().list().into_iter().find(|e| {
                 e.state
                     .backend
                     .root()

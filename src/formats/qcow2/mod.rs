@@ -33,6 +33,7 @@ use self::inflight::ClusterLocks;
 use self::mapping::{Layout, Mapping, Meta, L2_COPIED, L2_ZERO};
 use self::persist::{Generations, WriteBack};
 use super::driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};
+use crate::error::Error;
 use crate::uring::{AlignedBuf, AsyncMutex, IoVec};
 
 #[derive(Debug, thiserror::Error)]
@@ -593,7 +594,7 @@ impl BlockDriver for Qcow2Driver {
     fn is_read_only(&self) -> bool {
         self.is_ro()
     }
-    fn reopen(&self, read_only: bool) -> Result<(), String> {
+    fn reopen(&self, read_only: bool) -> Result<(), Error> {
         if read_only == self.is_ro() {
             return Ok(());
         }
@@ -606,13 +607,13 @@ impl BlockDriver for Qcow2Driver {
                 meta.flush(&self.file).await
             })
             .and_then(|r| r)
-            .map_err(|e| format!("{}: writing back metadata: {e}", self.name))?;
+            .map_err(|e| Error::io(format!("{}: writing back metadata: {e}", self.name)))?;
             self.read_only.store(true, Ordering::Release);
             return Ok(());
         }
         self.header
             .check_features(true)
-            .map_err(|e| format!("{}: {e}", self.name))?;
+            .map_err(|e| Error::io(format!("{}: {e}", self.name)))?;
         crate::uring::block_on(|| async {
             self.meta
                 .lock()
@@ -621,14 +622,14 @@ impl BlockDriver for Qcow2Driver {
                 .await
         })
         .and_then(|r| r)
-        .map_err(|e| format!("{}: reading refcounts: {e}", self.name))?;
+        .map_err(|e| Error::io(format!("{}: reading refcounts: {e}", self.name)))?;
         self.read_only.store(false, Ordering::Release);
         Ok(())
     }
     fn backing_unflushed(&self) {
         self.backing_unflushed.store(true, Ordering::Release);
     }
-    fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), String> {
+    fn set_backing(&self, backing: Option<ChildRef>) -> Result<(), Error> {
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
         Ok(())
     }
@@ -757,11 +758,11 @@ mod tests {
         })
     }
 
-    async fn read_block(q: &Qcow2Driver, b: u64) -> Result<Vec<u8>, String> {
+    async fn read_block(q: &Qcow2Driver, b: u64) -> Result<Vec<u8>, Error> {
         let buf = IoVec::from_buf(AlignedBuf::zeroed(4096, 4096));
         q.read(b * 4096, &buf)
             .await
-            .map_err(|e| format!("read {b}: {e}"))?;
+            .map_err(|e| Error::invalid(format!("read {b}: {e}")))?;
         let mut out = vec![0u8; 4096];
         buf.copy_to(&mut out);
         Ok(out)
@@ -810,7 +811,7 @@ mod tests {
         let threads: Vec<_> = (0..2)
             .map(|i| IoThread::start(&format!("q2conc{i}"), Duration::ZERO).unwrap())
             .collect();
-        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), Error>>();
         for (t, thread) in threads.iter().enumerate() {
             let t = t as u64;
             for task in 0..TASKS {
@@ -825,16 +826,18 @@ mod tests {
                                 } else {
                                     q.write(b * 4096, &IoVec::from_buf(pattern(b, v))).await
                                 }
-                                .map_err(|e| format!("step {v} of block {b}: {e}"))?;
+                                .map_err(|e| {
+                                    Error::invalid(format!("step {v} of block {b}: {e}"))
+                                })?;
                                 let want = if v == 3 { 0 } else { v };
                                 let got = read_block(&q, b).await?;
                                 if !sectors_are(&got, b, &[want]) {
-                                    return Err(format!(
+                                    return Err(Error::invalid(format!(
                                         "block {b}: own read after step {v} is wrong"
-                                    ));
+                                    )));
                                 }
                                 published[b as usize].store(v as u8, Ordering::Release);
-                                Ok::<(), String>(())
+                                Ok::<(), Error>(())
                             }
                         };
                         let mut rng = (t * TASKS + task + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -860,9 +863,9 @@ mod tests {
                                         _ => sectors_are(&got, f, &[0]),
                                     };
                                     if !ok {
-                                        return Err(format!(
+                                        return Err(Error::invalid(format!(
                                             "block {f}: read after step {p} is wrong"
-                                        ));
+                                        )));
                                     }
                                 }
                             }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::config::{BlkGeometry, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
 use super::queue::{self, QueueControl};
 use super::state::ExportState;
+use crate::error::Error;
 use crate::uring::IoThreadHandle;
 use crate::vhost::device::Device;
 use crate::vhost::memory::SharedMemory;
@@ -102,7 +103,7 @@ impl Device for BlkExport {
         &self,
         setup: QueueSetup,
         memory: Arc<SharedMemory>,
-    ) -> Result<Arc<QueueControl>, String> {
+    ) -> Result<Arc<QueueControl>, Error> {
         let thread = self.iothread_for(setup.index);
         queue::start(setup, memory, self.state.clone(), thread)
     }

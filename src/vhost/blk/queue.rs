@@ -20,6 +20,7 @@ use super::request::{self, Op, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::ring::RingView;
 use super::state::{ExportState, QueueInFlight};
 use super::stats::OpKind;
+use crate::error::Error;
 use crate::graph::HeldRoot;
 use crate::os::ratelimit::LogLimiter;
 use crate::uring::{self, ops};
@@ -190,13 +191,14 @@ pub(crate) fn start(
     shared_mem: Arc<SharedMemory>,
     export: Arc<ExportState>,
     thread: &uring::IoThreadHandle,
-) -> Result<Arc<QueueControl>, String> {
-    let mut q = Queue::new(setup.size).map_err(|e| format!("queue {}: {e}", setup.index))?;
+) -> Result<Arc<QueueControl>, Error> {
+    let mut q = Queue::new(setup.size)
+        .map_err(|e| Error::invalid(format!("queue {}: {e}", setup.index)))?;
     q.set_size(setup.size);
     q.try_set_desc_table_address(GuestAddress(setup.desc_table))
         .and_then(|_| q.try_set_avail_ring_address(GuestAddress(setup.avail_ring)))
         .and_then(|_| q.try_set_used_ring_address(GuestAddress(setup.used_ring)))
-        .map_err(|e| format!("queue {}: bad ring address: {e}", setup.index))?;
+        .map_err(|e| Error::invalid(format!("queue {}: bad ring address: {e}", setup.index)))?;
     q.set_event_idx(setup.event_idx);
     q.set_next_avail(setup.next_avail);
     let (gen, mem) = shared_mem.load();
@@ -207,15 +209,18 @@ pub(crate) fn start(
         (setup.used_ring, sz.used),
     ];
     if let Some((gpa, len)) = rings.iter().find(|(g, l)| mem.host_range(*g, *l).is_none()) {
-        return Err(format!(
+        return Err(Error::invalid(format!(
             "queue {}: ring at gpa {gpa:#x} ({len} bytes) is not inside one memory region",
             setup.index
-        ));
+        )));
     }
     // The used index lives in guest memory; resume from it.
-    let used = q
-        .used_idx(mem.mmap(), Ordering::Acquire)
-        .map_err(|e| format!("queue {}: used ring not in guest memory: {e}", setup.index))?;
+    let used = q.used_idx(mem.mmap(), Ordering::Acquire).map_err(|e| {
+        Error::invalid(format!(
+            "queue {}: used ring not in guest memory: {e}",
+            setup.index
+        ))
+    })?;
     q.set_next_used(used.0);
     // A region from a previous daemon says what was popped and has no used
     // entry: those run again, and popping resumes after them.
@@ -240,10 +245,10 @@ pub(crate) fn start(
     }
     q.set_ready(true);
     if !q.is_valid(mem.mmap()) {
-        return Err(format!(
+        return Err(Error::invalid(format!(
             "queue {}: rings are not inside guest memory",
             setup.index
-        ));
+        )));
     }
     let control = Arc::new(QueueControl {
         index: setup.index,

@@ -1,6 +1,8 @@
-//! The error of a graph operation: what kind of failure it is (for the
-//! caller to act on: QMP maps kinds to QEMU's error classes in one place,
-//! `control::qmp`), and the message, in QEMU's words where QEMU has them.
+//! ringblk's error below the control layer: what kind of failure it is
+//! (for the caller to act on: QMP maps kinds to QEMU's error classes in one
+//! place, `control::qmp`) and the message, in QEMU's words where QEMU has
+//! them, prefixed with its context (export, node, path, offset) on the
+//! way up.
 
 /// What kind of failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,39 +19,39 @@ pub enum ErrorKind {
     Io,
 }
 
-/// A failed graph operation.
+/// A failed operation.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-pub struct GraphError {
+pub struct Error {
     kind: ErrorKind,
     message: String,
 }
 
-impl GraphError {
+impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        GraphError {
+        Error {
             kind,
             message: message.into(),
         }
     }
 
-    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+    pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, message)
     }
 
-    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+    pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
     }
 
-    pub(crate) fn busy(message: impl Into<String>) -> Self {
+    pub fn busy(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Busy, message)
     }
 
-    pub(crate) fn unsupported(message: impl Into<String>) -> Self {
+    pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unsupported, message)
     }
 
-    pub(crate) fn io(message: impl Into<String>) -> Self {
+    pub fn io(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Io, message)
     }
 
@@ -60,11 +62,20 @@ impl GraphError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// The same error, its message prefixed with where it happened
+    /// (`export e0`, `node n0`, a path).
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        Error {
+            kind: self.kind,
+            message: format!("{what}: {}", self.message),
+        }
+    }
 }
 
-/// Option parsing (`Opts`) reports malformed options as text.
-impl From<String> for GraphError {
-    fn from(message: String) -> Self {
-        Self::invalid(message)
+/// System calls fail as I/O errors, their text kept.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self::io(e.to_string())
     }
 }
