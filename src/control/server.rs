@@ -1,7 +1,8 @@
 //! The QMP socket: accepts clients up to a limit, one thread each.
 //! Commands that change the graph run under the graph lock (QEMU's BQL
 //! counterpart), so graph changes from different clients never interleave;
-//! queries and drained sections do not take it (`holds_graph_lock`).
+//! queries, drained sections, and commands that take it themselves around
+//! the graph change only do not (`commands::holds_graph_lock`).
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;

@@ -144,6 +144,17 @@ impl DaemonState {
         self.exports.add(config, handles)
     }
 
+    /// QMP `block-export-del`: stop export `id`, then detach it from its
+    /// node under the graph lock. Waiting for the frontend's requests
+    /// happens before, without the lock, so that a hard delete of a busy
+    /// export holds up no other graph change.
+    pub fn remove_export(&self, id: &str, hard: bool) -> Result<(), Error> {
+        let backend = self.exports.remove(id, hard)?;
+        let _g = self.graph.lock();
+        backend.eject();
+        Ok(())
+    }
+
     /// QMP `quit`: the main thread, waiting for SIGTERM, carries it out.
     pub fn request_quit(&self) {
         self.quit_requested.store(true, Ordering::SeqCst);

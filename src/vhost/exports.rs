@@ -283,9 +283,11 @@ impl ExportTable {
             .map(|e| e.export.clone())
     }
 
-    /// `block-export-del`: stop export `id` and detach it from its node.
-    /// Unless `hard`, an export with a frontend connected is refused.
-    pub fn remove(&self, id: &str, hard: bool) -> Result<(), Error> {
+    /// `block-export-del`: stop export `id` (its frontend is disconnected
+    /// once its in-flight requests completed) and return its BlockBackend,
+    /// still attached, for the caller to eject. Unless `hard`, an export
+    /// with a frontend connected is refused.
+    pub fn remove(&self, id: &str, hard: bool) -> Result<Arc<BlockBackend>, Error> {
         let running = {
             let mut all = self.lock();
             let i = all
@@ -299,9 +301,7 @@ impl ExportTable {
         };
         // Outside the table's lock: stopping waits for the frontend's
         // requests, and queries must not wait meanwhile.
-        let backend = running.stop()?;
-        backend.eject();
-        Ok(())
+        running.stop()
     }
 
     /// Stop every export (shutdown): all stop accepting at once, then each

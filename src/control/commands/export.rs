@@ -33,7 +33,7 @@ pub(super) fn del(mon: &Arc<Monitor>, mut args: Args) -> CmdResult {
         }
     };
     args.finish()?;
-    mon.state.exports().remove(&id, hard)?;
+    mon.state.remove_export(&id, hard)?;
     mon.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
     Ok(json!({}))
 }

@@ -56,7 +56,8 @@ pub(super) const COMMANDS: &[&str] = &[
 /// changes do, one at a time. Queries and drained sections do not: they
 /// must never wait behind another client's graph change (a drained
 /// section's end would keep a guest stopped for as long). Snapshots and
-/// transactions take the lock themselves, once their overlay files exist.
+/// transactions take the lock themselves, once their overlay files exist;
+/// block-export-del takes it once the export's requests have completed.
 pub(super) fn holds_graph_lock(name: &str) -> bool {
     !(name.starts_with("query-")
         || matches!(
@@ -66,6 +67,7 @@ pub(super) fn holds_graph_lock(name: &str) -> bool {
                 | "block-drain"
                 | "block-drained-begin"
                 | "block-drained-end"
+                | "block-export-del"
                 | "blockdev-snapshot-sync"
                 | "blockdev-snapshot"
                 | "transaction"
