@@ -77,6 +77,12 @@ pub trait BlockDriver: BlockIo {
     /// `drained_end`. Must not wait.
     fn drained_begin(&self) {}
     fn drained_end(&self) {}
+    /// Requests waiting inside this driver that a drained section leaves
+    /// where they are (a throttle filter's queue): counted as in flight by
+    /// the node and everything above it, but not waited for.
+    fn parked(&self) -> u64 {
+        0
+    }
     /// Switch between read-only and read-write use. Called on the control
     /// thread with the node drained; going read-only, a driver writes back
     /// what it caches (syncing is left to the next flush).

@@ -45,8 +45,9 @@ pub trait DeviceOps: Send + Sync {
     fn drained_begin(&self);
     /// Resume, and process what arrived meanwhile. Must not wait.
     fn drained_end(&self);
-    /// Whether the device still has requests of its own in flight.
-    fn drained_poll(&self) -> bool;
+    /// Whether the device still has requests of its own in flight, beyond
+    /// `parked` ones waiting in a throttle queue (see `Parent::drained_poll`).
+    fn drained_poll(&self, parked: u64) -> bool;
     /// The medium's size changed.
     fn resized(&self);
 }
@@ -451,8 +452,8 @@ impl Parent for BlockBackend {
         }
     }
 
-    fn drained_poll(&self) -> bool {
-        self.in_flight.get() > 0 || self.dev_ops().is_some_and(|d| d.drained_poll())
+    fn drained_poll(&self, parked: u64) -> bool {
+        self.in_flight.get() > parked || self.dev_ops().is_some_and(|d| d.drained_poll(parked))
     }
 
     fn resized(&self) {

@@ -501,8 +501,8 @@ impl Parent for Commit {
             self.dirty.notify();
         }
     }
-    fn drained_poll(&self) -> bool {
-        self.busy.get() > 0
+    fn drained_poll(&self, parked: u64) -> bool {
+        self.busy.get() > parked
     }
     fn resized(&self) {}
 }

@@ -65,11 +65,21 @@ impl Node {
     /// Whether anything a drain of this node waits for is still running:
     /// the node, its parents (recursively) or the subtree below it.
     pub fn drain_busy(&self) -> bool {
-        self.busy_up() || self.busy_down()
+        self.busy_up(0) || self.busy_down()
     }
 
-    fn busy_up(&self) -> bool {
-        self.in_flight.get() > 0 || self.parents.live().iter().any(|p| p.drained_poll())
+    /// The node or its parents have requests in flight other than the
+    /// `parked_below` (and this node's own parked ones) that wait in a
+    /// throttle queue: those are counted at every level above the queue,
+    /// but a drained section does not wait for them.
+    fn busy_up(&self, parked_below: u64) -> bool {
+        let parked = parked_below + self.driver().parked();
+        self.in_flight.get() > parked
+            || self
+                .parents
+                .live()
+                .iter()
+                .any(|p| p.drained_poll(parked))
     }
 
     fn busy_down(&self) -> bool {
@@ -122,8 +132,8 @@ impl Parent for Node {
             log::error!("{e} (parent edge)");
         }
     }
-    fn drained_poll(&self) -> bool {
-        self.busy_up()
+    fn drained_poll(&self, parked: u64) -> bool {
+        self.busy_up(parked)
     }
     fn resized(&self) {
         self.notify_resized();
@@ -143,7 +153,7 @@ impl Graph {
         // requests holding the old tree.
         poll_while(|| {
             self.all_nodes().iter().any(|n| n.drain_busy())
-                || self.all_backends().iter().any(|b| b.drained_poll())
+                || self.all_backends().iter().any(|b| b.drained_poll(0))
         });
     }
 

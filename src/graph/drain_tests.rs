@@ -151,7 +151,7 @@ impl DeviceOps for Dev {
     fn drained_end(&self) {
         self.ends.fetch_add(1, Ordering::SeqCst);
     }
-    fn drained_poll(&self) -> bool {
+    fn drained_poll(&self, _parked: u64) -> bool {
         false
     }
     fn resized(&self) {

@@ -12,8 +12,11 @@ pub trait Parent: Send + Sync {
     fn drained_begin(&self);
     /// Resume sending requests. Must not wait.
     fn drained_end(&self);
-    /// Whether the parent still has requests of its own in flight.
-    fn drained_poll(&self) -> bool;
+    /// Whether the parent still has requests of its own in flight, beyond
+    /// `parked` of them: requests waiting in a throttle queue below it,
+    /// which its count includes but which stay where they are while the
+    /// section lasts.
+    fn drained_poll(&self, parked: u64) -> bool;
     /// The child's size changed.
     fn resized(&self);
 }

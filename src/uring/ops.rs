@@ -237,6 +237,28 @@ pub fn signal_eventfd_nowait(
     }
 }
 
+/// Sleep on the ring until `deadline` (CLOCK_MONOTONIC, as `Instant`): a
+/// timer that costs no thread, and wakes the iothread by a completion like
+/// any other. Returns at once if the deadline has passed. Dropping the
+/// future cancels the timer.
+pub async fn sleep_until(deadline: std::time::Instant) -> io::Result<()> {
+    let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+        return Ok(());
+    };
+    // A relative timeout: the kernel measures it on CLOCK_MONOTONIC, the
+    // clock `Instant` reads.
+    let ts = Box::new(types::Timespec::from(left));
+    let ptr = &*ts as *const types::Timespec;
+    let e = opcode::Timeout::new(ptr).build();
+    let keep: Box<dyn std::any::Any> = Box::new(ts);
+    let op = with_reactor(|r| r.start(e, Some(keep))).cancel_on_drop();
+    match op.await {
+        // The timer expired: the one way it is meant to end.
+        r if r == -libc::ETIME => Ok(()),
+        r => to_result(r).map(|_| ()),
+    }
+}
+
 /// Wait until `fd` is readable (POLLIN); `owner` as for [`read_eventfd`].
 /// Dropping the future cancels the wait.
 pub async fn wait_readable(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
@@ -256,6 +278,23 @@ mod tests {
 
     use super::*;
     use crate::uring::{AlignedBuf, IoThread};
+
+    #[test]
+    fn sleep_until_waits_for_its_deadline_on_the_ring() {
+        let t = IoThread::start("sleep-test", Duration::ZERO).unwrap();
+        let start = std::time::Instant::now();
+        let slept = t.handle().block_on(move || async move {
+            sleep_until(start + Duration::from_millis(30)).await
+        });
+        slept.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        // A deadline already past returns at once.
+        let past = t
+            .handle()
+            .block_on(move || async move { sleep_until(start).await });
+        past.unwrap();
+        t.stop();
+    }
 
     fn scratch(name: &str) -> std::path::PathBuf {
         let p = std::env::temp_dir().join(format!("ringblk-ops-{name}-{}", std::process::id()));

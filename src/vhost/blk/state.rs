@@ -181,8 +181,8 @@ impl DeviceOps for ExportState {
         log::debug!("export {}: resumed", self.id);
     }
 
-    fn drained_poll(&self) -> bool {
-        self.in_flight() > 0
+    fn drained_poll(&self, parked: u64) -> bool {
+        self.in_flight() > parked
     }
 
     fn resized(&self) {
