@@ -120,6 +120,8 @@ impl StorageDaemon {
             let _g = graph.lock();
             graph.jobs().cancel_all();
         }
+        // Throttled requests must not hold the shutdown up.
+        self.state.release_throttles();
         let (backends, mut failed) = self.state.exports().stop_all();
         graph.drain_all_begin();
         let mut roots = Vec::new();

@@ -5,7 +5,6 @@
 //! export that uses it.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -128,7 +127,7 @@ pub fn build(
                     .blockdev_add_waiting(Value::Object(map), lock_wait)
                     .map_err(ctx)?;
             }
-            "--object" => add_object(daemon, map).map_err(ctx)?,
+            "--object" => daemon.state().add_object(map).map_err(ctx)?,
             "--chardev" => chardevs.push(chardev(map).map_err(ctx)?),
             "--monitor" => monitor(daemon, map, &chardevs).map_err(ctx)?,
             "--export" => setup
@@ -138,26 +137,6 @@ pub fn build(
         }
     }
     Ok(setup)
-}
-
-fn add_object(daemon: &mut StorageDaemon, map: Map<String, Value>) -> Result<(), Error> {
-    let mut o = Opts::new(map);
-    let kind = o.required_string("qom-type")?;
-    if kind != "iothread" {
-        return Err(Error::invalid(format!(
-            "object type '{kind}' is not supported (only iothread)"
-        )));
-    }
-    let id = o.required_string("id")?;
-    // QEMU's default adaptive polling limit is 32 µs.
-    let poll = o.size("poll-max-ns")?.unwrap_or(32_768);
-    o.size("poll-grow")?;
-    o.size("poll-shrink")?;
-    o.size("aio-max-batch")?;
-    o.finish()?;
-    daemon
-        .state()
-        .add_named_iothread(&id, Duration::from_nanos(poll))
 }
 
 fn chardev(map: Map<String, Value>) -> Result<Chardev, Error> {

@@ -83,6 +83,11 @@ pub trait BlockDriver: BlockIo {
     fn parked(&self) -> u64 {
         0
     }
+    /// What the driver shows of its state in `query-named-block-nodes`
+    /// and `query-blockstats` (ringblk's own `x-` members).
+    fn info(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
     /// Switch between read-only and read-write use. Called on the control
     /// thread with the node drained; going read-only, a driver writes back
     /// what it caches (syncing is left to the next flush).

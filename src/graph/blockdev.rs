@@ -1,6 +1,6 @@
 //! `blockdev-add`: building nodes from QEMU's `BlockdevOptions`
 //! (qapi/block-core.json) for the drivers ringblk has: `file`, `raw`,
-//! `qcow2` and `null-co`, with their children given inline (an object) or
+//! `qcow2`, `null-co` and the `throttle` filter, with their children given inline (an object) or
 //! by node name (a string).
 //!
 //! Options arrive as JSON (QMP, `--blockdev '{...}'`) or as QEMU's dotted
@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::node::{DetectZeroes, Node};
+use super::node::{Child, ChildRole, DetectZeroes, Node};
 use super::open::{
     open_backing_named_by, open_file_node, open_qcow2_node, open_raw_node, open_raw_window,
 };
 use super::registry::Graph;
+use super::throttle::ThrottleDriver;
 use crate::error::Error;
 use crate::formats::qcow2::Qcow2Options;
 use crate::formats::{CacheMode, ImageLock, NullDriver};
@@ -198,6 +199,7 @@ fn add(g: &Graph, mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>
             }
         }
         "qcow2" => add_qcow2(g, &mut o, &c)?,
+        "throttle" => add_throttle(g, &mut o, &c)?,
         "null-co" => {
             let size = o.size("size")?.unwrap_or(NULL_DEFAULT_SIZE);
             o.bool("read-zeroes", false)?;
@@ -208,6 +210,29 @@ fn add(g: &Graph, mut o: Opts, top: bool, parent: Inherited) -> Result<Arc<Node>
     o.finish()?;
     node.set_io_options(c.inherit.no_flush, c.detect_zeroes);
     Ok(node)
+}
+
+/// QEMU's `throttle` filter: `throttle-group` names a group that exists.
+fn add_throttle(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, Error> {
+    let group_name = o
+        .string("throttle-group")?
+        .ok_or_else(|| Error::invalid("Parameter 'throttle-group' is missing"))?;
+    let group = g
+        .throttle_groups()
+        .find(&group_name)
+        .ok_or_else(|| Error::not_found(format!("Throttle group '{group_name}' does not exist")))?;
+    let file = child(g, o, "file", c.inherit)?
+        .ok_or_else(|| Error::invalid(format!("Parameter '{}' is missing", o.name("file"))))?;
+    let driver = ThrottleDriver::new(file.clone(), file.is_read_only(), group);
+    Ok(Node::new(
+        g,
+        &c.node_name,
+        Box::new(driver),
+        vec![Child {
+            role: ChildRole::File,
+            node: file,
+        }],
+    ))
 }
 
 fn add_file(g: &Graph, o: &mut Opts, c: &Common) -> Result<Arc<Node>, Error> {

@@ -74,12 +74,7 @@ impl Node {
     /// but a drained section does not wait for them.
     fn busy_up(&self, parked_below: u64) -> bool {
         let parked = parked_below + self.driver().parked();
-        self.in_flight.get() > parked
-            || self
-                .parents
-                .live()
-                .iter()
-                .any(|p| p.drained_poll(parked))
+        self.in_flight.get() > parked || self.parents.live().iter().any(|p| p.drained_poll(parked))
     }
 
     fn busy_down(&self) -> bool {

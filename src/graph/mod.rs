@@ -17,6 +17,7 @@ mod parent;
 mod registry;
 mod resize;
 mod snapshot;
+pub mod throttle;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
 pub use commit::{start_commit, CommitOptions};

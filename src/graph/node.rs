@@ -273,6 +273,11 @@ impl Node {
         self.driver.is_read_only()
     }
 
+    /// The driver's own state for queries (`x-` members).
+    pub fn driver_info(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.driver.info()
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.in_flight.get()
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use super::backend::BlockBackend;
 use super::job::Jobs;
 use super::node::Node;
+use super::throttle::ThrottleGroups;
 
 /// Weak references to every live object of one kind.
 struct Registry<T>(Mutex<Vec<Weak<T>>>);
@@ -45,6 +46,8 @@ struct Inner {
     /// monitor-owned nodes).
     monitor_owned: Mutex<Vec<Arc<Node>>>,
     jobs: Arc<Jobs>,
+    /// `throttle-group` objects, which `throttle` nodes name.
+    throttle_groups: ThrottleGroups,
     lock: Mutex<()>,
     /// Depth of `drain_all` sections: a node opened inside one starts drained.
     drain_all_depth: AtomicU32,
@@ -71,6 +74,7 @@ impl Graph {
             backends: Registry::new(),
             monitor_owned: Mutex::new(Vec::new()),
             jobs: Arc::new(Jobs::default()),
+            throttle_groups: ThrottleGroups::default(),
             lock: Mutex::new(()),
             drain_all_depth: AtomicU32::new(0),
             next_auto_name: AtomicU64::new(0),
@@ -114,6 +118,11 @@ impl Graph {
             .and_then(|d| self.find_backend(d))
             .and_then(|b| b.root())
             .or_else(|| node_name.and_then(|n| self.find_node(n)))
+    }
+
+    /// The throttle groups of this graph.
+    pub fn throttle_groups(&self) -> &ThrottleGroups {
+        &self.0.throttle_groups
     }
 
     /// The jobs of this graph.

@@ -6,8 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde_json::{Map, Value};
+
 use crate::error::Error;
+use crate::graph::throttle::Limits;
 use crate::graph::{BlockBackend, Graph};
+use crate::opts::Opts;
 use crate::uring::{find_iothreads, IoThread, IoThreadHandle};
 use crate::vhost::blk::export::BlkExport;
 use crate::vhost::exports::{ExportConfig, ExportOptions, ExportTable};
@@ -144,6 +148,106 @@ impl DaemonState {
         self.exports.add(config, handles)
     }
 
+    /// `--object` and QMP `object-add`: an `iothread` or a
+    /// `throttle-group`, with QEMU's properties.
+    pub fn add_object(&self, props: Map<String, Value>) -> Result<(), Error> {
+        let mut o = Opts::new(props);
+        let kind = o.required_string("qom-type")?;
+        let id = o.required_string("id")?;
+        if !valid_id(&id) {
+            return Err(Error::invalid("Parameter 'id' expects an identifier"));
+        }
+        if self.object_exists(&id) {
+            return Err(Error::invalid(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        match kind.as_str() {
+            "iothread" => {
+                // QEMU's default adaptive polling limit is 32 µs.
+                let poll = o.size("poll-max-ns")?.unwrap_or(32_768);
+                o.size("poll-grow")?;
+                o.size("poll-shrink")?;
+                o.size("aio-max-batch")?;
+                o.finish()?;
+                self.add_named_iothread(&id, Duration::from_nanos(poll))
+            }
+            "throttle-group" => {
+                let limits = Limits::from_properties(o.into_map())?;
+                self.graph.throttle_groups().add(&id, limits)
+            }
+            other => Err(Error::unsupported(format!(
+                "object type '{other}' is not supported (iothread, throttle-group)"
+            ))),
+        }
+    }
+
+    fn object_exists(&self, id: &str) -> bool {
+        self.graph.throttle_groups().contains(id)
+            || self.threads().all.iter().any(|t| t.handle().name() == id)
+    }
+
+    /// QMP `object-del`: a throttle group no filter node uses. Iothreads
+    /// live as long as the daemon.
+    pub fn del_object(&self, id: &str) -> Result<(), Error> {
+        if self.threads().all.iter().any(|t| t.handle().name() == id) {
+            return Err(Error::busy(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.graph.throttle_groups().remove(id)
+    }
+
+    /// `qom-get`: property `prop` of object `id` (None: no such object).
+    pub fn object_property(&self, id: &str, prop: &str) -> Option<Result<Value, Error>> {
+        if let Some(limits) = self.graph.throttle_groups().limits(id) {
+            let value = match prop {
+                "limits" => Ok(limits.to_json()),
+                _ => prop
+                    .strip_prefix("x-")
+                    .and_then(|m| limits.member(m))
+                    .map(Value::from)
+                    .ok_or_else(|| not_a_property("throttle-group", prop)),
+            };
+            return Some(value);
+        }
+        let t = self.iothreads().into_iter().find(|t| t.name() == id)?;
+        Some(match prop {
+            "poll-max-ns" => Ok(Value::from(t.poll_max().as_nanos() as u64)),
+            _ => Err(not_a_property("iothread", prop)),
+        })
+    }
+
+    /// `qom-set`: a throttle group's `limits` (the members given change);
+    /// None: no such object.
+    pub fn set_object_property(
+        &self,
+        id: &str,
+        prop: &str,
+        value: Value,
+    ) -> Option<Result<(), Error>> {
+        let groups = self.graph.throttle_groups();
+        if groups.contains(id) {
+            return Some(match (prop, value) {
+                ("limits", Value::Object(update)) => groups.update_limits(id, update),
+                ("limits", _) => Err(Error::invalid(
+                    "Invalid parameter type for 'limits', expected: object",
+                )),
+                (p, _) if p.starts_with("x-") && Limits::default().member(&p[2..]).is_some() => {
+                    Err(Error::invalid(
+                        "Property cannot be set after initialization",
+                    ))
+                }
+                (p, _) => Err(not_a_property("throttle-group", p)),
+            });
+        }
+        let t = self.iothreads().into_iter().find(|t| t.name() == id)?;
+        Some(Err(Error::unsupported(format!(
+            "iothread '{}': property '{prop}' cannot be changed at run time",
+            t.name()
+        ))))
+    }
+
     /// QMP `block-export-del`: stop export `id`, then detach it from its
     /// node under the graph lock. Waiting for the frontend's requests
     /// happens before, without the lock, so that a hard delete of a busy
@@ -167,6 +271,12 @@ impl DaemonState {
         self.quit_requested.load(Ordering::SeqCst)
     }
 
+    /// Shutdown: requests waiting in throttle queues go on without limits,
+    /// so that the daemon stops promptly and loses none.
+    pub(crate) fn release_throttles(&self) {
+        self.graph.throttle_groups().release_all();
+    }
+
     /// Stop every iothread (at the end of shutdown, once nothing runs on
     /// them).
     pub(crate) fn stop_iothreads(&self) {
@@ -176,4 +286,16 @@ impl DaemonState {
             t.stop();
         }
     }
+}
+
+fn not_a_property(kind: &str, prop: &str) -> Error {
+    Error::not_found(format!("Property '{kind}.{prop}' not found"))
+}
+
+/// QEMU's object ids: letters, digits, '-', '.', '_', starting with a letter.
+fn valid_id(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }

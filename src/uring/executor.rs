@@ -151,6 +151,11 @@ pub(super) fn try_with_reactor<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
     try_with_runtime(|rt| f(&rt.reactor))
 }
 
+/// Whether the calling thread is an iothread (can spawn and sleep on a ring).
+pub fn on_iothread() -> bool {
+    try_with_runtime(|_| ()).is_some()
+}
+
 /// Run `fut` as a task on the current iothread. Panics off an iothread.
 pub fn spawn(fut: impl Future<Output = ()> + 'static) {
     with_runtime(|rt| rt.spawn(|| fut))

@@ -17,7 +17,8 @@ mod task;
 
 pub use eventfd::signal_eventfd;
 pub use executor::{
-    add_poller, block_on, now, on_turn_end, remove_poller, spawn, spawn_with, yield_now,
+    add_poller, block_on, now, on_iothread, on_turn_end, remove_poller, spawn, spawn_with,
+    yield_now,
 };
 pub use iothread::{find_iothreads, IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};

@@ -283,9 +283,9 @@ mod tests {
     fn sleep_until_waits_for_its_deadline_on_the_ring() {
         let t = IoThread::start("sleep-test", Duration::ZERO).unwrap();
         let start = std::time::Instant::now();
-        let slept = t.handle().block_on(move || async move {
-            sleep_until(start + Duration::from_millis(30)).await
-        });
+        let slept = t
+            .handle()
+            .block_on(move || async move { sleep_until(start + Duration::from_millis(30)).await });
         slept.unwrap();
         assert!(start.elapsed() >= Duration::from_millis(30));
         // A deadline already past returns at once.

@@ -5,6 +5,7 @@ mod blockdev;
 mod drain;
 mod export;
 mod job;
+mod object;
 mod query;
 mod resize;
 mod snapshot;
@@ -49,6 +50,10 @@ pub(super) const COMMANDS: &[&str] = &[
     "block-job-finalize",
     "block-job-cancel",
     "block-job-dismiss",
+    "object-add",
+    "object-del",
+    "qom-get",
+    "qom-set",
     "quit",
 ];
 
@@ -68,6 +73,8 @@ pub(super) fn holds_graph_lock(name: &str) -> bool {
                 | "block-drained-begin"
                 | "block-drained-end"
                 | "block-export-del"
+                | "qom-get"
+                | "qom-set"
                 | "blockdev-snapshot-sync"
                 | "blockdev-snapshot"
                 | "transaction"
@@ -120,6 +127,10 @@ pub(super) fn execute(
         "block-job-complete" | "block-job-finalize" | "block-job-cancel" | "block-job-dismiss" => {
             job::block_job_verb(mon.state.graph().jobs(), name, args)
         }
+        "object-add" => object::add(mon, args),
+        "object-del" => object::del(mon, args),
+        "qom-get" => object::qom_get(mon, args),
+        "qom-set" => object::qom_set(mon, args),
         // The caller starts the shutdown once the reply is out.
         "quit" => no_args(args).map(|_| json!({})),
 

@@ -122,6 +122,9 @@ pub(super) fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
                 if let Some(b) = backing_of(n) {
                     info["backing_file"] = json!(image_file(&b).unwrap_or_default());
                 }
+                if let Value::Object(m) = &mut info {
+                    m.extend(n.driver_info());
+                }
                 info
             })
             .collect(),
@@ -270,6 +273,9 @@ fn node_stats(n: &Node) -> Value {
         "stats": device_stats(&StatsSnapshot::sum(&[])),
         "x-requests": n.requests(),
     });
+    if let Value::Object(m) = &mut v {
+        m.extend(n.driver_info());
+    }
     if n.driver_name() == "file" {
         v["driver-specific"] = json!({
             "driver": "file",

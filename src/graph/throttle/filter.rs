@@ -1,0 +1,176 @@
+//! The `throttle` filter driver: every read, write, write-zeroes and
+//! discard takes its share of the group's budget before it goes on to the
+//! `file` child; flushes and size changes pass. Its drain hooks stop the
+//! group from granting its requests (see `group.rs`).
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use super::bucket::Direction;
+use super::group::{Member, ThrottleGroup, Waiter};
+use crate::formats::{BlockDriver, BlockIo, ChildRef, IoFuture};
+use crate::uring::IoVec;
+
+pub(crate) struct ThrottleDriver {
+    file: ChildRef,
+    /// As the child: the filter is as writable as what it filters.
+    read_only: AtomicBool,
+    group: Arc<ThrottleGroup>,
+    member: Arc<Member>,
+}
+
+impl ThrottleDriver {
+    /// A filter over `file` in `group`.
+    pub(crate) fn new(file: ChildRef, read_only: bool, group: Arc<ThrottleGroup>) -> Self {
+        let member = group.join();
+        ThrottleDriver {
+            file,
+            read_only: AtomicBool::new(read_only),
+            group,
+            member,
+        }
+    }
+
+    /// Wait until the group grants `bytes` in `dir`, then run the request
+    /// `op` makes. It is made only then: a child node counts a request
+    /// from the moment its future exists, and a parked one must not count
+    /// below the filter.
+    fn throttled<'a>(
+        &'a self,
+        dir: Direction,
+        bytes: u64,
+        op: impl FnOnce() -> IoFuture<'a> + 'a,
+    ) -> IoFuture<'a> {
+        if self.group.passes_freely(&self.member) {
+            return op();
+        }
+        Box::pin(async move {
+            self.admit(dir, bytes).await;
+            op().await
+        })
+    }
+
+    async fn admit(&self, dir: Direction, bytes: u64) {
+        let Some(waiter) = self.group.arrive(&self.member, dir, bytes) else {
+            return;
+        };
+        let queued = Instant::now();
+        let mut guard = Queued {
+            group: &self.group,
+            member: &self.member,
+            dir,
+            waiter,
+            done: false,
+        };
+        let mut first = true;
+        poll_fn(|cx| {
+            if !first && !guard.waiter.granted() {
+                // Woken without a grant (a drained section ended, the
+                // limits changed): look at the group ourselves.
+                self.group.poll_queue(dir);
+            }
+            first = false;
+            if guard.waiter.granted_or_wait(cx.waker()) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        guard.done = true;
+        self.member.add_throttled(queued.elapsed());
+    }
+}
+
+/// A queued request; dropped before its grant, it leaves the queue.
+struct Queued<'a> {
+    group: &'a Arc<ThrottleGroup>,
+    member: &'a Arc<Member>,
+    dir: Direction,
+    waiter: Arc<Waiter>,
+    done: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.done && !self.waiter.granted() {
+            self.group.cancel(self.member, self.dir, &self.waiter);
+        }
+    }
+}
+
+impl BlockIo for ThrottleDriver {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        self.throttled(Direction::Read, buf.len() as u64, move || {
+            self.file.read(offset, buf)
+        })
+    }
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
+        self.throttled(Direction::Write, buf.len() as u64, move || {
+            self.file.write(offset, buf)
+        })
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        self.file.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        self.throttled(Direction::Write, len, move || {
+            self.file.discard(offset, len)
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
+        self.throttled(Direction::Write, len, move || {
+            self.file.write_zeroes(offset, len, may_unmap)
+        })
+    }
+    fn grow(&self, new_size: u64) -> IoFuture<'_> {
+        self.file.grow(new_size)
+    }
+    fn write_granularity(&self) -> usize {
+        self.file.write_granularity()
+    }
+}
+
+impl BlockDriver for ThrottleDriver {
+    fn driver_name(&self) -> &'static str {
+        "throttle"
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::SeqCst)
+    }
+    fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn drained_begin(&self) {
+        self.group.member_drained_begin(&self.member);
+    }
+    fn drained_end(&self) {
+        self.group.member_drained_end(&self.member);
+    }
+    fn parked(&self) -> u64 {
+        self.member.parked()
+    }
+    fn info(&self) -> Map<String, Value> {
+        let (throttled, throttled_ns) = self.member.throttled();
+        let mut m = Map::new();
+        m.insert("x-throttle-group".into(), json!(self.group.name()));
+        m.insert("x-throttle-queued".into(), json!(self.member.parked()));
+        m.insert("x-throttled-requests".into(), json!(throttled));
+        m.insert("x-throttled-ns".into(), json!(throttled_ns));
+        m
+    }
+    /// Nothing to write back: the node reopens the child (`Node::reopen`).
+    fn reopen(&self, read_only: bool) -> Result<(), crate::error::Error> {
+        self.read_only.store(read_only, Ordering::SeqCst);
+        Ok(())
+    }
+}
