@@ -221,6 +221,16 @@ impl BlockBackend {
         super::in_flight::poll_while(|| self.in_flight.get() > 0);
     }
 
+    /// QEMU's blk_drain: stop the device from submitting, wait until every
+    /// request of this backend has completed, throttled ones included (a
+    /// throttle filter below goes on granting them within its limits), and
+    /// let the device go on.
+    pub fn drain(&self) {
+        Parent::drained_begin(self);
+        super::in_flight::poll_while(|| Parent::drained_poll(self, 0));
+        Parent::drained_end(self);
+    }
+
     /// Count a request in, waiting first while a drained section holds
     /// internal requests back.
     async fn enter(&self) -> InFlight<'_> {

@@ -24,7 +24,13 @@ pub(super) fn block_drain(mon: &Arc<Monitor>, mut args: Args) -> CmdResult {
     args.finish()?;
     let at_start = in_flight(&t);
     let started = Instant::now();
-    t.node.drain();
+    match &t.export {
+        // The export's own requests, throttled ones included, within the
+        // limits (QEMU's blk_drain).
+        Some(e) => e.state.backend.drain(),
+        // A drained section that ends at once.
+        None => t.node.drain(),
+    }
     let took = started.elapsed();
     log::info!(
         "{}: drained {at_start} request(s) in {} µs",
