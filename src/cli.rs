@@ -206,6 +206,11 @@ pub struct ServeArgs {
     /// Most QMP clients connected at once; more are refused with an error.
     #[arg(long, value_name = "N", default_value_t = ringblk::daemon::DEFAULT_CONTROL_CLIENTS as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub control_max_clients: u32,
+
+    /// Serve Prometheus metrics at /metrics over HTTP: IP:PORT
+    /// (127.0.0.1:9100) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<ringblk::daemon::metrics::MetricsAddr>,
 }
 
 #[derive(clap::Args, Debug)]

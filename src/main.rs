@@ -357,6 +357,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
             .control
             .clone()
             .map(|p| (p, args.control_max_clients as usize)),
+        metrics: args.metrics.clone(),
     })?;
     let what = describe(&args, &path, &backend);
     let n = daemon.iothread_count();

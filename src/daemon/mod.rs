@@ -6,6 +6,7 @@
 //! only parses arguments and waits for signals.
 
 pub mod keyval;
+pub mod metrics;
 pub mod qsd;
 pub mod serve;
 mod systemd;
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use self::metrics::{MetricsAddr, MetricsServer};
 use crate::control::{ControlServer, Monitor};
 use crate::error::Error;
 use crate::graph::BackendError;
@@ -44,6 +46,7 @@ pub fn parse_lock_wait(s: &str) -> Result<Duration, Error> {
 pub struct StorageDaemon {
     state: Arc<DaemonState>,
     control: Option<ControlServer>,
+    metrics: Option<MetricsServer>,
     /// systemd's notification socket (and watchdog), once ready.
     systemd: Option<systemd::Systemd>,
 }
@@ -53,6 +56,7 @@ impl Default for StorageDaemon {
         StorageDaemon {
             state: DaemonState::new(),
             control: None,
+            metrics: None,
             systemd: None,
         }
     }
@@ -82,6 +86,12 @@ impl StorageDaemon {
         let server = ControlServer::start(path, monitor, max_clients)
             .map_err(|e| Error::from(e).context("control socket"))?;
         self.control = Some(server);
+        Ok(())
+    }
+
+    /// Serve Prometheus metrics at `addr` (`--metrics`).
+    pub fn start_metrics(&mut self, addr: &MetricsAddr) -> Result<(), Error> {
+        self.metrics = Some(MetricsServer::start(addr, self.state.clone())?);
         Ok(())
     }
 
@@ -115,6 +125,7 @@ impl StorageDaemon {
         if let Some(c) = self.control.take() {
             c.shutdown(reason);
         }
+        drop(self.metrics.take());
         let graph = self.state.graph();
         {
             let _g = graph.lock();

@@ -17,7 +17,7 @@ use crate::os::activation::PassedFds;
 use crate::vhost::exports::ExportOptions;
 
 /// The QSD options ringblk takes (each with a value but `--daemonize`).
-pub const OPTIONS: [&str; 9] = [
+pub const OPTIONS: [&str; 10] = [
     "--blockdev",
     "--export",
     "--object",
@@ -26,8 +26,10 @@ pub const OPTIONS: [&str; 9] = [
     "--pidfile",
     "--daemonize",
     "--nbd-server",
-    // ringblk's own: how long start-up waits for locked images.
+    // ringblk's own: how long start-up waits for locked images, and
+    // where Prometheus metrics are served.
     "--lock-wait",
+    "--metrics",
 ];
 
 /// A QSD command line, split into options and values.
@@ -116,6 +118,11 @@ pub fn build(
             continue;
         }
         if name == "--lock-wait" {
+            continue;
+        }
+        if name == "--metrics" {
+            let addr = value.parse().map_err(ctx)?;
+            daemon.start_metrics(&addr).map_err(ctx)?;
             continue;
         }
         let map = keyval::parse(value, implied).map_err(ctx)?;

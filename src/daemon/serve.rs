@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub poll_max: Duration,
     /// The QMP socket, and how many clients it takes at once.
     pub control: Option<(PathBuf, usize)>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<super::metrics::MetricsAddr>,
 }
 
 /// One iothread per queue, but at most one fewer than the CPUs we may use
@@ -108,6 +110,9 @@ fn populate(daemon: &mut StorageDaemon, o: ServeOptions) -> Result<Arc<BlockBack
         .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
     if let Some((path, clients)) = &o.control {
         daemon.start_control(path, *clients)?;
+    }
+    if let Some(addr) = &o.metrics {
+        daemon.start_metrics(addr)?;
     }
     Ok(backend)
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -128,6 +128,32 @@ pub(super) struct Runtime {
     /// When this loop turn started (after the wait or poll that ended the
     /// previous one): see [`now`].
     turn_started: Cell<std::time::Instant>,
+    /// Time spent busy-polling and asleep, for metrics.
+    pub(super) times: Arc<LoopTimes>,
+}
+
+/// How an iothread spent its time, in nanoseconds since it started: busy
+/// polling for work, and asleep in the ring waiting for some. Written by
+/// the iothread only (one plain store per poll or sleep), read by anyone.
+#[derive(Default)]
+pub struct LoopTimes {
+    polled_ns: AtomicU64,
+    slept_ns: AtomicU64,
+}
+
+impl LoopTimes {
+    fn add(total: &AtomicU64, d: std::time::Duration) {
+        let v = total.load(Ordering::Relaxed) + d.as_nanos() as u64;
+        total.store(v, Ordering::Relaxed);
+    }
+
+    pub fn polled(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.polled_ns.load(Ordering::Relaxed))
+    }
+
+    pub fn slept(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.slept_ns.load(Ordering::Relaxed))
+    }
 }
 
 thread_local! {
@@ -253,6 +279,7 @@ impl Runtime {
             io_wait: Cell::new(false),
             turn_started: Cell::new(std::time::Instant::now()),
             polling: Cell::new(None),
+            times: Arc::new(LoopTimes::default()),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(rt.clone()));
         Ok(rt)
@@ -396,6 +423,7 @@ impl Runtime {
                 }
                 std::hint::spin_loop();
             }
+            LoopTimes::add(&self.times.polled_ns, start.elapsed());
         }
         drop(slot);
         if !found {
@@ -446,6 +474,7 @@ impl Runtime {
                     .submit_and_wait(self.message_armed.get() as usize);
                 let waited = started.elapsed();
                 self.window().borrow_mut().adjust(waited);
+                LoopTimes::add(&self.times.slept_ns, waited);
             }
             self.turn_started.set(std::time::Instant::now());
             let mut got_message = false;

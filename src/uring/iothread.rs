@@ -4,7 +4,7 @@ use std::io;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use super::executor::{Message, Remote, Runtime};
+use super::executor::{LoopTimes, Message, Remote, Runtime};
 use super::slot::SlotLease;
 use crate::error::Error;
 
@@ -19,6 +19,7 @@ pub struct IoThreadHandle {
     /// The OS thread id (QMP's `thread-id`).
     tid: i32,
     poll_max: std::time::Duration,
+    times: Arc<LoopTimes>,
 }
 
 impl IoThreadHandle {
@@ -66,6 +67,11 @@ impl IoThreadHandle {
     pub fn poll_max(&self) -> std::time::Duration {
         self.poll_max
     }
+
+    /// How the thread spent its time so far (busy polling, asleep).
+    pub fn times(&self) -> &LoopTimes {
+        &self.times
+    }
 }
 
 /// The iothreads of `all` called `ids`, in that order.
@@ -110,7 +116,7 @@ impl IoThread {
                     Ok(rt) => {
                         // SAFETY: gettid has no preconditions.
                         let tid = unsafe { libc::gettid() };
-                        let _ = tx.send(Ok((rt.remote.clone(), tid)));
+                        let _ = tx.send(Ok((rt.remote.clone(), tid, rt.times.clone())));
                         rt.run();
                         drop(rt);
                     }
@@ -120,7 +126,7 @@ impl IoThread {
                 }
                 drop(lease);
             })?;
-        let (remote, tid) = rx
+        let (remote, tid, times) = rx
             .recv()
             .map_err(|_| io::Error::other("iothread died during start-up"))??;
         Ok(IoThread {
@@ -129,6 +135,7 @@ impl IoThread {
                 name: name.into(),
                 tid,
                 poll_max,
+                times,
             },
             join: Some(join),
         })

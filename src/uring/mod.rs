@@ -18,7 +18,7 @@ mod task;
 pub use eventfd::signal_eventfd;
 pub use executor::{
     add_poller, block_on, now, on_iothread, on_turn_end, remove_poller, spawn, spawn_with,
-    yield_now,
+    yield_now, LoopTimes,
 };
 pub use iothread::{find_iothreads, IoThread, IoThreadHandle};
 pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
