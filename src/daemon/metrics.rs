@@ -264,6 +264,9 @@ pub(crate) fn render(state: &DaemonState) -> String {
     t.0
 }
 
+/// A metric family read from a `T`: name, help, and the reading.
+type Family<T> = (&'static str, &'static str, fn(&T) -> u64);
+
 fn exports(t: &mut Text, state: &DaemonState) {
     let exports = state.exports().list();
     let per_queue: Vec<_> = exports
@@ -273,7 +276,7 @@ fn exports(t: &mut Text, state: &DaemonState) {
             (e, snaps)
         })
         .collect();
-    let counters: [(&str, &str, fn(&OpSnapshot) -> u64); 3] = [
+    let counters: [Family<OpSnapshot>; 3] = [
         (
             "ringblk_export_requests_total",
             "Requests completed, by export, queue and kind.",
@@ -360,7 +363,7 @@ fn exports(t: &mut Text, state: &DaemonState) {
             );
         }
     }
-    let gauges: [(&str, &str, fn(&BlkExport) -> u64); 3] = [
+    let gauges: [Family<BlkExport>; 3] = [
         (
             "ringblk_export_in_flight",
             "Requests the guest submitted that have not completed.",
