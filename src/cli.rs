@@ -31,6 +31,12 @@ pub enum Command {
     ///
     /// Example: `ringblk ctl /run/ringblk.qmp block_resize export=vda size=20G`
     Ctl(CtlArgs),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write ringblk.1, ringblk-*.1, ringblk.bash, _ringblk, ringblk.fish.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,6 +1,7 @@
 //! ringblk: start-up, signals, shutdown.
 
 mod cli;
+mod manpage;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let qsd_form = args.first().is_some_and(|a| {
         let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
-        qsd::OPTIONS.contains(&name)
+        qsd::is_option(name)
     });
     let result = if qsd_form {
         serve_qsd(&args)
@@ -76,6 +77,9 @@ fn run_command(command: Command) -> Result<(), Error> {
         Command::Serve(args) => serve(args),
         Command::Create(args) => create(args),
         Command::Ctl(args) => ctl_command(args),
+        Command::GenerateDocs { dir } => {
+            manpage::generate(&dir).map_err(|e| Error::from(e).context(dir.display()))
+        }
     }
 }
 

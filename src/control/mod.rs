@@ -4,6 +4,8 @@
 mod args;
 mod client;
 mod commands;
+
+pub use commands::COMMANDS;
 pub mod ctl;
 pub(crate) mod json_stream;
 pub mod qmp;

@@ -16,21 +16,56 @@ use crate::opts::Opts;
 use crate::os::activation::PassedFds;
 use crate::vhost::exports::ExportOptions;
 
-/// The QSD options ringblk takes (each with a value but `--daemonize`).
-pub const OPTIONS: [&str; 10] = [
-    "--blockdev",
-    "--export",
-    "--object",
-    "--chardev",
-    "--monitor",
-    "--pidfile",
-    "--daemonize",
-    "--nbd-server",
-    // ringblk's own: how long start-up waits for locked images, and
-    // where Prometheus metrics are served.
-    "--lock-wait",
-    "--metrics",
+/// The QSD options ringblk takes (each with a value but `--daemonize`),
+/// with what each does (for `--help`-like listings and the man page).
+pub const OPTIONS: [(&str, &str); 10] = [
+    (
+        "--blockdev",
+        "a block node, dotted key=value or JSON (QEMU's BlockdevOptions)",
+    ),
+    (
+        "--export",
+        "type=vhost-user-blk,id=,node-name=,addr.type=unix,addr.path=,...: serve a node",
+    ),
+    (
+        "--object",
+        "iothread,id=ID or throttle-group,id=ID,limits.*=N",
+    ),
+    (
+        "--chardev",
+        "socket,id=ID,path=PATH,server=on,wait=off: a socket for --monitor",
+    ),
+    (
+        "--monitor",
+        "chardev=ID: the QMP control socket on that chardev",
+    ),
+    (
+        "--pidfile",
+        "PATH: written once everything is set up, removed at exit",
+    ),
+    (
+        "--daemonize",
+        "refused: run ringblk under a service manager",
+    ),
+    (
+        "--nbd-server",
+        "refused: ringblk serves vhost-user-blk exports",
+    ),
+    // ringblk's own.
+    (
+        "--lock-wait",
+        "SECONDS: how long start-up waits for images another process locked (5)",
+    ),
+    (
+        "--metrics",
+        "IP:PORT or unix:PATH: Prometheus metrics at /metrics",
+    ),
 ];
+
+/// Whether `name` is one of [`OPTIONS`].
+pub fn is_option(name: &str) -> bool {
+    OPTIONS.iter().any(|(n, _)| *n == name)
+}
 
 /// A QSD command line, split into options and values.
 pub struct QsdArgs {
@@ -48,7 +83,7 @@ impl QsdArgs {
                 Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
                 _ => (a.clone(), None),
             };
-            if !OPTIONS.contains(&name.as_str()) {
+            if !is_option(&name) {
                 return Err(Error::invalid(format!("{name}: unrecognized option")));
             }
             if name == "--daemonize" {

@@ -19,8 +19,9 @@ use super::args::Args;
 use super::qmp::{self, CmdResult, QmpError};
 use super::server::{Monitor, Sections};
 
-/// Every command after negotiation, for `query-commands`.
-pub(super) const COMMANDS: &[&str] = &[
+/// Every command after negotiation, for `query-commands` (and the man
+/// page).
+pub const COMMANDS: &[&str] = &[
     "qmp_capabilities",
     "query-commands",
     "query-version",
