@@ -83,6 +83,11 @@ pub trait BlockDriver: BlockIo {
     fn parked(&self) -> u64 {
         0
     }
+    /// Whether the driver only passes requests on to its `file` child,
+    /// changing nothing (QEMU's filters).
+    fn is_filter(&self) -> bool {
+        false
+    }
     /// What the driver shows of its state in `query-named-block-nodes`
     /// and `query-blockstats` (ringblk's own `x-` members).
     fn info(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -110,6 +115,15 @@ pub trait BlockDriver: BlockIo {
         let _ = backing;
         Err(Error::invalid(format!(
             "the {} driver has no backing image",
+            self.driver_name()
+        )))
+    }
+    /// Replace the `file` child (drained): filters, which a snapshot may
+    /// put a new overlay under, take it; other drivers refuse.
+    fn set_file(&self, file: ChildRef) -> Result<(), Error> {
+        let _ = file;
+        Err(Error::unsupported(format!(
+            "the {} driver cannot change its file",
             self.driver_name()
         )))
     }

@@ -213,6 +213,42 @@ impl Node {
         Ok(())
     }
 
+    /// Give this filter node a new `file` child (a snapshot's overlay put
+    /// under it). The caller holds the node drained.
+    pub(crate) fn set_file(self: &Arc<Self>, file: Arc<Node>) -> Result<(), Error> {
+        self.driver
+            .set_file(file.clone() as crate::formats::ChildRef)
+            .map_err(|e| Error::unsupported(format!("node '{}': {e}", self.name)))?;
+        let me: Weak<dyn Parent> = Arc::downgrade(self) as Weak<dyn Parent>;
+        let mut edges = self.edges();
+        let old = edges
+            .iter()
+            .position(|(c, _)| c.role == ChildRole::File)
+            .map(|i| edges.remove(i));
+        let edge = file.parents.attach(me, false);
+        edges.push((
+            Child {
+                role: ChildRole::File,
+                node: file.clone(),
+            },
+            edge,
+        ));
+        drop(edges);
+        if file.quiesce_counter() > 0 {
+            file.parents.drained_begin();
+        }
+        if let Some((c, edge)) = old {
+            c.node.parents.detach(edge);
+        }
+        Ok(())
+    }
+
+    /// Whether this node only passes requests on to its `file` child
+    /// (QEMU's filters: a `throttle` node).
+    pub fn is_filter(&self) -> bool {
+        self.driver.is_filter()
+    }
+
     /// Switch this node and the storage below it (its `file` children)
     /// between read-only and read-write use, as a snapshot does to the
     /// image it puts an overlay on and a commit to its base. The caller

@@ -2,8 +2,9 @@
 //! `blockdev-snapshot-sync`, `blockdev-snapshot`, `transaction`).
 //!
 //! A snapshot puts a qcow2 overlay above a node: the overlay's backing
-//! image is the node, every BlockBackend on the node moves to the overlay,
-//! and the node is reopened read-only. A transaction applies several at
+//! image is the node, every BlockBackend and throttle filter on the node
+//! moves to the overlay, and the node is reopened read-only. A snapshot of
+//! a throttle filter is one of the node below it. A transaction applies several at
 //! once, all or none. First, with the guest still running and without the
 //! graph lock, it creates the new overlay files (the slow, synced part).
 //! Then, under the graph lock, it drains the nodes the actions name (and
@@ -72,6 +73,7 @@ impl Graph {
     /// is returned) none. Their nodes are nodes of this graph. Takes the
     /// graph lock once the overlay files exist.
     pub fn transaction(&self, actions: Vec<Action>) -> Result<(), Error> {
+        let actions: Vec<Action> = actions.into_iter().map(below_filters).collect();
         // Before the drained section, so the guest does not wait for it: the
         // new overlay files are created and synced.
         let mut made: Vec<PathBuf> = Vec::new();
@@ -142,6 +144,55 @@ impl Graph {
     }
 }
 
+/// A snapshot of a filter (a `throttle` node) is a snapshot of the node it
+/// filters: the overlay goes under the filter, so that the limit keeps
+/// applying to the disk's new active layer, and requests waiting in the
+/// filter's queue go to the overlay when they go on. (QEMU would put the
+/// overlay above the filter, leaving the guest's writes unthrottled.)
+fn below_filters(a: Action) -> Action {
+    let skip = |mut n: Arc<Node>| {
+        while n.is_filter() {
+            match n.child(ChildRole::File) {
+                Some(f) => n = f,
+                None => break,
+            }
+        }
+        n
+    };
+    match a {
+        Action::SnapshotSync {
+            node,
+            file,
+            node_name,
+            mode,
+        } => Action::SnapshotSync {
+            node: skip(node),
+            file,
+            node_name,
+            mode,
+        },
+        Action::Snapshot { node, overlay } => Action::Snapshot {
+            node: skip(node),
+            overlay,
+        },
+        Action::Abort => Action::Abort,
+    }
+}
+
+/// The filter nodes whose `file` is `node`: a snapshot of `node` moves
+/// them to the overlay, as it moves BlockBackends.
+fn filter_parents(node: &Arc<Node>) -> Vec<Arc<Node>> {
+    node.graph()
+        .all_nodes()
+        .into_iter()
+        .filter(|p| {
+            p.is_filter()
+                && p.child(ChildRole::File)
+                    .is_some_and(|c| Arc::ptr_eq(&c, node))
+        })
+        .collect()
+}
+
 fn remove_files(files: &[PathBuf]) {
     for f in files {
         if let Err(e) = std::fs::remove_file(f) {
@@ -151,8 +202,8 @@ fn remove_files(files: &[PathBuf]) {
 }
 
 /// Refuse a node that is not at the top of its tree: parent nodes hold
-/// their children for good (only BlockBackends are moved to the overlay),
-/// and a commit's filter is the job's.
+/// their children for good (only BlockBackends and throttle filters are
+/// moved to the overlay), and a commit's filter is the job's.
 pub(super) fn check_top(node: &Arc<Node>) -> Result<(), Error> {
     for parent in node.graph().all_nodes() {
         if let Some(c) = parent
@@ -160,6 +211,9 @@ pub(super) fn check_top(node: &Arc<Node>) -> Result<(), Error> {
             .iter()
             .find(|c| Arc::ptr_eq(&c.node, node))
         {
+            if parent.is_filter() && c.role == ChildRole::File {
+                continue;
+            }
             // QEMU's words for its op blockers.
             let why = if parent.driver_name() == super::commit::FILTER_DRIVER {
                 "block device is in use by block job: commit".to_string()
@@ -385,7 +439,13 @@ fn commit(p: Prepared) {
         log::warn!("snapshot: {e}; it stays writable");
     }
     p.overlay.backing_unflushed();
-    let moved = move_backends(&p.node, &p.overlay);
+    let mut moved = move_backends(&p.node, &p.overlay);
+    for f in filter_parents(&p.node) {
+        match f.set_file(p.overlay.clone()) {
+            Ok(()) => moved += 1,
+            Err(e) => log::error!("snapshot: moving filter '{}': {e}", f.name()),
+        }
+    }
     // With no BlockBackend on it, nothing would hold the new overlay: the
     // monitor does, as QEMU's user would expect to find it.
     if moved == 0 && !p.added {

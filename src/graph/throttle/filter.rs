@@ -6,7 +6,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::Poll;
 use std::time::Instant;
 
@@ -18,7 +18,9 @@ use crate::formats::{BlockDriver, BlockIo, ChildRef, IoFuture};
 use crate::uring::IoVec;
 
 pub(crate) struct ThrottleDriver {
-    file: ChildRef,
+    /// Changed only in a drained section (a snapshot puts an overlay
+    /// under the filter); read when a request is dispatched.
+    file: RwLock<ChildRef>,
     /// As the child: the filter is as writable as what it filters.
     read_only: AtomicBool,
     group: Arc<ThrottleGroup>,
@@ -30,29 +32,34 @@ impl ThrottleDriver {
     pub(crate) fn new(file: ChildRef, read_only: bool, group: Arc<ThrottleGroup>) -> Self {
         let member = group.join();
         ThrottleDriver {
-            file,
+            file: RwLock::new(file),
             read_only: AtomicBool::new(read_only),
             group,
             member,
         }
     }
 
+    fn file(&self) -> ChildRef {
+        self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Wait until the group grants `bytes` in `dir`, then run the request
-    /// `op` makes. It is made only then: a child node counts a request
-    /// from the moment its future exists, and a parked one must not count
-    /// below the filter.
+    /// `op` makes on the file child as it is then. It is made only then: a
+    /// child node counts a request from the moment its future exists, and
+    /// a parked one must not count below the filter (nor go to a child a
+    /// snapshot replaced meanwhile).
     fn throttled<'a>(
         &'a self,
         dir: Direction,
         bytes: u64,
-        op: impl FnOnce() -> IoFuture<'a> + 'a,
+        op: impl FnOnce(ChildRef) -> IoFuture<'a> + 'a,
     ) -> IoFuture<'a> {
         if self.group.passes_freely(&self.member) {
-            return op();
+            return op(self.file());
         }
         Box::pin(async move {
             self.admit(dir, bytes).await;
-            op().await
+            op(self.file()).await
         })
     }
 
@@ -107,36 +114,38 @@ impl Drop for Queued<'_> {
 
 impl BlockIo for ThrottleDriver {
     fn size(&self) -> u64 {
-        self.file.size()
+        self.file().size()
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        self.throttled(Direction::Read, buf.len() as u64, move || {
-            self.file.read(offset, buf)
+        self.throttled(Direction::Read, buf.len() as u64, move |f| {
+            Box::pin(async move { f.read(offset, buf).await })
         })
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
-        self.throttled(Direction::Write, buf.len() as u64, move || {
-            self.file.write(offset, buf)
+        self.throttled(Direction::Write, buf.len() as u64, move |f| {
+            Box::pin(async move { f.write(offset, buf).await })
         })
     }
     fn flush(&self) -> IoFuture<'_> {
-        self.file.flush()
+        let f = self.file();
+        Box::pin(async move { f.flush().await })
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
-        self.throttled(Direction::Write, len, move || {
-            self.file.discard(offset, len)
+        self.throttled(Direction::Write, len, move |f| {
+            Box::pin(async move { f.discard(offset, len).await })
         })
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
-        self.throttled(Direction::Write, len, move || {
-            self.file.write_zeroes(offset, len, may_unmap)
+        self.throttled(Direction::Write, len, move |f| {
+            Box::pin(async move { f.write_zeroes(offset, len, may_unmap).await })
         })
     }
     fn grow(&self, new_size: u64) -> IoFuture<'_> {
-        self.file.grow(new_size)
+        let f = self.file();
+        Box::pin(async move { f.grow(new_size).await })
     }
     fn write_granularity(&self) -> usize {
-        self.file.write_granularity()
+        self.file().write_granularity()
     }
 }
 
@@ -167,6 +176,14 @@ impl BlockDriver for ThrottleDriver {
         m.insert("x-throttled-requests".into(), json!(throttled));
         m.insert("x-throttled-ns".into(), json!(throttled_ns));
         m
+    }
+    fn is_filter(&self) -> bool {
+        true
+    }
+    /// Drained: no request is between its grant and its child's count.
+    fn set_file(&self, file: ChildRef) -> Result<(), crate::error::Error> {
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = file;
+        Ok(())
     }
     /// Nothing to write back: the node reopens the child (`Node::reopen`).
     fn reopen(&self, read_only: bool) -> Result<(), crate::error::Error> {
