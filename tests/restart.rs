@@ -155,13 +155,15 @@ fn end(d: Daemon, exit: Exit, what: &str) {
 struct Rig<'a> {
     sock: &'a Path,
     args: &'a [&'a str],
+    /// `args` are qemu-storage-daemon's form, not `serve`'s.
+    qsd: bool,
     mem: GuestMem,
     q: Option<Virtqueue>,
     region: Option<(OwnedFd, u64, Region)>,
 }
 
 fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon, Frontend, u16) {
-    let (sock, args, mem) = (rig.sock, rig.args, &rig.mem);
+    let (sock, args, qsd, mem) = (rig.sock, rig.args, rig.qsd, &rig.mem);
     let (q, region) = (&mut rig.q, &mut rig.region);
     let vq = q.as_mut().unwrap();
     let used_before = vq.used_idx(mem);
@@ -186,7 +188,7 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
         "round {n}: {left} requests without a used entry, {marked} marked in flight"
     );
 
-    let d = start_after(sock, args);
+    let d = start_after(sock, args, qsd);
     let fe = connect(sock, mem, q, region);
     let vq = q.as_mut().unwrap();
     let used = vq.wait_used(mem, CHAINS as usize, Duration::from_secs(60));
@@ -226,8 +228,12 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
 /// instead of refusing to start, so no retry is needed here, as none is
 /// from a service manager. That lock is also what keeps a write of the dead
 /// daemon from landing after the new daemon's.
-fn start_after(sock: &Path, args: &[&str]) -> Daemon {
-    Daemon::start(sock, args)
+fn start_after(sock: &Path, args: &[&str], qsd: bool) -> Daemon {
+    if qsd {
+        Daemon::start_qsd(sock, args, |_| {})
+    } else {
+        Daemon::start(sock, args)
+    }
 }
 
 fn check_disk(img: &Path, rounds: u64) {
@@ -246,12 +252,18 @@ fn check_disk(img: &Path, rounds: u64) {
 }
 
 fn restart_test(name: &str, exits: fn(u64) -> Exit) {
+    restart_test_with(name, exits, None);
+}
+
+/// As `restart_test`, the disk behind a throttle filter limited to
+/// `iops` (qemu-storage-daemon's command line) if given.
+fn restart_test_with(name: &str, exits: fn(u64) -> Exit, iops: Option<u32>) {
     let dir = TestDir::new(name);
     let img = dir.path("disk.raw");
     make_raw(&img, DISK);
     let sock = dir.path("sock");
     let img_s = img.to_str().unwrap().to_string();
-    let args = [
+    let serve_args = [
         "--image",
         img_s.as_str(),
         "--format",
@@ -261,14 +273,37 @@ fn restart_test(name: &str, exits: fn(u64) -> Exit) {
         "--queue-size",
         "256",
     ];
+    let qsd_args: Vec<String> = match iops {
+        None => Vec::new(),
+        Some(n) => vec![
+            "--object".into(),
+            format!("throttle-group,id=tg0,limits.iops-total={n}"),
+            "--blockdev".into(),
+            format!("driver=file,node-name=f0,filename={img_s},cache.direct=on"),
+            "--blockdev".into(),
+            "driver=throttle,node-name=t0,throttle-group=tg0,file=f0".into(),
+            "--export".into(),
+            format!(
+                "type=vhost-user-blk,id=e0,node-name=t0,addr.type=unix,addr.path={},writable=on",
+                sock.display()
+            ),
+        ],
+    };
+    let qsd_refs: Vec<&str> = qsd_args.iter().map(String::as_str).collect();
+    let args: &[&str] = if iops.is_some() {
+        &qsd_refs
+    } else {
+        &serve_args
+    };
     let mut rig = Rig {
         sock: &sock,
-        args: &args,
+        args,
+        qsd: iops.is_some(),
         mem: GuestMem::new(MEM),
         q: None,
         region: None,
     };
-    let mut d = Daemon::start(&sock, &args);
+    let mut d = start_after(&sock, args, iops.is_some());
     let mut fe = connect(&sock, &rig.mem, &mut rig.q, &mut rig.region);
     let mut exercised = 0;
     const ROUNDS: u64 = 5;
@@ -295,6 +330,15 @@ fn sigkill_with_requests_in_flight_loses_none_and_repeats_none() {
 #[test]
 fn sigusr1_keeps_the_guest_across_a_restart() {
     restart_test("restart-keep", |_| Exit::KeepGuest);
+}
+
+/// SIGUSR1 while most of a batch waits in a throttle queue (64 writes at
+/// 100 IOPS): the daemon exits promptly, the waiting requests stay marked
+/// in the inflight region, and the next daemon runs every one exactly
+/// once, within its own limit.
+#[test]
+fn sigusr1_with_a_full_throttle_queue_keeps_every_request() {
+    restart_test_with("restart-throttle", |_| Exit::KeepGuest, Some(100));
 }
 
 /// SIGKILL while a libblkio client has many O_DIRECT writes in flight
@@ -749,7 +793,7 @@ fn guest_restarts(disk: &GuestDisk, script: &str, exit: fn() -> Exit) {
             resubmitting += d.stderr().contains("requests to resubmit") as usize;
             end(d, exit(), &format!("restart {i}"));
             let killed_at = Instant::now();
-            d = start_after(&killer_sock, &args);
+            d = start_after(&killer_sock, &args, false);
             restarts.push(killed_at.elapsed());
             assert!(
                 d.log_shows("queue 1 started"),
