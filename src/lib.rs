@@ -22,6 +22,6 @@ pub mod graph;
 mod opts;
 pub mod os;
 pub mod size;
-pub mod state;
+pub(crate) mod state;
 pub mod uring;
 pub mod vhost;

@@ -8,7 +8,7 @@ mod commands;
 pub use commands::COMMANDS;
 pub mod ctl;
 pub(crate) mod json_stream;
-pub mod qmp;
+pub(crate) mod qmp;
 pub(crate) mod server;
 
 pub use server::{ControlServer, Monitor};

@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind};
 
 /// Error classes QMP clients know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     GenericError,
     CommandNotFound,
     DeviceNotFound,
@@ -28,7 +28,7 @@ impl ErrorClass {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QmpError {
+pub(crate) struct QmpError {
     pub class: ErrorClass,
     pub desc: String,
 }
@@ -52,21 +52,21 @@ impl From<Error> for QmpError {
 }
 
 impl QmpError {
-    pub fn generic(desc: impl Into<String>) -> Self {
+    pub(crate) fn generic(desc: impl Into<String>) -> Self {
         QmpError {
             class: ErrorClass::GenericError,
             desc: desc.into(),
         }
     }
 
-    pub fn not_found(desc: impl Into<String>) -> Self {
+    pub(crate) fn not_found(desc: impl Into<String>) -> Self {
         QmpError {
             class: ErrorClass::DeviceNotFound,
             desc: desc.into(),
         }
     }
 
-    pub fn command_not_found(desc: impl Into<String>) -> Self {
+    pub(crate) fn command_not_found(desc: impl Into<String>) -> Self {
         QmpError {
             class: ErrorClass::CommandNotFound,
             desc: desc.into(),
@@ -74,10 +74,10 @@ impl QmpError {
     }
 }
 
-pub type CmdResult = Result<Value, QmpError>;
+pub(crate) type CmdResult = Result<Value, QmpError>;
 
 /// A parsed `{"execute": ..., "arguments": ..., "id": ...}`.
-pub struct Request {
+pub(crate) struct Request {
     pub execute: String,
     pub arguments: Map<String, Value>,
     pub id: Option<Value>,
@@ -85,7 +85,7 @@ pub struct Request {
 
 /// Validate a request object. On error, the id (if one could be read) is
 /// returned too so the error can echo it.
-pub fn parse_request(v: Value) -> Result<Request, (QmpError, Option<Value>)> {
+pub(crate) fn parse_request(v: Value) -> Result<Request, (QmpError, Option<Value>)> {
     let Value::Object(mut obj) = v else {
         return Err((QmpError::generic("QMP input must be a JSON object"), None));
     };
@@ -120,7 +120,7 @@ const QMP_OF_QEMU: (u32, u32, u32) = (7, 2, 0);
 
 /// What the greeting and `query-version` report: the QEMU version whose
 /// QMP a client may expect, and ringblk's own in `package`.
-pub fn version() -> Value {
+pub(crate) fn version() -> Value {
     let (major, minor, micro) = QMP_OF_QEMU;
     json!({
         "qemu": {"major": major, "minor": minor, "micro": micro},
@@ -128,11 +128,11 @@ pub fn version() -> Value {
     })
 }
 
-pub fn greeting() -> Value {
+pub(crate) fn greeting() -> Value {
     json!({"QMP": {"version": version(), "capabilities": []}})
 }
 
-pub fn response(result: &CmdResult, id: Option<Value>) -> Value {
+pub(crate) fn response(result: &CmdResult, id: Option<Value>) -> Value {
     let mut v = match result {
         Ok(r) => json!({ "return": r }),
         Err(e) => json!({"error": {"class": e.class.name(), "desc": e.desc}}),
@@ -143,7 +143,7 @@ pub fn response(result: &CmdResult, id: Option<Value>) -> Value {
     v
 }
 
-pub fn event(name: &str, data: Value) -> Value {
+pub(crate) fn event(name: &str, data: Value) -> Value {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 /// Parse one option argument; `implied` names the key of a leading bare
 /// value, if the option has one.
-pub fn parse(arg: &str, implied: Option<&str>) -> Result<Map<String, Value>, Error> {
+pub(crate) fn parse(arg: &str, implied: Option<&str>) -> Result<Map<String, Value>, Error> {
     if arg.trim_start().starts_with('{') {
         return match serde_json::from_str(arg) {
             Ok(Value::Object(m)) => Ok(m),

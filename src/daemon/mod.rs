@@ -5,7 +5,7 @@
 //! build it (the simple `serve` form and QSD's options, `qsd`); `main.rs`
 //! only parses arguments and waits for signals.
 
-pub mod keyval;
+pub(crate) mod keyval;
 pub mod metrics;
 pub mod qsd;
 pub mod serve;

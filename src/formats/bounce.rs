@@ -26,9 +26,9 @@ use std::task::{Poll, Waker};
 
 /// Largest bounce chunk; a multiple of every O_DIRECT alignment we accept
 /// (at most the 4 KiB block size).
-pub const CHUNK: usize = 256 << 10;
+pub(crate) const CHUNK: usize = 256 << 10;
 /// Bounce memory one iothread may have out at once.
-pub const BUDGET: usize = 16 * CHUNK;
+pub(crate) const BUDGET: usize = 16 * CHUNK;
 
 #[derive(Default)]
 struct Budget {
@@ -46,13 +46,13 @@ thread_local! {
 }
 
 /// Bytes of this iothread's bounce budget, returned on drop.
-pub struct Lease {
+pub(crate) struct Lease {
     bytes: usize,
 }
 
 /// Wait until `bytes` (at most [`CHUNK`]) of this thread's budget are free
 /// and take them.
-pub async fn lease(bytes: usize) -> Lease {
+pub(crate) async fn lease(bytes: usize) -> Lease {
     let bytes = bytes.min(CHUNK);
     let mut waited = false;
     poll_fn(|cx| {
@@ -87,8 +87,9 @@ impl Drop for Lease {
     }
 }
 
+#[cfg(test)]
 /// This thread's budget figures: (in use, peak, leases granted, leases
 /// that waited).
-pub fn usage() -> (usize, usize, u64, u64) {
+pub(crate) fn usage() -> (usize, usize, u64, u64) {
     BUDGET_HERE.with(|b| (b.in_use.get(), b.peak.get(), b.leases.get(), b.waited.get()))
 }

@@ -57,7 +57,7 @@ pub struct FileDriver {
 /// FIFO or a device someone named as a backing file must neither block the
 /// open (O_NONBLOCK, cleared again once the type is known, because io_uring
 /// honours it on reads) nor be used.
-pub fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+pub(crate) fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
     let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     if direct {
         flags |= libc::O_DIRECT;

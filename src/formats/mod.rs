@@ -2,13 +2,13 @@
 //! format drivers that interpret a child (`raw`). All I/O is async on the
 //! calling iothread's ring.
 
-pub mod bounce;
+pub(crate) mod bounce;
 mod driver;
-pub mod file;
-pub mod lock;
-pub mod null;
+pub(crate) mod file;
+pub(crate) mod lock;
+pub(crate) mod null;
 pub mod qcow2;
-pub mod raw;
+pub(crate) mod raw;
 
 pub(crate) use driver::failed;
 pub use driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};

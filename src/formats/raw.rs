@@ -120,7 +120,7 @@ impl RawDriver {
 /// (backing files, extents) `sector` would be probed as. QEMU probes these
 /// by the first sector; ringblk probes only qcow2, but an image a guest
 /// turned into one of them is dangerous to whoever probes it next.
-pub fn names_other_files(sector: &[u8]) -> Option<&'static str> {
+pub(crate) fn names_other_files(sector: &[u8]) -> Option<&'static str> {
     const MAGICS: [(&[u8], &str); 4] = [
         (b"QFI\xfb", "qcow/qcow2"),
         (b"QED\0", "QED"),

@@ -20,7 +20,7 @@ use crate::error::Error;
 
 /// QEMU's JobStatus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum JobStatus {
+pub(crate) enum JobStatus {
     Created,
     Running,
     Ready,
@@ -71,7 +71,7 @@ struct State {
     error: Option<String>,
 }
 
-pub struct Job {
+pub(crate) struct Job {
     id: String,
     /// QEMU's JobType name (`commit`).
     kind: &'static str,
@@ -194,7 +194,7 @@ impl Job {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 

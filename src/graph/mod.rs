@@ -10,14 +10,14 @@ mod commit;
 mod dirty;
 mod drain;
 mod in_flight;
-pub mod job;
+pub(crate) mod job;
 mod node;
 mod open;
 mod parent;
 mod registry;
 mod resize;
 mod snapshot;
-pub mod throttle;
+pub(crate) mod throttle;
 
 pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
 pub use commit::{start_commit, CommitOptions};

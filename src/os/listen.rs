@@ -23,7 +23,7 @@ const ATTEMPTS: usize = 3;
 
 /// A socket file this process created; removed on drop if it is still ours.
 #[derive(Debug)]
-pub struct SocketFile {
+pub(crate) struct SocketFile {
     path: PathBuf,
     id: (u64, u64),
 }
@@ -144,7 +144,7 @@ impl Drop for PrivateDir {
 /// Bind a listening socket at `path` with permission bits `mode`. A stale
 /// socket there is replaced; a live socket, a symlink or any other file is
 /// refused with an error naming the path.
-pub fn bind_listener(path: &Path, mode: u32) -> io::Result<(UnixListener, SocketFile)> {
+pub(crate) fn bind_listener(path: &Path, mode: u32) -> io::Result<(UnixListener, SocketFile)> {
     for _ in 0..ATTEMPTS {
         let existing = inspect(path)?;
         let dir = PrivateDir::beside(path)?;
@@ -193,7 +193,7 @@ pub fn bind_listener(path: &Path, mode: u32) -> io::Result<(UnixListener, Socket
 /// stays readable, so retrying at once would spin. Waits grow from 10 ms
 /// to 1 s and end early when `stop_fd` is signalled; the log says so at
 /// most once per wait.
-pub struct AcceptBackoff {
+pub(crate) struct AcceptBackoff {
     delay: Duration,
 }
 
@@ -210,13 +210,13 @@ impl AcceptBackoff {
     const MAX: Duration = Duration::from_secs(1);
 
     /// A connection taken and set up: the next failure starts over.
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.delay = Duration::ZERO;
     }
 
     /// Log `e` and wait before the next accept; false if `stop_fd` was
     /// signalled meanwhile.
-    pub fn failed(&mut self, what: &Path, e: &io::Error, stop_fd: RawFd) -> bool {
+    pub(crate) fn failed(&mut self, what: &Path, e: &io::Error, stop_fd: RawFd) -> bool {
         self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
         log::warn!(
             "{}: cannot take a new connection: {e}; retrying in {:?}",

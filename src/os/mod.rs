@@ -6,7 +6,7 @@
 
 pub mod activation;
 pub mod journal;
-pub mod listen;
-pub mod notify;
-pub mod ratelimit;
-pub mod wait;
+pub(crate) mod listen;
+pub(crate) mod notify;
+pub(crate) mod ratelimit;
+pub(crate) mod wait;

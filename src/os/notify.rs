@@ -9,7 +9,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
 /// Where systemd listens for our state, if it does.
-pub struct Notifier {
+pub(crate) struct Notifier {
     sock: UnixDatagram,
     addr: SocketAddr,
 }
@@ -17,7 +17,7 @@ pub struct Notifier {
 impl Notifier {
     /// From `$NOTIFY_SOCKET`: a path, or `@name` in the abstract namespace.
     /// None when unset (not under systemd); an error when it cannot be used.
-    pub fn from_env() -> io::Result<Option<Notifier>> {
+    pub(crate) fn from_env() -> io::Result<Option<Notifier>> {
         let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
             return Ok(None);
         };
@@ -33,7 +33,7 @@ impl Notifier {
     }
 
     /// Send `state` (newline-separated `KEY=value` assignments).
-    pub fn send(&self, state: &str) -> io::Result<()> {
+    pub(crate) fn send(&self, state: &str) -> io::Result<()> {
         self.sock
             .send_to_addr(state.as_bytes(), &self.addr)
             .map(|_| ())
@@ -42,7 +42,7 @@ impl Notifier {
 
 /// How often systemd expects `WATCHDOG=1` (`$WATCHDOG_USEC`), if it
 /// watches this process (`$WATCHDOG_PID` unset, or ours).
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     if let Some(pid) = std::env::var_os("WATCHDOG_PID") {
         if pid.to_str()?.parse::<u32>().ok()? != std::process::id() {
             return None;

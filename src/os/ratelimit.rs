@@ -7,7 +7,7 @@ const WINDOW: Duration = Duration::from_secs(1);
 const BURST: u32 = 10;
 
 /// Allows `BURST` lines per second and reports how many were dropped.
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     start: Cell<Instant>,
     count: Cell<u32>,
     suppressed: Cell<u64>,
@@ -25,7 +25,7 @@ impl Default for LogLimiter {
 
 impl LogLimiter {
     /// True if the caller may log now.
-    pub fn allow(&self, what: &str) -> bool {
+    pub(crate) fn allow(&self, what: &str) -> bool {
         let now = Instant::now();
         if now.duration_since(self.start.get()) >= WINDOW {
             if self.suppressed.get() > 0 {

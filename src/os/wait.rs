@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 /// What woke [`wait_for`] up.
-pub enum Wake {
+pub(crate) enum Wake {
     /// `fd` is readable (a message, a connection, or end of file).
     Ready,
     /// `stop_fd` was signalled.
@@ -14,7 +14,7 @@ pub enum Wake {
 }
 
 /// Sleep until `fd` is readable or `stop_fd` is signalled (stop wins).
-pub fn wait_for(fd: RawFd, stop_fd: RawFd) -> io::Result<Wake> {
+pub(crate) fn wait_for(fd: RawFd, stop_fd: RawFd) -> io::Result<Wake> {
     Ok(match poll3(fd, stop_fd, -1)? {
         (_, true, _) => Wake::Stop,
         _ => Wake::Ready,
@@ -23,7 +23,11 @@ pub fn wait_for(fd: RawFd, stop_fd: RawFd) -> io::Result<Wake> {
 
 /// [`wait_for`], or `Ok(None)` when `alarm_fd` is signalled first (stop
 /// wins over the alarm, the alarm over `fd`).
-pub fn wait_for_or_alarm(fd: RawFd, stop_fd: RawFd, alarm_fd: RawFd) -> io::Result<Option<Wake>> {
+pub(crate) fn wait_for_or_alarm(
+    fd: RawFd,
+    stop_fd: RawFd,
+    alarm_fd: RawFd,
+) -> io::Result<Option<Wake>> {
     Ok(match poll3(fd, stop_fd, alarm_fd)? {
         (_, true, _) => Some(Wake::Stop),
         (_, _, true) => None,

@@ -53,14 +53,14 @@ fn expedited() -> bool {
 
 /// Decide the fences' kind now (iothreads call this at start, so the
 /// registration system call never lands on a request).
-pub fn init() {
+pub(crate) fn init() {
     expedited();
 }
 
 /// The frequent side's fence: orders this thread's earlier stores before
 /// its later loads, provided the other side uses [`heavy`].
 #[inline]
-pub fn light() {
+pub(crate) fn light() {
     if expedited() {
         compiler_fence(Ordering::SeqCst);
     } else {
@@ -71,7 +71,7 @@ pub fn light() {
 /// The rare side's fence: after it returns, every thread's stores from
 /// before its last [`light`] are visible here, and every thread's loads
 /// after its next [`light`] see this thread's earlier stores.
-pub fn heavy() {
+pub(crate) fn heavy() {
     if !expedited() {
         fence(Ordering::SeqCst);
         return;

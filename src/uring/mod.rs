@@ -5,11 +5,11 @@
 
 mod eventfd;
 mod executor;
-pub mod fence;
+pub(crate) mod fence;
 mod iothread;
 mod iovec;
 mod lock;
-pub mod ops;
+pub(crate) mod ops;
 mod poll;
 mod reactor;
 mod slot;

@@ -22,7 +22,7 @@ fn to_result(res: i32) -> io::Result<usize> {
 
 /// When a read's or write's SQE goes to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Submit {
+pub(crate) enum Submit {
     /// With the rest of the loop turn's, in one system call: for work the
     /// kernel does inline (buffered I/O on the page cache), where batching
     /// saves system calls and delays nothing.
@@ -112,18 +112,23 @@ fn rw_inline(fd: RawFd, buf: &IoVec, offset: u64, write: bool) -> io::Result<usi
 
 /// One read into `buf` at `offset`; returns how many bytes arrived (short
 /// at end of file).
-pub async fn read_some(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<usize> {
+pub(crate) async fn read_some(
+    fd: RawFd,
+    buf: &IoVec,
+    offset: u64,
+    submit: Submit,
+) -> io::Result<usize> {
     rw_once(fd, buf, offset, false, submit).await
 }
 
 /// Read the whole of `buf` from `fd` at `offset`. Hitting end of file is an
 /// error (`UnexpectedEof`); short reads are resumed.
-pub async fn readv(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<()> {
+pub(crate) async fn readv(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<()> {
     rw_full(fd, buf, offset, false, submit).await
 }
 
 /// Write the whole of `buf` to `fd` at `offset`; short writes are resumed.
-pub async fn writev(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<()> {
+pub(crate) async fn writev(fd: RawFd, buf: &IoVec, offset: u64, submit: Submit) -> io::Result<()> {
     rw_full(fd, buf, offset, true, submit).await
 }
 
@@ -169,7 +174,7 @@ async fn rw_full(
 }
 
 /// fsync (`datasync == false`) or fdatasync.
-pub async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+pub(crate) async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     let mut e = opcode::Fsync::new(types::Fd(fd));
     if datasync {
         e = e.flags(types::FsyncFlags::DATASYNC);
@@ -179,7 +184,7 @@ pub async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
 }
 
 /// fallocate(fd, mode, offset, len): punch hole, zero range, allocate.
-pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     let e = opcode::Fallocate::new(types::Fd(fd), len)
         .offset(offset)
         .mode(mode)
@@ -192,7 +197,7 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
 /// how kicks and other notifications reach a task. `owner` (the file, say)
 /// (`()` for none) is kept until the kernel is done with the fd, so its
 /// number cannot be reused under the operation. Dropping the future cancels the wait.
-pub async fn read_eventfd(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
+pub(crate) async fn read_eventfd(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
     let buf = Box::new(0u64);
     let ptr = &*buf as *const u64 as *mut u8;
     let e = opcode::Read::new(types::Fd(fd), ptr, 8).build();
@@ -213,7 +218,7 @@ pub async fn read_eventfd(fd: RawFd, owner: impl std::any::Any) -> io::Result<()
 /// at the end of the loop turn: a notification is for someone waiting.
 /// Dropping the returned future lets it complete on its own. `owner` as
 /// for [`read_eventfd`].
-pub fn signal_eventfd_nowait(
+pub(crate) fn signal_eventfd_nowait(
     fd: RawFd,
     owner: impl std::any::Any,
 ) -> impl std::future::Future<Output = io::Result<()>> {
@@ -241,7 +246,7 @@ pub fn signal_eventfd_nowait(
 /// timer that costs no thread, and wakes the iothread by a completion like
 /// any other. Returns at once if the deadline has passed. Dropping the
 /// future cancels the timer.
-pub async fn sleep_until(deadline: std::time::Instant) -> io::Result<()> {
+pub(crate) async fn sleep_until(deadline: std::time::Instant) -> io::Result<()> {
     let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
         return Ok(());
     };
@@ -261,7 +266,7 @@ pub async fn sleep_until(deadline: std::time::Instant) -> io::Result<()> {
 
 /// Wait until `fd` is readable (POLLIN); `owner` as for [`read_eventfd`].
 /// Dropping the future cancels the wait.
-pub async fn wait_readable(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
+pub(crate) async fn wait_readable(fd: RawFd, owner: impl std::any::Any) -> io::Result<()> {
     let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
     let keep: Box<dyn std::any::Any> = Box::new(owner);
     let op = with_reactor(|r| r.start(e, Some(keep))).cancel_on_drop();

@@ -39,16 +39,16 @@ use crate::error::Error;
 
 /// Bytes of guest memory one bit of the log stands for (the spec's
 /// VHOST_LOG_PAGE).
-pub const LOG_PAGE: u64 = 4096;
+pub(crate) const LOG_PAGE: u64 = 4096;
 /// The largest log we map: one bit per 4 KiB page of 32 TiB of guest
 /// physical address space. It is virtual address space only: we touch
 /// just the bytes for pages we write.
-pub const MAX_LOG_BYTES: u64 = 1 << 30;
+pub(crate) const MAX_LOG_BYTES: u64 = 1 << 30;
 /// `used_log` value meaning "VHOST_VRING_F_LOG not set".
 const NO_USED_LOG: u64 = u64::MAX;
 
 /// The mapped bitmap. Only atomics ever touch it.
-pub struct LogMap {
+pub(crate) struct LogMap {
     /// Absorbs a SIGBUS if the frontend shrinks the file (None for the
     /// anonymous maps of tests). Declared first: dropped before the unmap,
     /// after which the addresses may be reused.
@@ -61,7 +61,7 @@ impl LogMap {
     /// decoder checked the numbers (size 1..=MAX_LOG_BYTES, offset
     /// page-aligned, no overflow); the file is checked here. A SIGBUS in
     /// the mapping signals `poison_fd`.
-    pub fn open(
+    pub(crate) fn open(
         fd: &OwnedFd,
         mmap_size: u64,
         mmap_offset: u64,
@@ -85,15 +85,16 @@ impl LogMap {
 
     /// An anonymous zeroed log of `len` bytes (tests).
     #[cfg(test)]
-    pub fn anonymous(len: usize) -> LogMap {
+    pub(crate) fn anonymous(len: usize) -> LogMap {
         LogMap {
             _registration: None,
             map: SharedMap::anonymous(len),
         }
     }
 
+    #[cfg(test)]
     /// Bytes of bitmap.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.map.len()
     }
 
@@ -107,7 +108,7 @@ impl LogMap {
 
     /// Mark the pages of `[gpa, gpa + len)` dirty. Pages past the log's
     /// end are skipped; an empty range marks nothing.
-    pub fn mark(&self, gpa: u64, len: u64) {
+    pub(crate) fn mark(&self, gpa: u64, len: u64) {
         if len == 0 {
             return;
         }
@@ -132,13 +133,13 @@ impl LogMap {
 
     /// Whether page `page`'s bit is set (tests).
     #[cfg(test)]
-    pub fn is_dirty(&self, page: u64) -> bool {
+    pub(crate) fn is_dirty(&self, page: u64) -> bool {
         self.byte((page / 8) as usize).load(Ordering::Relaxed) & (1 << (page % 8)) != 0
     }
 }
 
 /// The session's logging state, shared with its queues.
-pub struct DirtyLog {
+pub(crate) struct DirtyLog {
     /// VHOST_F_LOG_ALL is acknowledged.
     active: AtomicBool,
     map: Mutex<Option<Arc<LogMap>>>,
@@ -148,7 +149,7 @@ pub struct DirtyLog {
 }
 
 impl DirtyLog {
-    pub fn new(num_queues: usize) -> Arc<DirtyLog> {
+    pub(crate) fn new(num_queues: usize) -> Arc<DirtyLog> {
         Arc::new(DirtyLog {
             active: AtomicBool::new(false),
             map: Mutex::new(None),
@@ -161,50 +162,46 @@ impl DirtyLog {
     /// The log to mark, or None while logging is off or no log is mapped.
     /// One flag load while off.
     #[inline]
-    pub fn current(&self) -> Option<Arc<LogMap>> {
+    pub(crate) fn current(&self) -> Option<Arc<LogMap>> {
         if !self.active.load(Ordering::Acquire) {
             return None;
         }
         self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Whether VHOST_F_LOG_ALL is on.
-    pub fn active(&self) -> bool {
-        self.active.load(Ordering::Acquire)
-    }
-
     /// SET_FEATURES: logging follows VHOST_F_LOG_ALL. Release: a queue that
     /// sees the flag sees the map set before it.
-    pub fn set_active(&self, on: bool) {
+    pub(crate) fn set_active(&self, on: bool) {
         self.active.store(on, Ordering::Release);
     }
 
     /// SET_LOG_BASE: a new log replaces the old one (unmapped once no
     /// queue holds it).
-    pub fn set_map(&self, map: Option<LogMap>) {
+    pub(crate) fn set_map(&self, map: Option<LogMap>) {
         *self.map.lock().unwrap_or_else(|e| e.into_inner()) = map.map(Arc::new);
     }
 
-    pub fn has_map(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_map(&self) -> bool {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
     /// SET_VRING_ADDR: where queue `index`'s used ring is logged (None:
     /// VHOST_VRING_F_LOG not set).
-    pub fn set_used_log(&self, index: usize, gpa: Option<u64>) {
+    pub(crate) fn set_used_log(&self, index: usize, gpa: Option<u64>) {
         if let Some(slot) = self.used_log.get(index) {
             slot.store(gpa.unwrap_or(NO_USED_LOG), Ordering::Release);
         }
     }
 
     /// The used ring's log address of queue `index`, if it is logged.
-    pub fn used_log(&self, index: usize) -> Option<u64> {
+    pub(crate) fn used_log(&self, index: usize) -> Option<u64> {
         let v = self.used_log.get(index)?.load(Ordering::Acquire);
         (v != NO_USED_LOG).then_some(v)
     }
 
     /// Reset: logging off, log unmapped, no ring logged.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.set_active(false);
         self.set_map(None);
         for slot in &self.used_log {
@@ -217,7 +214,7 @@ impl DirtyLog {
 /// with `RINGBLK_FAULT_SKIP_DIRTY_LOG` set in the environment, the daemon
 /// acknowledges VHOST_F_LOG_ALL and marks nothing, so that a migrated guest
 /// finds the pages the device wrote stale. Never set it in production.
-pub fn marking_disabled() -> bool {
+pub(crate) fn marking_disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| {
         let off = std::env::var_os("RINGBLK_FAULT_SKIP_DIRTY_LOG").is_some();
@@ -231,7 +228,7 @@ pub fn marking_disabled() -> bool {
 /// Mark the used ring writes of one completion (or of a notification
 /// change): the ring's flags and idx, the element at `slot`, and (with
 /// EVENT_IDX) avail_event after the ring. `used` is the ring's log address.
-pub fn mark_used(log: &LogMap, used: u64, size: u16, slot: Option<u16>, event_idx: bool) {
+pub(crate) fn mark_used(log: &LogMap, used: u64, size: u16, slot: Option<u16>, event_idx: bool) {
     // flags + idx
     log.mark(used, 4);
     if let Some(s) = slot {

@@ -55,19 +55,19 @@ static INSTALL: Once = Once::new();
 
 /// A registered guest mapping; dropping it unregisters (before the caller
 /// unmaps).
-pub struct Registration {
+pub(crate) struct Registration {
     slot: usize,
 }
 
 /// Whether any mapping was ever poisoned: one relaxed load, for the data
 /// path to skip the per-mapping check.
-pub fn any_poisoned() -> bool {
+pub(crate) fn any_poisoned() -> bool {
     POISON_EVENTS.load(Ordering::Relaxed) != 0
 }
 
 impl Registration {
     /// Whether a SIGBUS hit this mapping.
-    pub fn poisoned(&self) -> bool {
+    pub(crate) fn poisoned(&self) -> bool {
         REGISTRY[self.slot].poisoned.load(Ordering::Acquire)
     }
 }
@@ -86,7 +86,12 @@ impl Drop for Registration {
 /// Register `[start, start + len)`, a guest mapping with pages of `page`
 /// bytes; a SIGBUS inside it signals `notify_fd` (an eventfd that must
 /// stay open as long as the registration; -1 for none).
-pub fn register(start: usize, len: usize, page: usize, notify_fd: i32) -> io::Result<Registration> {
+pub(crate) fn register(
+    start: usize,
+    len: usize,
+    page: usize,
+    notify_fd: i32,
+) -> io::Result<Registration> {
     INSTALL.call_once(install_handler);
     let _w = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
     let slot = REGISTRY

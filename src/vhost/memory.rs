@@ -17,7 +17,7 @@ use vm_memory::{
 
 /// A region (or table of regions) that is wrong whatever else is mapped.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RegionError {
+pub(crate) enum RegionError {
     #[error("memory region gpa {gpa:#x} size {size:#x}: size is zero or the region wraps around")]
     Empty { gpa: u64, size: u64 },
     #[error("memory regions at gpa {a:#x} and {b:#x} overlap in {space} addresses")]
@@ -26,7 +26,7 @@ pub enum RegionError {
 
 /// Zero size, or a region whose guest-physical, frontend-virtual or file
 /// range wraps around the address space.
-pub fn check_region(r: &VhostUserMemoryRegion) -> Result<(), RegionError> {
+pub(crate) fn check_region(r: &VhostUserMemoryRegion) -> Result<(), RegionError> {
     let (gpa, size) = (r.guest_phys_addr, r.memory_size);
     let wraps = |start: u64| start.checked_add(size).is_none();
     if size == 0 || wraps(gpa) || wraps(r.user_addr) || wraps(r.mmap_offset) {
@@ -38,7 +38,7 @@ pub fn check_region(r: &VhostUserMemoryRegion) -> Result<(), RegionError> {
 /// Regions must each be valid and must not overlap in guest-physical nor
 /// in frontend-virtual addresses. Quadratic, but tables are small (at most
 /// a few hundred slots).
-pub fn check_disjoint(regions: &[VhostUserMemoryRegion]) -> Result<(), RegionError> {
+pub(crate) fn check_disjoint(regions: &[VhostUserMemoryRegion]) -> Result<(), RegionError> {
     regions.iter().try_for_each(check_region)?;
     // check_region made start + size overflow-free for both spaces.
     let overlap = |a0: u64, b0: u64, size_a: u64, size_b: u64| a0 < b0 + size_b && b0 < a0 + size_a;
@@ -63,7 +63,7 @@ pub fn check_disjoint(regions: &[VhostUserMemoryRegion]) -> Result<(), RegionErr
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryError {
+pub(crate) enum MemoryError {
     #[error(transparent)]
     Region(#[from] RegionError),
     #[error("memory region gpa {gpa:#x} size {size:#x}: {reason}")]
@@ -89,7 +89,7 @@ struct HostRegion {
 
 /// Guest memory for the data path: vm-memory's map (for the virtqueue
 /// rings) plus a flat table for fast, bounds-checked address translation.
-pub struct GuestRam {
+pub(crate) struct GuestRam {
     mmap: GuestMemoryMmap,
     regions: Vec<HostRegion>,
     /// The mappings `mmap` borrows (empty when vm-memory owns them).
@@ -103,7 +103,7 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    pub fn new(mmap: GuestMemoryMmap) -> Self {
+    pub(crate) fn new(mmap: GuestMemoryMmap) -> Self {
         let regions = mmap
             .iter()
             .filter_map(|r| {
@@ -132,20 +132,20 @@ impl GuestRam {
     /// Whether the frontend shrank a file under this memory (our accesses
     /// past its end read zeros since): time to hang up on it. One relaxed
     /// load unless some mapping was ever poisoned.
-    pub fn poisoned(&self) -> bool {
+    pub(crate) fn poisoned(&self) -> bool {
         guest_fault::any_poisoned() && self.mappings.iter().any(|m| m.poisoned())
     }
 
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Self::new(GuestMemoryMmap::new())
     }
 
-    pub fn mmap(&self) -> &GuestMemoryMmap {
+    pub(crate) fn mmap(&self) -> &GuestMemoryMmap {
         &self.mmap
     }
 
     /// Host address of `[gpa, gpa + len)` if it lies inside one region.
-    pub fn host_range(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+    pub(crate) fn host_range(&self, gpa: u64, len: u64) -> Option<*mut u8> {
         let r = self
             .regions
             .iter()
@@ -160,7 +160,7 @@ impl GuestRam {
 
     /// Visit the host pieces of `[gpa, gpa + len)` (a range may span
     /// adjacent regions). False if any byte is outside guest memory.
-    pub fn for_each_piece(
+    pub(crate) fn for_each_piece(
         &self,
         mut gpa: u64,
         mut len: u64,
@@ -185,7 +185,7 @@ impl GuestRam {
     }
 
     /// Copy guest bytes at `gpa` into `out`; false if outside guest memory.
-    pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
+    pub(crate) fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
         // Request headers: one 16-byte volatile load instead of a copy loop.
         if let Ok(header) = <&mut [u8; 16]>::try_from(&mut *out) {
             if let Some(p) = self.host_range(gpa, 16) {
@@ -206,7 +206,7 @@ impl GuestRam {
     }
 
     /// Store one byte at `gpa`; false if outside guest memory.
-    pub fn write_u8(&self, gpa: u64, v: u8) -> bool {
+    pub(crate) fn write_u8(&self, gpa: u64, v: u8) -> bool {
         match self.host_range(gpa, 1) {
             Some(p) => {
                 // SAFETY: p is a valid byte of guest memory.
@@ -226,7 +226,7 @@ impl AsRef<GuestRam> for GuestRam {
 
 /// An immutable snapshot of the frontend's memory; changes build a new one.
 #[derive(Clone)]
-pub struct MemoryMap {
+pub(crate) struct MemoryMap {
     regions: Vec<Mapped>,
     mem: Arc<GuestRam>,
     /// Signalled by the SIGBUS handler when a region shrinks (see guest_fault).
@@ -247,7 +247,7 @@ impl Default for MemoryMap {
 /// SIGBUS survival before anyone touches it, and unregistered before it is
 /// unmapped). vm-memory's region borrows it; whoever holds that region
 /// holds this too.
-pub struct GuestMapping {
+pub(crate) struct GuestMapping {
     ptr: *mut u8,
     len: usize,
     registration: Option<guest_fault::Registration>,
@@ -263,7 +263,7 @@ unsafe impl Sync for GuestMapping {}
 
 impl GuestMapping {
     /// Whether the frontend shrank the file under this mapping.
-    pub fn poisoned(&self) -> bool {
+    pub(crate) fn poisoned(&self) -> bool {
         self.registration.as_ref().is_some_and(|r| r.poisoned())
     }
 }
@@ -397,7 +397,7 @@ fn map_region(
 
 impl MemoryMap {
     /// No memory yet; a SIGBUS in regions added later signals `poison_fd`.
-    pub fn empty_with_poison_fd(poison_fd: Arc<OwnedFd>) -> Self {
+    pub(crate) fn empty_with_poison_fd(poison_fd: Arc<OwnedFd>) -> Self {
         MemoryMap {
             poison_fd: Some(poison_fd),
             ..MemoryMap::default()
@@ -429,13 +429,16 @@ impl MemoryMap {
         })
     }
 
+    #[cfg(test)]
     /// SET_MEM_TABLE: replace everything (without a poison eventfd).
-    pub fn from_table(table: Vec<(VhostUserMemoryRegion, OwnedFd)>) -> Result<Self, MemoryError> {
+    pub(crate) fn from_table(
+        table: Vec<(VhostUserMemoryRegion, OwnedFd)>,
+    ) -> Result<Self, MemoryError> {
         MemoryMap::default().replaced_by(table)
     }
 
     /// SET_MEM_TABLE: replace everything, keeping the poison eventfd.
-    pub fn replaced_by(
+    pub(crate) fn replaced_by(
         &self,
         table: Vec<(VhostUserMemoryRegion, OwnedFd)>,
     ) -> Result<Self, MemoryError> {
@@ -450,7 +453,11 @@ impl MemoryMap {
     }
 
     /// ADD_MEM_REG.
-    pub fn with_region(&self, r: &VhostUserMemoryRegion, fd: OwnedFd) -> Result<Self, MemoryError> {
+    pub(crate) fn with_region(
+        &self,
+        r: &VhostUserMemoryRegion,
+        fd: OwnedFd,
+    ) -> Result<Self, MemoryError> {
         let mut infos: Vec<_> = self
             .regions
             .iter()
@@ -466,7 +473,7 @@ impl MemoryMap {
 
     /// REM_MEM_REG. Requests still using the region keep it mapped until
     /// they complete (they hold the old snapshot).
-    pub fn without_region(&self, r: &VhostUserMemoryRegion) -> Result<Self, MemoryError> {
+    pub(crate) fn without_region(&self, r: &VhostUserMemoryRegion) -> Result<Self, MemoryError> {
         let (gpa, size) = (r.guest_phys_addr, r.memory_size);
         let mut regions = self.regions.clone();
         let before = regions.len();
@@ -481,12 +488,13 @@ impl MemoryMap {
         self.rebuild(regions)
     }
 
-    pub fn num_regions(&self) -> usize {
+    pub(crate) fn num_regions(&self) -> usize {
         self.regions.len()
     }
 
+    #[cfg(test)]
     /// Translate a frontend virtual address to a guest-physical address.
-    pub fn va_to_gpa(&self, va: u64) -> Option<u64> {
+    pub(crate) fn va_to_gpa(&self, va: u64) -> Option<u64> {
         self.regions
             .iter()
             .map(|m| &m.info)
@@ -496,7 +504,7 @@ impl MemoryMap {
 
     /// Translate `[va, va + len)` to guest-physical addresses, if the whole
     /// range lies in one region (so it is contiguous in both spaces).
-    pub fn va_range_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
+    pub(crate) fn va_range_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
         self.regions
             .iter()
             .map(|m| &m.info)
@@ -505,7 +513,7 @@ impl MemoryMap {
             .map(|i| i.gpa + (va - i.user_addr))
     }
 
-    pub fn guest_memory(&self) -> &Arc<GuestRam> {
+    pub(crate) fn guest_memory(&self) -> &Arc<GuestRam> {
         &self.mem
     }
 }

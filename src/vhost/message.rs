@@ -18,9 +18,9 @@ use super::memory::{self, RegionError};
 
 pub(crate) const HEADER_LEN: usize = 12;
 /// The protocol version every message carries in the VERSION bits.
-pub const FLAG_VERSION_1: u32 = 0x1;
+pub(crate) const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_VERSION_MASK: u32 = VhostUserHeaderFlag::VERSION.bits();
-pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+pub(crate) const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 pub(crate) const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY;
 

@@ -45,7 +45,7 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// Accept `fd` as vring `index`'s `what` ("kick" or "call") descriptor if
 /// it is an eventfd, and make it non-blocking.
-pub fn accept(fd: OwnedFd, index: usize, what: &str) -> Result<File, Error> {
+pub(crate) fn accept(fd: OwnedFd, index: usize, what: &str) -> Result<File, Error> {
     match is_eventfd(&fd) {
         Ok(true) => {}
         Ok(false) => {

@@ -10,7 +10,7 @@ use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::message::{parse_header, BadHeader, Header, HEADER_LEN};
-pub use super::message::{FLAG_REPLY, FLAG_VERSION_1};
+pub(crate) use super::message::{FLAG_REPLY, FLAG_VERSION_1};
 
 /// One frame from the frontend: a checked header, its payload (at most
 /// [`super::message::max_payload`] bytes) and the fds that came with it.
@@ -249,7 +249,7 @@ pub(crate) fn send_reply_with_fds(
 /// Send one message without file descriptors, in one go: for the backend
 /// channel, which is non-blocking (`ExportState::set_backend_channel`), so
 /// a frontend that does not read it fails the send instead of holding us.
-pub fn send_message(
+pub(crate) fn send_message(
     mut stream: &UnixStream,
     request: u32,
     flags: u32,

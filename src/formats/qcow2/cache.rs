@@ -12,7 +12,7 @@ use crate::uring::{AlignedBuf, IoVec};
 
 /// How a table's entries are stored on disk.
 #[derive(Clone, Copy, Debug)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     /// Big-endian u64 (L1/L2 tables, refcount table).
     Be64,
     /// Refcount block with 2^order-bit entries.
@@ -20,14 +20,14 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    pub fn entries(&self, cluster_size: usize) -> usize {
+    pub(crate) fn entries(&self, cluster_size: usize) -> usize {
         match self {
             Encoding::Be64 => cluster_size / 8,
             Encoding::Refcounts { order } => (cluster_size * 8) >> order,
         }
     }
 
-    pub fn decode(&self, raw: &[u8]) -> Vec<u64> {
+    pub(crate) fn decode(&self, raw: &[u8]) -> Vec<u64> {
         match *self {
             Encoding::Be64 => raw
                 .chunks_exact(8)
@@ -42,7 +42,7 @@ impl Encoding {
         }
     }
 
-    pub fn encode(&self, entries: &[u64], raw: &mut [u8]) {
+    pub(crate) fn encode(&self, entries: &[u64], raw: &mut [u8]) {
         match *self {
             Encoding::Be64 => {
                 for (c, v) in raw.chunks_exact_mut(8).zip(entries) {
@@ -67,8 +67,9 @@ impl Encoding {
         }
     }
 
+    #[cfg(test)]
     /// Largest value an entry can hold.
-    pub fn max_value(&self) -> u64 {
+    pub(crate) fn max_value(&self) -> u64 {
         match *self {
             Encoding::Be64 => u64::MAX,
             Encoding::Refcounts { order } if order >= 6 => u64::MAX,
@@ -109,7 +110,7 @@ fn set_bits(raw: &mut [u8], i: usize, bits: usize, v: u64) {
 }
 
 /// Read `len` bytes at `offset` of `file` into a fresh buffer.
-pub async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+pub(crate) async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<AlignedBuf> {
     let buf = IoVec::from_buf(AlignedBuf::zeroed(len, 4096));
     file.read(offset, &buf).await?;
     buf.into_buf()
@@ -117,7 +118,7 @@ pub async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<
 }
 
 /// Write `bytes` at `offset` of `file`.
-pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Result<()> {
     let mut buf = AlignedBuf::zeroed(bytes.len(), 4096);
     buf.as_mut_slice().copy_from_slice(bytes);
     file.write_metadata(offset, &IoVec::from_buf(buf)).await
@@ -125,7 +126,7 @@ pub async fn write_bytes(file: &ChildRef, offset: u64, bytes: &[u8]) -> io::Resu
 
 /// Run `writes` at once and wait for all of them (a write-back's tables
 /// do not depend on one another): the first error, once all are done.
-pub async fn join_all(writes: Vec<IoFuture<'_>>) -> io::Result<()> {
+pub(crate) async fn join_all(writes: Vec<IoFuture<'_>>) -> io::Result<()> {
     let mut pending: Vec<Option<IoFuture<'_>>> = writes.into_iter().map(Some).collect();
     let mut first_err = None;
     std::future::poll_fn(|cx| {
@@ -156,7 +157,7 @@ pub async fn join_all(writes: Vec<IoFuture<'_>>) -> io::Result<()> {
 /// One cached table, shared (`Arc`) between the cache and the lock-free
 /// lookup views of `super::fastmap`. Entries change only under the owner's
 /// lock; anyone may read them at any time.
-pub struct Table {
+pub(crate) struct Table {
     entries: Box<[AtomicU64]>,
     /// Used since the eviction hand last passed (second-chance "clock").
     /// Set without the owner's lock, so lock-free readers keep their tables
@@ -179,24 +180,24 @@ impl Table {
         }
     }
 
-    pub fn done_writing(&self) {
+    pub(crate) fn done_writing(&self) {
         self.writing.store(false, Ordering::Release);
     }
 
     /// Entry `i` (0 past the end). Acquire: pairs with `set`, so whoever
     /// sees a new L2 entry also sees what was done before it was set.
-    pub fn get(&self, i: usize) -> u64 {
+    pub(crate) fn get(&self, i: usize) -> u64 {
         self.entries.get(i).map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     /// Only the cache's owner, under its lock, calls this.
-    pub fn set(&self, i: usize, v: u64) {
+    pub(crate) fn set(&self, i: usize, v: u64) {
         if let Some(e) = self.entries.get(i) {
             e.store(v, Ordering::Release);
         }
     }
 
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         if !self.referenced.load(Ordering::Relaxed) {
             self.referenced.store(true, Ordering::Relaxed);
         }
@@ -226,7 +227,7 @@ struct Slot {
 
 /// What making room for one more table takes.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Room {
+pub(crate) enum Room {
     /// The cache is not full.
     Free,
     /// Drop this table first (writing it back first if dirty).
@@ -236,7 +237,7 @@ pub enum Room {
 }
 
 /// Which chunks of the table at `offset` a write-back takes.
-pub struct Changed {
+pub(crate) struct Changed {
     pub offset: u64,
     pub table: Arc<Table>,
     pub chunks: Box<[bool]>,
@@ -244,7 +245,7 @@ pub struct Changed {
 
 /// A snapshot of one table's changed chunks, taken under the owner's lock
 /// and written without it (`TableCache::snapshot`).
-pub struct TableWrite {
+pub(crate) struct TableWrite {
     pub changed: Changed,
     /// (file offset, bytes) per run of changed chunks.
     pub writes: Vec<(u64, IoVec)>,
@@ -252,7 +253,7 @@ pub struct TableWrite {
 
 /// Run every write of `tables` at once; on success they are done writing.
 /// On failure the caller must mark them dirty again (`TableCache::redirty`).
-pub async fn write_tables(file: &ChildRef, tables: &[TableWrite]) -> io::Result<()> {
+pub(crate) async fn write_tables(file: &ChildRef, tables: &[TableWrite]) -> io::Result<()> {
     let writes = tables
         .iter()
         .flat_map(|t| t.writes.iter())
@@ -267,7 +268,7 @@ pub async fn write_tables(file: &ChildRef, tables: &[TableWrite]) -> io::Result<
 
 /// Tables by file offset, at most `capacity` of them; eviction picks by
 /// second chance ("clock"): the hand skips (and clears) referenced tables.
-pub struct TableCache {
+pub(crate) struct TableCache {
     encoding: Encoding,
     cluster_size: usize,
     capacity: usize,
@@ -285,7 +286,12 @@ pub struct TableCache {
 }
 
 impl TableCache {
-    pub fn new(encoding: Encoding, cluster_size: usize, capacity: usize, chunk: usize) -> Self {
+    pub(crate) fn new(
+        encoding: Encoding,
+        cluster_size: usize,
+        capacity: usize,
+        chunk: usize,
+    ) -> Self {
         TableCache {
             encoding,
             cluster_size,
@@ -298,12 +304,12 @@ impl TableCache {
         }
     }
 
-    pub fn contains(&self, offset: u64) -> bool {
+    pub(crate) fn contains(&self, offset: u64) -> bool {
         self.index.contains_key(&offset)
     }
 
     /// The table at `offset`, if cached.
-    pub fn get(&self, offset: u64) -> Option<&Arc<Table>> {
+    pub(crate) fn get(&self, offset: u64) -> Option<&Arc<Table>> {
         let slot = &self.slots[*self.index.get(&offset)?];
         slot.table.touch();
         Some(&slot.table)
@@ -314,7 +320,7 @@ impl TableCache {
     }
 
     /// Entry `entry` of the table at `offset` changed.
-    pub fn mark_dirty(&mut self, offset: u64, entry: usize) {
+    pub(crate) fn mark_dirty(&mut self, offset: u64, entry: usize) {
         let byte = match self.encoding {
             Encoding::Be64 => entry * 8,
             Encoding::Refcounts { order } => (entry << order) / 8,
@@ -336,7 +342,7 @@ impl TableCache {
     /// What inserting another table takes: nothing, an eviction (the
     /// victim, and whether it is dirty), or a wait for the write-back in
     /// flight (tables being written are never evicted). Moves the clock hand.
-    pub fn victim(&mut self) -> Room {
+    pub(crate) fn victim(&mut self) -> Room {
         if self.slots.len() < self.capacity {
             return Room::Free;
         }
@@ -366,7 +372,7 @@ impl TableCache {
     }
 
     /// Drop a clean table (the caller wrote it back if it was dirty).
-    pub fn remove(&mut self, offset: u64) {
+    pub(crate) fn remove(&mut self, offset: u64) {
         let Some(i) = self.index.remove(&offset) else {
             return;
         };
@@ -376,7 +382,7 @@ impl TableCache {
         }
     }
 
-    pub fn insert(&mut self, offset: u64, data: Vec<u64>, dirty: bool) {
+    pub(crate) fn insert(&mut self, offset: u64, data: Vec<u64>, dirty: bool) {
         self.remove(offset);
         if dirty {
             self.dirty_list.push(offset);
@@ -392,13 +398,13 @@ impl TableCache {
     }
 
     /// Load a table from disk (not cached yet; the caller inserts it).
-    pub async fn load(&self, file: &ChildRef, offset: u64) -> io::Result<Vec<u64>> {
+    pub(crate) async fn load(&self, file: &ChildRef, offset: u64) -> io::Result<Vec<u64>> {
         let buf = read_bytes(file, offset, self.cluster_size).await?;
         Ok(self.encoding.decode(buf.as_slice()))
     }
 
     /// Offsets of dirty tables, in file order.
-    pub fn dirty(&mut self) -> Vec<u64> {
+    pub(crate) fn dirty(&mut self) -> Vec<u64> {
         let (index, slots) = (&self.index, &self.slots);
         self.dirty_list
             .retain(|o| index.get(o).is_some_and(|&i| slots[i].dirty));
@@ -408,7 +414,7 @@ impl TableCache {
     }
 
     /// Write one table back and mark it clean.
-    pub async fn write_back(&mut self, file: &ChildRef, offset: u64) -> io::Result<()> {
+    pub(crate) async fn write_back(&mut self, file: &ChildRef, offset: u64) -> io::Result<()> {
         let Some(&i) = self.index.get(&offset) else {
             return Ok(());
         };
@@ -424,7 +430,7 @@ impl TableCache {
     /// tables count as clean from now on, and as writing until the write
     /// is done (`write_tables`) or has failed and they are dirty again
     /// (`redirty`). No write-back of them may be in flight.
-    pub fn snapshot(&mut self) -> Vec<TableWrite> {
+    pub(crate) fn snapshot(&mut self) -> Vec<TableWrite> {
         let dirty = self.dirty();
         let chunk = self.chunk_len();
         let mut out = Vec::with_capacity(dirty.len());
@@ -468,7 +474,7 @@ impl TableCache {
 
     /// A write of `t` failed: its chunks are dirty again (and the table
     /// may be evicted once they are written).
-    pub fn redirty(&mut self, t: &Changed) {
+    pub(crate) fn redirty(&mut self, t: &Changed) {
         for (c, _) in t.chunks.iter().enumerate().filter(|(_, d)| **d) {
             let entry = self.encoding.entry_at_byte(c * self.chunk_len());
             self.mark_dirty(t.offset, entry);
@@ -478,7 +484,7 @@ impl TableCache {
 
     /// Write back the changed chunks of every dirty table, all at once;
     /// on failure they stay dirty.
-    pub async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn write_back_all(&mut self, file: &ChildRef) -> io::Result<()> {
         let tables = self.snapshot();
         if let Err(e) = write_tables(file, &tables).await {
             tables.iter().for_each(|t| self.redirty(&t.changed));
@@ -487,7 +493,7 @@ impl TableCache {
         Ok(())
     }
 
-    pub fn encoding(&self) -> Encoding {
+    pub(crate) fn encoding(&self) -> Encoding {
         self.encoding
     }
 }

@@ -3,15 +3,15 @@
 
 use super::Qcow2Error;
 
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
-pub const V2_HEADER_LEN: u32 = 72;
-pub const V3_HEADER_LEN: u32 = 104;
+pub(crate) const MAGIC: [u8; 4] = *b"QFI\xfb";
+pub(crate) const V2_HEADER_LEN: u32 = 72;
+pub(crate) const V3_HEADER_LEN: u32 = 104;
 
-pub const INCOMPAT_DIRTY: u64 = 1 << 0;
-pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
-pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -20,14 +20,14 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 
 /// Largest cluster we accept (QEMU's limit too).
-pub const MAX_CLUSTER_BITS: u32 = 21;
-pub const MIN_CLUSTER_BITS: u32 = 9;
+pub(crate) const MAX_CLUSTER_BITS: u32 = 21;
+pub(crate) const MIN_CLUSTER_BITS: u32 = 9;
 /// Table size limits (QEMU's): bound what a hostile image can make us allocate.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
-pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Highest offset a table entry may use (bits 9-55).
-pub const MAX_HOST_OFFSET: u64 = (1 << 56) - 1;
-pub const MAX_BACKING_NAME: u32 = 1023;
+pub(crate) const MAX_HOST_OFFSET: u64 = (1 << 56) - 1;
+pub(crate) const MAX_BACKING_NAME: u32 = 1023;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {

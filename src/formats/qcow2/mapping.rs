@@ -18,10 +18,10 @@ use super::persist::{Failed, Generations, WriteBack};
 use super::refcount::{HeaderBlock, Refcounts};
 use crate::formats::ChildRef;
 
-pub const L2_COPIED: u64 = 1 << 63;
-pub const L2_COMPRESSED: u64 = 1 << 62;
-pub const L2_ZERO: u64 = 1;
-pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2_COPIED: u64 = 1 << 63;
+pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
+pub(crate) const L2_ZERO: u64 = 1;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bits of a standard L2 entry that must be zero (1-8 and 56-61).
 const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Bits of an L1 entry that must be zero (0-8 and 56-62).
@@ -29,7 +29,7 @@ const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 
 /// What a guest cluster maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mapping {
+pub(crate) enum Mapping {
     /// Read from the backing file (or zeros without one).
     Unallocated,
     /// Reads as zeros; `host` is a preallocated cluster if any.
@@ -47,7 +47,7 @@ fn corrupt(what: String) -> io::Error {
 /// What splitting a guest cluster into table indexes and decoding an L2
 /// entry needs: fixed for the image's life, so usable without the lock.
 #[derive(Clone, Copy, Debug)]
-pub struct Layout {
+pub(crate) struct Layout {
     pub cluster_bits: u32,
     pub version: u32,
 }
@@ -58,7 +58,7 @@ impl Layout {
     }
 
     /// (L1 index, L2 index) of a guest cluster.
-    pub fn split(&self, guest_cluster: u64) -> (usize, usize) {
+    pub(crate) fn split(&self, guest_cluster: u64) -> (usize, usize) {
         let l2_bits = self.cluster_bits - 3;
         (
             (guest_cluster >> l2_bits) as usize,
@@ -67,7 +67,7 @@ impl Layout {
     }
 
     /// Validate and decode an L2 entry (entries come from the image file).
-    pub fn decode(&self, e: u64, guest_cluster: u64) -> io::Result<Mapping> {
+    pub(crate) fn decode(&self, e: u64, guest_cluster: u64) -> io::Result<Mapping> {
         if e & L2_COMPRESSED != 0 {
             return Ok(Mapping::Compressed { entry: e });
         }
@@ -107,7 +107,7 @@ impl Layout {
     }
 }
 
-pub struct Meta {
+pub(crate) struct Meta {
     pub layout: Layout,
     pub l1: Vec<u64>,
     pub l1_offset: u64,
@@ -127,7 +127,7 @@ pub struct Meta {
 }
 
 /// A write-back taken under the lock and written without it (`persist`).
-pub struct Batch {
+pub(crate) struct Batch {
     gen: u64,
     refcounts: Vec<TableWrite>,
     l2: Vec<TableWrite>,
@@ -140,7 +140,7 @@ impl Batch {
     /// Write the refcount blocks, then the L2 tables; then the batch's
     /// generation is persisted. A failure leaves the tables for the next
     /// write-back to mark dirty again.
-    pub async fn write(mut self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn write(mut self, file: &ChildRef) -> io::Result<()> {
         write_tables(file, &self.refcounts).await?;
         write_tables(file, &self.l2).await?;
         self.gens.mark_persisted(self.gen);
@@ -166,7 +166,7 @@ impl Drop for Batch {
 }
 
 impl Meta {
-    pub async fn open(
+    pub(crate) async fn open(
         file: &ChildRef,
         h: &Header,
         header_bytes: Vec<u8>,
@@ -203,7 +203,7 @@ impl Meta {
 
     /// Read the refcount table, which writing needs (at open, or when an
     /// image opened read-only is reopened read-write).
-    pub async fn load_refcounts(
+    pub(crate) async fn load_refcounts(
         &mut self,
         file: &ChildRef,
         h: &Header,
@@ -295,7 +295,7 @@ impl Meta {
     /// Close the open generation and take everything dirty for writing
     /// without the lock, unless generation `need` is persisted by the time
     /// the write-back in flight is done.
-    pub async fn begin_write_back(&mut self, need: u64) -> Option<Batch> {
+    pub(crate) async fn begin_write_back(&mut self, need: u64) -> Option<Batch> {
         self.settle_write_back().await;
         if self.gens.is_persisted(need) {
             return None;
@@ -332,7 +332,7 @@ impl Meta {
 
     /// The cached L2 table for L1 index `l1i` (loaded if need be); None
     /// where the L1 entry is empty or past the table.
-    pub async fn l2_table(
+    pub(crate) async fn l2_table(
         &mut self,
         file: &ChildRef,
         l1i: usize,
@@ -344,7 +344,11 @@ impl Meta {
         Ok(self.l2.get(off).cloned())
     }
 
-    pub async fn lookup(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<Mapping> {
+    pub(crate) async fn lookup(
+        &mut self,
+        file: &ChildRef,
+        guest_cluster: u64,
+    ) -> io::Result<Mapping> {
         let (l1i, l2i) = self.layout.split(guest_cluster);
         let e = match self.l2_table(file, l1i).await? {
             Some(t) => t.get(l2i),
@@ -355,7 +359,11 @@ impl Meta {
 
     /// Make sure guest cluster's L2 table exists, creating it if needed:
     /// refcount on disk, then the zeroed table, then the L1 entry.
-    pub async fn ensure_l2(&mut self, file: &ChildRef, guest_cluster: u64) -> io::Result<u64> {
+    pub(crate) async fn ensure_l2(
+        &mut self,
+        file: &ChildRef,
+        guest_cluster: u64,
+    ) -> io::Result<u64> {
         let (l1i, _) = self.layout.split(guest_cluster);
         if l1i >= self.l1.len() {
             return Err(corrupt(format!(
@@ -396,7 +404,7 @@ impl Meta {
 
     /// Set the L2 entry of a guest cluster whose table exists (dirty in
     /// the cache). Returns the table's offset.
-    pub async fn set_l2(
+    pub(crate) async fn set_l2(
         &mut self,
         file: &ChildRef,
         guest_cluster: u64,
@@ -416,7 +424,7 @@ impl Meta {
 
     /// Write an L2 table now (refcounts first): used before freeing clusters
     /// it no longer points to.
-    pub async fn write_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
+    pub(crate) async fn write_l2(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
         self.settle_write_back().await;
         if let Some(r) = self.refcounts.as_mut() {
             r.flush(file).await?;
@@ -424,7 +432,7 @@ impl Meta {
         self.l2.write_back(file, off).await
     }
 
-    pub async fn alloc_cluster(&mut self, file: &ChildRef) -> io::Result<u64> {
+    pub(crate) async fn alloc_cluster(&mut self, file: &ChildRef) -> io::Result<u64> {
         self.gens.note_change(self.gen);
         let mut header = std::mem::replace(&mut self.header, HeaderBlock { buf: Vec::new() });
         let r = match self.refcounts.as_mut() {
@@ -439,14 +447,14 @@ impl Meta {
     }
 
     /// Drop a reference to a host cluster; returns the references left.
-    pub async fn free_cluster(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
+    pub(crate) async fn free_cluster(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
         self.gens.note_change(self.gen);
         self.refcounts()?.free(file, host).await
     }
 
     /// Give back the clusters reserved for allocations (before a close or
     /// a read-only reopen, whose flush then writes the refcounts back).
-    pub async fn release_reserved(&mut self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn release_reserved(&mut self, file: &ChildRef) -> io::Result<()> {
         match self.refcounts.as_mut() {
             Some(r) => r.release_reserved(file).await,
             None => Ok(()),
@@ -456,7 +464,7 @@ impl Meta {
     /// Write back everything dirty, refcounts before L2 tables, which
     /// persists every generation up to the open one (closed here; later
     /// changes belong to the next).
-    pub async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
         self.settle_write_back().await;
         let gen = self.gen;
         self.gen += 1;
@@ -470,7 +478,12 @@ impl Meta {
 
     /// Grow the virtual size: a bigger L1 table if needed (written, then the
     /// header switched to it, then the old one freed), then the size field.
-    pub async fn grow(&mut self, file: &ChildRef, h: &Header, new_size: u64) -> io::Result<()> {
+    pub(crate) async fn grow(
+        &mut self,
+        file: &ChildRef,
+        h: &Header,
+        new_size: u64,
+    ) -> io::Result<()> {
         let need = h.l1_entries_for(new_size) as usize;
         if need as u64 * 8 > super::header::MAX_L1_BYTES {
             return Err(io::Error::new(

@@ -12,15 +12,15 @@
 //! Data moves outside the metadata lock; the lock covers metadata updates
 //! and lookups that miss the per-thread views of the L2 cache.
 
-pub mod cache;
+pub(crate) mod cache;
 mod compressed;
 pub mod create;
 mod fastmap;
-pub mod header;
+pub(crate) mod header;
 mod inflight;
-pub mod mapping;
+pub(crate) mod mapping;
 mod persist;
-pub mod refcount;
+pub(crate) mod refcount;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -40,7 +40,7 @@ use std::task::{Context, Poll, Waker};
 use super::cache::Changed;
 
 #[derive(Debug)]
-pub struct Generations {
+pub(crate) struct Generations {
     /// The newest generation in which a cached table changed.
     changed: AtomicU64,
     /// The newest generation whose changes are all in the file.
@@ -61,16 +61,16 @@ impl Generations {
     /// Release store comes before the change itself is published (an L2
     /// entry's own Release store), so whoever sees the new entry sees a
     /// `changed` at least this new.
-    pub fn note_change(&self, gen: u64) {
+    pub(crate) fn note_change(&self, gen: u64) {
         self.changed.fetch_max(gen, Ordering::Release);
     }
 
     /// Every change of `gen` and before is in the file.
-    pub fn mark_persisted(&self, gen: u64) {
+    pub(crate) fn mark_persisted(&self, gen: u64) {
         self.persisted.fetch_max(gen, Ordering::Release);
     }
 
-    pub fn is_persisted(&self, gen: u64) -> bool {
+    pub(crate) fn is_persisted(&self, gen: u64) -> bool {
         self.persisted.load(Ordering::Acquire) >= gen
     }
 
@@ -78,7 +78,7 @@ impl Generations {
     /// not yet: the newest changed one (a request cannot tell which change
     /// made its data reachable, and waiting for newer ones costs at most
     /// the one write-back it would have joined anyway).
-    pub fn pending(&self) -> Option<u64> {
+    pub(crate) fn pending(&self) -> Option<u64> {
         let changed = self.changed.load(Ordering::Acquire);
         (!self.is_persisted(changed)).then_some(changed)
     }
@@ -86,7 +86,7 @@ impl Generations {
 
 /// Tables of a failed write-back, to be marked dirty again under the lock.
 #[derive(Default)]
-pub struct Failed {
+pub(crate) struct Failed {
     pub refcounts: Vec<Changed>,
     pub l2: Vec<Changed>,
 }
@@ -100,7 +100,7 @@ struct State {
 
 /// The write-back in flight, if any.
 #[derive(Default)]
-pub struct WriteBack {
+pub(crate) struct WriteBack {
     state: Mutex<State>,
 }
 
@@ -110,18 +110,18 @@ impl WriteBack {
     }
 
     /// Wait until no write-back is in flight.
-    pub fn idle(&self) -> Idle<'_> {
+    pub(crate) fn idle(&self) -> Idle<'_> {
         Idle { wb: self }
     }
 
     /// A write-back starts (under the metadata lock, after `idle`).
-    pub fn begin(&self) {
+    pub(crate) fn begin(&self) {
         self.state().busy = true;
     }
 
     /// The write-back in flight ended; `failed` holds what it could not
     /// write. Needs no metadata lock.
-    pub fn end(&self, failed: Failed) {
+    pub(crate) fn end(&self, failed: Failed) {
         let waiters = {
             let mut st = self.state();
             st.busy = false;
@@ -134,17 +134,17 @@ impl WriteBack {
 
     /// The refcount blocks failed write-backs left (under the metadata
     /// lock, after `idle`).
-    pub fn take_failed_refcounts(&self) -> Vec<Changed> {
+    pub(crate) fn take_failed_refcounts(&self) -> Vec<Changed> {
         std::mem::take(&mut self.state().failed.refcounts)
     }
 
     /// The L2 tables failed write-backs left (as above).
-    pub fn take_failed_l2(&self) -> Vec<Changed> {
+    pub(crate) fn take_failed_l2(&self) -> Vec<Changed> {
         std::mem::take(&mut self.state().failed.l2)
     }
 }
 
-pub struct Idle<'a> {
+pub(crate) struct Idle<'a> {
     wb: &'a WriteBack,
 }
 

@@ -17,20 +17,20 @@ use super::persist::WriteBack;
 use crate::formats::ChildRef;
 
 /// The first bytes of the image, kept to rewrite header fields in place.
-pub struct HeaderBlock {
+pub(crate) struct HeaderBlock {
     pub buf: Vec<u8>,
 }
 
 impl HeaderBlock {
-    pub fn set_u32(&mut self, at: usize, v: u32) {
+    pub(crate) fn set_u32(&mut self, at: usize, v: u32) {
         self.buf[at..at + 4].copy_from_slice(&v.to_be_bytes());
     }
 
-    pub fn set_u64(&mut self, at: usize, v: u64) {
+    pub(crate) fn set_u64(&mut self, at: usize, v: u64) {
         self.buf[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
 
-    pub async fn write(&self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn write(&self, file: &ChildRef) -> io::Result<()> {
         write_bytes(file, 0, &self.buf).await
     }
 }
@@ -49,7 +49,7 @@ const MAX_ALLOC_SCAN: u64 = 1 << 18;
 /// within 16 to 256 clusters: what a crash may leak.
 const RESERVE_BYTES: u64 = 4 << 20;
 
-pub struct Refcounts {
+pub(crate) struct Refcounts {
     table: Vec<u64>,
     table_offset: u64,
     blocks: TableCache,
@@ -71,7 +71,7 @@ pub struct Refcounts {
 
 impl Refcounts {
     #[allow(clippy::too_many_arguments)]
-    pub async fn open(
+    pub(crate) async fn open(
         wb: Arc<WriteBack>,
         file: &ChildRef,
         table_offset: u64,
@@ -144,7 +144,7 @@ impl Refcounts {
 
     /// Wait for the write-back in flight, and take back what a failed one
     /// could not write: then no block is being written behind our back.
-    pub async fn settle_write_back(&mut self) {
+    pub(crate) async fn settle_write_back(&mut self) {
         self.wb.idle().await;
         for t in self.wb.take_failed_refcounts() {
             self.blocks.redirty(&t);
@@ -153,7 +153,7 @@ impl Refcounts {
 
     /// The dirty blocks, for a write-back without the lock (`persist`);
     /// the caller has settled the write-back in flight.
-    pub fn snapshot(&mut self) -> Vec<super::cache::TableWrite> {
+    pub(crate) fn snapshot(&mut self) -> Vec<super::cache::TableWrite> {
         self.blocks.snapshot()
     }
 
@@ -168,7 +168,7 @@ impl Refcounts {
         Ok(())
     }
 
-    pub async fn get(&mut self, file: &ChildRef, cluster: u64) -> io::Result<u64> {
+    pub(crate) async fn get(&mut self, file: &ChildRef, cluster: u64) -> io::Result<u64> {
         let (ti, bi) = (
             cluster / self.per_block(),
             (cluster % self.per_block()) as usize,
@@ -378,7 +378,7 @@ impl Refcounts {
     /// Allocate one cluster whose refcount of 1 is in the file already
     /// (from the reservation, reserving more when it is used up); returns
     /// its byte offset.
-    pub async fn alloc_one(
+    pub(crate) async fn alloc_one(
         &mut self,
         file: &ChildRef,
         header: &mut HeaderBlock,
@@ -403,7 +403,7 @@ impl Refcounts {
     /// Give back the reserved clusters nobody used (in the cache; the
     /// next write-back takes it to the file): before a close or a
     /// read-only reopen, after which an unused reservation would be a leak.
-    pub async fn release_reserved(&mut self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn release_reserved(&mut self, file: &ChildRef) -> io::Result<()> {
         while !self.reserved.is_empty() {
             let c = self.reserved.start;
             self.decrement(file, c).await?;
@@ -414,7 +414,7 @@ impl Refcounts {
 
     /// Allocate `n` contiguous clusters with refcount 1 (in the cache) and
     /// return the byte offset of the first.
-    pub async fn alloc(
+    pub(crate) async fn alloc(
         &mut self,
         file: &ChildRef,
         header: &mut HeaderBlock,
@@ -444,7 +444,7 @@ impl Refcounts {
 
     /// Drop one reference to the cluster at byte offset `host`; returns
     /// the references left.
-    pub async fn free(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
+    pub(crate) async fn free(&mut self, file: &ChildRef, host: u64) -> io::Result<u64> {
         let cluster = host / self.cs();
         self.decrement(file, cluster).await?;
         self.get(file, cluster).await
@@ -461,7 +461,7 @@ impl Refcounts {
     }
 
     /// Write every dirty refcount block.
-    pub async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
+    pub(crate) async fn flush(&mut self, file: &ChildRef) -> io::Result<()> {
         self.settle_write_back().await;
         self.blocks.write_back_all(file).await
     }

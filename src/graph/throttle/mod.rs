@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 pub(crate) use filter::ThrottleDriver;
 pub(crate) use group::ThrottleGroup;
-pub use limits::Limits;
+pub(crate) use limits::Limits;
 
 use crate::error::Error;
 

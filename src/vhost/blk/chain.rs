@@ -16,7 +16,7 @@ const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 const DESC_SIZE: u64 = std::mem::size_of::<virtio_ring::vring_desc>() as u64;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ChainError {
+pub(crate) enum ChainError {
     #[error("descriptor index {0} out of range")]
     IndexOutOfRange(u16),
     #[error("descriptor table at {0:#x} is not in guest memory")]
@@ -35,11 +35,11 @@ pub enum ChainError {
 
 /// Most entries an indirect table may have: the largest queue size, hence
 /// the longest chain any driver may build. Longer tables are not walked.
-pub const MAX_INDIRECT: u32 = 32768;
+pub(crate) const MAX_INDIRECT: u32 = 32768;
 
 /// One guest buffer: guest-physical address and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Buffer {
+pub(crate) struct Buffer {
     pub addr: GuestAddress,
     pub len: u32,
 }
@@ -51,7 +51,7 @@ pub struct Buffer {
 /// except that the last device-writable buffer is always kept last (it
 /// holds the status byte, so even an oversized request can be answered).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Chain {
+pub(crate) struct Chain {
     pub readable: Vec<Buffer>,
     pub writable: Vec<Buffer>,
     /// Non-empty descriptors beyond `max_descs` that were not kept.
@@ -60,7 +60,7 @@ pub struct Chain {
 
 impl Chain {
     /// Empty the chain, keeping its buffers' capacity for the next walk.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.readable.clear();
         self.writable.clear();
         self.excess = 0;
@@ -156,7 +156,7 @@ fn read_desc(mem: &GuestRam, table: GuestAddress, idx: u16) -> Result<Desc, Chai
 /// another they were ~30% of a polling client's profile, started together
 /// they overlap. (Prefetching the chains' next descriptors too measured no
 /// better.) Only hints: nothing read here is trusted or kept.
-pub fn prefetch_heads(mem: &GuestRam, table: GuestAddress, queue_size: u16, heads: &[u16]) {
+pub(crate) fn prefetch_heads(mem: &GuestRam, table: GuestAddress, queue_size: u16, heads: &[u16]) {
     let Some(host) = mem.host_range(table.0, queue_size as u64 * DESC_SIZE) else {
         return;
     };
@@ -189,8 +189,11 @@ fn prefetch(p: *const u8) {
 
 /// Walk the chain starting at `head` in the table at `table` of `queue_size`
 /// entries, keeping at most `max_descs` buffers (see [`Chain`]). A chain that
-/// visits more descriptors than its table has loops and is refused.
-pub fn walk(
+/// visits more descriptors than its table has loops and is refused. (The
+/// queue walks into a chain it keeps, `walk_into`; this is for the tests
+/// and the fuzzer.)
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn walk(
     mem: &GuestRam,
     table: GuestAddress,
     queue_size: u16,
@@ -213,7 +216,7 @@ pub fn walk(
 
 /// [`walk`] into `chain` (cleared first), reusing its buffers' capacity so
 /// that walking costs no allocation once a queue has warmed up.
-pub fn walk_into(
+pub(crate) fn walk_into(
     chain: &mut Chain,
     mem: &GuestRam,
     table: GuestAddress,

@@ -7,21 +7,21 @@ use vm_memory::ByteValued;
 
 use super::request::{Limits, SECTOR_SIZE};
 
-pub use virtio_bindings::bindings::virtio_blk::{
+pub(crate) use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
     VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-pub use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-pub use virtio_bindings::bindings::virtio_ring::{
+pub(crate) use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub(crate) use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Byte offset of `writeback` (the bindings' `wce`) in struct virtio_blk_config.
-pub const CONFIG_WRITEBACK_OFFSET: usize = offset_of!(virtio_blk_config, wce);
+pub(crate) const CONFIG_WRITEBACK_OFFSET: usize = offset_of!(virtio_blk_config, wce);
 /// Size of struct virtio_blk_config up to and including write_zeroes_may_unmap
 /// and its padding (the fields we implement; secure erase and zoned follow).
-pub const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+pub(crate) const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
 
 /// struct virtio_blk_config as bytes: vm-memory's trait cannot be
 /// implemented on the bindings' type itself.
@@ -36,7 +36,7 @@ struct ConfigSpace(virtio_blk_config);
 unsafe impl ByteValued for ConfigSpace {}
 
 /// Largest single data segment we advertise (size_max).
-pub const SIZE_MAX: u32 = 1 << 20;
+pub(crate) const SIZE_MAX: u32 = 1 << 20;
 
 /// Most data segments per request we advertise, whatever the queue size.
 ///
@@ -49,11 +49,11 @@ pub const SIZE_MAX: u32 = 1 << 20;
 /// unchanged; guests split larger requests themselves (Linux sizes its
 /// requests by seg_max and size_max), and with size_max a request carries
 /// up to 254 MiB, which no bounce buffer has to hold (they are chunked).
-pub const SEG_MAX_CAP: u32 = 254;
+pub(crate) const SEG_MAX_CAP: u32 = 254;
 
 /// seg_max for a queue of `queue_size` entries: the queue minus header and
 /// status descriptors, at most [`SEG_MAX_CAP`].
-pub fn seg_max_for(queue_size: u16) -> u32 {
+pub(crate) fn seg_max_for(queue_size: u16) -> u32 {
     (queue_size as u32).saturating_sub(2).clamp(1, SEG_MAX_CAP)
 }
 

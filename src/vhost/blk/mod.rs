@@ -27,12 +27,12 @@
 //! longer than `seg_max + 2` are walked (up to their table's size) but
 //! not kept, and refused.
 
-pub mod chain;
-pub mod config;
-pub mod export;
-pub mod queue;
+pub(crate) mod chain;
+pub(crate) mod config;
+pub(crate) mod export;
+pub(crate) mod queue;
 mod queue_tests;
-pub mod request;
+pub(crate) mod request;
 mod ring;
-pub mod state;
-pub mod stats;
+pub(crate) mod state;
+pub(crate) mod stats;

@@ -35,7 +35,7 @@ use crate::vhost::vring::{ring_sizes, CallFd, QueueSetup};
 const STOP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Shared between the vhost thread and the queue's task.
-pub struct QueueControl {
+pub(crate) struct QueueControl {
     index: u16,
     stop: AtomicBool,
     /// Set by `wake`: look at the avail ring again.
@@ -54,7 +54,7 @@ pub struct QueueControl {
 impl QueueControl {
     /// Make the queue look at its avail ring again (to stop, or after a
     /// drained section).
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = waker {

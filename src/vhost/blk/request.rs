@@ -10,21 +10,22 @@ use crate::uring::{IoVec, IOV_MAX};
 use crate::vhost::memory::GuestRam;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
-pub use virtio_bindings::bindings::virtio_blk::{
+pub(crate) use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 
 /// Status bytes (the bindings' values are u32; the status is one byte).
-pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
-pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
-pub const VIRTIO_BLK_S_UNSUPP: u8 =
+pub(crate) const VIRTIO_BLK_S_OK: u8 = virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub(crate) const VIRTIO_BLK_S_IOERR: u8 =
+    virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub(crate) const VIRTIO_BLK_S_UNSUPP: u8 =
     virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// virtio-blk sectors are always 512 bytes, whatever the block size.
-pub const SECTOR_SIZE: u64 = 512;
+pub(crate) const SECTOR_SIZE: u64 = 512;
 /// Length of the serial returned by GET_ID.
-pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+pub(crate) const VIRTIO_BLK_ID_BYTES: usize = 20;
 const HEADER_LEN: usize = 16;
 const SEGMENT_LEN: usize = 16;
 
@@ -69,7 +70,7 @@ impl Op {
 
 /// Why a request is answered without reaching the backend.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Reject {
+pub(crate) struct Reject {
     pub status: u8,
     pub reason: String,
 }
@@ -91,11 +92,11 @@ fn unsupp(reason: impl Into<String>) -> Reject {
 /// Guest memory as a request holds it: `GuestRam` itself, or a queue's
 /// own handle on it (`Arc<GuestRam>` inside the queue's `Rc`, whose count
 /// only that queue's iothread touches, without locked instructions).
-pub trait RequestMemory: AsRef<GuestRam> + 'static {}
+pub(crate) trait RequestMemory: AsRef<GuestRam> + 'static {}
 impl<M: AsRef<GuestRam> + 'static> RequestMemory for M {}
 
 /// A parsed request: where its status byte goes and what to do.
-pub struct Request<M: RequestMemory = GuestRam> {
+pub(crate) struct Request<M: RequestMemory = GuestRam> {
     mem: Rc<M>,
     status: Option<GuestAddress>,
     /// Bytes the device writes into the chain besides the status byte.
@@ -104,17 +105,17 @@ pub struct Request<M: RequestMemory = GuestRam> {
 
 impl<M: RequestMemory> Request<M> {
     /// The guest memory the request's buffers are in (kept mapped by it).
-    pub fn memory(&self) -> &Rc<M> {
+    pub(crate) fn memory(&self) -> &Rc<M> {
         &self.mem
     }
 
     /// True if the chain has somewhere to put the status byte.
-    pub fn has_status(&self) -> bool {
+    pub(crate) fn has_status(&self) -> bool {
         self.status.is_some()
     }
 
     /// Write the status byte; returns the used length for the used ring.
-    pub fn finish(&self, status: u8) -> u32 {
+    pub(crate) fn finish(&self, status: u8) -> u32 {
         match self.status {
             Some(addr) if (*self.mem).as_ref().write_u8(addr.0, status) => {
                 if status == VIRTIO_BLK_S_OK {
@@ -195,7 +196,7 @@ fn read_stream(mem: &GuestRam, bufs: &[Buffer], skip: u64, out: &mut [u8]) -> Re
 /// (buffers split at region boundaries): at most 2 pieces per segment with
 /// regions of at least `size_max`, so only a frontend with tiny regions
 /// meets this, and it bounds a request's iovec whatever the memory layout.
-pub fn to_iovec<M: RequestMemory>(
+pub(crate) fn to_iovec<M: RequestMemory>(
     keep: &Rc<M>,
     bufs: impl IntoIterator<Item = Buffer>,
 ) -> Result<IoVec, Reject> {
@@ -322,7 +323,7 @@ fn parse_segment(
 /// Parse a chain into where its completion goes and what to do. Never
 /// fails: a malformed request becomes `Err(Reject)`. The request keeps
 /// `keep` (moved, not cloned: each clone is an atomic write per request).
-pub fn parse<M: RequestMemory>(
+pub(crate) fn parse<M: RequestMemory>(
     keep: Rc<M>,
     chain: &Chain,
     limits: &Limits,

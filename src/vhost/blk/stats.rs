@@ -14,7 +14,7 @@ use super::request::Op;
 
 /// Histogram bucket `i` counts latencies below 2^i µs; the last bucket
 /// takes everything slower (2^23 µs is about 8 s).
-pub const LATENCY_BUCKETS: usize = 24;
+pub(crate) const LATENCY_BUCKETS: usize = 24;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
