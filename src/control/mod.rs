@@ -11,4 +11,4 @@ pub(crate) mod json_stream;
 pub(crate) mod qmp;
 pub(crate) mod server;
 
-pub use server::{ControlServer, Monitor};
+pub(crate) use server::{ControlServer, Monitor};

@@ -28,7 +28,7 @@ use crate::state::DaemonState;
 
 /// The QMP monitor: the daemon's state its commands act on, the clients
 /// connected, and how `quit` starts the shutdown.
-pub struct Monitor {
+pub(crate) struct Monitor {
     pub state: Arc<DaemonState>,
     clients: Mutex<Vec<Arc<Client>>>,
     shutdown: Box<dyn Fn() + Send + Sync>,
@@ -37,7 +37,10 @@ pub struct Monitor {
 impl Monitor {
     /// `shutdown` is called by `quit`; it must only start the shutdown
     /// (the daemon's main thread carries it out).
-    pub fn new(state: Arc<DaemonState>, shutdown: impl Fn() + Send + Sync + 'static) -> Arc<Self> {
+    pub(crate) fn new(
+        state: Arc<DaemonState>,
+        shutdown: impl Fn() + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(Monitor {
             state,
             clients: Mutex::new(Vec::new()),
@@ -45,7 +48,7 @@ impl Monitor {
         })
     }
 
-    pub fn request_shutdown(&self) {
+    pub(crate) fn request_shutdown(&self) {
         (self.shutdown)();
     }
 
@@ -54,7 +57,7 @@ impl Monitor {
     }
 
     /// Send an event to every client past capabilities negotiation.
-    pub fn emit(&self, name: &str, data: Value) {
+    pub(crate) fn emit(&self, name: &str, data: Value) {
         let ev = qmp::event(name, data);
         let clients: Vec<_> = self.clients().clone();
         for c in clients.iter().filter(|c| c.is_negotiated()) {
@@ -100,7 +103,7 @@ impl Sections {
 /// daemon and freeze its guests.
 const CONTROL_SOCKET_MODE: u32 = 0o600;
 
-pub struct ControlServer {
+pub(crate) struct ControlServer {
     /// Removes the socket file when the server goes.
     _file: SocketFile,
     stop: EventFd,
@@ -112,7 +115,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Bind `path` and start accepting clients, at most `max_clients` at
     /// once.
-    pub fn start(path: &Path, mon: Arc<Monitor>, max_clients: usize) -> io::Result<Self> {
+    pub(crate) fn start(path: &Path, mon: Arc<Monitor>, max_clients: usize) -> io::Result<Self> {
         let (listener, file) = bind_listener(path, CONTROL_SOCKET_MODE)?;
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
         let client_threads = Arc::new(Mutex::new(Vec::new()));
@@ -139,7 +142,7 @@ impl ControlServer {
 
     /// Announce the shutdown, stop accepting, disconnect every client (their
     /// drained sections end) and wait for their threads.
-    pub fn shutdown(mut self, reason: &str) {
+    pub(crate) fn shutdown(mut self, reason: &str) {
         self.mon
             .emit("SHUTDOWN", json!({"guest": false, "reason": reason}));
         let _ = self.stop.write(1);

@@ -137,4 +137,4 @@ pub trait BlockDriver: BlockIo {
 }
 
 /// An answer that needs I/O (metadata lookups).
-pub type BoolFuture<'a> = Pin<Box<dyn Future<Output = io::Result<bool>> + 'a>>;
+pub(crate) type BoolFuture<'a> = Pin<Box<dyn Future<Output = io::Result<bool>> + 'a>>;

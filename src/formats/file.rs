@@ -31,7 +31,7 @@ const SAFE_DIRECT_ALIGN: usize = 4096;
 /// Chunk size for writing explicit zeros when the filesystem cannot.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-pub struct FileDriver {
+pub(crate) struct FileDriver {
     /// The open file; replaced (in a drained section) when a node opened
     /// read-only is reopened read-write. Requests read `fd` without a lock.
     file: Mutex<File>,
@@ -121,7 +121,7 @@ impl FileDriver {
     /// Open `path`. With `CacheMode::None`, O_DIRECT is used where the
     /// filesystem supports it for `block_size`-aligned requests; otherwise the
     /// file is opened buffered and a line is logged.
-    pub fn open(
+    pub(crate) fn open(
         path: &Path,
         read_only: bool,
         cache: CacheMode,
@@ -188,7 +188,7 @@ impl FileDriver {
 
     /// Take QEMU-compatible image locks on the open file; they are held
     /// until the driver is dropped.
-    pub fn lock(&self, lock: ImageLock) -> Result<(), OpenError> {
+    pub(crate) fn lock(&self, lock: ImageLock) -> Result<(), OpenError> {
         lock.apply(&self.locked_file(), &self.path)?;
         *self.held_lock() = Some(lock);
         Ok(())
@@ -265,10 +265,6 @@ impl FileDriver {
         *lock = new_lock;
         self.read_only.store(false, Ordering::Release);
         Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn fd(&self) -> RawFd {

@@ -22,17 +22,16 @@ use super::OpenError;
 
 /// QEMU's block permissions (`BLK_PERM_*`), as a set of bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Perms(u8);
+pub(crate) struct Perms(u8);
 
 impl Perms {
-    pub const CONSISTENT_READ: Perms = Perms(1 << 0);
-    pub const WRITE: Perms = Perms(1 << 1);
-    pub const WRITE_UNCHANGED: Perms = Perms(1 << 2);
-    pub const RESIZE: Perms = Perms(1 << 3);
-    pub const ALL: Perms = Perms(0x0f);
-    pub const NONE: Perms = Perms(0);
+    pub(crate) const CONSISTENT_READ: Perms = Perms(1 << 0);
+    pub(crate) const WRITE: Perms = Perms(1 << 1);
+    pub(crate) const WRITE_UNCHANGED: Perms = Perms(1 << 2);
+    pub(crate) const RESIZE: Perms = Perms(1 << 3);
+    pub(crate) const ALL: Perms = Perms(0x0f);
 
-    pub const fn union(self, other: Perms) -> Perms {
+    pub(crate) const fn union(self, other: Perms) -> Perms {
         Perms(self.0 | other.0)
     }
 
@@ -50,7 +49,7 @@ const SHARED_BASE: i64 = 200;
 
 /// What an opener of an image holds and what it lets others hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ImageLock {
+pub(crate) struct ImageLock {
     pub perm: Perms,
     pub shared: Perms,
     /// How long taking the lock waits for conflicting holders to go away
@@ -67,7 +66,7 @@ impl ImageLock {
     /// image (an export or a backing file) must not change under us. With
     /// `force_share` (read-only use only, as qemu-img's `-U`), we share
     /// everything and only announce that we read.
-    pub fn for_open(read_only: bool, force_share: bool) -> ImageLock {
+    pub(crate) fn for_open(read_only: bool, force_share: bool) -> ImageLock {
         let perm = if read_only {
             Perms::CONSISTENT_READ
         } else {
@@ -88,14 +87,14 @@ impl ImageLock {
     }
 
     /// The same locks, waiting up to `wait` for conflicting holders.
-    pub fn waiting(self, wait: Duration) -> ImageLock {
+    pub(crate) fn waiting(self, wait: Duration) -> ImageLock {
         ImageLock { wait, ..self }
     }
 
     /// Take the locks on `file`, then check that nobody else's locks
     /// conflict, for up to `self.wait` while they do. On error the caller
     /// drops the file, which releases ours.
-    pub fn apply(self, file: &File, path: &Path) -> Result<(), OpenError> {
+    pub(crate) fn apply(self, file: &File, path: &Path) -> Result<(), OpenError> {
         // Polled: nothing tells us when another process's OFD lock goes
         // (F_OFD_SETLKW would wait for it, but without a bound).
         const POLL: Duration = Duration::from_millis(10);
@@ -173,7 +172,12 @@ impl ImageLock {
     /// Change the locks held on `file` from `self` to `new` (a reopen):
     /// take and check the new ones first, then let go of the bytes only
     /// the old ones used. On a conflict the old locks are left as they were.
-    pub fn change_to(self, new: ImageLock, file: &File, path: &Path) -> Result<(), OpenError> {
+    pub(crate) fn change_to(
+        self,
+        new: ImageLock,
+        file: &File,
+        path: &Path,
+    ) -> Result<(), OpenError> {
         if let Err(e) = new.apply(file, path) {
             for b in new.bytes().filter(|b| !self.bytes().any(|o| o == *b)) {
                 let _ = unlock(file, b);
@@ -192,7 +196,7 @@ impl ImageLock {
     /// Let go of every lock byte on `file` (before the same process takes
     /// them on another open file description of the image, which would
     /// otherwise see these as someone else's).
-    pub fn release(self, file: &File) {
+    pub(crate) fn release(self, file: &File) {
         for b in self.bytes() {
             let _ = unlock(file, b);
         }

@@ -11,11 +11,13 @@ pub mod qcow2;
 pub(crate) mod raw;
 
 pub(crate) use driver::failed;
-pub use driver::{BlockDriver, BlockIo, BoolFuture, ChildRef, IoFuture};
-pub use file::{CacheMode, FileDriver};
-pub use lock::ImageLock;
-pub use null::NullDriver;
-pub use raw::RawDriver;
+pub(crate) use driver::BlockDriver;
+pub use driver::{BlockIo, ChildRef, IoFuture};
+pub use file::CacheMode;
+pub(crate) use file::FileDriver;
+pub(crate) use lock::ImageLock;
+pub(crate) use null::NullDriver;
+pub(crate) use raw::RawDriver;
 
 use std::path::PathBuf;
 

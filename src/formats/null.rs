@@ -6,12 +6,12 @@ use std::io;
 use super::driver::{BlockDriver, BlockIo, IoFuture};
 use crate::uring::IoVec;
 
-pub struct NullDriver {
+pub(crate) struct NullDriver {
     size: u64,
 }
 
 impl NullDriver {
-    pub fn new(size: u64) -> Self {
+    pub(crate) fn new(size: u64) -> Self {
         NullDriver { size }
     }
 }

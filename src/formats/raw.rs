@@ -10,7 +10,7 @@ use crate::uring::{AlignedBuf, IoVec};
 /// The bytes a format probe looks at: the first sector.
 const PROBE_LEN: usize = 512;
 
-pub struct RawDriver {
+pub(crate) struct RawDriver {
     file: ChildRef,
     read_only: AtomicBool,
     /// The format was probed, not given: the guest must not make the image
@@ -23,7 +23,7 @@ pub struct RawDriver {
 }
 
 impl RawDriver {
-    pub fn new(file: ChildRef, read_only: bool) -> Self {
+    pub(crate) fn new(file: ChildRef, read_only: bool) -> Self {
         RawDriver {
             file,
             read_only: AtomicBool::new(read_only),
@@ -35,7 +35,7 @@ impl RawDriver {
 
     /// A raw driver over `size` bytes (default: the rest) of `file` from
     /// `offset` on, both multiples of 512 and inside the file.
-    pub fn window(
+    pub(crate) fn window(
         file: ChildRef,
         read_only: bool,
         offset: u64,
@@ -81,7 +81,7 @@ impl RawDriver {
     }
 
     /// A raw driver over an image whose format was probed as raw.
-    pub fn probed(file: ChildRef, read_only: bool) -> Self {
+    pub(crate) fn probed(file: ChildRef, read_only: bool) -> Self {
         RawDriver {
             probed: true,
             ..Self::new(file, read_only)

@@ -584,7 +584,7 @@ mod tests {
             &g,
             "parent",
             Box::new(Counting(closes.clone())),
-            vec![crate::graph::Child {
+            vec![crate::graph::node::Child {
                 role: crate::graph::ChildRole::File,
                 node: child,
             }],

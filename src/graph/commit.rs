@@ -51,7 +51,7 @@ const GRANULE_BITS: u32 = 16;
 const SCAN_BATCH: u64 = 256;
 
 /// What `block-commit` asks for.
-pub struct CommitOptions {
+pub(crate) struct CommitOptions {
     pub job_id: String,
     /// The active layer (the root of an export's tree).
     pub top: Arc<Node>,
@@ -147,7 +147,7 @@ struct Commit {
 }
 
 /// Start an active commit job.
-pub fn start_commit(o: CommitOptions) -> Result<(), Error> {
+pub(crate) fn start_commit(o: CommitOptions) -> Result<(), Error> {
     let top = o.top;
     check_top(&top)?;
     let mut chain = Vec::new();

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use super::drain::DrainError;
+use super::node::Child;
 use super::*;
 use crate::error::ErrorKind;
 use crate::formats::{BlockDriver, BlockIo, IoFuture};

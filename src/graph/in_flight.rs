@@ -72,18 +72,18 @@ fn bump(total: &AtomicU64, shard: usize) {
 /// totals, started and finished, so the number started since open comes
 /// for free. Sharded per thread (see [`SHARDS`]).
 #[derive(Debug, Default)]
-pub struct InFlightCounter {
+pub(crate) struct InFlightCounter {
     shards: [Shard; SHARDS],
 }
 
 impl InFlightCounter {
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         InFlightCounter {
             shards: [const { Shard::new() }; SHARDS],
         }
     }
 
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         // Every finish counted was preceded by its start in the same shard:
         // summing the finished totals first and the started ones after
         // (Acquire, pairing with `bump`) never goes negative.
@@ -101,7 +101,7 @@ impl InFlightCounter {
     }
 
     /// Requests started since the counter was made.
-    pub fn started(&self) -> u64 {
+    pub(crate) fn started(&self) -> u64 {
         self.shards
             .iter()
             .map(|s| s.started.load(Ordering::Relaxed))
@@ -111,7 +111,7 @@ impl InFlightCounter {
     /// Count one request for as long as the guard lives. A caller that
     /// must then check for a drain (see `BlockBackend::enter`) puts a
     /// `fence::light()` between the two.
-    pub fn guard(&self) -> InFlight<'_> {
+    pub(crate) fn guard(&self) -> InFlight<'_> {
         let shard = my_shard();
         bump(&self.shards[shard].started, shard);
         InFlight {
@@ -125,7 +125,7 @@ impl InFlightCounter {
 /// One request counted in an `InFlightCounter`. Not `Send`: it is
 /// uncounted on the thread that counted it, in the same shard, so a
 /// thread's shard only ever has that thread writing it.
-pub struct InFlight<'a> {
+pub(crate) struct InFlight<'a> {
     counter: &'a InFlightCounter,
     shard: usize,
     _same_thread: PhantomData<*const ()>,
@@ -155,7 +155,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// Wake every thread sleeping in `poll_while` so it re-checks.
-pub fn kick_waiters() {
+pub(crate) fn kick_waiters() {
     if WAITER_COUNT.load(Ordering::SeqCst) == 0 {
         return;
     }
@@ -213,7 +213,7 @@ impl Drop for Registration {
 /// re-evaluated after every 1 -> 0 transition of any counter, so it must
 /// walk the graph afresh each time: nodes may come and go while we wait.
 /// Never call this on an iothread: the requests it waits for run there.
-pub fn poll_while(mut busy: impl FnMut() -> bool) {
+pub(crate) fn poll_while(mut busy: impl FnMut() -> bool) {
     // What the caller stored (a drained section's flags) is seen by every
     // request that starts after this, and every request counted before it
     // is seen by `busy`.

@@ -19,17 +19,17 @@ mod resize;
 mod snapshot;
 pub(crate) mod throttle;
 
-pub use backend::{BackendError, BlockBackend, DeviceOps, HeldRoot};
-pub use commit::{start_commit, CommitOptions};
-pub use drain::DrainError;
-pub use in_flight::{kick_waiters, poll_while, InFlight, InFlightCounter};
-pub use job::Jobs;
-pub use node::{Child, ChildRole, Node};
-pub use open::{open_image, open_null, BackingPolicy, ImageFormat, ImageOptions};
-pub use parent::Parent;
+pub use backend::BlockBackend;
+pub(crate) use backend::{BackendError, DeviceOps, HeldRoot};
+pub(crate) use commit::{start_commit, CommitOptions};
+pub(crate) use in_flight::kick_waiters;
+pub(crate) use job::Jobs;
+pub(crate) use node::{ChildRole, Node};
+pub(crate) use open::open_null;
+pub use open::{open_image, BackingPolicy, ImageFormat, ImageOptions};
 pub use registry::Graph;
-pub use resize::{resize, ResizeError};
-pub use snapshot::{Action, OverlayMode};
+pub(crate) use resize::{resize, ResizeError};
+pub(crate) use snapshot::{Action, OverlayMode};
 
 #[cfg(test)]
 mod drain_tests;

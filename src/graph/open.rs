@@ -357,6 +357,6 @@ pub(crate) fn open_qcow2_node(
 }
 
 /// A `null` node of `size` bytes in `graph`.
-pub fn open_null(graph: &Graph, size: u64) -> Arc<Node> {
+pub(crate) fn open_null(graph: &Graph, size: u64) -> Arc<Node> {
     Node::new(graph, "null0", Box::new(NullDriver::new(size)), Vec::new())
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// What a node's parent (another node, or a BlockBackend) must do when the
 /// node is drained or resized.
-pub trait Parent: Send + Sync {
+pub(crate) trait Parent: Send + Sync {
     /// Stop sending new requests to the child. Must not change the graph
     /// and must not wait.
     fn drained_begin(&self);

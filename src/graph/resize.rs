@@ -9,7 +9,7 @@ use crate::uring;
 
 /// Why a node was not resized.
 #[derive(Debug, thiserror::Error)]
-pub enum ResizeError {
+pub(crate) enum ResizeError {
     #[error("Node '{0}' is read-only")]
     ReadOnly(String),
     #[error("Shrinking is not supported: node '{node}' is {old} bytes, {new} requested")]
@@ -24,7 +24,7 @@ pub enum ResizeError {
 /// the guest's writes past the old end may go on meanwhile, as any write
 /// before a flush). The same size again is nothing to do. Returns the old
 /// size.
-pub fn resize(node: &Arc<Node>, size: u64) -> Result<u64, ResizeError> {
+pub(crate) fn resize(node: &Arc<Node>, size: u64) -> Result<u64, ResizeError> {
     if node.is_read_only() {
         return Err(ResizeError::ReadOnly(node.name().to_string()));
     }

@@ -178,19 +178,19 @@ pub(super) fn try_with_reactor<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
 }
 
 /// Whether the calling thread is an iothread (can spawn and sleep on a ring).
-pub fn on_iothread() -> bool {
+pub(crate) fn on_iothread() -> bool {
     try_with_runtime(|_| ()).is_some()
 }
 
 /// Run `fut` as a task on the current iothread. Panics off an iothread.
-pub fn spawn(fut: impl Future<Output = ()> + 'static) {
+pub(crate) fn spawn(fut: impl Future<Output = ()> + 'static) {
     with_runtime(|rt| rt.spawn(|| fut))
 }
 
 /// Run the future `make` returns as a task on the current iothread,
 /// building it in the task's memory rather than moving it there (for
 /// large futures spawned per request). Panics off an iothread.
-pub fn spawn_with<F: Future<Output = ()> + 'static>(make: impl FnOnce() -> F) {
+pub(crate) fn spawn_with<F: Future<Output = ()> + 'static>(make: impl FnOnce() -> F) {
     with_runtime(|rt| rt.spawn(make))
 }
 
@@ -212,7 +212,7 @@ pub(super) fn own_task(waker: &Waker) -> Option<usize> {
 }
 
 /// Register a poller on the current iothread; returns an id for removal.
-pub fn add_poller(p: Rc<dyn Poller>) -> usize {
+pub(crate) fn add_poller(p: Rc<dyn Poller>) -> usize {
     with_runtime(|rt| {
         let id = rt.next_poller.get();
         rt.next_poller.set(id + 1);
@@ -221,27 +221,27 @@ pub fn add_poller(p: Rc<dyn Poller>) -> usize {
     })
 }
 
-pub fn remove_poller(id: usize) {
+pub(crate) fn remove_poller(id: usize) {
     with_runtime(|rt| rt.pollers.borrow_mut().retain(|(i, _)| *i != id))
 }
 
 /// The time the current loop turn started, for timestamps that need no
 /// more precision than a turn (per-request latency statistics): one clock
 /// read per turn instead of two per request. Off an iothread, the clock.
-pub fn now() -> std::time::Instant {
+pub(crate) fn now() -> std::time::Instant {
     try_with_runtime(|rt| rt.turn_started.get()).unwrap_or_else(std::time::Instant::now)
 }
 
 /// Run `f` once, after the tasks made ready in this loop turn have run and
 /// before the thread sleeps: used to batch guest notifications.
-pub fn on_turn_end(f: impl FnOnce() + 'static) {
+pub(crate) fn on_turn_end(f: impl FnOnce() + 'static) {
     with_runtime(|rt| rt.turn_end.borrow_mut().push(Box::new(f)))
 }
 
 /// Let the other tasks made ready in this loop turn run before this one
 /// goes on: a task that is about to write back state many tasks change
 /// (qcow2 metadata) yields once, so that one write covers them all.
-pub async fn yield_now() {
+pub(crate) async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
         if yielded {

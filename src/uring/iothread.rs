@@ -75,7 +75,7 @@ impl IoThreadHandle {
 }
 
 /// The iothreads of `all` called `ids`, in that order.
-pub fn find_iothreads(
+pub(crate) fn find_iothreads(
     all: &[IoThreadHandle],
     ids: &[String],
 ) -> Result<Vec<IoThreadHandle>, Error> {
@@ -90,7 +90,7 @@ pub fn find_iothreads(
 }
 
 /// An owned iothread; stopping waits for its tasks to finish.
-pub struct IoThread {
+pub(crate) struct IoThread {
     handle: IoThreadHandle,
     join: Option<JoinHandle<()>>,
 }
@@ -98,7 +98,7 @@ pub struct IoThread {
 impl IoThread {
     /// Start an iothread that busy-polls for up to `poll_max` (adaptively)
     /// before sleeping; zero disables polling.
-    pub fn start(name: &str, poll_max: std::time::Duration) -> io::Result<Self> {
+    pub(crate) fn start(name: &str, poll_max: std::time::Duration) -> io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(1);
         let join = std::thread::Builder::new()
             .name(name.to_string())
@@ -141,12 +141,12 @@ impl IoThread {
         })
     }
 
-    pub fn handle(&self) -> IoThreadHandle {
+    pub(crate) fn handle(&self) -> IoThreadHandle {
         self.handle.clone()
     }
 
     /// Ask the loop to exit once all its tasks are done, and wait for it.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.stop_inner();
     }
 

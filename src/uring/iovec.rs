@@ -20,10 +20,10 @@ use vm_memory::VolatileSlice;
 /// lists and the operations on them stay on the iothread that made them,
 /// and every request clones one, so its count is a plain add, not a
 /// locked instruction.
-pub type KeepAlive = Rc<dyn Any>;
+pub(crate) type KeepAlive = Rc<dyn Any>;
 
 /// Most pieces one `readv`/`writev` takes (Linux's UIO_MAXIOV).
-pub const IOV_MAX: usize = 1024;
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// A list of host buffers plus the owner that keeps them valid.
 ///

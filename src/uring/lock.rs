@@ -15,7 +15,7 @@ struct State {
     waiters: VecDeque<Waker>,
 }
 
-pub struct AsyncMutex<T> {
+pub(crate) struct AsyncMutex<T> {
     state: Mutex<State>,
     value: UnsafeCell<T>,
 }
@@ -26,7 +26,7 @@ unsafe impl<T: Send> Send for AsyncMutex<T> {}
 unsafe impl<T: Send> Sync for AsyncMutex<T> {}
 
 impl<T> AsyncMutex<T> {
-    pub fn new(value: T) -> Self {
+    pub(crate) fn new(value: T) -> Self {
         AsyncMutex {
             state: Mutex::new(State {
                 locked: false,
@@ -36,7 +36,7 @@ impl<T> AsyncMutex<T> {
         }
     }
 
-    pub fn lock(&self) -> Lock<'_, T> {
+    pub(crate) fn lock(&self) -> Lock<'_, T> {
         Lock { mutex: self }
     }
 
@@ -54,7 +54,7 @@ impl<T> AsyncMutex<T> {
     }
 }
 
-pub struct Lock<'a, T> {
+pub(crate) struct Lock<'a, T> {
     mutex: &'a AsyncMutex<T>,
 }
 
@@ -74,7 +74,7 @@ impl<'a, T> Future for Lock<'a, T> {
     }
 }
 
-pub struct Guard<'a, T> {
+pub(crate) struct Guard<'a, T> {
     mutex: &'a AsyncMutex<T>,
 }
 

@@ -15,13 +15,14 @@ mod reactor;
 mod slot;
 mod task;
 
-pub use eventfd::signal_eventfd;
-pub use executor::{
-    add_poller, block_on, now, on_iothread, on_turn_end, remove_poller, spawn, spawn_with,
-    yield_now, LoopTimes,
+pub(crate) use eventfd::signal_eventfd;
+pub use executor::block_on;
+pub(crate) use executor::{
+    add_poller, now, on_iothread, on_turn_end, remove_poller, spawn, spawn_with, yield_now,
 };
-pub use iothread::{find_iothreads, IoThread, IoThreadHandle};
-pub use iovec::{AlignedBuf, IoVec, KeepAlive, IOV_MAX};
-pub use lock::AsyncMutex;
-pub use poll::{DriverPollDetector, Poller, PollingDriver};
-pub use slot::{thread_slot, THREAD_SLOTS};
+pub(crate) use iothread::{find_iothreads, IoThread, IoThreadHandle};
+pub(crate) use iovec::IOV_MAX;
+pub use iovec::{AlignedBuf, IoVec};
+pub(crate) use lock::AsyncMutex;
+pub(crate) use poll::{DriverPollDetector, Poller, PollingDriver};
+pub(crate) use slot::{thread_slot, THREAD_SLOTS};

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Something an iothread can poll for work without blocking (a virtqueue).
-pub trait Poller {
+pub(crate) trait Poller {
     /// Look for new work and start it; true if any was found.
     fn poll(self: std::rc::Rc<Self>) -> bool;
     /// Polling is over and the thread will sleep: re-enable notifications.
@@ -93,10 +93,10 @@ impl Drop for SpinSlot<'_> {
 
 /// Held while a virtqueue's driver polls its used ring instead of waiting
 /// for notifications: such a driver keeps a CPU busy, see [`SpinBudget`].
-pub struct PollingDriver(&'static SpinBudget);
+pub(crate) struct PollingDriver(&'static SpinBudget);
 
 impl PollingDriver {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::counted_in(&BUDGET)
     }
 
@@ -125,7 +125,7 @@ impl Drop for PollingDriver {
 /// of completions. A driver that needed no notification for many queues'
 /// worth reaps by polling.
 #[derive(Default)]
-pub struct DriverPollDetector {
+pub(crate) struct DriverPollDetector {
     unnotified: u32,
 }
 
@@ -135,13 +135,13 @@ impl DriverPollDetector {
     const POLLING_AFTER: u32 = 4096;
 
     /// A completion was put on the used ring.
-    pub fn completed(&mut self) {
+    pub(crate) fn completed(&mut self) {
         self.unnotified = self.unnotified.saturating_add(1);
     }
 
     /// The used ring was checked for whether the driver wants a
     /// notification (`needed`). Returns whether the driver seems to poll.
-    pub fn checked(&mut self, needed: bool) -> bool {
+    pub(crate) fn checked(&mut self, needed: bool) -> bool {
         if needed {
             self.unnotified = 0;
         }

@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Slots to hand out; the shared index is `THREAD_SLOTS`.
-pub const THREAD_SLOTS: usize = 16;
+pub(crate) const THREAD_SLOTS: usize = 16;
 
 /// Bit i set: slot i is held.
 static TAKEN: AtomicU32 = AtomicU32::new(0);
@@ -21,7 +21,7 @@ thread_local! {
 
 /// The slot the calling thread holds, if any: only this thread writes
 /// per-slot counters at that index.
-pub fn thread_slot() -> Option<usize> {
+pub(crate) fn thread_slot() -> Option<usize> {
     MINE.with(Cell::get)
 }
 
