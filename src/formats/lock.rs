@@ -375,5 +375,6 @@ mod tests {
         ro.change_to(rw, &a, &p).unwrap();
         let late = open(&p, false);
         assert!(ro.apply(&late, &p).is_err(), "writing again");
+        std::fs::remove_file(&p).unwrap();
     }
 }
