@@ -528,21 +528,16 @@ impl Pair {
     /// Poll the source's `query-migrate` until `done` says so; panics if
     /// the migration fails or 300 s pass.
     fn poll_migration(&mut self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            let info = self.src.qmp.ok("query-migrate", serde_json::json!({}));
+        let mut info = serde_json::Value::Null;
+        poll_every(Duration::from_millis(50), Duration::from_secs(300), || {
+            info = self.src.qmp.ok("query-migrate", serde_json::json!({}));
             if let Some("failed" | "cancelled") = info["status"].as_str() {
                 panic!("migration failed: {info}");
             }
-            if done(&info) {
-                return info;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "migration not there in 300 s: {info}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            done(&info).then_some(())
+        })
+        .unwrap_or_else(|| panic!("migration not there in 300 s: {info}"));
+        info
     }
 
     fn wait_completed(&mut self) -> serde_json::Value {
@@ -557,14 +552,11 @@ impl Pair {
         // The source says "completed" once it has sent the last state; the
         // destination loads it and starts its devices (our export's queues)
         // before it runs, so it may still say "inmigrate" for a moment.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            let status = self.dst.qmp.ok("query-status", serde_json::json!({}));
-            if status["status"] != "inmigrate" || std::time::Instant::now() >= deadline {
-                break status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut status = serde_json::Value::Null;
+        poll_every(Duration::from_millis(20), Duration::from_secs(60), || {
+            status = self.dst.qmp.ok("query-status", serde_json::json!({}));
+            (status["status"] != "inmigrate").then_some(())
+        });
         assert_eq!(status["status"], "running", "{status}");
         info
     }

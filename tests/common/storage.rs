@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{connect, wait_ready, Client, Daemon};
+use super::{connect, exit_within, wait_ready, Client, Daemon};
 
 /// Which daemon runs the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,17 +167,10 @@ impl Storage {
         let mut c = self.qsd.take().unwrap();
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("qemu-storage-daemon did not exit within 60 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exit_within(&mut c, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = c.kill();
+            panic!("qemu-storage-daemon did not exit within 60 s of SIGTERM");
+        })
     }
 
     /// SIGKILL, and wait until the process is gone.
