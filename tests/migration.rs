@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use common::frontend::*;
+use common::qsd::QsdArgs;
 use common::*;
 use vhost::vhost_user::message::{FrontendReq as R, VhostUserProtocolFeatures};
 
@@ -474,25 +475,12 @@ fn start_pair(name: &str, test: &str, log_off: bool) -> Pair {
     let img = dir.path("disk.raw");
     make_raw(&img, 128 * MIB);
     let (src_sock, dst_sock) = (dir.path("src.sock"), dir.path("dst.sock"));
-    let file = format!("driver=file,node-name=file0,filename={}", img.display());
-    let export = |id: &str, sock: &std::path::Path| {
-        format!(
-            "type=vhost-user-blk,id={id},node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=2",
-            sock.display()
-        )
-    };
-    let args = [
-        "--blockdev".to_string(),
-        file,
-        "--blockdev".into(),
-        "driver=raw,node-name=disk0,file=file0".into(),
-        "--export".into(),
-        export("src", &src_sock),
-        "--export".into(),
-        export("dst", &dst_sock),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_qsd(&dst_sock, &args, |cmd| {
+    let args = QsdArgs::new()
+        .file_node("file0", &img)
+        .blockdev("driver=raw,node-name=disk0,file=file0")
+        .vhost_export("src", "disk0", &src_sock, "writable=on,num-queues=2")
+        .vhost_export("dst", "disk0", &dst_sock, "writable=on,num-queues=2");
+    let daemon = Daemon::start_qsd(&dst_sock, &args.build(), |cmd| {
         if log_off {
             cmd.env(LOG_OFF_ENV, "1");
         }

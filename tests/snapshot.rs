@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use blkio::{Blkioq, Completion};
 use common::qemu_img::{check, identical, qemu_img};
 use common::qmp::Qmp;
-use common::storage::{connect_to, Impl, QsdArgs, Storage};
+use common::qsd::QsdArgs;
+use common::storage::{connect_to, Impl, Storage};
 use common::*;
 use serde_json::{json, Value};
 
@@ -87,11 +88,15 @@ fn start_disks(which: Impl, dir: &TestDir, two: bool) -> (Storage, Qmp) {
     for (n, io) in disks {
         let img = dir.path(&format!("{n}.raw"));
         make_raw(&img, DISK);
-        args =
-            args.raw(n, &img)
-                .export(&format!("e{n}"), n, &dir.path(&format!("{n}.sock")), io, 1);
+        args = args.raw(n, &img).writable_export(
+            &format!("e{n}"),
+            n,
+            &dir.path(&format!("{n}.sock")),
+            io,
+            1,
+        );
     }
-    let args = args.monitor(&dir.path("qmp.sock"));
+    let args = args.monitor("mon0", &dir.path("qmp.sock"));
     let st = Storage::start(which, &dir.0, &args, &dir.path("a.sock"));
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     q.set_timeout(QMP_LIMIT);
@@ -893,8 +898,8 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
     let args = QsdArgs::new()
         .iothread("io0")
         .qcow2("a", &base)
-        .export("ea", "a", &sock, "io0", 1)
-        .monitor(&dir.path("qmp.sock"));
+        .writable_export("ea", "a", &sock, "io0", 1)
+        .monitor("mon0", &dir.path("qmp.sock"));
     let st = Storage::start(which, &dir.0, &args, &sock);
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     q.set_timeout(QMP_LIMIT);
@@ -954,7 +959,7 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
     let args = QsdArgs::new()
         .iothread("io0")
         .qcow2("top", &ov)
-        .export("ea", "top", &sock, "io0", 1);
+        .writable_export("ea", "top", &sock, "io0", 1);
     let st = Storage::start(which, &dir.0, &args, &sock);
     let mut c = connect_to(which, &sock, 1);
     let mut want = vec![0u8; ROUND_BS];
@@ -1012,7 +1017,7 @@ fn a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon(which: Impl) {
     let args = QsdArgs::new()
         .iothread("io0")
         .qcow2("top", &top)
-        .export("e", "top", &sock, "io0", 1);
+        .writable_export("e", "top", &sock, "io0", 1);
     let qsd = Storage::start(Impl::Qsd, &dir.0, &args, &sock);
     let mut c = connect_to(Impl::Qsd, &sock, 1);
     assert_reads_as(&mut c, &model, "qemu-storage-daemon on the chain");

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,6 +15,7 @@ pub mod frontend;
 pub mod guest;
 pub mod qemu_img;
 pub mod qmp;
+pub mod qsd;
 pub mod recorder;
 pub mod storage;
 
@@ -211,7 +213,11 @@ impl Daemon {
 
     /// Start ringblk with qemu-storage-daemon's options (`--blockdev`,
     /// `--export`, ...); `sock` is one export's socket.
-    pub fn start_qsd(sock: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Daemon {
+    pub fn start_qsd<S: AsRef<OsStr>>(
+        sock: &Path,
+        args: &[S],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
         cmd.args(args);
         configure(&mut cmd);
