@@ -56,17 +56,14 @@ fn start(name: &str) -> Setup {
 /// The daemon's open fds and threads while it answers a probe connection,
 /// waiting (bounded) for late closes to bring them down to the bases.
 fn settle(pid: i32, sock: &Path, fds: usize, tasks: usize) -> (usize, usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut now = (0, 0);
+    poll_every(Duration::from_millis(10), Duration::from_secs(10), || {
         let fe = Frontend::connect(sock);
         assert!(fe.alive(), "the daemon does not answer a new frontend");
-        let now = (fd_count(pid), task_count(pid));
-        if (now.0 <= fds && now.1 <= tasks) || Instant::now() > deadline {
-            return now;
-        }
-        drop(fe);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        now = (fd_count(pid), task_count(pid));
+        (now.0 <= fds && now.1 <= tasks).then_some(())
+    });
+    now
 }
 
 fn write_read(sock: &Path, round: u64) {

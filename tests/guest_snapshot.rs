@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use common::guest::run_guest_talking;
 use common::qmp::Qmp;
-use common::storage::{Impl, QsdArgs, Storage};
+use common::qsd::QsdArgs;
+use common::storage::{Impl, Storage};
 use common::*;
 use serde_json::json;
 
@@ -71,8 +72,8 @@ fn a_guest_verifies_its_disk_through_a_live_snapshot_and_commit(which: Impl) {
     let args = QsdArgs::new()
         .iothread("io0")
         .raw("a", &img)
-        .export("ea", "a", &sock, "io0", 2)
-        .monitor(&qmp_sock);
+        .writable_export("ea", "a", &sock, "io0", 2)
+        .monitor("mon0", &qmp_sock);
     let st = Storage::start(which, &dir.0, &args, &sock);
     let mut q = Qmp::connect(&qmp_sock);
     q.set_timeout(Duration::from_secs(10));

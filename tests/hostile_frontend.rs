@@ -943,17 +943,14 @@ fn outcome(c: &Ctx) -> Expect {
 /// are gone; their queues' fds are released by the iothreads just after,
 /// so wait (bounded) for the count to come down to `base`.
 fn probe_fds(pid: i32, sock: &std::path::Path, base: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut n = 0;
+    poll_every(Duration::from_millis(10), Duration::from_secs(10), || {
         let fe = Frontend::connect(sock);
         assert!(fe.alive(), "the daemon does not answer a new frontend");
-        let n = fd_count(pid);
-        if n <= base || Instant::now() > deadline {
-            return n;
-        }
-        drop(fe);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        n = fd_count(pid);
+        (n <= base).then_some(())
+    });
+    n
 }
 
 fn write_read(sock: &std::path::Path, round: u64) {

@@ -87,15 +87,15 @@ fn push_request(mem: &GuestMem, q: &mut Virtqueue, write: bool, round: u64) {
 /// at the used ring only: the driver neither consumes them nor reads its
 /// call eventfd.
 fn wait_used_idx(mem: &GuestMem, q: &Virtqueue, n: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while q.used_idx(mem) != n {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not complete the request (used index {})",
-            q.used_idx(mem)
-        );
-        std::thread::yield_now();
-    }
+    let mut idx = 0;
+    let done = poll_every(Duration::ZERO, Duration::from_secs(10), || {
+        idx = q.used_idx(mem);
+        (idx == n).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "the daemon did not complete the request (used index {idx})"
+    );
 }
 
 /// Take the pending used entry (it must be head 0 with a good status);

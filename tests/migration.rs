@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use common::frontend::*;
+use common::qsd::QsdArgs;
 use common::*;
 use vhost::vhost_user::message::{FrontendReq as R, VhostUserProtocolFeatures};
 
@@ -474,25 +475,12 @@ fn start_pair(name: &str, test: &str, log_off: bool) -> Pair {
     let img = dir.path("disk.raw");
     make_raw(&img, 128 * MIB);
     let (src_sock, dst_sock) = (dir.path("src.sock"), dir.path("dst.sock"));
-    let file = format!("driver=file,node-name=file0,filename={}", img.display());
-    let export = |id: &str, sock: &std::path::Path| {
-        format!(
-            "type=vhost-user-blk,id={id},node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=2",
-            sock.display()
-        )
-    };
-    let args = [
-        "--blockdev".to_string(),
-        file,
-        "--blockdev".into(),
-        "driver=raw,node-name=disk0,file=file0".into(),
-        "--export".into(),
-        export("src", &src_sock),
-        "--export".into(),
-        export("dst", &dst_sock),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_qsd(&dst_sock, &args, |cmd| {
+    let args = QsdArgs::new()
+        .file_node("file0", &img)
+        .blockdev("driver=raw,node-name=disk0,file=file0")
+        .vhost_export("src", "disk0", &src_sock, "writable=on,num-queues=2")
+        .vhost_export("dst", "disk0", &dst_sock, "writable=on,num-queues=2");
+    let daemon = Daemon::start_qsd(&dst_sock, &args.build(), |cmd| {
         if log_off {
             cmd.env(LOG_OFF_ENV, "1");
         }
@@ -528,21 +516,16 @@ impl Pair {
     /// Poll the source's `query-migrate` until `done` says so; panics if
     /// the migration fails or 300 s pass.
     fn poll_migration(&mut self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            let info = self.src.qmp.ok("query-migrate", serde_json::json!({}));
+        let mut info = serde_json::Value::Null;
+        poll_every(Duration::from_millis(50), Duration::from_secs(300), || {
+            info = self.src.qmp.ok("query-migrate", serde_json::json!({}));
             if let Some("failed" | "cancelled") = info["status"].as_str() {
                 panic!("migration failed: {info}");
             }
-            if done(&info) {
-                return info;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "migration not there in 300 s: {info}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            done(&info).then_some(())
+        })
+        .unwrap_or_else(|| panic!("migration not there in 300 s: {info}"));
+        info
     }
 
     fn wait_completed(&mut self) -> serde_json::Value {
@@ -557,14 +540,11 @@ impl Pair {
         // The source says "completed" once it has sent the last state; the
         // destination loads it and starts its devices (our export's queues)
         // before it runs, so it may still say "inmigrate" for a moment.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            let status = self.dst.qmp.ok("query-status", serde_json::json!({}));
-            if status["status"] != "inmigrate" || std::time::Instant::now() >= deadline {
-                break status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut status = serde_json::Value::Null;
+        poll_every(Duration::from_millis(20), Duration::from_secs(60), || {
+            status = self.dst.qmp.ok("query-status", serde_json::json!({}));
+            (status["status"] != "inmigrate").then_some(())
+        });
         assert_eq!(status["status"], "running", "{status}");
         info
     }

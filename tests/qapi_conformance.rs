@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::qemu_img::qemu_img;
 use common::qmp::Qmp;
+use common::qsd::QsdArgs;
 use common::*;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -30,22 +31,18 @@ fn s(p: &Path) -> String {
 }
 
 fn command_line(dir: &TestDir) -> Vec<String> {
-    let d = |f: &str| s(&dir.path(f));
-    [
-        "--object", "iothread,id=io0",
-        "--blockdev", &format!("driver=file,node-name=f0,filename={}", d("plain.raw")),
-        "--blockdev", "driver=raw,node-name=r0,file=f0",
-        "--blockdev", &format!("driver=file,node-name=qf,filename={}", d("top.qcow2")),
-        "--blockdev", "driver=qcow2,node-name=q0,file=qf",
-        "--blockdev", "driver=null-co,node-name=n0",
-        "--export", &format!("type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path={},writable=on,iothread=io0", d("e0.sock")),
-        "--export", &format!("type=vhost-user-blk,id=e1,node-name=q0,addr.type=unix,addr.path={},iothread=io0", d("e1.sock")),
-        "--chardev", &format!("socket,id=m,path={},server=on,wait=off", d("qmp.sock")),
-        "--monitor", "chardev=m",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
+    let d = |f: &str| dir.path(f);
+    QsdArgs::new()
+        .iothread("io0")
+        .file_node("f0", &d("plain.raw"))
+        .blockdev("driver=raw,node-name=r0,file=f0")
+        .file_node("qf", &d("top.qcow2"))
+        .blockdev("driver=qcow2,node-name=q0,file=qf")
+        .blockdev("driver=null-co,node-name=n0")
+        .vhost_export("e0", "r0", &d("e0.sock"), "writable=on,iothread=io0")
+        .vhost_export("e1", "q0", &d("e1.sock"), "iothread=io0")
+        .monitor("m", &d("qmp.sock"))
+        .build()
 }
 
 fn images(dir: &TestDir) {
@@ -108,8 +105,7 @@ fn replies_match_qemus_schema_and_qemu_storage_daemons_members() {
     let dir = TestDir::new("qapi");
     images(&dir);
     let args = command_line(&dir);
-    let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-    let d = Daemon::start_qsd(&dir.path("e0.sock"), &argv, |_| {});
+    let d = Daemon::start_qsd(&dir.path("e0.sock"), &args, |_| {});
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     // Some I/O so statistics are not all zero.
     let mut c = connect(&d.sock, 1).unwrap();

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::qemu_img::{assert_clean, qemu_img};
 use common::qmp::Qmp;
+use common::qsd::QsdArgs;
 use common::*;
 use serde_json::json;
 
@@ -23,33 +24,32 @@ fn s(p: &Path) -> String {
 /// Three chains (raw over file, qcow2 over a raw backing file, null-co),
 /// three exports over two iothreads, a QMP monitor and a pid file.
 fn command_line(dir: &TestDir) -> Vec<String> {
-    let d = |f: &str| s(&dir.path(f));
-    vec![
-        "--object".into(),
-        "iothread,id=io0".into(),
-        "--object".into(),
-        "iothread,id=io1,poll-max-ns=0".into(),
-        "--blockdev".into(),
-        format!("driver=file,node-name=f0,filename={},cache.direct=on,aio=io_uring", d("plain.raw")),
-        "--blockdev".into(),
-        "driver=raw,node-name=r0,file=f0".into(),
-        "--blockdev".into(),
-        format!("driver=qcow2,node-name=q0,file.driver=file,file.filename={}", d("top.qcow2")),
-        "--blockdev".into(),
-        r#"{"driver": "null-co", "node-name": "n0", "size": 67108864}"#.into(),
-        "--export".into(),
-        format!("type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path={},writable=on,iothread=io0", d("e0.sock")),
-        "--export".into(),
-        format!("type=vhost-user-blk,id=e1,node-name=q0,addr.type=unix,addr.path={},writable=on,num-queues=2,iothread=io1", d("e1.sock")),
-        "--export".into(),
-        format!("vhost-user-blk,id=e2,node-name=n0,addr.type=unix,addr.path={},iothread=io1", d("e2.sock")),
-        "--chardev".into(),
-        format!("socket,id=mon0,path={},server=on,wait=off", d("qmp.sock")),
-        "--monitor".into(),
-        "chardev=mon0".into(),
-        "--pidfile".into(),
-        d("daemon.pid"),
-    ]
+    let d = |f: &str| dir.path(f);
+    QsdArgs::new()
+        .iothread("io0")
+        .object("iothread,id=io1,poll-max-ns=0")
+        .blockdev(&format!(
+            "driver=file,node-name=f0,filename={},cache.direct=on,aio=io_uring",
+            s(&d("plain.raw"))
+        ))
+        .blockdev("driver=raw,node-name=r0,file=f0")
+        .qcow2("q0", &d("top.qcow2"))
+        .blockdev(r#"{"driver": "null-co", "node-name": "n0", "size": 67108864}"#)
+        .vhost_export("e0", "r0", &d("e0.sock"), "writable=on,iothread=io0")
+        .vhost_export(
+            "e1",
+            "q0",
+            &d("e1.sock"),
+            "writable=on,num-queues=2,iothread=io1",
+        )
+        // The first key, `type`, left implied.
+        .export(&format!(
+            "vhost-user-blk,id=e2,node-name=n0,addr.type=unix,addr.path={},iothread=io1",
+            s(&d("e2.sock"))
+        ))
+        .monitor("mon0", &d("qmp.sock"))
+        .pidfile(&d("daemon.pid"))
+        .build()
 }
 
 fn images(dir: &TestDir) {
@@ -115,9 +115,7 @@ fn verify_export_of(
 fn a_qsd_command_line_runs_unchanged() {
     let dir = TestDir::new("qsd-cli");
     images(&dir);
-    let args = command_line(&dir);
-    let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-    let d = Daemon::start_qsd(&dir.path("e0.sock"), &argv, |_| {});
+    let d = Daemon::start_qsd(&dir.path("e0.sock"), &command_line(&dir), |_| {});
     let pid: i32 = std::fs::read_to_string(dir.path("daemon.pid"))
         .unwrap()
         .trim()
@@ -210,24 +208,12 @@ fn qemu_storage_daemon_takes_the_same_command_line() {
 fn an_iothread_list_spreads_the_queues() {
     let dir = TestDir::new("qsd-iothreads");
     let sock = dir.path("e.sock");
-    let export = format!(
-        "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={},num-queues=4,iothread.0=a,iothread.1=b",
-        s(&sock)
-    );
-    let d = Daemon::start_qsd(
-        &sock,
-        &[
-            "--object",
-            "iothread,id=a",
-            "--object",
-            "iothread,id=b",
-            "--blockdev",
-            "driver=null-co,node-name=n",
-            "--export",
-            &export,
-        ],
-        |_| {},
-    );
+    let args = QsdArgs::new()
+        .iothread("a")
+        .iothread("b")
+        .blockdev("driver=null-co,node-name=n")
+        .vhost_export("e", "n", &sock, "num-queues=4,iothread.0=a,iothread.1=b");
+    let d = Daemon::start_qsd(&sock, &args.build(), |_| {});
     verify_export(&sock, 4, false, 0);
     let names = thread_names(d.pid());
     assert!(
@@ -360,25 +346,11 @@ fn blockdev_add_and_del_over_qmp() {
     images(&dir);
     let e0 = dir.path("e0.sock");
     let qmp_sock = dir.path("qmp.sock");
-    let export = format!(
-        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={}",
-        s(&e0)
-    );
-    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
-    let d = Daemon::start_qsd(
-        &e0,
-        &[
-            "--blockdev",
-            "driver=null-co,node-name=n0",
-            "--export",
-            &export,
-            "--chardev",
-            &chardev,
-            "--monitor",
-            "chardev=m",
-        ],
-        |_| {},
-    );
+    let args = QsdArgs::new()
+        .blockdev("driver=null-co,node-name=n0")
+        .vhost_export("e0", "n0", &e0, "")
+        .monitor("m", &qmp_sock);
+    let d = Daemon::start_qsd(&e0, &args.build(), |_| {});
     let mut q = Qmp::connect(&qmp_sock);
     let names = |q: &mut Qmp| -> Vec<String> {
         q.ok("query-named-block-nodes", json!({}))
@@ -492,25 +464,11 @@ fn detect_zeroes_and_inherited_cache_options() {
         "driver=raw,node-name=z,detect-zeroes=unmap,discard=unmap,cache.direct=on,cache.no-flush=on,file.driver=file,file.filename={}",
         s(&img)
     );
-    let export = format!(
-        "type=vhost-user-blk,id=e,node-name=z,addr.type=unix,addr.path={},writable=on",
-        s(&sock)
-    );
-    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
-    let d = Daemon::start_qsd(
-        &sock,
-        &[
-            "--blockdev",
-            &blockdev,
-            "--export",
-            &export,
-            "--chardev",
-            &chardev,
-            "--monitor",
-            "chardev=m",
-        ],
-        |_| {},
-    );
+    let args = QsdArgs::new()
+        .blockdev(&blockdev)
+        .vhost_export("e", "z", &sock, "writable=on")
+        .monitor("m", &qmp_sock);
+    let d = Daemon::start_qsd(&sock, &args.build(), |_| {});
     let mut c = connect(&sock, 1).unwrap();
     c.buf()[..MIB as usize].fill(0);
     for i in 0..16 {
@@ -559,15 +517,10 @@ fn a_raw_window_of_a_file() {
         "driver=raw,node-name=w,offset=1M,size=4M,file.driver=file,file.filename={}",
         s(&img)
     );
-    let export = format!(
-        "type=vhost-user-blk,id=e,node-name=w,addr.type=unix,addr.path={},writable=on",
-        s(&sock)
-    );
-    let d = Daemon::start_qsd(
-        &sock,
-        &["--blockdev", &blockdev, "--export", &export],
-        |_| {},
-    );
+    let args = QsdArgs::new()
+        .blockdev(&blockdev)
+        .vhost_export("e", "w", &sock, "writable=on");
+    let d = Daemon::start_qsd(&sock, &args.build(), |_| {});
     let mut c = connect(&sock, 1).unwrap();
     assert_eq!(c.capacity(), 4 * MIB);
     c.buf()[..4096].fill(0x77);

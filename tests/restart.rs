@@ -170,11 +170,11 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
     push_writes(mem, vq, n);
     // Wait for the daemon to have popped (and marked) the batch.
     let view = &region.as_ref().unwrap().2;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while view.in_flight() == 0 && vq.used_idx(mem) == used_before {
-        assert!(Instant::now() < deadline, "round {n}: nothing was popped");
-        std::thread::yield_now();
-    }
+    spin_until(
+        Duration::from_secs(10),
+        &format!("round {n}: nothing was popped"),
+        || view.in_flight() != 0 || vq.used_idx(mem) != used_before,
+    );
     end(d, exit, &format!("round {n}"));
     drop(fe);
     let done = vq.used_idx(mem).wrapping_sub(used_before);

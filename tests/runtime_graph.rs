@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::qemu_img::{assert_clean, qemu_img};
 use common::qmp::Qmp;
+use common::qsd::QsdArgs;
 use common::*;
 use serde_json::json;
 
@@ -124,25 +125,11 @@ fn export_add_errors_change_nothing() {
     let dir = TestDir::new("export-errors");
     let sock = dir.path("a.sock");
     let qmp_sock = dir.path("qmp.sock");
-    let export = format!(
-        "type=vhost-user-blk,id=ea,node-name=n,addr.type=unix,addr.path={}",
-        s(&sock)
-    );
-    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
-    let d = Daemon::start_qsd(
-        &sock,
-        &[
-            "--blockdev",
-            "driver=null-co,node-name=n",
-            "--export",
-            &export,
-            "--chardev",
-            &chardev,
-            "--monitor",
-            "chardev=m",
-        ],
-        |_| {},
-    );
+    let args = QsdArgs::new()
+        .blockdev("driver=null-co,node-name=n")
+        .vhost_export("ea", "n", &sock, "")
+        .monitor("m", &qmp_sock);
+    let d = Daemon::start_qsd(&sock, &args.build(), |_| {});
     let mut q = Qmp::connect(&qmp_sock);
     let other = s(&dir.path("b.sock"));
     let cases = [
@@ -203,27 +190,12 @@ fn qsd_with_export(dir: &TestDir, queues: u16, direct: bool) -> (Daemon, std::pa
         s(&img),
         if direct { "on" } else { "off" }
     );
-    let export = format!(
-        "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path={},writable=on,iothread=io0,num-queues={queues}",
-        s(&sock)
-    );
-    let chardev = format!("socket,id=m,path={},server=on,wait=off", s(&qmp_sock));
-    let d = Daemon::start_qsd(
-        &sock,
-        &[
-            "--object",
-            "iothread,id=io0",
-            "--blockdev",
-            &blockdev,
-            "--export",
-            &export,
-            "--chardev",
-            &chardev,
-            "--monitor",
-            "chardev=m",
-        ],
-        |_| {},
-    );
+    let args = QsdArgs::new()
+        .iothread("io0")
+        .blockdev(&blockdev)
+        .writable_export("ea", "a", &sock, "io0", queues)
+        .monitor("m", &qmp_sock);
+    let d = Daemon::start_qsd(&sock, &args.build(), |_| {});
     (d, qmp_sock)
 }
 

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::qemu_img::qemu_img;
+use common::qsd::QsdArgs;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -128,17 +129,13 @@ impl Qsd {
     fn start(dir: &TestDir, img: &Path, fmt: &str) -> Qsd {
         let pidfile = dir.path(&format!("qsd-{fmt}.pid"));
         let _ = std::fs::remove_file(&pidfile);
-        let blockdev = format!(
-            "driver={fmt},node-name=n0,file.driver=file,file.filename={}",
-            s(img)
-        );
-        let export = format!(
-            "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on",
-            s(&dir.path(&format!("qsd-{fmt}.sock")))
-        );
+        let sock = dir.path(&format!("qsd-{fmt}.sock"));
+        let args = QsdArgs::new()
+            .image(fmt, "n0", img)
+            .vhost_export("e0", "n0", &sock, "writable=on")
+            .pidfile(&pidfile);
         let child = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &blockdev, "--export", &export, "--pidfile"])
-            .arg(&pidfile)
+            .args(args.build())
             .stdout(Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon is required (scripts/test installs it)");

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use blkio::{Blkioq, Completion};
 use common::qemu_img::{check, identical, qemu_img};
 use common::qmp::Qmp;
-use common::storage::{connect_to, Impl, QsdArgs, Storage};
+use common::qsd::QsdArgs;
+use common::storage::{connect_to, Impl, Storage};
 use common::*;
 use serde_json::{json, Value};
 
@@ -87,11 +88,15 @@ fn start_disks(which: Impl, dir: &TestDir, two: bool) -> (Storage, Qmp) {
     for (n, io) in disks {
         let img = dir.path(&format!("{n}.raw"));
         make_raw(&img, DISK);
-        args =
-            args.raw(n, &img)
-                .export(&format!("e{n}"), n, &dir.path(&format!("{n}.sock")), io, 1);
+        args = args.raw(n, &img).writable_export(
+            &format!("e{n}"),
+            n,
+            &dir.path(&format!("{n}.sock")),
+            io,
+            1,
+        );
     }
-    let args = args.monitor(&dir.path("qmp.sock"));
+    let args = args.monitor("mon0", &dir.path("qmp.sock"));
     let st = Storage::start(which, &dir.0, &args, &dir.path("a.sock"));
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     q.set_timeout(QMP_LIMIT);
@@ -131,15 +136,6 @@ fn assert_exports_on(q: &mut Qmp, want: &[(&str, &str)], when: &str) {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
     assert_eq!(got, want, "{when}: exports (id, node) are on other nodes");
-}
-
-/// Wait (bounded) until `cond` holds.
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Up to QD completions, waiting at most `limit` for the first; none if
@@ -370,7 +366,7 @@ impl Writer {
     /// Wait (bounded) for `n` more completed writes.
     fn wait_for_more(&self, n: u64) {
         let start = self.done();
-        wait_until(Duration::from_secs(60), "writes completing", || {
+        poll_until(Duration::from_secs(60), "writes completing", || {
             self.done() >= start + n
         });
     }
@@ -902,8 +898,8 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
     let args = QsdArgs::new()
         .iothread("io0")
         .qcow2("a", &base)
-        .export("ea", "a", &sock, "io0", 1)
-        .monitor(&dir.path("qmp.sock"));
+        .writable_export("ea", "a", &sock, "io0", 1)
+        .monitor("mon0", &dir.path("qmp.sock"));
     let st = Storage::start(which, &dir.0, &args, &sock);
     let mut q = Qmp::connect(&dir.path("qmp.sock"));
     q.set_timeout(QMP_LIMIT);
@@ -911,7 +907,7 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
     let durable = Arc::new(AtomicU64::new(0));
     let c = connect_to(which, &sock, 1);
     let writer = round_writer(c, stop.clone(), durable.clone(), 1);
-    wait_until(
+    poll_until(
         Duration::from_secs(60),
         "round 2 durable in the base",
         || durable.load(Ordering::SeqCst) >= 2,
@@ -923,7 +919,7 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
                "format": "qcow2"}),
     );
     let at_snapshot = durable.load(Ordering::SeqCst);
-    wait_until(Duration::from_secs(60), "two rounds in the overlay", || {
+    poll_until(Duration::from_secs(60), "two rounds in the overlay", || {
         durable.load(Ordering::SeqCst) >= at_snapshot + 2
     });
     // The job runs (copying, or READY and mirroring) while rounds go on;
@@ -931,13 +927,12 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
     q.ok("block-commit", json!({"job-id": "c0", "device": "s1"}));
     if at_once {
         // As soon as the job has copied something.
-        let deadline = Instant::now() + JOB_LIMIT;
-        while q.ok("query-jobs", json!({}))[0]["current-progress"] == 0 {
-            assert!(Instant::now() < deadline, "the job copied nothing");
-        }
+        spin_until(JOB_LIMIT, "the job copied nothing", || {
+            q.ok("query-jobs", json!({}))[0]["current-progress"] != 0
+        });
     } else {
         let at_commit = durable.load(Ordering::SeqCst);
-        wait_until(
+        poll_until(
             Duration::from_secs(60),
             "a round flushed during the commit",
             || durable.load(Ordering::SeqCst) > at_commit,
@@ -964,7 +959,7 @@ fn killed_during_a_commit(which: Impl, at_once: bool) {
     let args = QsdArgs::new()
         .iothread("io0")
         .qcow2("top", &ov)
-        .export("ea", "top", &sock, "io0", 1);
+        .writable_export("ea", "top", &sock, "io0", 1);
     let st = Storage::start(which, &dir.0, &args, &sock);
     let mut c = connect_to(which, &sock, 1);
     let mut want = vec![0u8; ROUND_BS];
@@ -1022,7 +1017,7 @@ fn a_chain_made_live_opens_in_qemu_img_and_qemu_storage_daemon(which: Impl) {
     let args = QsdArgs::new()
         .iothread("io0")
         .qcow2("top", &top)
-        .export("e", "top", &sock, "io0", 1);
+        .writable_export("e", "top", &sock, "io0", 1);
     let qsd = Storage::start(Impl::Qsd, &dir.0, &args, &sock);
     let mut c = connect_to(Impl::Qsd, &sock, 1);
     assert_reads_as(&mut c, &model, "qemu-storage-daemon on the chain");

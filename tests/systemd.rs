@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::qsd::QsdArgs;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -94,31 +95,14 @@ fn the_qsd_form_says_ready_once_every_export_and_the_monitor_accept() {
     let notify_path = dir.path("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let (sa, sb, qmp) = (dir.path("a.sock"), dir.path("b.sock"), dir.path("qmp"));
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let args = [
-        "--object".to_string(),
-        "iothread,id=io0".into(),
-        "--blockdev".into(),
-        format!("driver=file,node-name=fa,filename={}", s(&a)),
-        "--blockdev".into(),
-        format!("driver=file,node-name=fb,filename={}", s(&b)),
-        "--export".into(),
-        format!(
-            "type=vhost-user-blk,id=ea,node-name=fa,addr.type=unix,addr.path={},iothread=io0",
-            s(&sa)
-        ),
-        "--export".into(),
-        format!(
-            "type=vhost-user-blk,id=eb,node-name=fb,addr.type=unix,addr.path={}",
-            s(&sb)
-        ),
-        "--chardev".into(),
-        format!("socket,id=m,path={},server=on,wait=off", s(&qmp)),
-        "--monitor".into(),
-        "chardev=m".into(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = Daemon::start_qsd(&sa, &args, |c| {
+    let args = QsdArgs::new()
+        .iothread("io0")
+        .file_node("fa", &a)
+        .file_node("fb", &b)
+        .vhost_export("ea", "fa", &sa, "iothread=io0")
+        .vhost_export("eb", "fb", &sb, "")
+        .monitor("m", &qmp);
+    let d = Daemon::start_qsd(&sa, &args.build(), |c| {
         c.env("NOTIFY_SOCKET", &notify_path);
     });
     let ready = until(&notify, "READY=1");

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::recorder::{Frame, Recorder};
 use common::*;
@@ -89,16 +89,7 @@ fn qemu_messages_pass_the_decoder() {
         .expect("qemu-system-x86_64");
     // SeaBIOS drives the disk: wait for its queue to start (QEMU never
     // exits by itself).
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let started = loop {
-        if d.stderr().contains("queue 0 started") {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let started = d.log_shows_within("queue 0 started", Duration::from_secs(40));
     let _ = qemu.kill();
     let _ = qemu.wait();
     let frames = rec.finish();

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,6 +15,7 @@ pub mod frontend;
 pub mod guest;
 pub mod qemu_img;
 pub mod qmp;
+pub mod qsd;
 pub mod recorder;
 pub mod storage;
 
@@ -69,6 +71,32 @@ impl std::fmt::Display for NotReady {
     }
 }
 
+/// Call `ready` until it gives a value, for at most `limit`, pausing
+/// `pause` between calls (zero: only yield the CPU, for a moment a test
+/// must not miss); None if it never gave one. The bounded waits below are
+/// this; a test uses it directly where a wait runs at its own pace or
+/// fails with what it last saw.
+pub fn poll_every<T>(
+    pause: Duration,
+    limit: Duration,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = ready() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        if pause.is_zero() {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause);
+        }
+    }
+}
+
 /// Poll `ready` every 20 ms until it gives a value, for as long as `child`
 /// runs and at most `timeout`: a process that is starting (a pid file it
 /// writes once up, a socket it listens on).
@@ -77,30 +105,44 @@ pub fn wait_ready<T>(
     timeout: Duration,
     mut ready: impl FnMut() -> Option<T>,
 ) -> Result<T, NotReady> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = ready() {
-            return Ok(v);
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            return Err(NotReady::Exited(st));
-        }
-        if Instant::now() > deadline {
-            return Err(NotReady::TimedOut(timeout));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_every(Duration::from_millis(20), timeout, || match ready() {
+        Some(v) => Some(Ok(v)),
+        None => child
+            .try_wait()
+            .unwrap()
+            .map(|st| Err(NotReady::Exited(st))),
+    })
+    .unwrap_or(Err(NotReady::TimedOut(timeout)))
+}
+
+/// Poll `ready` every millisecond until it gives a value, for at most
+/// `limit`; panic saying `what` did not happen if it never does.
+pub fn poll_for<T>(limit: Duration, what: &str, ready: impl FnMut() -> Option<T>) -> T {
+    poll_every(Duration::from_millis(1), limit, ready)
+        .unwrap_or_else(|| panic!("{what} (waited {limit:?})"))
 }
 
 /// Poll `done` every millisecond until it holds, for at most `limit`;
 /// panic saying `what` did not happen if it never does. For conditions
 /// nothing notifies us of (a log line, a ring index, a socket's queue).
 pub fn poll_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    poll_for(limit, what, || done().then_some(()))
+}
+
+/// [`poll_until`] without the pauses (the CPU is only yielded): for a
+/// moment the test acts on as soon as it comes (a kill while requests
+/// are in flight).
+pub fn spin_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    poll_every(Duration::ZERO, limit, || done().then_some(()))
+        .unwrap_or_else(|| panic!("{what} (waited {limit:?})"))
+}
+
+/// The exit status of `child` once it exits by itself, polled every 20 ms
+/// for at most `limit`; None if it still runs (for the caller to kill).
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    poll_every(Duration::from_millis(20), limit, || {
+        child.try_wait().unwrap()
+    })
 }
 
 /// A sparse raw image of `size` bytes.
@@ -171,7 +213,11 @@ impl Daemon {
 
     /// Start ringblk with qemu-storage-daemon's options (`--blockdev`,
     /// `--export`, ...); `sock` is one export's socket.
-    pub fn start_qsd(sock: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Daemon {
+    pub fn start_qsd<S: AsRef<OsStr>>(
+        sock: &Path,
+        args: &[S],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
         cmd.args(args);
         configure(&mut cmd);
@@ -266,14 +312,15 @@ impl Daemon {
     /// within 10 s (the log is read from its pipe by another thread, so a
     /// line written just now may not have arrived yet).
     pub fn log_shows(&self, needle: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.stderr().contains(needle) {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
+        self.log_shows_within(needle, Duration::from_secs(10))
+    }
+
+    /// [`Self::log_shows`], waiting at most `limit`.
+    pub fn log_shows_within(&self, needle: &str, limit: Duration) -> bool {
+        poll_every(Duration::from_millis(10), limit, || {
+            self.stderr.lock().unwrap().contains(needle).then_some(())
+        })
+        .is_some()
     }
 
     pub fn pid(&self) -> i32 {
@@ -288,17 +335,10 @@ impl Daemon {
     /// Wait up to `limit` for the process to exit by itself.
     pub fn wait_exit(mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("ringblk did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exit_within(&mut child, limit).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("ringblk did not exit within {limit:?}");
+        })
     }
 
     /// SIGTERM and wait (bounded) for the exit status.
@@ -464,19 +504,16 @@ pub fn fds_and_threads(pid: i32) -> (usize, usize) {
 /// Wait (bounded: client threads and queue fds go a moment after their
 /// connection) until `pid` is back to at most `base` fds and threads.
 pub fn assert_nothing_leaked(pid: i32, base: (usize, usize)) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = fds_and_threads(pid);
-        if now.0 <= base.0 && now.1 <= base.1 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fds and threads {now:?}, at the start {base:?}; threads {:?}",
-            thread_names(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut now = (0, 0);
+    let settled = poll_every(Duration::from_millis(20), Duration::from_secs(10), || {
+        now = fds_and_threads(pid);
+        (now.0 <= base.0 && now.1 <= base.1).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "fds and threads {now:?}, at the start {base:?}; threads {:?}",
+        thread_names(pid)
+    );
 }
 
 /// Run `ringblk ARGS` expecting it to refuse to start (bounded: one that
@@ -488,18 +525,11 @@ pub fn ringblk_refuses(args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(!status.success(), "ringblk {args:?} should have failed");
-            return err;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ringblk {args:?} started although it should have been refused");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let Some(status) = exit_within(&mut child, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        panic!("ringblk {args:?} started although it should have been refused");
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(!status.success(), "ringblk {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).to_string()
 }

@@ -5,82 +5,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{connect, wait_ready, Client, Daemon};
+use super::qsd::QsdArgs;
+use super::{connect, exit_within, wait_ready, Client, Daemon};
 
 /// Which daemon runs the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Impl {
     Ringblk,
     Qsd,
-}
-
-/// A qemu-storage-daemon command line, built option by option.
-#[derive(Clone, Default)]
-pub struct QsdArgs {
-    args: Vec<String>,
-}
-
-impl QsdArgs {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn opt(mut self, name: &str, value: String) -> Self {
-        self.args.push(name.into());
-        self.args.push(value);
-        self
-    }
-
-    pub fn iothread(self, id: &str) -> Self {
-        self.opt("--object", format!("iothread,id={id}"))
-    }
-
-    /// `--blockdev SPEC` (dotted keys or JSON).
-    pub fn blockdev(self, spec: &str) -> Self {
-        self.opt("--blockdev", spec.into())
-    }
-
-    /// A raw image as node `node` (file node inline).
-    pub fn raw(self, node: &str, img: &Path) -> Self {
-        self.blockdev(&format!(
-            "driver=raw,node-name={node},file.driver=file,file.filename={}",
-            img.display()
-        ))
-    }
-
-    /// A qcow2 image as node `node`, its backing chain as its header says.
-    pub fn qcow2(self, node: &str, img: &Path) -> Self {
-        self.blockdev(&format!(
-            "driver=qcow2,node-name={node},file.driver=file,file.filename={}",
-            img.display()
-        ))
-    }
-
-    /// A writable vhost-user-blk export of `node` on `sock`.
-    pub fn export(self, id: &str, node: &str, sock: &Path, iothread: &str, queues: u16) -> Self {
-        self.opt(
-            "--export",
-            format!(
-                "type=vhost-user-blk,id={id},node-name={node},addr.type=unix,addr.path={},writable=on,iothread={iothread},num-queues={queues}",
-                sock.display()
-            ),
-        )
-    }
-
-    /// A QMP monitor on `sock`.
-    pub fn monitor(self, sock: &Path) -> Self {
-        self.opt(
-            "--chardev",
-            format!("socket,id=mon0,path={},server=on,wait=off", sock.display()),
-        )
-        .opt("--monitor", "chardev=mon0".into())
-    }
-
-    pub fn args(&self) -> Vec<String> {
-        self.args.clone()
-    }
 }
 
 /// A running daemon of either kind.
@@ -99,20 +33,15 @@ impl Storage {
     pub fn start(which: Impl, dir: &Path, args: &QsdArgs, sock: &Path) -> Storage {
         let pidfile = dir.join("daemon.pid");
         let _ = std::fs::remove_file(&pidfile);
-        let mut argv = args.args();
-        argv.push("--pidfile".into());
-        argv.push(pidfile.to_str().unwrap().into());
+        let argv = args.clone().pidfile(&pidfile).build();
         let log = dir.join(format!("daemon-{}.log", std::process::id()));
         match which {
-            Impl::Ringblk => {
-                let a: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
-                Storage {
-                    which,
-                    ringblk: Some(Daemon::start_qsd(sock, &a, |_| {})),
-                    qsd: None,
-                    log,
-                }
-            }
+            Impl::Ringblk => Storage {
+                which,
+                ringblk: Some(Daemon::start_qsd(sock, &argv, |_| {})),
+                qsd: None,
+                log,
+            },
             Impl::Qsd => {
                 let f = std::fs::File::create(&log).unwrap();
                 let mut child = Command::new("qemu-storage-daemon")
@@ -167,17 +96,10 @@ impl Storage {
         let mut c = self.qsd.take().unwrap();
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("qemu-storage-daemon did not exit within 60 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exit_within(&mut c, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = c.kill();
+            panic!("qemu-storage-daemon did not exit within 60 s of SIGTERM");
+        })
     }
 
     /// SIGKILL, and wait until the process is gone.
