@@ -184,32 +184,7 @@ impl Node {
         self.driver
             .set_backing(backing.clone().map(|b| b as crate::formats::ChildRef))
             .map_err(|e| Error::unsupported(format!("node '{}': {e}", self.name)))?;
-        let me: Weak<dyn Parent> = Arc::downgrade(self) as Weak<dyn Parent>;
-        let mut edges = self.edges();
-        let old = edges
-            .iter()
-            .position(|(c, _)| c.role == ChildRole::Backing)
-            .map(|i| edges.remove(i));
-        if let Some(b) = backing {
-            let edge = b.parents.attach(me, false);
-            edges.push((
-                Child {
-                    role: ChildRole::Backing,
-                    node: b.clone(),
-                },
-                edge,
-            ));
-            drop(edges);
-            // A drained child drains its new parent, as in Node::new.
-            if b.quiesce_counter() > 0 {
-                b.parents.drained_begin();
-            }
-        } else {
-            drop(edges);
-        }
-        if let Some((c, edge)) = old {
-            c.node.parents.detach(edge);
-        }
+        self.replace_edge(ChildRole::Backing, backing);
         Ok(())
     }
 
@@ -219,28 +194,40 @@ impl Node {
         self.driver
             .set_file(file.clone() as crate::formats::ChildRef)
             .map_err(|e| Error::unsupported(format!("node '{}': {e}", self.name)))?;
+        self.replace_edge(ChildRole::File, Some(file));
+        Ok(())
+    }
+
+    /// The child edge in `role` now leads to `new` (None: no such child),
+    /// the driver told already. The new edge is attached before the old
+    /// one goes, so a drained section over either never lapses.
+    fn replace_edge(self: &Arc<Self>, role: ChildRole, new: Option<Arc<Node>>) {
         let me: Weak<dyn Parent> = Arc::downgrade(self) as Weak<dyn Parent>;
         let mut edges = self.edges();
         let old = edges
             .iter()
-            .position(|(c, _)| c.role == ChildRole::File)
+            .position(|(c, _)| c.role == role)
             .map(|i| edges.remove(i));
-        let edge = file.parents.attach(me, false);
-        edges.push((
-            Child {
-                role: ChildRole::File,
-                node: file.clone(),
-            },
-            edge,
-        ));
-        drop(edges);
-        if file.quiesce_counter() > 0 {
-            file.parents.drained_begin();
+        if let Some(n) = new {
+            let edge = n.parents.attach(me, false);
+            edges.push((
+                Child {
+                    role,
+                    node: n.clone(),
+                },
+                edge,
+            ));
+            drop(edges);
+            // A drained child drains its new parent, as in Node::new.
+            if n.quiesce_counter() > 0 {
+                n.parents.drained_begin();
+            }
+        } else {
+            drop(edges);
         }
         if let Some((c, edge)) = old {
             c.node.parents.detach(edge);
         }
-        Ok(())
     }
 
     /// Whether this node only passes requests on to its `file` child
