@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::Error;
 use crate::formats::BlockIo;
+use crate::graph::Node;
 use crate::os::listen::{bind_listener, SocketFile};
 use crate::os::ratelimit::LogLimiter;
 use crate::os::wait::{wait_for, Wake};
@@ -446,88 +447,66 @@ fn nodes(t: &mut Text, state: &DaemonState) {
             n.requests(),
         );
     }
-    t.family(
-        "ringblk_node_in_flight",
-        "gauge",
-        "Requests inside each node right now.",
-    );
-    for n in &sorted {
-        t.sample(
+    let gauges: [Family<Node>; 3] = [
+        (
             "ringblk_node_in_flight",
-            &[("node", n.name())],
-            n.in_flight(),
-        );
-    }
-    t.family(
-        "ringblk_node_size_bytes",
-        "gauge",
-        "Each node's virtual size.",
-    );
-    for n in &sorted {
-        t.sample("ringblk_node_size_bytes", &[("node", n.name())], n.size());
-    }
-    t.family(
-        "ringblk_node_drained",
-        "gauge",
-        "Drained sections covering each node.",
-    );
-    for n in &sorted {
-        t.sample(
+            "Requests inside each node right now.",
+            |n| n.in_flight(),
+        ),
+        (
+            "ringblk_node_size_bytes",
+            "Each node's virtual size.",
+            |n| n.size(),
+        ),
+        (
             "ringblk_node_drained",
-            &[("node", n.name())],
-            n.quiesce_counter(),
-        );
+            "Drained sections covering each node.",
+            |n| n.quiesce_counter() as u64,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        t.family(name, "gauge", help);
+        for n in &sorted {
+            t.sample(name, &[("node", n.name())], get(n));
+        }
     }
+    // The throttle filters' own figures, from their query members.
     let throttled: Vec<_> = sorted
         .iter()
         .filter_map(|n| {
             let info = n.driver_info();
             let group = info.get("x-throttle-group")?.as_str()?.to_string();
-            let get = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
-            Some((
-                n.name().to_string(),
-                group,
-                get("x-throttle-queued"),
-                get("x-throttled-requests"),
-                get("x-throttled-ns"),
-            ))
+            Some((n.name(), group, info))
         })
         .collect();
-    t.family(
-        "ringblk_throttle_queued_requests",
-        "gauge",
-        "Requests waiting in each throttle filter's queue.",
-    );
-    for (node, group, queued, _, _) in &throttled {
-        t.sample(
+    for (name, kind, help, member, scale) in [
+        (
             "ringblk_throttle_queued_requests",
-            &[("node", node), ("group", group)],
-            queued,
-        );
-    }
-    t.family(
-        "ringblk_throttle_delayed_requests_total",
-        "counter",
-        "Requests each throttle filter made wait.",
-    );
-    for (node, group, _, n, _) in &throttled {
-        t.sample(
+            "gauge",
+            "Requests waiting in each throttle filter's queue.",
+            "x-throttle-queued",
+            1.0,
+        ),
+        (
             "ringblk_throttle_delayed_requests_total",
-            &[("node", node), ("group", group)],
-            n,
-        );
-    }
-    t.family(
-        "ringblk_throttle_wait_seconds_total",
-        "counter",
-        "Time requests waited in each throttle filter, summed.",
-    );
-    for (node, group, _, _, ns) in &throttled {
-        t.sample(
+            "counter",
+            "Requests each throttle filter made wait.",
+            "x-throttled-requests",
+            1.0,
+        ),
+        (
             "ringblk_throttle_wait_seconds_total",
-            &[("node", node), ("group", group)],
-            secs(*ns),
-        );
+            "counter",
+            "Time requests waited in each throttle filter, summed.",
+            "x-throttled-ns",
+            1e-9,
+        ),
+    ] {
+        t.family(name, kind, help);
+        for (node, group, info) in &throttled {
+            let v = info.get(member).and_then(Value::as_u64).unwrap_or(0);
+            t.sample(name, &[("node", node), ("group", group)], v as f64 * scale);
+        }
     }
 }
 
