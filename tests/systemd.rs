@@ -8,8 +8,10 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::qmp::Qmp;
 use common::qsd::QsdArgs;
 use common::*;
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
@@ -80,6 +82,22 @@ fn serve_says_ready_once_its_sockets_accept_pings_the_watchdog_and_says_stopping
     // Pings every 100 ms (half of WATCHDOG_USEC): two in a row.
     until(&notify, "WATCHDOG=1");
     until(&notify, "WATCHDOG=1");
+    // An export added or deleted over QMP: STATUS= says so.
+    let mut q = Qmp::connect(&qmp);
+    let sock2 = dir.path("sock2");
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n1", "size": MIB}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "vdb", "node-name": "n1",
+               "addr": {"type": "unix", "path": sock2.to_str().unwrap()}}),
+    );
+    until(&notify, "STATUS=serving 2 export(s): vda, vdb");
+    q.ok("block-export-del", json!({"id": "vdb"}));
+    until(&notify, "STATUS=serving 1 export(s): vda");
+    drop(q);
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(d.pid(), libc::SIGTERM) };
     until(&notify, "STOPPING=1");

@@ -99,15 +99,7 @@ impl StorageDaemon {
     /// systemd, if it started us (`READY=1` with what is served), and start
     /// the watchdog pings it asked for.
     pub fn ready(&mut self) {
-        let ids: Vec<String> = self
-            .state
-            .exports()
-            .list()
-            .iter()
-            .map(|e| e.id.clone())
-            .collect();
-        let status = format!("serving {} export(s): {}", ids.len(), ids.join(", "));
-        self.systemd = systemd::Systemd::ready(&status, self.state.iothreads());
+        self.systemd = systemd::Systemd::ready(&self.state);
     }
 
     /// Shut down in this order: control clients are told and disconnected

@@ -1,6 +1,6 @@
 //! Telling systemd how the daemon is doing (`Type=notify` units):
 //! `READY=1` once every socket accepts connections, `STATUS=` saying what
-//! is served, `STOPPING=1` when shutdown begins, and `WATCHDOG=1` from a
+//! is served (again whenever QMP adds or deletes an export), `STOPPING=1` when shutdown begins, and `WATCHDOG=1` from a
 //! thread that first checks that every iothread still turns its loop, so a
 //! stuck iothread stops the pings and systemd restarts the daemon.
 
@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::os::notify::{watchdog_interval, Notifier};
+use crate::state::DaemonState;
 use crate::uring::IoThreadHandle;
 
 pub(super) struct Systemd {
@@ -20,7 +21,7 @@ pub(super) struct Systemd {
 impl Systemd {
     /// Send `READY=1` and `STATUS=status`, and start the watchdog if
     /// systemd asked for one. None when not started by systemd.
-    pub(super) fn ready(status: &str, iothreads: Vec<IoThreadHandle>) -> Option<Systemd> {
+    pub(super) fn ready(state: &DaemonState) -> Option<Systemd> {
         let notifier = match Notifier::from_env() {
             Ok(Some(n)) => std::sync::Arc::new(n),
             Ok(None) => return None,
@@ -29,9 +30,12 @@ impl Systemd {
                 return None;
             }
         };
-        if let Err(e) = notifier.send(&format!("READY=1\nSTATUS={status}")) {
+        // From here on, exports QMP adds or deletes update STATUS=.
+        state.announce_to(notifier.clone());
+        if let Err(e) = notifier.send(&format!("READY=1\nSTATUS={}", state.status_line())) {
             log::warn!("telling systemd we are ready: {e}");
         }
+        let iothreads = state.iothreads();
         let watchdog = watchdog_interval().and_then(|interval| {
             let (stop, stopped) = mpsc::channel();
             let n = notifier.clone();

@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::graph::throttle::Limits;
 use crate::graph::{BlockBackend, Graph};
 use crate::opts::Opts;
+use crate::os::notify::Notifier;
 use crate::uring::{find_iothreads, IoThread, IoThreadHandle};
 use crate::vhost::blk::export::BlkExport;
 use crate::vhost::exports::{ExportConfig, ExportOptions, ExportTable};
@@ -27,6 +28,9 @@ pub struct DaemonState {
     iothreads: Mutex<IoThreads>,
     /// Set by QMP `quit` before it raises SIGTERM, to name the reason.
     quit_requested: AtomicBool,
+    /// systemd's notification socket, once the daemon said it is ready:
+    /// exports added or deleted over QMP update `STATUS=`.
+    status: Mutex<Option<Arc<Notifier>>>,
 }
 
 #[derive(Default)]
@@ -145,7 +149,34 @@ impl DaemonState {
         } else {
             find_iothreads(&self.iothreads(), &iothreads)?
         };
-        self.exports.add(config, handles)
+        let backend = self.exports.add(config, handles)?;
+        self.announce();
+        Ok(backend)
+    }
+
+    /// What `STATUS=` says: the exports served.
+    pub(crate) fn status_line(&self) -> String {
+        let ids: Vec<String> = self.exports.list().iter().map(|e| e.id.clone()).collect();
+        format!("serving {} export(s): {}", ids.len(), ids.join(", "))
+    }
+
+    /// From now on, tell systemd through `n` when the exports change.
+    pub(crate) fn announce_to(&self, n: Arc<Notifier>) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+    }
+
+    /// The exports changed: a new `STATUS=`, if systemd listens.
+    fn announce(&self) {
+        let n = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(n) = n {
+            if let Err(e) = n.send(&format!("STATUS={}", self.status_line())) {
+                log::warn!("telling systemd what is served: {e}");
+            }
+        }
     }
 
     /// `--object` and QMP `object-add`: an `iothread` or a
@@ -254,8 +285,11 @@ impl DaemonState {
     /// export holds up no other graph change.
     pub fn remove_export(&self, id: &str, hard: bool) -> Result<(), Error> {
         let backend = self.exports.remove(id, hard)?;
-        let _g = self.graph.lock();
-        backend.eject();
+        {
+            let _g = self.graph.lock();
+            backend.eject();
+        }
+        self.announce();
         Ok(())
     }
 
