@@ -91,6 +91,11 @@ impl DaemonState {
         Self::start_iothread(&mut threads, id, poll_max).map(|_| ())
     }
 
+    /// The iothread called `id`.
+    fn iothread(&self, id: &str) -> Option<IoThreadHandle> {
+        self.iothreads().into_iter().find(|t| t.name() == id)
+    }
+
     /// Every iothread, in the order they started.
     pub fn iothreads(&self) -> Vec<IoThreadHandle> {
         self.threads().all.iter().map(IoThread::handle).collect()
@@ -214,14 +219,13 @@ impl DaemonState {
     }
 
     fn object_exists(&self, id: &str) -> bool {
-        self.graph.throttle_groups().contains(id)
-            || self.threads().all.iter().any(|t| t.handle().name() == id)
+        self.graph.throttle_groups().contains(id) || self.iothread(id).is_some()
     }
 
     /// QMP `object-del`: a throttle group no filter node uses. Iothreads
     /// live as long as the daemon.
     pub fn del_object(&self, id: &str) -> Result<(), Error> {
-        if self.threads().all.iter().any(|t| t.handle().name() == id) {
+        if self.iothread(id).is_some() {
             return Err(Error::busy(format!(
                 "object '{id}' is in use, can not be deleted"
             )));
@@ -242,7 +246,7 @@ impl DaemonState {
             };
             return Some(value);
         }
-        let t = self.iothreads().into_iter().find(|t| t.name() == id)?;
+        let t = self.iothread(id)?;
         Some(match prop {
             "poll-max-ns" => Ok(Value::from(t.poll_max().as_nanos() as u64)),
             _ => Err(not_a_property("iothread", prop)),
@@ -272,7 +276,7 @@ impl DaemonState {
                 (p, _) => Err(not_a_property("throttle-group", p)),
             });
         }
-        let t = self.iothreads().into_iter().find(|t| t.name() == id)?;
+        let t = self.iothread(id)?;
         Some(Err(Error::unsupported(format!(
             "iothread '{}': property '{prop}' cannot be changed at run time",
             t.name()

@@ -131,6 +131,25 @@ struct State {
     generation: u64,
 }
 
+impl State {
+    /// Where `member`'s queues are (`join` put them there; a member that
+    /// somehow is not listed gets them now).
+    fn member_index(&mut self, member: &Arc<Member>) -> usize {
+        if let Some(i) = self
+            .members
+            .iter()
+            .position(|m| m.member.as_ptr() == Arc::as_ptr(member))
+        {
+            return i;
+        }
+        self.members.push(MemberQueues {
+            member: Arc::downgrade(member),
+            queues: [VecDeque::new(), VecDeque::new()],
+        });
+        self.members.len() - 1
+    }
+}
+
 pub(crate) struct ThrottleGroup {
     name: String,
     state: Mutex<State>,
@@ -262,17 +281,7 @@ impl ThrottleGroup {
             bytes,
             state: Mutex::new(WaiterState::default()),
         });
-        let i = s
-            .members
-            .iter()
-            .position(|m| m.member.as_ptr() == Arc::as_ptr(member))
-            .unwrap_or_else(|| {
-                s.members.push(MemberQueues {
-                    member: Arc::downgrade(member),
-                    queues: [VecDeque::new(), VecDeque::new()],
-                });
-                s.members.len() - 1
-            });
+        let i = s.member_index(member);
         s.members[i].queues[dir as usize].push_back(waiter.clone());
         member.parked.fetch_add(1, Ordering::SeqCst);
         // A drain may have counted this request as dispatched (it was in
@@ -401,18 +410,15 @@ impl ThrottleGroup {
 
     /// The section ended: the member's queued requests go on with the
     /// budget the group has.
-    pub(super) fn member_drained_end(&self, member: &Member) {
+    pub(super) fn member_drained_end(&self, member: &Arc<Member>) {
         if member.quiesced.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
-        let s = self.state();
-        for m in &s.members {
-            if std::ptr::eq(m.member.as_ptr(), member) {
-                for q in &m.queues {
-                    if let Some(w) = q.front() {
-                        w.nudge();
-                    }
-                }
+        let mut s = self.state();
+        let i = s.member_index(member);
+        for q in &s.members[i].queues {
+            if let Some(w) = q.front() {
+                w.nudge();
             }
         }
     }
