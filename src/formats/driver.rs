@@ -1,5 +1,6 @@
 //! The driver trait every format and protocol driver implements.
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -11,12 +12,24 @@ use crate::uring::IoVec;
 /// A request in flight on the current iothread.
 pub type IoFuture<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + 'a>>;
 
+/// Lets the graph recognise one of its own nodes behind a `dyn BlockIo`
+/// (see [`BlockDriver::passes_to`]). Implemented for every type.
+pub trait AsAny {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// The I/O interface shared by drivers and by the graph's nodes.
 ///
 /// Offsets and lengths are bytes; callers (the BlockBackend) have already
 /// checked them against `size()`. Futures run on the caller's iothread and
 /// submit to that thread's ring.
-pub trait BlockIo: Send + Sync {
+pub trait BlockIo: AsAny + Send + Sync {
     /// Virtual size in bytes.
     fn size(&self) -> u64;
     fn read<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a>;
@@ -87,6 +100,14 @@ pub trait BlockDriver: BlockIo {
     /// changing nothing (QEMU's filters).
     fn is_filter(&self) -> bool {
         false
+    }
+    /// The child a read or write starting now would reach unchanged: a
+    /// filter with nothing to do (a throttle filter whose group has no
+    /// limits) lets its node hand the request straight to the child,
+    /// saving a layer per request. None: the request goes through
+    /// `read`/`write` as usual.
+    fn passes_to(&self) -> Option<&dyn BlockIo> {
+        None
     }
     /// What the driver shows of its state in `query-named-block-nodes`
     /// and `query-blockstats` (ringblk's own `x-` members).

@@ -62,6 +62,9 @@ pub struct Node {
     no_flush: AtomicBool,
     /// QEMU's `detect-zeroes` (a [`DetectZeroes`] as u8).
     detect_zeroes: AtomicU8,
+    /// `driver.is_filter()`, kept so that a request on any other node
+    /// skips asking `passes_to`.
+    filter: bool,
 }
 
 /// QEMU's `detect-zeroes`: writes of all-zero data become write-zeroes.
@@ -94,7 +97,6 @@ impl Node {
             Node {
                 name: name.to_string(),
                 graph: graph.clone(),
-                driver,
                 children: Mutex::new(children),
                 parents: Parents::default(),
                 in_flight: InFlightCounter::new(),
@@ -102,6 +104,8 @@ impl Node {
                 quiesce_counter: AtomicU32::new(graph.drain_all_depth().load(Ordering::SeqCst)),
                 no_flush: AtomicBool::new(false),
                 detect_zeroes: AtomicU8::new(DetectZeroes::Off as u8),
+                filter: driver.is_filter(),
+                driver,
             }
         });
         // A child that is drained already drains its new parent (it could
@@ -233,7 +237,7 @@ impl Node {
     /// Whether this node only passes requests on to its `file` child
     /// (QEMU's filters: a `throttle` node).
     pub fn is_filter(&self) -> bool {
-        self.driver.is_filter()
+        self.filter
     }
 
     /// Switch this node and the storage below it (its `file` children)
@@ -335,31 +339,79 @@ impl Node {
         Tracked {
             fut: make(&*self.driver),
             _guard: guard,
+            _filter: None,
+        }
+    }
+
+    /// Count a read or write in and find the node whose driver takes it:
+    /// this one, or the child of a filter that would pass it on unchanged
+    /// ([`BlockDriver::passes_to`]), counted in as well. The filter's
+    /// count is taken first and dropped last, as if it had called the
+    /// child itself.
+    #[inline]
+    fn enter(&self) -> (&Node, InFlight<'_>, Option<InFlight<'_>>) {
+        let guard = self.in_flight.guard();
+        if !self.filter {
+            return (self, guard, None);
+        }
+        let child = self
+            .driver
+            .passes_to()
+            .and_then(|c| c.as_any().downcast_ref::<Node>());
+        match child {
+            Some(child) => (child, child.in_flight.guard(), Some(guard)),
+            None => (self, guard, None),
         }
     }
 
     /// A read, as `BlockIo::read`, for a caller that awaits it in place
     /// (a BlockBackend): one heap allocation per request less.
+    #[inline]
     pub fn read_in_place<'a>(&'a self, offset: u64, buf: &'a IoVec) -> Tracked<'a> {
-        self.track(|d| d.read(offset, buf))
+        let (node, guard, filter) = self.enter();
+        Tracked {
+            fut: node.driver.read(offset, buf),
+            _guard: guard,
+            _filter: filter,
+        }
     }
 
     /// A write, as `BlockIo::write`, awaited in place (see `read_in_place`).
+    /// `detect-zeroes` is the first one set on the way down, as when each
+    /// node passes the write on itself.
+    #[inline]
     pub fn write_in_place<'a>(&'a self, offset: u64, buf: &'a IoVec) -> Tracked<'a> {
-        let detect = self.detect_zeroes.load(Ordering::Relaxed);
-        if detect != DetectZeroes::Off as u8 && buf.is_zero() {
-            let unmap = detect == DetectZeroes::Unmap as u8;
-            return self.track(|d| d.write_zeroes(offset, buf.len() as u64, unmap));
+        let (node, guard, filter) = self.enter();
+        let mut detect = self.detect_zeroes.load(Ordering::Relaxed);
+        if detect == DetectZeroes::Off as u8 {
+            detect = node.detect_zeroes.load(Ordering::Relaxed);
         }
-        self.track(|d| d.write(offset, buf))
+        let d = &*node.driver;
+        let fut = if detect != DetectZeroes::Off as u8 && buf.is_zero() {
+            d.write_zeroes(
+                offset,
+                buf.len() as u64,
+                detect == DetectZeroes::Unmap as u8,
+            )
+        } else {
+            d.write(offset, buf)
+        };
+        Tracked {
+            fut,
+            _guard: guard,
+            _filter: filter,
+        }
     }
 }
 
 /// A request inside a node: the driver's future, and the node's in-flight
-/// count held until it completes or is dropped.
+/// count held until it completes or is dropped (and the count of a filter
+/// above that passed the request on, see `Node::enter`). Fields drop in
+/// order: the future, then the counts, innermost first.
 pub struct Tracked<'a> {
     fut: IoFuture<'a>,
     _guard: InFlight<'a>,
+    _filter: Option<InFlight<'a>>,
 }
 
 impl Future for Tracked<'_> {

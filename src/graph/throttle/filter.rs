@@ -217,6 +217,10 @@ impl BlockDriver for ThrottleDriver {
     fn is_filter(&self) -> bool {
         true
     }
+    /// What `throttled` does without a wait, decided the same way.
+    fn passes_to(&self) -> Option<&dyn BlockIo> {
+        self.group.passes_freely(&self.member).then(|| self.file())
+    }
     /// Drained: no request is between its grant and its child's count;
     /// parked ones go to the new child when they go on.
     fn set_file(&self, file: ChildRef) -> Result<(), crate::error::Error> {
@@ -227,5 +231,143 @@ impl BlockDriver for ThrottleDriver {
     fn reopen(&self, read_only: bool) -> Result<(), crate::error::Error> {
         self.read_only.store(read_only, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use super::*;
+    use crate::graph::drain_tests::{gate_node, Gate};
+    use crate::graph::node::{Child, DetectZeroes};
+    use crate::graph::throttle::Limits;
+    use crate::graph::{ChildRole, Graph, Node};
+    use crate::uring::AlignedBuf;
+
+    fn filter_over(g: &Graph, file: &Arc<Node>, group: Arc<ThrottleGroup>) -> Arc<Node> {
+        let driver = ThrottleDriver::new(file.clone(), false, group);
+        Node::new(
+            g,
+            "t0",
+            Box::new(driver),
+            vec![Child {
+                role: ChildRole::File,
+                node: file.clone(),
+            }],
+        )
+    }
+
+    /// With nothing to limit, the filter's node hands a read to the child's
+    /// driver itself; both nodes count it until it is done.
+    #[test]
+    fn unlimited_filter_passes_requests_to_its_child_counted_in_both() {
+        let g = Graph::new();
+        let gate = Arc::new(Gate::default());
+        let file = gate_node(&g, "n0", &gate);
+        let filter = filter_over(&g, &file, ThrottleGroup::new("tg0", Limits::default()));
+        let iov = IoVec::from_buf(AlignedBuf::zeroed(512, 512));
+        let mut cx = Context::from_waker(Waker::noop());
+
+        let mut read = Box::pin(filter.read_in_place(0, &iov));
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+        assert_eq!((filter.in_flight(), file.in_flight()), (1, 1));
+        assert_eq!(file.requests(), 1);
+        gate.open();
+        assert!(read.as_mut().poll(&mut cx).is_ready());
+        drop(read);
+        assert_eq!((filter.in_flight(), file.in_flight()), (0, 0));
+    }
+
+    /// In a drained section the same filter passes nothing: the request
+    /// waits in the group's queue, parked, and the child never sees it.
+    #[test]
+    fn drained_unlimited_filter_parks_requests_above_the_child() {
+        let g = Graph::new();
+        let gate = Arc::new(Gate::default());
+        gate.open();
+        let file = gate_node(&g, "n0", &gate);
+        let filter = filter_over(&g, &file, ThrottleGroup::new("tg0", Limits::default()));
+        let iov = IoVec::from_buf(AlignedBuf::zeroed(512, 512));
+        let mut cx = Context::from_waker(Waker::noop());
+
+        filter.drained_begin();
+        let mut write = Box::pin(filter.write_in_place(0, &iov));
+        assert!(write.as_mut().poll(&mut cx).is_pending());
+        assert_eq!((filter.in_flight(), file.in_flight()), (1, 0));
+        assert_eq!(filter.driver_info()["x-throttle-queued"], 1);
+        assert_eq!(file.requests(), 0);
+        filter.drained_end().unwrap();
+        assert!(write.as_mut().poll(&mut cx).is_ready());
+        drop(write);
+        assert_eq!(file.requests(), 1);
+        assert_eq!((filter.in_flight(), file.in_flight()), (0, 0));
+    }
+
+    /// Records which operation reached it.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<&'static str>>);
+
+    impl Recorder {
+        fn op(&self, name: &'static str) -> IoFuture<'_> {
+            self.0.lock().unwrap().push(name);
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    impl BlockIo for Arc<Recorder> {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+            self.op("read")
+        }
+        fn write<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+            self.op("write")
+        }
+        fn flush(&self) -> IoFuture<'_> {
+            self.op("flush")
+        }
+        fn discard(&self, _: u64, _: u64) -> IoFuture<'_> {
+            self.op("discard")
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> IoFuture<'_> {
+            self.op("write_zeroes")
+        }
+    }
+
+    impl BlockDriver for Arc<Recorder> {
+        fn driver_name(&self) -> &'static str {
+            "recorder"
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn close(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A write passed straight to the child still meets the child's
+    /// `detect-zeroes`, as if the filter had passed it on itself.
+    #[test]
+    fn passed_writes_keep_the_childs_detect_zeroes() {
+        let g = Graph::new();
+        let rec = Arc::new(Recorder::default());
+        let file = Node::new(&g, "n0", Box::new(rec.clone()), vec![]);
+        file.set_io_options(false, DetectZeroes::On);
+        let filter = filter_over(&g, &file, ThrottleGroup::new("tg0", Limits::default()));
+        let mut cx = Context::from_waker(Waker::noop());
+        let zeroes = IoVec::from_buf(AlignedBuf::zeroed(512, 512));
+        let mut data = AlignedBuf::zeroed(512, 512);
+        data.as_mut_slice()[7] = 1;
+        let data = IoVec::from_buf(data);
+
+        for iov in [&zeroes, &data] {
+            let mut w = Box::pin(filter.write_in_place(0, iov));
+            assert!(w.as_mut().poll(&mut cx).is_ready());
+        }
+        assert_eq!(*rec.0.lock().unwrap(), ["write_zeroes", "write"]);
     }
 }
