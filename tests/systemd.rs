@@ -140,6 +140,105 @@ fn the_qsd_form_says_ready_once_every_export_and_the_monitor_accept() {
     );
 }
 
+/// One thread of another process, stopped with ptrace until dropped: the
+/// rest of that process runs on, as when one thread hangs in the kernel.
+struct StoppedThread(libc::pid_t);
+
+impl StoppedThread {
+    fn stop(tid: libc::pid_t) -> StoppedThread {
+        // SAFETY: ptrace(2) and waitpid(2) on a thread of our child; no
+        // memory of ours is handed over.
+        unsafe {
+            let seized = libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0);
+            assert_eq!(
+                seized,
+                0,
+                "PTRACE_SEIZE {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+            let interrupted = libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0);
+            assert_eq!(
+                interrupted,
+                0,
+                "PTRACE_INTERRUPT: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+        }
+        StoppedThread(tid)
+    }
+}
+
+impl Drop for StoppedThread {
+    fn drop(&mut self) {
+        // SAFETY: as in `stop`; the thread is in a ptrace stop.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+    }
+}
+
+/// The thread of process `pid` called `name`.
+fn thread_named(pid: i32, name: &str) -> libc::pid_t {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for t in tasks {
+        let t = t.unwrap();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            return t.file_name().to_str().unwrap().parse().unwrap();
+        }
+    }
+    panic!("process {pid} has no thread {name}");
+}
+
+/// Notifications already queued are dropped.
+fn drain(sock: &UnixDatagram) {
+    while next(sock, Duration::from_millis(1)).is_some() {}
+}
+
+/// An iothread that stops turning its loop (here: stopped by ptrace, the
+/// rest of the daemon running on) stops the watchdog pings, also one that
+/// `object-add` started after READY=1; once it runs again, so do the pings.
+#[test]
+fn a_stuck_iothread_even_one_added_later_withholds_the_watchdog_ping() {
+    let dir = TestDir::new("systemd-watchdog");
+    let notify_path = dir.path("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let (sock, qmp) = (dir.path("sock"), dir.path("qmp"));
+    let args = QsdArgs::new()
+        .iothread("io0")
+        .blockdev("driver=null-co,node-name=n0,size=1048576")
+        .vhost_export("e0", "n0", &sock, "iothread=io0")
+        .monitor("m", &qmp);
+    let d = Daemon::start_qsd(&sock, &args.build(), |c| {
+        c.env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000");
+    });
+    until(&notify, "READY=1");
+    until(&notify, "WATCHDOG=1");
+    let mut q = Qmp::connect(&qmp);
+    q.ok("object-add", json!({"qom-type": "iothread", "id": "io1"}));
+    let io1 = thread_named(d.pid(), "io1");
+    until(&notify, "WATCHDOG=1");
+
+    let stopped = StoppedThread::stop(io1);
+    assert!(
+        d.log_shows_within("iothread(s) io1 did not respond", Duration::from_secs(10)),
+        "{}",
+        d.stderr()
+    );
+    drain(&notify);
+    // Five periods without a ping: systemd's timer would run out.
+    assert_eq!(next(&notify, Duration::from_millis(500)), None);
+    // The rest of the daemon still answers.
+    q.ok("query-iothreads", json!({}));
+
+    drop(stopped);
+    until(&notify, "WATCHDOG=1");
+    until(&notify, "WATCHDOG=1");
+    drop(q);
+    assert!(d.stop().success());
+}
+
 /// With `JOURNAL_STREAM` naming its stderr, as systemd sets it, the daemon
 /// logs priority prefixes and no timestamps; with it naming another
 /// stream (a child that inherited the variable), as before.

@@ -1,16 +1,18 @@
 //! Telling systemd how the daemon is doing (`Type=notify` units):
 //! `READY=1` once every socket accepts connections, `STATUS=` saying what
-//! is served (again whenever QMP adds or deletes an export), `STOPPING=1` when shutdown begins, and `WATCHDOG=1` from a
-//! thread that first checks that every iothread still turns its loop, so a
-//! stuck iothread stops the pings and systemd restarts the daemon.
+//! is served (again whenever QMP adds or deletes an export), `STOPPING=1`
+//! when shutdown begins, and `WATCHDOG=1` from a thread that first checks
+//! that every iothread (those `object-add` started too) still turns its
+//! loop, so a stuck iothread stops the pings and systemd restarts the
+//! daemon.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::os::notify::{watchdog_interval, Notifier};
 use crate::state::DaemonState;
-use crate::uring::IoThreadHandle;
 
 pub(super) struct Systemd {
     notifier: std::sync::Arc<Notifier>,
@@ -21,7 +23,7 @@ pub(super) struct Systemd {
 impl Systemd {
     /// Send `READY=1` and `STATUS=status`, and start the watchdog if
     /// systemd asked for one. None when not started by systemd.
-    pub(super) fn ready(state: &DaemonState) -> Option<Systemd> {
+    pub(super) fn ready(state: &Arc<DaemonState>) -> Option<Systemd> {
         let notifier = match Notifier::from_env() {
             Ok(Some(n)) => std::sync::Arc::new(n),
             Ok(None) => return None,
@@ -35,13 +37,13 @@ impl Systemd {
         if let Err(e) = notifier.send(&format!("READY=1\nSTATUS={}", state.status_line())) {
             log::warn!("telling systemd we are ready: {e}");
         }
-        let iothreads = state.iothreads();
+        let state = Arc::downgrade(state);
         let watchdog = watchdog_interval().and_then(|interval| {
             let (stop, stopped) = mpsc::channel();
             let n = notifier.clone();
             let spawned = std::thread::Builder::new()
                 .name("watchdog".into())
-                .spawn(move || watchdog(&n, interval / 2, &iothreads, &stopped));
+                .spawn(move || watchdog(&n, interval / 2, &state, &stopped));
             match spawned {
                 Ok(join) => Some((stop, join)),
                 Err(e) => {
@@ -65,20 +67,18 @@ impl Systemd {
     }
 }
 
-/// Every `period` (half systemd's interval), ping if each iothread runs a
-/// posted closure within half a period; otherwise name the stuck ones and
-/// let systemd's timer run out.
-fn watchdog(
-    n: &Notifier,
-    period: Duration,
-    iothreads: &[IoThreadHandle],
-    stop: &mpsc::Receiver<()>,
-) {
+/// Every `period` (half systemd's interval), ping if each iothread the
+/// daemon has now runs a posted closure within half a period; otherwise
+/// name the stuck ones and let systemd's timer run out.
+fn watchdog(n: &Notifier, period: Duration, state: &Weak<DaemonState>, stop: &mpsc::Receiver<()>) {
     loop {
         match stop.recv_timeout(period) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
+        let Some(iothreads) = state.upgrade().map(|s| s.iothreads()) else {
+            return;
+        };
         let stuck: Vec<&str> = iothreads
             .iter()
             .filter(|t| !t.responds_within(period / 2))
