@@ -7,6 +7,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use blkio::ReqFlags;
 use common::qemu_img::*;
 use common::*;
 
@@ -478,6 +479,59 @@ fn refcount_maze_fails_the_write_not_the_daemon() {
     // Reads of unallocated clusters still work, and the daemon stops.
     assert_eq!(c.run(0, Req::Read(0, 0, 4096)), 0);
     assert!(d.is_running());
+    drop(c);
+    let stopping = std::time::Instant::now();
+    d.stop();
+    assert!(stopping.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// Another process cuts a qcow2 image on tmpfs short under the daemon
+/// (there its tables are written through a shared mapping, where a store
+/// past the end faults): the request whose table now lies past the end
+/// fails, the daemon lives on and stops cleanly.
+#[test]
+fn a_tmpfs_image_cut_short_under_the_daemon_fails_the_write_not_the_daemon() {
+    let dir = TestDir::in_memory("qcow2-cut");
+    let img = dir.path("disk.qcow2");
+    let cs = 4096u64;
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        img.to_str().unwrap(),
+        "1G",
+    ]);
+    let mut d = Daemon::start(&dir.path("sock"), &["--image", img.to_str().unwrap()]);
+    let mut c = connect(&d.sock, 1).unwrap();
+    // Two clusters under one L2 table (4 KiB clusters: 2 MiB per table).
+    let (a, b) = (8 * cs, 9 * cs);
+    assert_eq!(c.run(0, Req::Write(a, 0, BLK)), 0);
+    assert_eq!(c.run(0, Req::Write(b, 0, BLK)), 0);
+    // Header, refcount table and block, L1: the first four clusters stay.
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(4 * cs)
+        .unwrap();
+    // Zeroing a whole allocated cluster changes only its L2 entry (and a
+    // refcount): no data write grows the file back first.
+    let ret = c.run(0, Req::WriteZeroes(a, cs, ReqFlags::empty()));
+    assert!(ret < 0, "a table store past the end succeeded");
+    assert!(
+        d.log_shows_within("shrank under us", std::time::Duration::from_secs(5)),
+        "{}",
+        d.stderr()
+    );
+    assert!(d.is_running());
+    // Reads still answer: one the cut took the data of fails, one of a
+    // cluster never written reads zeros.
+    assert!(c.run(0, Req::Read(b, 0, BLK)) < 0);
+    c.buf()[..BLK].fill(0xff);
+    assert_eq!(c.run(0, Req::Read(512 << 20, 0, BLK)), 0);
+    assert!(c.buf()[..BLK].iter().all(|&x| x == 0));
     drop(c);
     let stopping = std::time::Instant::now();
     d.stop();

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::bounce;
-use super::driver::{BlockDriver, BlockIo, IoFuture};
+use super::driver::{failed, BlockDriver, BlockIo, IoFuture};
 use super::lock::Perms;
+use super::mapped::TableMap;
 use super::{ImageLock, OpenError};
 use crate::error::Error;
 use crate::uring::{ops, AlignedBuf, IoVec};
@@ -48,9 +49,12 @@ pub(crate) struct FileDriver {
     size: AtomicU64,
     zero_range_ok: AtomicBool,
     punch_hole_ok: AtomicBool,
-    /// The file lives in memory (tmpfs): metadata writes go inline
-    /// (`ops::Submit::Inline`).
+    /// The file lives in memory (tmpfs): metadata writes are stores into
+    /// `tables`, or inline (`ops::Submit::Inline`) where they grow the file.
     in_memory: bool,
+    /// The shared mapping metadata is written through on tmpfs, made on
+    /// the first such write (see `mapped.rs`).
+    tables: Mutex<Option<TableMap>>,
 }
 
 /// Open an image file. Only regular files and block devices are images: a
@@ -183,6 +187,7 @@ impl FileDriver {
             zero_range_ok: AtomicBool::new(true),
             punch_hole_ok: AtomicBool::new(true),
             in_memory,
+            tables: Mutex::new(None),
         })
     }
 
@@ -192,6 +197,19 @@ impl FileDriver {
         lock.apply(&self.locked_file(), &self.path)?;
         *self.held_lock() = Some(lock);
         Ok(())
+    }
+
+    /// Metadata inside the file, stored through the shared mapping of the
+    /// current fd (a reopen replaces the file, and with it the mapping).
+    fn store_tables(&self, offset: u64, buf: &IoVec) -> io::Result<bool> {
+        let fd = self.fd();
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        let map = match &mut *tables {
+            Some(m) if m.fd() == fd => m,
+            slot => slot.insert(TableMap::new(fd)),
+        };
+        map.write(offset, buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
     }
 
     fn locked_file(&self) -> MutexGuard<'_, File> {
@@ -260,6 +278,8 @@ impl FileDriver {
             }
         }
         self.fd.store(new_file.as_raw_fd(), Ordering::Release);
+        // The old file's mapping goes with it (its fd number may come back).
+        *self.tables.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // No request is in flight (drained), so the old fd may close.
         *file = new_file;
         *lock = new_lock;
@@ -506,12 +526,20 @@ impl BlockIo for FileDriver {
         // A format's tables, which guest requests wait for: on tmpfs the
         // copy is cheaper than a worker thread's wake-up. Data writes stay
         // on the ring, where several run at once on io_uring's workers.
-        let submit = if self.in_memory {
-            ops::Submit::Inline
-        } else {
-            self.submit()
-        };
-        Box::pin(self.do_write(offset, buf, submit))
+        if !self.in_memory {
+            return Box::pin(self.do_write(offset, buf, self.submit()));
+        }
+        let inside = offset
+            .checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= self.size());
+        if inside && !self.is_ro() {
+            match self.store_tables(offset, buf) {
+                Ok(true) => return Box::pin(std::future::ready(Ok(()))),
+                Ok(false) => {}
+                Err(e) => return failed(e),
+            }
+        }
+        Box::pin(self.do_write(offset, buf, ops::Submit::Inline))
     }
     fn flush(&self) -> IoFuture<'_> {
         // Read-only too: a snapshot leaves writes of the image's writable
@@ -793,6 +821,13 @@ mod tests {
                 let mut fut = drv.write_metadata(4096, &iov);
                 let mut cx = Context::from_waker(Waker::noop());
                 assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+                // Inside the file: stored through the shared mapping.
+                assert!(drv.tables.lock().unwrap().is_some(), "{cache:?}");
+                // Past its end: written (the file grows), not stored.
+                let end = drv.size();
+                let mut fut = drv.write_metadata(end, &iov);
+                assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+                assert_eq!(drv.size(), end + iov.len() as u64);
             } else {
                 let t = IoThread::start("file-meta", Duration::ZERO).unwrap();
                 let (d, p) = (drv.clone(), pattern.clone());

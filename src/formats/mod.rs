@@ -6,6 +6,7 @@ pub(crate) mod bounce;
 mod driver;
 pub(crate) mod file;
 pub(crate) mod lock;
+mod mapped;
 pub(crate) mod null;
 pub mod qcow2;
 pub(crate) mod raw;

@@ -1,7 +1,7 @@
 //! Operating-system plumbing that both the control server and the
 //! vhost-user side use: listening sockets created safely at a path, waits
-//! on file descriptors, rate-limited logging, and systemd's notification
-//! socket. Nothing here knows about
+//! on file descriptors, rate-limited logging, systemd's notification
+//! socket, and surviving SIGBUS in a shared file mapping someone shrank. Nothing here knows about
 //! block devices or QMP.
 
 pub mod activation;
@@ -9,4 +9,5 @@ pub mod journal;
 pub(crate) mod listen;
 pub(crate) mod notify;
 pub(crate) mod ratelimit;
+pub(crate) mod sigbus;
 pub(crate) mod wait;

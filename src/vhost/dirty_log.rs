@@ -26,16 +26,16 @@
 //!
 //! The fd must be a regular file (a memfd is one) holding the whole area.
 //! A frontend that later shrinks the file would make our stores fault: the
-//! mapping is registered with [`guest_fault`] like guest memory, so the
+//! mapping is registered with [`sigbus`](crate::os::sigbus) like guest memory, so the
 //! fault is absorbed and the session hangs up on that frontend.
 
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::guest_fault;
 use super::shared_map::SharedMap;
 use crate::error::Error;
+use crate::os::sigbus;
 
 /// Bytes of guest memory one bit of the log stands for (the spec's
 /// VHOST_LOG_PAGE).
@@ -52,7 +52,7 @@ pub(crate) struct LogMap {
     /// Absorbs a SIGBUS if the frontend shrinks the file (None for the
     /// anonymous maps of tests). Declared first: dropped before the unmap,
     /// after which the addresses may be reused.
-    _registration: Option<guest_fault::Registration>,
+    _registration: Option<sigbus::Registration>,
     map: SharedMap,
 }
 
@@ -75,7 +75,7 @@ impl LogMap {
         let map = SharedMap::open(fd.as_fd(), mmap_offset, mmap_size, "dirty log")?;
         // SAFETY: sysconf has no side effects.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let registration = guest_fault::register(map.ptr() as usize, map.len(), page, poison_fd)
+        let registration = sigbus::register(map.ptr() as usize, map.len(), page, poison_fd)
             .map_err(|e| Error::invalid(format!("registering the dirty log: {e}")))?;
         Ok(LogMap {
             _registration: Some(registration),

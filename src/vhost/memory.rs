@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
-use super::guest_fault;
 use super::published::Published;
+use crate::os::sigbus;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, MmapRegion, VolatileSlice,
@@ -133,7 +133,7 @@ impl GuestRam {
     /// past its end read zeros since): time to hang up on it. One relaxed
     /// load unless some mapping was ever poisoned.
     pub(crate) fn poisoned(&self) -> bool {
-        guest_fault::any_poisoned() && self.mappings.iter().any(|m| m.poisoned())
+        sigbus::any_poisoned() && self.mappings.iter().any(|m| m.poisoned())
     }
 
     pub(crate) fn empty() -> Self {
@@ -229,7 +229,7 @@ impl AsRef<GuestRam> for GuestRam {
 pub(crate) struct MemoryMap {
     regions: Vec<Mapped>,
     mem: Arc<GuestRam>,
-    /// Signalled by the SIGBUS handler when a region shrinks (see guest_fault).
+    /// Signalled by the SIGBUS handler when a region shrinks (see os::sigbus).
     poison_fd: Option<Arc<OwnedFd>>,
 }
 
@@ -250,7 +250,7 @@ impl Default for MemoryMap {
 pub(crate) struct GuestMapping {
     ptr: *mut u8,
     len: usize,
-    registration: Option<guest_fault::Registration>,
+    registration: Option<sigbus::Registration>,
     /// The session's eventfd the SIGBUS handler signals; open while registered.
     _notify: Option<Arc<OwnedFd>>,
 }
@@ -326,7 +326,7 @@ fn map_region(
     let file = File::from(fd);
     // Touching a mapping beyond the end of its file is SIGBUS: refuse a
     // region its file cannot back (offset + size cannot wrap: check_region).
-    // The file may still shrink later: see guest_fault.
+    // The file may still shrink later: see os::sigbus.
     let meta = file
         .metadata()
         .map_err(|e| bad(&format!("cannot stat its fd: {e}")))?;
@@ -373,7 +373,7 @@ fn map_region(
     };
     let notify_fd = notify.map_or(-1, |f| f.as_raw_fd());
     mapping.registration = Some(
-        guest_fault::register(ptr as usize, size_usize, page, notify_fd)
+        sigbus::register(ptr as usize, size_usize, page, notify_fd)
             .map_err(|e| bad(&e.to_string()))?,
     );
     let mapping = Arc::new(mapping);

@@ -6,7 +6,6 @@ pub(crate) mod blk;
 pub(crate) mod device;
 pub(crate) mod dirty_log;
 pub(crate) mod exports;
-pub(crate) mod guest_fault;
 pub mod inflight;
 pub(crate) mod memory;
 pub(crate) mod message;

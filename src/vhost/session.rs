@@ -96,7 +96,7 @@ pub(crate) struct Session<'a, D: Device> {
     /// Signalled when the daemon shuts down (set by `run`).
     stop_fd: RawFd,
     /// Signalled by the SIGBUS handler when the frontend shrank a memory
-    /// file under us (see guest_fault).
+    /// file under us (see os::sigbus).
     poison_fd: Arc<OwnedFd>,
     /// The inflight tracking region (GET_ or SET_INFLIGHT_FD), if any.
     inflight: Option<Arc<InflightMap>>,

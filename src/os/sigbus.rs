@@ -1,15 +1,18 @@
-//! Surviving a frontend that shrinks guest memory under us.
+//! Surviving a file that shrinks under a shared mapping of it.
 //!
-//! Guest memory is the frontend's file (a memfd, usually) mapped shared.
-//! If the frontend truncates it, our next CPU access to a page past the new
-//! end raises SIGBUS, which would kill the daemon and every export with
-//! it. Refusing unsealed memfds would refuse libblkio, whose memory is not
-//! sealed; so instead every guest mapping is registered here, and a SIGBUS
-//! inside one of them is absorbed: the handler maps a private zero page
-//! over the faulting page (the access completes, reading zeros or writing
-//! into nothing), marks the mapping poisoned and signals its session's
-//! eventfd, and the session hangs up on that frontend. A SIGBUS anywhere
-//! else is a real bug and still kills the process.
+//! Guest memory is the frontend's file (a memfd, usually) mapped shared,
+//! and on tmpfs an image's tables are written through a shared mapping
+//! (`formats/mapped.rs`). If another process truncates such a file, our
+//! next CPU access to a page past the new end raises SIGBUS, which would
+//! kill the daemon and every export with it. Refusing unsealed memfds
+//! would refuse libblkio, whose memory is not sealed; so instead every such
+//! mapping is registered here, and a SIGBUS inside one of them is
+//! absorbed: the handler maps a private zero page over the faulting page
+//! (the access completes, reading zeros or writing into nothing), marks the
+//! mapping poisoned and signals its owner's eventfd, if it gave one; the
+//! owner then gives up on that file (a session hangs up on its frontend, an
+//! image fails the write). A SIGBUS anywhere else is a real bug and still
+//! kills the process.
 //!
 //! The registry is a fixed array of slots read by the handler without
 //! locks: each slot is a small seqlock (an even sequence number means
@@ -19,7 +22,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
-/// Guest mappings alive at once, over all sessions (509 slots each).
+/// Mappings alive at once: guest memory over all sessions (509 slots
+/// each) and one per writable image on tmpfs.
 const SLOTS: usize = 4096;
 
 struct Slot {
@@ -53,7 +57,7 @@ static WRITERS: Mutex<()> = Mutex::new(());
 static POISON_EVENTS: AtomicU32 = AtomicU32::new(0);
 static INSTALL: Once = Once::new();
 
-/// A registered guest mapping; dropping it unregisters (before the caller
+/// A registered mapping; dropping it unregisters (before the caller
 /// unmaps).
 pub(crate) struct Registration {
     slot: usize,
@@ -83,7 +87,7 @@ impl Drop for Registration {
     }
 }
 
-/// Register `[start, start + len)`, a guest mapping with pages of `page`
+/// Register `[start, start + len)`, a shared mapping with pages of `page`
 /// bytes; a SIGBUS inside it signals `notify_fd` (an eventfd that must
 /// stay open as long as the registration; -1 for none).
 pub(crate) fn register(
@@ -97,7 +101,7 @@ pub(crate) fn register(
     let slot = REGISTRY
         .iter()
         .position(|s| s.start.load(Ordering::Acquire) == 0)
-        .ok_or_else(|| io::Error::other(format!("more than {SLOTS} guest memory mappings")))?;
+        .ok_or_else(|| io::Error::other(format!("more than {SLOTS} shared file mappings")))?;
     let s = &REGISTRY[slot];
     s.seq.fetch_add(1, Ordering::AcqRel);
     s.len.store(len, Ordering::Release);
