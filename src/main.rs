@@ -24,6 +24,7 @@ use ringblk::formats::CacheMode;
 use ringblk::graph::{open_image, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions};
 use ringblk::os::activation::PassedFds;
 use ringblk::os::journal;
+use ringblk::vhost::handoff::{self, HandedOver};
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
 // (its own, its file child node's, the file driver's), and with dozens of
@@ -89,6 +90,10 @@ fn serve_qsd(args: &[String]) -> Result<(), Error> {
     let parsed = QsdArgs::parse(args)?;
     let mut daemon = StorageDaemon::default();
     let mut passed = PassedFds::from_env();
+    // Sessions an upgrade handed over first: their sockets are bound to
+    // export paths too, and must not pass for listening sockets.
+    let sessions = HandedOver::from_passed(passed.take_prefixed(handoff::PREFIX));
+    daemon.state().exports().set_handed_over(sessions);
     let setup = match qsd::build(&mut daemon, &parsed, &mut passed) {
         Ok(s) => s,
         Err(e) => {
@@ -341,7 +346,10 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     let (root, path) = root_of(&args)?;
     // A socket systemd passed (socket activation) bound to --socket is
     // served as it is; otherwise ringblk creates the socket.
-    let listener = match PassedFds::from_env().take_bound_to(&args.socket) {
+    let mut passed = PassedFds::from_env();
+    // A session an upgrade handed over (see serve_qsd) comes out first.
+    let handed_over = HandedOver::from_passed(passed.take_prefixed(handoff::PREFIX));
+    let listener = match passed.take_bound_to(&args.socket) {
         Some(fd) => ExportListener::Fd(fd),
         None => ExportListener::Path(args.socket.clone()),
     };
@@ -362,6 +370,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
             .clone()
             .map(|p| (p, args.control_max_clients as usize)),
         metrics: args.metrics.clone(),
+        handed_over,
     })?;
     let what = describe(&args, &path, &backend);
     let n = daemon.iothread_count();

@@ -62,7 +62,9 @@ fn extra_sections(w: &mut dyn Write) -> io::Result<()> {
         roff(
             "SIGTERM and SIGINT shut down cleanly (requests complete, images are flushed and \
              closed). SIGUSR1 exits for a restart: guests with an inflight region keep their \
-             requests, which the next daemon on the same socket runs."
+             requests, which the next daemon on the same socket runs. Under systemd with an \
+             fd store (FileDescriptorStoreMax=), SIGUSR1 hands each connected session to the \
+             store instead, and the next daemon goes on with the same connection."
         )
     )?;
     Ok(())

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::frontend::*;
 use common::qemu_img::{check, flatten, qemu_img};
+use common::systemd::FakeSystemd;
 use common::*;
 use vhost::vhost_user::message::{FrontendReq as R, VhostUserProtocolFeatures};
 
@@ -127,6 +128,9 @@ fn push_writes(mem: &GuestMem, q: &mut Virtqueue, round: u64) {
 enum Exit {
     Kill,
     KeepGuest,
+    /// SIGUSR1 under systemd: the session goes to its fd store, and the
+    /// next daemon goes on with it (the frontend stays connected).
+    HandOver,
 }
 
 /// End the daemon as `exit` says and wait until it is gone; a SIGUSR1
@@ -138,7 +142,7 @@ fn end(d: Daemon, exit: Exit, what: &str) {
             unsafe { libc::kill(d.pid(), libc::SIGKILL) };
             d.wait_exit(Duration::from_secs(10));
         }
-        Exit::KeepGuest => {
+        Exit::KeepGuest | Exit::HandOver => {
             // SAFETY: kill(2) on our child.
             unsafe { libc::kill(d.pid(), libc::SIGUSR1) };
             let st = d.wait_exit(Duration::from_secs(30));
@@ -160,6 +164,8 @@ struct Rig<'a> {
     mem: GuestMem,
     q: Option<Virtqueue>,
     region: Option<(OwnedFd, u64, Region)>,
+    /// systemd, for hand-overs.
+    sd: Option<FakeSystemd>,
 }
 
 fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon, Frontend, u16) {
@@ -175,8 +181,15 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
         &format!("round {n}: nothing was popped"),
         || view.in_flight() != 0 || vq.used_idx(mem) != used_before,
     );
+    let hand_over = matches!(exit, Exit::HandOver);
     end(d, exit, &format!("round {n}"));
-    drop(fe);
+    let fe = if hand_over {
+        rig.sd.as_mut().unwrap().drain();
+        Some(fe)
+    } else {
+        drop(fe);
+        None
+    };
     let done = vq.used_idx(mem).wrapping_sub(used_before);
     let left = CHAINS - done;
     let marked = view.in_flight() as u16;
@@ -188,8 +201,9 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
         "round {n}: {left} requests without a used entry, {marked} marked in flight"
     );
 
-    let d = start_after(sock, args, qsd);
-    let fe = connect(sock, mem, q, region);
+    let d = start_after(sock, args, qsd, rig.sd.as_mut());
+    // Handed over: the same connection goes on; otherwise, as QEMU does.
+    let fe = fe.unwrap_or_else(|| connect(sock, mem, q, region));
     let vq = q.as_mut().unwrap();
     let used = vq.wait_used(mem, CHAINS as usize, Duration::from_secs(60));
     let mut heads: Vec<u16> = used.iter().map(|(h, _)| *h).collect();
@@ -228,7 +242,23 @@ fn round(rig: &mut Rig, d: Daemon, fe: Frontend, n: u64, exit: Exit) -> (Daemon,
 /// instead of refusing to start, so no retry is needed here, as none is
 /// from a service manager. That lock is also what keeps a write of the dead
 /// daemon from landing after the new daemon's.
-fn start_after(sock: &Path, args: &[&str], qsd: bool) -> Daemon {
+/// Under `sd`, systemd starts it (with what the last one stored) and the
+/// test waits until it is ready.
+fn start_after(sock: &Path, args: &[&str], qsd: bool, sd: Option<&mut FakeSystemd>) -> Daemon {
+    if let Some(sd) = sd {
+        let mut all: Vec<String> = Vec::new();
+        if !qsd {
+            all.extend([
+                "serve".into(),
+                "--socket".into(),
+                sock.display().to_string(),
+            ]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let d = sd.start(sock, &all);
+        sd.until("READY=1");
+        return d;
+    }
     if qsd {
         Daemon::start_qsd(sock, args, |_| {})
     } else {
@@ -302,8 +332,9 @@ fn restart_test_with(name: &str, exits: fn(u64) -> Exit, iops: Option<u32>) {
         mem: GuestMem::new(MEM),
         q: None,
         region: None,
+        sd: matches!(exits(0), Exit::HandOver).then(|| FakeSystemd::bind(dir.path("notify"))),
     };
-    let mut d = start_after(&sock, args, iops.is_some());
+    let mut d = start_after(&sock, args, iops.is_some(), rig.sd.as_mut());
     let mut fe = connect(&sock, &rig.mem, &mut rig.q, &mut rig.region);
     let mut exercised = 0;
     const ROUNDS: u64 = 5;
@@ -339,6 +370,16 @@ fn sigusr1_keeps_the_guest_across_a_restart() {
 #[test]
 fn sigusr1_with_a_full_throttle_queue_keeps_every_request() {
     restart_test_with("restart-throttle", |_| Exit::KeepGuest, Some(100));
+}
+
+/// SIGUSR1 under systemd with most of a batch waiting in a throttle queue,
+/// five times: each daemon hands the session (connection, memory, rings,
+/// inflight region) to systemd's fd store, and the next goes on with the
+/// same connection, running every request left in flight exactly once.
+/// The frontend never reconnects.
+#[test]
+fn sigusr1_under_systemd_hands_the_session_over_with_requests_in_flight() {
+    restart_test_with("restart-handover", |_| Exit::HandOver, Some(100));
 }
 
 /// SIGKILL while a libblkio client has many O_DIRECT writes in flight
@@ -793,7 +834,7 @@ fn guest_restarts(disk: &GuestDisk, script: &str, exit: fn() -> Exit) {
             resubmitting += d.stderr().contains("requests to resubmit") as usize;
             end(d, exit(), &format!("restart {i}"));
             let killed_at = Instant::now();
-            d = start_after(&killer_sock, &args, false);
+            d = start_after(&killer_sock, &args, false, None);
             restarts.push(killed_at.elapsed());
             assert!(
                 d.log_shows("queue 1 started"),

@@ -99,6 +99,12 @@ impl StorageDaemon {
     /// systemd, if it started us (`READY=1` with what is served), and start
     /// the watchdog pings it asked for.
     pub fn ready(&mut self) {
+        for id in self.state.exports().drop_handed_over() {
+            log::warn!(
+                "export {id}: the previous daemon handed its session over, but this one has no \
+                 such export; its connection closes"
+            );
+        }
         self.systemd = systemd::Systemd::ready(&self.state);
     }
 
@@ -111,6 +117,13 @@ impl StorageDaemon {
     /// files sync) -> nothing may be left open. `reason` is the SHUTDOWN
     /// event's.
     pub fn shutdown(mut self, reason: &str) -> Result<(), Error> {
+        // SIGUSR1 under systemd: sessions go to its fd store (an upgrade
+        // without a reconnect); without systemd, frontends reconnect.
+        let handoff = self
+            .systemd
+            .as_ref()
+            .filter(|_| crate::vhost::inflight::detaching())
+            .map(|s| s.notifier());
         if let Some(s) = self.systemd.take() {
             s.stopping();
         }
@@ -125,7 +138,7 @@ impl StorageDaemon {
         }
         // Throttled requests must not hold the shutdown up.
         self.state.release_throttles();
-        let (backends, mut failed) = self.state.exports().stop_all();
+        let (backends, mut failed) = self.state.exports().stop_all(handoff);
         graph.drain_all_begin();
         let mut roots = Vec::new();
         let flusher = self.state.iothreads().into_iter().next();

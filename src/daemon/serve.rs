@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::{ExportConfig, ExportListener, StorageDaemon};
 use crate::error::Error;
 use crate::graph::{open_image, open_null, BlockBackend, ImageOptions};
+use crate::vhost::handoff::HandedOver;
 
 /// What the export serves.
 pub enum Root {
@@ -36,6 +37,8 @@ pub struct ServeOptions {
     pub control: Option<(PathBuf, usize)>,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics: Option<super::metrics::MetricsAddr>,
+    /// Sessions the previous daemon handed over through systemd.
+    pub handed_over: HandedOver,
 }
 
 /// One iothread per queue, but at most one fewer than the CPUs we may use
@@ -49,8 +52,10 @@ pub fn default_iothreads() -> u16 {
 /// The daemon `o` describes, serving; and its export's BlockBackend.
 /// Queue k runs on iothread k mod n. On failure, what was built is shut
 /// down again.
-pub fn build(o: ServeOptions) -> Result<(StorageDaemon, Arc<BlockBackend>), Error> {
+pub fn build(mut o: ServeOptions) -> Result<(StorageDaemon, Arc<BlockBackend>), Error> {
     let mut daemon = StorageDaemon::default();
+    let handed_over = std::mem::take(&mut o.handed_over);
+    daemon.state().exports().set_handed_over(handed_over);
     match populate(&mut daemon, o) {
         Ok(backend) => Ok((daemon, backend)),
         Err(e) => {

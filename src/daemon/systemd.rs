@@ -55,6 +55,11 @@ impl Systemd {
         Some(Systemd { notifier, watchdog })
     }
 
+    /// Where sessions are handed over on an upgrade.
+    pub(super) fn notifier(&self) -> std::sync::Arc<Notifier> {
+        self.notifier.clone()
+    }
+
     /// Shutdown begins: `STOPPING=1`, and no more watchdog pings.
     pub(super) fn stopping(self) {
         if let Err(e) = self.notifier.send("STOPPING=1") {

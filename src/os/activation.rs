@@ -56,6 +56,16 @@ impl PassedFds {
     }
 
     /// Take the passed fd called `name` (`FileDescriptorName=`), if any.
+    /// Every passed descriptor whose name starts with `prefix`, with its
+    /// name; the caller owns them from now on.
+    pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(RawFd, String)> {
+        let (taken, rest) = std::mem::take(&mut self.fds)
+            .into_iter()
+            .partition(|(_, n)| n.starts_with(prefix));
+        self.fds = rest;
+        taken
+    }
+
     pub fn take_named(&mut self, name: &str) -> Option<RawFd> {
         let i = self.fds.iter().position(|(_, n)| n == name)?;
         Some(self.fds.remove(i).0)

@@ -6,7 +6,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use serde_json::{Map, Value};
@@ -16,10 +16,12 @@ use super::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
 use super::blk::export::BlkExport;
 use super::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
 use super::blk::state::ExportState;
+use super::handoff::HandedOver;
 use super::server::VhostServer;
 use crate::error::Error;
 use crate::graph::{BlockBackend, Graph, Node};
 use crate::opts::Opts;
+use crate::os::notify::Notifier;
 use crate::uring::IoThreadHandle;
 
 /// Largest discard / write-zeroes request we advertise, in sectors (1 GiB).
@@ -158,6 +160,8 @@ struct RunningExport {
     export: Arc<BlkExport>,
     backend: Arc<BlockBackend>,
     stopper: EventFd,
+    /// Set before stopping to hand the session over (an upgrade).
+    handoff: Arc<OnceLock<Arc<Notifier>>>,
     server: JoinHandle<()>,
 }
 
@@ -177,6 +181,9 @@ impl RunningExport {
 #[derive(Default)]
 pub struct ExportTable {
     exports: Mutex<Vec<RunningExport>>,
+    /// Sessions the previous daemon handed over, until their exports
+    /// start (see handoff.rs).
+    handed_over: Mutex<HandedOver>,
 }
 
 impl ExportTable {
@@ -248,14 +255,24 @@ impl ExportTable {
             ExportListener::Path(p) => VhostServer::bind(p, cfg.socket_mode, export.clone()),
             ExportListener::Fd(fd) => VhostServer::from_fd(*fd, export.clone()),
         };
+        let restored = match self.handed_over().take(&id) {
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                // Its descriptors close: the frontend reconnects.
+                log::error!("{e}; closing its connection");
+                None
+            }
+            None => None,
+        };
         let started = server.and_then(|server| {
             let stopper = server.stopper()?;
+            let handoff = server.handoff();
             let thread = std::thread::Builder::new()
                 .name("vhost".into())
-                .spawn(move || server.serve())?;
-            Ok((stopper, thread))
+                .spawn(move || server.serve(restored))?;
+            Ok((stopper, handoff, thread))
         });
-        let (stopper, server) = match started {
+        let (stopper, handoff, server) = match started {
             Ok(s) => s,
             Err(e) => {
                 backend.eject();
@@ -266,6 +283,7 @@ impl ExportTable {
             export,
             backend: backend.clone(),
             stopper,
+            handoff,
             server,
         });
         Ok(backend)
@@ -304,11 +322,35 @@ impl ExportTable {
         running.stop()
     }
 
+    fn handed_over(&self) -> MutexGuard<'_, HandedOver> {
+        self.handed_over.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sessions the previous daemon handed over (systemd passed them):
+    /// each goes to the export of its id when that export starts.
+    pub fn set_handed_over(&self, sessions: HandedOver) {
+        *self.handed_over() = sessions;
+    }
+
+    /// Handed-over sessions no export took (the new command line lacks
+    /// their exports): their connections close. Returns their ids.
+    pub fn drop_handed_over(&self) -> Vec<String> {
+        self.handed_over().leftovers()
+    }
+
     /// Stop every export (shutdown): all stop accepting at once, then each
-    /// finishes; their BlockBackends, still attached, are returned.
-    pub fn stop_all(&self) -> (Vec<Arc<BlockBackend>>, Vec<Error>) {
+    /// finishes; their BlockBackends, still attached, are returned. With
+    /// `handoff` (an upgrade under systemd), connected sessions go to
+    /// systemd's fd store for the next daemon instead of being closed.
+    pub(crate) fn stop_all(
+        &self,
+        handoff: Option<Arc<Notifier>>,
+    ) -> (Vec<Arc<BlockBackend>>, Vec<Error>) {
         let all = std::mem::take(&mut *self.lock());
         for e in &all {
+            if let Some(n) = &handoff {
+                let _ = e.handoff.set(n.clone());
+            }
             let _ = e.stopper.write(1);
         }
         let (mut backends, mut failed) = (Vec::new(), Vec::new());

@@ -77,6 +77,7 @@ struct RegionInfo {
     gpa: u64,
     size: u64,
     user_addr: u64,
+    mmap_offset: u64,
 }
 
 /// A guest memory region as the data path sees it: where it lives here.
@@ -305,6 +306,8 @@ struct Mapped {
     info: RegionInfo,
     region: Arc<GuestRegionMmap>,
     mapping: Arc<GuestMapping>,
+    /// The frontend's file, kept open for an upgrade's hand-over.
+    file: Arc<File>,
 }
 
 fn map_region(
@@ -389,9 +392,11 @@ fn map_region(
             gpa,
             size,
             user_addr,
+            mmap_offset: offset,
         },
         region: Arc::new(region),
         mapping,
+        file: Arc::new(file),
     })
 }
 
@@ -490,6 +495,19 @@ impl MemoryMap {
 
     pub(crate) fn num_regions(&self) -> usize {
         self.regions.len()
+    }
+
+    /// Every region as the frontend described it, with its file (what an
+    /// upgrade hands the next daemon).
+    pub(crate) fn regions(&self) -> Vec<(VhostUserMemoryRegion, &File)> {
+        self.regions
+            .iter()
+            .map(|m| {
+                let i = &m.info;
+                let r = VhostUserMemoryRegion::new(i.gpa, i.size, i.user_addr, i.mmap_offset);
+                (r, &*m.file)
+            })
+            .collect()
     }
 
     #[cfg(test)]

@@ -6,6 +6,7 @@ pub(crate) mod blk;
 pub(crate) mod device;
 pub(crate) mod dirty_log;
 pub(crate) mod exports;
+pub mod handoff;
 pub mod inflight;
 pub(crate) mod memory;
 pub(crate) mod message;

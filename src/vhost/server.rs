@@ -3,15 +3,17 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::Device;
+use super::handoff::Restored;
 use super::session::Session;
 use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
+use crate::os::notify::Notifier;
 use crate::os::wait::{wait_for, Wake};
 
 pub(crate) struct VhostServer<D> {
@@ -22,6 +24,9 @@ pub(crate) struct VhostServer<D> {
     _file: Option<SocketFile>,
     stop: EventFd,
     device: Arc<D>,
+    /// Set before `stop` for an upgrade: the connected frontend's session
+    /// goes to systemd's fd store instead of being closed.
+    handoff: Arc<OnceLock<Arc<Notifier>>>,
 }
 
 impl<D: Device> VhostServer<D> {
@@ -34,6 +39,7 @@ impl<D: Device> VhostServer<D> {
             _file: Some(file),
             stop: EventFd::new(libc::EFD_CLOEXEC)?,
             device,
+            handoff: Arc::default(),
         })
     }
 
@@ -80,6 +86,7 @@ impl<D: Device> VhostServer<D> {
             _file: None,
             stop: EventFd::new(libc::EFD_CLOEXEC)?,
             device,
+            handoff: Arc::default(),
         })
     }
 
@@ -89,8 +96,43 @@ impl<D: Device> VhostServer<D> {
         self.stop.try_clone()
     }
 
-    /// Accept and serve frontends until stopped.
-    pub(crate) fn serve(&self) {
+    /// Where to put a notifier so that stopping hands the session over.
+    pub(crate) fn handoff(&self) -> Arc<OnceLock<Arc<Notifier>>> {
+        self.handoff.clone()
+    }
+
+    /// Go on serving the frontend of a session the previous daemon handed
+    /// over; if it cannot be rebuilt, its connection closes (the frontend
+    /// reconnects as after any restart).
+    fn serve_restored(&self, mut r: Restored) {
+        let id = self.device.id();
+        let stream = match r.take_fd(r.state.socket) {
+            Ok(fd) => UnixStream::from(fd),
+            Err(e) => {
+                log::error!("export {id}: cannot take over the session: {e}");
+                return;
+            }
+        };
+        self.device.set_connected(true);
+        match Session::restore(&*self.device, &stream, r) {
+            Ok(mut session) => {
+                log::info!("export {id}: took over the previous daemon's session");
+                session.run(self.stop.as_raw_fd(), &self.handoff);
+            }
+            Err(e) => log::error!(
+                "export {id}: cannot take over the session ({e}); closing its connection"
+            ),
+        }
+        self.device.set_backend_channel(None);
+        self.device.set_connected(false);
+    }
+
+    /// Accept and serve frontends until stopped, after the session handed
+    /// over by the previous daemon, if any.
+    pub(crate) fn serve(&self, restored: Option<Restored>) {
+        if let Some(r) = restored {
+            self.serve_restored(r);
+        }
         let mut backoff = AcceptBackoff::default();
         loop {
             match wait_for(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
@@ -115,7 +157,7 @@ impl<D: Device> VhostServer<D> {
             log::info!("export {id}: frontend connected");
             self.device.set_connected(true);
             match Session::new(&*self.device, &stream) {
-                Ok(mut session) => session.run(self.stop.as_raw_fd()),
+                Ok(mut session) => session.run(self.stop.as_raw_fd(), &self.handoff),
                 Err(e) => log::error!("export {id}: cannot serve the frontend: {e}"),
             }
             self.device.set_backend_channel(None);

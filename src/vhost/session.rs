@@ -3,11 +3,11 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserInflight,
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserInflight, VhostUserMemoryRegion,
     VhostUserProtocolFeatures, VhostUserU64, VhostUserVirtioFeatures, VhostUserVringState,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -15,6 +15,7 @@ use vm_memory::ByteValued;
 
 use super::device::{Device, RunningQueue};
 use super::dirty_log::{DirtyLog, LogMap};
+use super::handoff::{self, FdTable, InflightState, Restored, SessionState, VringState};
 use super::inflight::{self, InflightMap};
 use super::memory::{new_shared_memory, MemoryMap, SharedMemory};
 use super::message::{self, Request};
@@ -22,6 +23,7 @@ use super::notify_fd;
 use super::socket::{self, FrameError, Message};
 use super::vring::{ring_sizes, CallFd, QueueSetup};
 use crate::error::Error;
+use crate::os::notify::Notifier;
 use crate::os::ratelimit::LogLimiter;
 use crate::os::wait;
 
@@ -102,6 +104,10 @@ pub(crate) struct Session<'a, D: Device> {
     inflight: Option<Arc<InflightMap>>,
     /// The migration dirty log (SET_LOG_BASE) and whether it is on.
     dirty_log: Arc<DirtyLog>,
+    /// Copies kept for an upgrade's hand-over (see handoff.rs): the
+    /// inflight region's fd with how it is laid out, the backend channel.
+    inflight_fd: Option<(OwnedFd, InflightState)>,
+    backend_fd: Option<OwnedFd>,
 }
 
 impl<'a, D: Device> Session<'a, D> {
@@ -128,11 +134,15 @@ impl<'a, D: Device> Session<'a, D> {
             poison_fd,
             inflight: None,
             dirty_log: DirtyLog::new(n),
+            inflight_fd: None,
+            backend_fd: None,
         })
     }
 
-    /// Serve messages until the frontend leaves or `stop_fd` is signalled.
-    pub(crate) fn run(&mut self, stop_fd: i32) {
+    /// Serve messages until the frontend leaves or `stop_fd` is signalled;
+    /// stopped with a notifier in `handoff`, hand the session to the next
+    /// daemon through systemd's fd store instead of disconnecting.
+    pub(crate) fn run(&mut self, stop_fd: i32, handoff: &OnceLock<Arc<Notifier>>) {
         self.stop_fd = stop_fd;
         loop {
             let alarm = self.poison_fd.as_raw_fd();
@@ -147,10 +157,16 @@ impl<'a, D: Device> Session<'a, D> {
                     break;
                 }
                 Ok(Some(wait::Wake::Stop)) => {
-                    log::info!(
-                        "export {}: disconnecting the frontend (shutdown)",
-                        self.device.id()
-                    );
+                    let id = self.device.id();
+                    match handoff.get().map(|n| self.hand_off(n)) {
+                        Some(Ok(())) => {
+                            log::info!("export {id}: session handed to the next daemon");
+                        }
+                        Some(Err(e)) => {
+                            log::error!("export {id}: {e}; the frontend will have to reconnect")
+                        }
+                        None => log::info!("export {id}: disconnecting the frontend (shutdown)"),
+                    }
                     break;
                 }
                 Err(e) => {
@@ -198,6 +214,8 @@ impl<'a, D: Device> Session<'a, D> {
         self.features_set = false;
         self.protocol = 0;
         self.inflight = None;
+        self.inflight_fd = None;
+        self.backend_fd = None;
         // After the queues stopped: nothing marks the log any more.
         self.dirty_log.clear();
     }
@@ -491,6 +509,7 @@ impl<'a, D: Device> Session<'a, D> {
                     ));
                 }
                 let fd = take_fd(msg)?;
+                self.backend_fd = fd.try_clone().ok();
                 self.device.set_backend_channel(Some(UnixStream::from(fd)));
                 Ok(Reply::Ack)
             }
@@ -504,6 +523,16 @@ impl<'a, D: Device> Session<'a, D> {
                 // that QEMU sends next gives the same one back.
                 self.inflight = Some(Arc::new(map));
                 let size = inflight::region_size(num_queues, queue_size);
+                self.inflight_fd = fd.try_clone().ok().map(|copy| {
+                    let layout = InflightState {
+                        mmap_size: size,
+                        mmap_offset: 0,
+                        num_queues,
+                        queue_size,
+                        fd: 0,
+                    };
+                    (copy, layout)
+                });
                 let reply = VhostUserInflight::new(size, 0, num_queues, queue_size);
                 Ok(Reply::PayloadFd(reply.as_slice().to_vec(), fd))
             }
@@ -521,6 +550,14 @@ impl<'a, D: Device> Session<'a, D> {
                     self.device.id()
                 );
                 self.inflight = Some(Arc::new(map));
+                let layout = InflightState {
+                    mmap_size,
+                    mmap_offset,
+                    num_queues,
+                    queue_size,
+                    fd: 0,
+                };
+                self.inflight_fd = Some((fd, layout));
                 Ok(Reply::Ack)
             }
             Request::SetLogBase {
@@ -639,6 +676,143 @@ impl<'a, D: Device> Session<'a, D> {
         let ctl = self.device.start_queue(setup, self.shared_mem.clone())?;
         self.vrings[i].running = Some(ctl);
         Ok(())
+    }
+
+    /// Stop every queue and hand the session, descriptors and state, to
+    /// systemd's fd store for the next daemon (see handoff.rs). A session
+    /// in the middle of a migration is not handed over.
+    fn hand_off(&mut self, n: &Notifier) -> Result<(), Error> {
+        if self.features & LOG_ALL != 0 {
+            return Err(Error::busy(
+                "a migration is in progress; not handing the session over",
+            ));
+        }
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+        }
+        let mut fds = FdTable::default();
+        let socket = fds.add(self.stream.as_raw_fd());
+        let regions = self
+            .memory
+            .regions()
+            .into_iter()
+            .map(|(r, file)| handoff::RegionState {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                user_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+                fd: fds.add(file.as_raw_fd()),
+            })
+            .collect();
+        let vrings = self
+            .vrings
+            .iter()
+            .map(|v| VringState {
+                size: v.size,
+                base: v.base,
+                addr: v.addr,
+                enabled: v.enabled,
+                kick: v.kick.as_ref().map(|k| fds.add(k.as_raw_fd())),
+                call: v.call.load().1.map(|c| fds.add(c.as_raw_fd())),
+            })
+            .collect();
+        let inflight = self.inflight_fd.as_ref().map(|(fd, layout)| InflightState {
+            fd: fds.add(fd.as_raw_fd()),
+            ..*layout
+        });
+        let state = SessionState {
+            version: handoff::VERSION,
+            export: self.device.id().to_string(),
+            features: self.features,
+            features_set: self.features_set,
+            protocol: self.protocol,
+            regions,
+            vrings,
+            inflight,
+            socket,
+            backend: self.backend_fd.as_ref().map(|b| fds.add(b.as_raw_fd())),
+        };
+        handoff::store(n, &state, &fds)
+    }
+
+    /// The session the previous daemon handed over, on `stream` (its
+    /// descriptor `r.state.socket`): memory mapped, rings set up and
+    /// started where the old daemon stopped them.
+    pub(crate) fn restore(
+        device: &'a D,
+        stream: &'a UnixStream,
+        mut r: Restored,
+    ) -> Result<Self, Error> {
+        let mut s = Session::new(device, stream)?;
+        let state = std::mem::take(&mut r.state.vrings);
+        if state.len() != s.vrings.len() {
+            return Err(Error::invalid(format!(
+                "{} rings handed over, the export has {}",
+                state.len(),
+                s.vrings.len()
+            )));
+        }
+        let offered =
+            device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL;
+        if r.state.features & !offered != 0 || r.state.protocol & !protocol_features().bits() != 0 {
+            return Err(Error::invalid(
+                "features handed over that this daemon does not offer",
+            ));
+        }
+        s.features = r.state.features;
+        s.features_set = r.state.features_set;
+        s.protocol = r.state.protocol;
+        let regions = std::mem::take(&mut r.state.regions);
+        if regions.len() as u64 > MAX_MEM_SLOTS {
+            return Err(Error::invalid(
+                "more memory regions handed over than we take",
+            ));
+        }
+        let mut table = Vec::new();
+        for g in regions {
+            let region = VhostUserMemoryRegion::new(g.gpa, g.size, g.user_addr, g.mmap_offset);
+            table.push((region, r.take_fd(g.fd)?));
+        }
+        let map = s
+            .memory
+            .replaced_by(table)
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        s.publish(map)?;
+        if let Some(layout) = r.state.inflight.take() {
+            let fd = r.take_fd(layout.fd)?;
+            let map = InflightMap::open(
+                &fd,
+                layout.mmap_size,
+                layout.mmap_offset,
+                layout.num_queues,
+                layout.queue_size,
+            )?;
+            s.inflight = Some(Arc::new(map));
+            s.inflight_fd = Some((fd, layout));
+        }
+        if let Some(k) = r.state.backend {
+            let fd = r.take_fd(k)?;
+            s.backend_fd = fd.try_clone().ok();
+            device.set_backend_channel(Some(UnixStream::from(fd)));
+        }
+        for (i, v) in state.into_iter().enumerate() {
+            let ring = &mut s.vrings[i];
+            (ring.size, ring.base, ring.addr, ring.enabled) = (v.size, v.base, v.addr, v.enabled);
+            if let Some(k) = v.kick {
+                ring.kick = Some(Arc::new(notify_fd::accept(r.take_fd(k)?, i, "kick")?));
+            }
+            if let Some(k) = v.call {
+                let call = Arc::new(notify_fd::accept(r.take_fd(k)?, i, "call")?);
+                ring.call.publish(Some(call.clone()));
+                // As for a new call fd: an interrupt the old daemon owed
+                // the driver is sent now.
+                device.signal_call_once(i as u16, call);
+            }
+        }
+        for i in 0..s.vrings.len() {
+            s.start_vring_if_ready(i)?;
+        }
+        Ok(s)
     }
 
     fn stop_vring(&mut self, i: usize) {

@@ -18,6 +18,7 @@ pub mod qmp;
 pub mod qsd;
 pub mod recorder;
 pub mod storage;
+pub mod systemd;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
@@ -221,6 +222,12 @@ impl Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
         cmd.args(args);
         configure(&mut cmd);
+        Self::spawn(cmd, sock)
+    }
+
+    /// Start `cmd`, a command line that runs ringblk (through a wrapper,
+    /// say), and wait until it listens on `sock`.
+    pub fn start_command(cmd: Command, sock: &Path) -> Daemon {
         Self::spawn(cmd, sock)
     }
 
