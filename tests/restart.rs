@@ -744,6 +744,16 @@ fn guest_fio_verify_survives_keep_guest_restarts() {
     guest_restarts(&disk, "fio-restart", || Exit::KeepGuest);
 }
 
+/// The same under systemd with an fd store: each SIGUSR1 hands the session
+/// to the store and the next daemon goes on with QEMU's connection, which
+/// QEMU never sees close (the new daemon logs no new connection). The
+/// longest request fio saw is printed next to the reconnecting variant's.
+#[test]
+fn guest_fio_verify_survives_hand_over_upgrades() {
+    let disk = GuestDisk::raw("restart-guest-handover");
+    guest_restarts(&disk, "fio-restart", || Exit::HandOver);
+}
+
 /// SIGKILL on a new qcow2 image (16 KiB clusters): every write the daemon
 /// completed, with the cluster allocations it made, survives the kill.
 #[test]
@@ -806,7 +816,14 @@ fn guest_restarts(disk: &GuestDisk, script: &str, exit: fn() -> Exit) {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let d = Daemon::start(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut sd =
+        matches!(exit(), Exit::HandOver).then(|| FakeSystemd::bind(disk.dir.path("notify")));
+    let d = start_after(
+        &sock,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        false,
+        sd.as_mut(),
+    );
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let killer_sock = sock.clone();
     let failed = Arc::new(AtomicBool::new(false));
@@ -834,12 +851,25 @@ fn guest_restarts(disk: &GuestDisk, script: &str, exit: fn() -> Exit) {
             resubmitting += d.stderr().contains("requests to resubmit") as usize;
             end(d, exit(), &format!("restart {i}"));
             let killed_at = Instant::now();
-            d = start_after(&killer_sock, &args, false, None);
+            if let Some(sd) = sd.as_mut() {
+                sd.drain();
+            }
+            d = start_after(&killer_sock, &args, false, sd.as_mut());
             restarts.push(killed_at.elapsed());
             assert!(
                 d.log_shows("queue 1 started"),
                 "restart {i}: QEMU did not reconnect within 10 s"
             );
+            if sd.is_some() {
+                assert!(
+                    d.log_shows("took over the previous daemon's session"),
+                    "restart {i}: the session was not handed over"
+                );
+                assert!(
+                    !d.stderr().contains("frontend connected"),
+                    "restart {i}: QEMU reconnected"
+                );
+            }
         }
         resubmitting += d.stderr().contains("requests to resubmit") as usize;
         (d, restarts, resubmitting)
@@ -880,10 +910,38 @@ fn guest_restarts(disk: &GuestDisk, script: &str, exit: fn() -> Exit) {
         RESTARTS as usize,
         "the guest finished before {RESTARTS} restarts"
     );
+    eprintln!(
+        "longest request fio saw: {}",
+        longest_fio_latency(&run.console).map_or("not reported".into(), |d| format!("{d:?}"))
+    );
     for (i, r) in restarts.iter().enumerate() {
         eprintln!("restart {i}: new daemon listening {r:?} after the old one exited");
         assert!(*r < Duration::from_secs(1), "restart {i} took {r:?}");
     }
     assert!(d.stop().success());
     disk.check();
+}
+
+/// The largest `clat` maximum fio printed (its units: nsec, usec, msec).
+fn longest_fio_latency(console: &str) -> Option<Duration> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start().strip_prefix("clat (")?;
+            let (unit, rest) = l.split_once(')')?;
+            let max = rest.split("max=").nth(1)?.split(',').next()?.trim();
+            let (num, scale) = match max.strip_suffix('k') {
+                Some(n) => (n, 1e3),
+                None => (max, 1.0),
+            };
+            let v: f64 = num.parse().ok()?;
+            let ns = match unit {
+                "nsec" => 1.0,
+                "usec" => 1e3,
+                "msec" => 1e6,
+                _ => return None,
+            };
+            Some(Duration::from_nanos((v * scale * ns) as u64))
+        })
+        .max()
 }

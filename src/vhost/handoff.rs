@@ -162,16 +162,20 @@ pub(crate) struct Restored {
 }
 
 impl Restored {
-    /// Descriptor `k`, taken (each may be taken once).
-    pub(crate) fn take_fd(&mut self, k: usize) -> Result<OwnedFd, Error> {
-        k.checked_sub(1)
-            .and_then(|i| self.fds.get_mut(i))
-            .and_then(Option::take)
+    /// A copy of descriptor `k` (one may be named more than once: regions
+    /// in one memfd share a description, which was handed over once).
+    pub(crate) fn fd(&self, k: usize) -> Result<OwnedFd, Error> {
+        let fd = k
+            .checked_sub(1)
+            .and_then(|i| self.fds.get(i))
+            .and_then(Option::as_ref)
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "the handed-over state names descriptor {k}, which is missing"
                 ))
-            })
+            })?;
+        fd.try_clone()
+            .map_err(|e| Error::io(format!("descriptor {k}: {e}")))
     }
 }
 
@@ -349,23 +353,19 @@ mod tests {
 
     #[test]
     fn a_state_reads_back_with_its_descriptors() {
-        let mut r = read("e0", handed(&state("e0", VERSION))).unwrap();
+        let r = read("e0", handed(&state("e0", VERSION))).unwrap();
         assert_eq!(r.state.vrings[0].base, 7);
-        assert!(r.take_fd(2).is_ok());
-        assert!(r.take_fd(2).is_err(), "taken once");
-        assert!(r.take_fd(3).is_err(), "never handed over");
-        assert!(r.take_fd(0).is_err(), "0 is the state");
+        assert!(r.fd(2).is_ok());
+        assert!(r.fd(2).is_ok(), "named twice, copied twice");
+        assert!(r.fd(3).is_err(), "never handed over");
+        assert!(r.fd(0).is_err(), "0 is the state");
     }
 
     #[test]
     fn states_it_cannot_read_are_refused_by_name() {
-        let e = read("e0", handed(&state("e0", VERSION + 1)))
-            .err()
-            .unwrap();
+        let e = read("e0", handed(&state("e0", VERSION + 1))).err().unwrap();
         assert!(e.to_string().contains("version 2"), "{e}");
-        let e = read("e1", handed(&state("e0", VERSION)))
-            .err()
-            .unwrap();
+        let e = read("e1", handed(&state("e0", VERSION))).err().unwrap();
         assert!(e.to_string().contains("export e0's"), "{e}");
         let mut fds = handed(&state("e0", VERSION));
         fds.remove(0);

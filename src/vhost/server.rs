@@ -104,9 +104,9 @@ impl<D: Device> VhostServer<D> {
     /// Go on serving the frontend of a session the previous daemon handed
     /// over; if it cannot be rebuilt, its connection closes (the frontend
     /// reconnects as after any restart).
-    fn serve_restored(&self, mut r: Restored) {
+    fn serve_restored(&self, r: Restored) {
         let id = self.device.id();
-        let stream = match r.take_fd(r.state.socket) {
+        let stream = match r.fd(r.state.socket) {
             Ok(fd) => UnixStream::from(fd),
             Err(e) => {
                 log::error!("export {id}: cannot take over the session: {e}");

@@ -771,7 +771,7 @@ impl<'a, D: Device> Session<'a, D> {
         let mut table = Vec::new();
         for g in regions {
             let region = VhostUserMemoryRegion::new(g.gpa, g.size, g.user_addr, g.mmap_offset);
-            table.push((region, r.take_fd(g.fd)?));
+            table.push((region, r.fd(g.fd)?));
         }
         let map = s
             .memory
@@ -779,7 +779,7 @@ impl<'a, D: Device> Session<'a, D> {
             .map_err(|e| Error::invalid(e.to_string()))?;
         s.publish(map)?;
         if let Some(layout) = r.state.inflight.take() {
-            let fd = r.take_fd(layout.fd)?;
+            let fd = r.fd(layout.fd)?;
             let map = InflightMap::open(
                 &fd,
                 layout.mmap_size,
@@ -791,7 +791,7 @@ impl<'a, D: Device> Session<'a, D> {
             s.inflight_fd = Some((fd, layout));
         }
         if let Some(k) = r.state.backend {
-            let fd = r.take_fd(k)?;
+            let fd = r.fd(k)?;
             s.backend_fd = fd.try_clone().ok();
             device.set_backend_channel(Some(UnixStream::from(fd)));
         }
@@ -799,10 +799,10 @@ impl<'a, D: Device> Session<'a, D> {
             let ring = &mut s.vrings[i];
             (ring.size, ring.base, ring.addr, ring.enabled) = (v.size, v.base, v.addr, v.enabled);
             if let Some(k) = v.kick {
-                ring.kick = Some(Arc::new(notify_fd::accept(r.take_fd(k)?, i, "kick")?));
+                ring.kick = Some(Arc::new(notify_fd::accept(r.fd(k)?, i, "kick")?));
             }
             if let Some(k) = v.call {
-                let call = Arc::new(notify_fd::accept(r.take_fd(k)?, i, "call")?);
+                let call = Arc::new(notify_fd::accept(r.fd(k)?, i, "call")?);
                 ring.call.publish(Some(call.clone()));
                 // As for a new call fd: an interrupt the old daemon owed
                 // the driver is sent now.
