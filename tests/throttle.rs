@@ -761,6 +761,47 @@ fn snapshot_of_the_filter_fails_no_queued_write() {
     snapshot_with_writes_queued("throttle-snapshot-top", "t0");
 }
 
+/// Active commit of the overlay under the filter back into its base, with
+/// writes waiting in the throttle queue all along: the commit's own filter
+/// goes under the throttle filter while the job runs (so the guest's
+/// writes are copied too), and at the end the throttle filter sits on the
+/// base, the export on the throttle filter, and no write failed. (Before,
+/// the commit moved only BlockBackends: the throttle filter stayed on the
+/// overlay and the guest's writes went around the job.)
+#[test]
+fn commit_under_the_filter_with_writes_queued() {
+    let _s = serial();
+    let dir = TestDir::new("throttle-commit");
+    let snap = dir.path("snap.qcow2");
+    let (d, mut q, load) = throttled_image(&dir);
+    snapshot_now(&mut q, "n0", &snap);
+    q.ok("block-commit", json!({"job-id": "c0", "device": "s0"}));
+    let during = q.node("t0")["x-children"].clone();
+    assert_ne!(
+        during[0]["node-name"], "s0",
+        "the job's filter is not under t0: {during}"
+    );
+    let limit = Duration::from_secs(60);
+    q.event_where(limit, |e| e["event"] == "BLOCK_JOB_READY");
+    q.ok("job-complete", json!({"id": "c0"}));
+    let (done, _) = q.event_where(limit, |e| e["event"] == "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "commit failed: {done}");
+    let after = load.completed();
+    poll_until(
+        Duration::from_secs(2),
+        "the client goes on after the commit",
+        || load.completed() >= after + 50,
+    );
+    let out = load.finish(Duration::from_secs(5));
+    out.assert_all_ok();
+    let exports = q.ok("query-block-exports", json!({}));
+    assert_eq!(exports[0]["node-name"], "t0", "{exports}");
+    let children = q.node("t0")["x-children"].clone();
+    assert_eq!(children[0]["node-name"], "n0", "{children}");
+    drop(q);
+    assert!(d.stop().success());
+}
+
 /// block-export-del mode=hard with a full throttle queue: every queued
 /// request completes, successfully, at the limit.
 #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Poll, Waker};
 
 use super::in_flight::{InFlight, InFlightCounter};
-use super::node::Node;
+use super::node::{ChildRole, Node};
 use super::parent::Parent;
 use super::registry::Graph;
 use crate::formats::BlockIo;
@@ -420,7 +420,7 @@ impl std::ops::Deref for RequestRoot<'_> {
 /// Point every BlockBackend on `from` at `to` (in the caller's drained
 /// section: a snapshot's overlay, a commit's filter or base); returns how
 /// many moved.
-pub(super) fn move_backends(from: &Arc<Node>, to: &Arc<Node>) -> usize {
+fn move_backends(from: &Arc<Node>, to: &Arc<Node>) -> usize {
     let mut moved = 0;
     for b in from.graph().all_backends() {
         if b.root().is_some_and(|r| Arc::ptr_eq(&r, from)) {
@@ -431,6 +431,33 @@ pub(super) fn move_backends(from: &Arc<Node>, to: &Arc<Node>) -> usize {
         }
     }
     moved
+}
+
+/// Everything that uses `from` as the disk: its BlockBackends, and the
+/// filter nodes (`throttle`) whose `file` it is, which then filter `to`.
+/// Returns how many moved. The caller holds both drained.
+pub(super) fn move_users(from: &Arc<Node>, to: &Arc<Node>) -> usize {
+    let mut moved = move_backends(from, to);
+    for f in filter_parents(from) {
+        match f.set_file(to.clone()) {
+            Ok(()) => moved += 1,
+            Err(e) => log::error!("moving filter '{}' to node '{}': {e}", f.name(), to.name()),
+        }
+    }
+    moved
+}
+
+/// The filter nodes whose `file` child is `node`.
+fn filter_parents(node: &Arc<Node>) -> Vec<Arc<Node>> {
+    node.graph()
+        .all_nodes()
+        .into_iter()
+        .filter(|p| {
+            p.is_filter()
+                && p.child(ChildRole::File)
+                    .is_some_and(|c| Arc::ptr_eq(&c, node))
+        })
+        .collect()
 }
 
 /// The BlockBackend is its root node's parent.

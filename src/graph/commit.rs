@@ -30,7 +30,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::backend::move_backends;
+use super::backend::move_users;
 use super::blockdev::check_new_node_name;
 use super::dirty::DirtyMap;
 use super::drain::Drained;
@@ -261,7 +261,7 @@ fn install(
         let edge = n.parents.attach(me.clone(), n.quiesce_counter() > 0);
         commit.edges().push((n.clone(), edge));
     }
-    move_backends(top, &filter);
+    move_users(top, &filter);
     Ok(commit)
 }
 
@@ -434,7 +434,7 @@ impl JobDriver for Commit {
     fn finalize(&self) {
         let filter = self.take_filter();
         if let Some(f) = &filter {
-            move_backends(f, &self.base);
+            move_users(f, &self.base);
         }
         self.stop.store(true, Ordering::SeqCst);
         self.detach();
@@ -459,7 +459,7 @@ impl JobDriver for Commit {
         self.stop.store(true, Ordering::SeqCst);
         let filter = self.take_filter();
         if let Some(f) = &filter {
-            move_backends(f, &self.top);
+            move_users(f, &self.top);
         }
         if self.base_was_read_only {
             if let Err(e) = self.base.reopen(true) {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::backend::move_backends;
+use super::backend::move_users;
 use super::blockdev::check_new_node_name;
 use super::drain::Drained;
 use super::node::{ChildRole, Node};
@@ -177,20 +177,6 @@ fn below_filters(a: Action) -> Action {
         },
         Action::Abort => Action::Abort,
     }
-}
-
-/// The filter nodes whose `file` is `node`: a snapshot of `node` moves
-/// them to the overlay, as it moves BlockBackends.
-fn filter_parents(node: &Arc<Node>) -> Vec<Arc<Node>> {
-    node.graph()
-        .all_nodes()
-        .into_iter()
-        .filter(|p| {
-            p.is_filter()
-                && p.child(ChildRole::File)
-                    .is_some_and(|c| Arc::ptr_eq(&c, node))
-        })
-        .collect()
 }
 
 fn remove_files(files: &[PathBuf]) {
@@ -439,13 +425,7 @@ fn commit(p: Prepared) {
         log::warn!("snapshot: {e}; it stays writable");
     }
     p.overlay.backing_unflushed();
-    let mut moved = move_backends(&p.node, &p.overlay);
-    for f in filter_parents(&p.node) {
-        match f.set_file(p.overlay.clone()) {
-            Ok(()) => moved += 1,
-            Err(e) => log::error!("snapshot: moving filter '{}': {e}", f.name()),
-        }
-    }
+    let moved = move_users(&p.node, &p.overlay);
     // With no BlockBackend on it, nothing would hold the new overlay: the
     // monitor does, as QEMU's user would expect to find it.
     if moved == 0 && !p.added {

@@ -47,10 +47,15 @@ impl FakeSystemd {
         // SAFETY: the iovec points at `buf`, alive for the call.
         let (n, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }.ok()?;
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        // SAFETY: descriptors the kernel just gave us.
+        // SAFETY: descriptors the kernel just gave us, made close-on-exec
+        // (recvmsg did not): a daemon another test spawns meanwhile must
+        // not inherit, say, a connection this test expects to close.
         let got: Vec<OwnedFd> = fds[..nfds]
             .iter()
-            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .map(|&fd| unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                OwnedFd::from_raw_fd(fd)
+            })
             .collect();
         let field = |key: &str| {
             text.lines()
