@@ -108,6 +108,14 @@ fn same_file(a: RawFd, b: RawFd) -> bool {
     unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) == 0 }
 }
 
+/// Whether `export` fits in a descriptor name: systemd takes at most 255
+/// printable characters without ':' (`LISTEN_FDNAMES` separates names
+/// with it). QEMU's ids fit.
+fn storable(export: &str) -> bool {
+    let fits = |c: char| c.is_ascii_alphanumeric() || "-_.+@".contains(c);
+    !export.is_empty() && export.len() <= 200 && export.chars().all(fits)
+}
+
 fn name(export: &str, k: usize) -> String {
     format!("{PREFIX}{export}.{k}")
 }
@@ -116,6 +124,11 @@ fn name(export: &str, k: usize) -> String {
 /// state last, so that a state in the store means everything it names is.
 pub(crate) fn store(n: &Notifier, state: &SessionState, fds: &FdTable) -> Result<(), Error> {
     let export = &state.export;
+    if !storable(export) {
+        return Err(Error::invalid(format!(
+            "export id '{export}' cannot name a descriptor in systemd's fd store"
+        )));
+    }
     let err = |what: &str, e: io::Error| {
         Error::io(format!("{what}: {e}")).context(format!("export {export}"))
     };
@@ -374,6 +387,13 @@ mod tests {
         // Not sealed: anyone holding it could have changed it.
         let e = read("e0", vec![(0, eventfd())]).err().unwrap();
         assert!(e.to_string().contains("sealed"), "{e}");
+    }
+
+    #[test]
+    fn only_ids_systemd_takes_as_names_are_stored() {
+        assert!(storable("vda") && storable("disk-1.part_2"));
+        assert!(!storable("a:b"), "':' separates LISTEN_FDNAMES");
+        assert!(!storable("a b") && !storable("") && !storable(&"x".repeat(201)));
     }
 
     #[test]
