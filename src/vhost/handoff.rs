@@ -84,6 +84,19 @@ pub(crate) struct InflightState {
     pub fd: usize,
 }
 
+impl InflightState {
+    /// The region's layout; `fd` is filled in when it is handed over.
+    pub(crate) fn new(mmap_size: u64, mmap_offset: u64, num_queues: u16, queue_size: u16) -> Self {
+        InflightState {
+            mmap_size,
+            mmap_offset,
+            num_queues,
+            queue_size,
+            fd: 0,
+        }
+    }
+}
+
 /// The descriptors a state refers to, each open file description once.
 #[derive(Default)]
 pub(crate) struct FdTable(Vec<RawFd>);

@@ -524,13 +524,7 @@ impl<'a, D: Device> Session<'a, D> {
                 self.inflight = Some(Arc::new(map));
                 let size = inflight::region_size(num_queues, queue_size);
                 self.inflight_fd = fd.try_clone().ok().map(|copy| {
-                    let layout = InflightState {
-                        mmap_size: size,
-                        mmap_offset: 0,
-                        num_queues,
-                        queue_size,
-                        fd: 0,
-                    };
+                    let layout = InflightState::new(size, 0, num_queues, queue_size);
                     (copy, layout)
                 });
                 let reply = VhostUserInflight::new(size, 0, num_queues, queue_size);
@@ -550,13 +544,7 @@ impl<'a, D: Device> Session<'a, D> {
                     self.device.id()
                 );
                 self.inflight = Some(Arc::new(map));
-                let layout = InflightState {
-                    mmap_size,
-                    mmap_offset,
-                    num_queues,
-                    queue_size,
-                    fd: 0,
-                };
+                let layout = InflightState::new(mmap_size, mmap_offset, num_queues, queue_size);
                 self.inflight_fd = Some((fd, layout));
                 Ok(Reply::Ack)
             }
