@@ -101,7 +101,7 @@ impl ImageLock {
         let start = Instant::now();
         loop {
             match self.try_apply(file, path) {
-                Err(OpenError::Locked { .. }) if start.elapsed() + POLL <= self.wait => {
+                Err(OpenError::Locked { .. }) if start.elapsed() < self.wait => {
                     if start.elapsed() < POLL {
                         log::info!(
                             "{}: image is locked by another process; waiting up to {:?} for it to let go",
@@ -109,7 +109,9 @@ impl ImageLock {
                             self.wait
                         );
                     }
-                    std::thread::sleep(POLL);
+                    // The last sleep ends at the bound, and one more try
+                    // follows: the whole wait is given, not a poll less.
+                    std::thread::sleep(POLL.min(self.wait.saturating_sub(start.elapsed())));
                 }
                 r => {
                     if r.is_ok() && start.elapsed() >= POLL {
