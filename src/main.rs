@@ -24,7 +24,7 @@ use ringblk::formats::CacheMode;
 use ringblk::graph::{open_image, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions};
 use ringblk::os::activation::PassedFds;
 use ringblk::os::journal;
-use ringblk::vhost::handoff::{self, HandedOver};
+use ringblk::vhost::handoff::HandedOver;
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
 // (its own, its file child node's, the file driver's), and with dozens of
@@ -90,9 +90,7 @@ fn serve_qsd(args: &[String]) -> Result<(), Error> {
     let parsed = QsdArgs::parse(args)?;
     let mut daemon = StorageDaemon::default();
     let mut passed = PassedFds::from_env();
-    // Sessions an upgrade handed over first: their sockets are bound to
-    // export paths too, and must not pass for listening sockets.
-    let sessions = HandedOver::from_passed(passed.take_prefixed(handoff::PREFIX));
+    let sessions = HandedOver::take_from(&mut passed);
     daemon.state().exports().set_handed_over(sessions);
     let setup = match qsd::build(&mut daemon, &parsed, &mut passed) {
         Ok(s) => s,
@@ -347,8 +345,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     // A socket systemd passed (socket activation) bound to --socket is
     // served as it is; otherwise ringblk creates the socket.
     let mut passed = PassedFds::from_env();
-    // A session an upgrade handed over (see serve_qsd) comes out first.
-    let handed_over = HandedOver::from_passed(passed.take_prefixed(handoff::PREFIX));
+    let handed_over = HandedOver::take_from(&mut passed);
     let listener = match passed.take_bound_to(&args.socket) {
         Some(fd) => ExportListener::Fd(fd),
         None => ExportListener::Path(args.socket.clone()),

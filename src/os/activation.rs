@@ -55,7 +55,6 @@ impl PassedFds {
         Some(self.fds.remove(i).0)
     }
 
-    /// Take the passed fd called `name` (`FileDescriptorName=`), if any.
     /// Every passed descriptor whose name starts with `prefix`, with its
     /// name; the caller owns them from now on.
     pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(RawFd, String)> {
@@ -66,6 +65,7 @@ impl PassedFds {
         taken
     }
 
+    /// Take the passed fd called `name` (`FileDescriptorName=`), if any.
     pub fn take_named(&mut self, name: &str) -> Option<RawFd> {
         let i = self.fds.iter().position(|(_, n)| n == name)?;
         Some(self.fds.remove(i).0)

@@ -28,12 +28,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::os::activation::PassedFds;
 use crate::os::notify::Notifier;
 
 /// The state format this binary writes and reads.
 pub(crate) const VERSION: u32 = 1;
 /// What the names of handed-over descriptors start with.
-pub const PREFIX: &str = "ringblk-session.";
+const PREFIX: &str = "ringblk-session.";
 /// More than any real session's state (509 regions, a few hundred rings).
 const MAX_STATE: u64 = 1 << 20;
 /// Descriptors one session may hand over: the socket, the backend channel,
@@ -210,9 +211,16 @@ impl Restored {
 pub struct HandedOver(HashMap<String, Vec<(usize, OwnedFd)>>);
 
 impl HandedOver {
+    /// Take the descriptors systemd passed under our names out of `passed`
+    /// (before anything looks for listening sockets there: a handed-over
+    /// connection's socket is bound to an export's path too).
+    pub fn take_from(passed: &mut PassedFds) -> HandedOver {
+        HandedOver::from_passed(passed.take_prefixed(PREFIX))
+    }
+
     /// Sort the passed descriptors named like ours by export. `passed`
     /// yields (fd, name) pairs this process owns from now on.
-    pub fn from_passed(passed: Vec<(RawFd, String)>) -> HandedOver {
+    fn from_passed(passed: Vec<(RawFd, String)>) -> HandedOver {
         let mut by_export: HashMap<String, Vec<(usize, OwnedFd)>> = HashMap::new();
         for (raw, n) in passed {
             // SAFETY: the caller hands each passed descriptor over once.

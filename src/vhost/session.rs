@@ -732,11 +732,11 @@ impl<'a, D: Device> Session<'a, D> {
         mut r: Restored,
     ) -> Result<Self, Error> {
         let mut s = Session::new(device, stream)?;
-        let state = std::mem::take(&mut r.state.vrings);
-        if state.len() != s.vrings.len() {
+        let rings = std::mem::take(&mut r.state.vrings);
+        if rings.len() != s.vrings.len() {
             return Err(Error::invalid(format!(
                 "{} rings handed over, the export has {}",
-                state.len(),
+                rings.len(),
                 s.vrings.len()
             )));
         }
@@ -783,7 +783,7 @@ impl<'a, D: Device> Session<'a, D> {
             s.backend_fd = fd.try_clone().ok();
             device.set_backend_channel(Some(UnixStream::from(fd)));
         }
-        for (i, v) in state.into_iter().enumerate() {
+        for (i, v) in rings.into_iter().enumerate() {
             let ring = &mut s.vrings[i];
             (ring.size, ring.base, ring.addr, ring.enabled) = (v.size, v.base, v.addr, v.enabled);
             if let Some(k) = v.kick {
