@@ -40,6 +40,14 @@ pub trait BlockIo: AsAny + Send + Sync {
     fn write_metadata<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
         self.write(offset, buf)
     }
+    /// A format driver's metadata stored at once, where a store is as good
+    /// as a completed write (a file in memory, through a shared mapping),
+    /// so the caller needs neither a buffer of its own nor a future. None:
+    /// not here, use `write_metadata`.
+    fn store_metadata(&self, offset: u64, bytes: &[u8]) -> Option<io::Result<()>> {
+        let _ = (offset, bytes);
+        None
+    }
     /// Size (and alignment) of the smallest write this node takes as it is,
     /// without a read-modify-write: the unit a format driver writes its
     /// tables back in.

@@ -199,17 +199,31 @@ impl FileDriver {
         Ok(())
     }
 
+    /// Whether metadata at `[offset, offset + len)` goes through the
+    /// shared mapping: a writable file in memory, inside the file as we
+    /// know it (a write that grows the file is a write).
+    fn maps_tables(&self, offset: u64, len: usize) -> bool {
+        self.in_memory
+            && !self.is_ro()
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.size())
+    }
+
     /// Metadata inside the file, stored through the shared mapping of the
-    /// current fd (a reopen replaces the file, and with it the mapping).
-    fn store_tables(&self, offset: u64, buf: &IoVec) -> io::Result<bool> {
+    /// current fd (a reopen replaces the file, and with it the mapping):
+    /// Ok(false) where the mapping cannot take it.
+    fn store_tables(
+        &self,
+        store: impl FnOnce(&mut TableMap) -> io::Result<bool>,
+    ) -> io::Result<bool> {
         let fd = self.fd();
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         let map = match &mut *tables {
             Some(m) if m.fd() == fd => m,
             slot => slot.insert(TableMap::new(fd)),
         };
-        map.write(offset, buf)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+        store(map).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
     }
 
     fn locked_file(&self) -> MutexGuard<'_, File> {
@@ -529,17 +543,24 @@ impl BlockIo for FileDriver {
         if !self.in_memory {
             return Box::pin(self.do_write(offset, buf, self.submit()));
         }
-        let inside = offset
-            .checked_add(buf.len() as u64)
-            .is_some_and(|end| end <= self.size());
-        if inside && !self.is_ro() {
-            match self.store_tables(offset, buf) {
+        if self.maps_tables(offset, buf.len()) {
+            match self.store_tables(|m| m.write(offset, buf)) {
                 Ok(true) => return Box::pin(std::future::ready(Ok(()))),
                 Ok(false) => {}
                 Err(e) => return failed(e),
             }
         }
         Box::pin(self.do_write(offset, buf, ops::Submit::Inline))
+    }
+    fn store_metadata(&self, offset: u64, bytes: &[u8]) -> Option<io::Result<()>> {
+        if !self.maps_tables(offset, bytes.len()) {
+            return None;
+        }
+        match self.store_tables(|m| m.store(offset, bytes)) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
     fn flush(&self) -> IoFuture<'_> {
         // Read-only too: a snapshot leaves writes of the image's writable

@@ -62,10 +62,46 @@ impl TableMap {
     /// up, or cannot grow); Err: the store was lost because the file
     /// shrank under us.
     pub(crate) fn write(&mut self, offset: u64, buf: &IoVec) -> io::Result<bool> {
+        if !self.reach(offset, buf.len())? {
+            return Ok(false);
+        }
+        let mut at = offset as usize;
+        for v in buf.iovecs() {
+            // SAFETY: `[at, at + v.iov_len)` lies inside the mapping
+            // (`reach`), which stays mapped while `self` is borrowed; the
+            // source is memory `buf` keeps alive. Raw copies, no
+            // references: other processes may touch the file.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, self.ptr.add(at), v.iov_len)
+            };
+            at += v.iov_len;
+        }
+        self.stored(offset)
+    }
+
+    /// As [`TableMap::write`], from a plain slice.
+    pub(crate) fn store(&mut self, offset: u64, bytes: &[u8]) -> io::Result<bool> {
+        if !self.reach(offset, bytes.len())? {
+            return Ok(false);
+        }
+        // SAFETY: as in `write`: inside the mapping, raw copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.add(offset as usize),
+                bytes.len(),
+            )
+        };
+        self.stored(offset)
+    }
+
+    /// Whether `[offset, offset + len)` lies inside the mapping, mapping
+    /// more if need be.
+    fn reach(&mut self, offset: u64, len: usize) -> io::Result<bool> {
         if self.poisoned {
             return Ok(false);
         }
-        let Some(end) = offset.checked_add(buf.len() as u64) else {
+        let Some(end) = offset.checked_add(len as u64) else {
             return Ok(false);
         };
         if end > self.len as u64 {
@@ -75,17 +111,11 @@ impl TableMap {
                 return Ok(false);
             }
         }
-        let mut at = offset as usize;
-        for v in buf.iovecs() {
-            // SAFETY: `[at, at + v.iov_len)` lies inside the mapping (`end`
-            // was checked against `len`), which stays mapped while `self`
-            // is borrowed; the source is memory `buf` keeps alive. Raw
-            // copies, no references: other processes may touch the file.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, self.ptr.add(at), v.iov_len)
-            };
-            at += v.iov_len;
-        }
+        Ok(true)
+    }
+
+    /// After a store at `offset`: whether it was lost to a truncation.
+    fn stored(&mut self, offset: u64) -> io::Result<bool> {
         if sigbus::any_poisoned() && self.registration.as_ref().is_some_and(|r| r.poisoned()) {
             self.poisoned = true;
             self.unmap();

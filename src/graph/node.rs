@@ -438,6 +438,10 @@ impl BlockIo for Node {
     fn write_metadata<'a>(&'a self, offset: u64, buf: &'a IoVec) -> IoFuture<'a> {
         Box::pin(self.track(|d| d.write_metadata(offset, buf)))
     }
+    fn store_metadata(&self, offset: u64, bytes: &[u8]) -> Option<io::Result<()>> {
+        let _guard = self.in_flight.guard();
+        self.driver.store_metadata(offset, bytes)
+    }
     fn flush(&self) -> IoFuture<'_> {
         if self.no_flush.load(Ordering::Relaxed) {
             return Box::pin(std::future::ready(Ok(())));

@@ -2,11 +2,11 @@
 //! decoded to native u64 entries. Dirty tables are written back by the
 //! owner, which knows the ordering rules between caches.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::keyed::U64Map;
 use crate::formats::{ChildRef, IoFuture};
 use crate::uring::{AlignedBuf, IoVec};
 
@@ -43,6 +43,11 @@ impl Encoding {
     }
 
     pub(crate) fn encode(&self, entries: &[u64], raw: &mut [u8]) {
+        self.encode_from(entries.iter().copied(), raw)
+    }
+
+    /// As `encode`, from any source of entries (a cached table's atomics).
+    fn encode_from(&self, entries: impl Iterator<Item = u64>, raw: &mut [u8]) {
         match *self {
             Encoding::Be64 => {
                 for (c, v) in raw.chunks_exact_mut(8).zip(entries) {
@@ -51,7 +56,7 @@ impl Encoding {
             }
             Encoding::Refcounts { order } => {
                 let bits = 1usize << order;
-                for (i, &v) in entries.iter().enumerate() {
+                for (i, v) in entries.enumerate() {
                     set_bits(raw, i, bits, v);
                 }
             }
@@ -208,12 +213,16 @@ impl Table {
     }
 
     fn values_in(&self, range: std::ops::Range<usize>) -> Vec<u64> {
+        self.iter_in(range).collect()
+    }
+
+    /// Entries `range` as they are now (the owner's lock keeps them still).
+    fn iter_in(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = u64> + '_ {
         self.entries
             .get(range)
             .unwrap_or_default()
             .iter()
             .map(|e| e.load(Ordering::Relaxed))
-            .collect()
     }
 }
 
@@ -277,12 +286,14 @@ pub(crate) struct TableCache {
     /// much, not a whole (up to 2 MiB) cluster.
     chunk: usize,
     slots: Vec<Slot>,
-    index: HashMap<u64, usize>,
+    index: U64Map<usize>,
     hand: usize,
     /// Offsets of tables that became dirty (a superset: some may have been
     /// written or evicted since), so a write-back does not scan every slot
     /// of a cache of thousands.
     dirty_list: Vec<u64>,
+    /// `store_dirty`'s encoding buffer, kept between write-backs.
+    scratch: Vec<u8>,
 }
 
 impl TableCache {
@@ -298,9 +309,10 @@ impl TableCache {
             capacity: capacity.max(2),
             chunk: chunk.max(8),
             slots: Vec::new(),
-            index: HashMap::new(),
+            index: U64Map::default(),
             hand: 0,
             dirty_list: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -405,12 +417,16 @@ impl TableCache {
 
     /// Offsets of dirty tables, in file order.
     pub(crate) fn dirty(&mut self) -> Vec<u64> {
+        self.tidy_dirty_list();
+        self.dirty_list.clone()
+    }
+
+    fn tidy_dirty_list(&mut self) {
         let (index, slots) = (&self.index, &self.slots);
         self.dirty_list
             .retain(|o| index.get(o).is_some_and(|&i| slots[i].dirty));
         self.dirty_list.sort_unstable();
         self.dirty_list.dedup();
-        self.dirty_list.clone()
     }
 
     /// Write one table back and mark it clean.
@@ -472,6 +488,62 @@ impl TableCache {
         out
     }
 
+    /// Store the changed chunks of every dirty table into the file at
+    /// once, where it takes stores (`BlockIo::store_metadata`, a file in
+    /// memory): no buffer, no future, no write-back in flight. Ok(false):
+    /// some could not be stored, and stay dirty for `snapshot`. No
+    /// write-back of these tables may be in flight.
+    pub(crate) fn store_dirty(&mut self, file: &ChildRef) -> io::Result<bool> {
+        let chunk = self.chunk_len();
+        let enc = self.encoding;
+        let mut all = true;
+        let mut raw = std::mem::take(&mut self.scratch);
+        self.tidy_dirty_list();
+        let mut dirty = std::mem::take(&mut self.dirty_list);
+        for &off in &dirty {
+            let Some(&i) = self.index.get(&off) else {
+                continue;
+            };
+            let slot = &mut self.slots[i];
+            let mut c = 0;
+            while c < slot.dirty_chunks.len() {
+                if !slot.dirty_chunks[c] {
+                    c += 1;
+                    continue;
+                }
+                let run = slot.dirty_chunks[c..].iter().take_while(|d| **d).count();
+                raw.clear();
+                raw.resize(run * chunk, 0);
+                let entries = enc.entry_at_byte(c * chunk)..enc.entry_at_byte((c + run) * chunk);
+                enc.encode_from(slot.table.iter_in(entries), &mut raw);
+                match file.store_metadata(off + (c * chunk) as u64, &raw) {
+                    Some(Ok(())) => slot.dirty_chunks[c..c + run].fill(false),
+                    Some(Err(e)) => {
+                        self.scratch = raw;
+                        self.dirty_list = dirty;
+                        return Err(e);
+                    }
+                    None => {
+                        all = false;
+                        break;
+                    }
+                }
+                c += run;
+            }
+            if !all {
+                break;
+            }
+            slot.dirty = false;
+        }
+        self.scratch = raw;
+        if all {
+            dirty.clear();
+        }
+        // Tables stored whole stay listed until the next tidy-up.
+        self.dirty_list = dirty;
+        Ok(all)
+    }
+
     /// A write of `t` failed: its chunks are dirty again (and the table
     /// may be evicted once they are written).
     pub(crate) fn redirty(&mut self, t: &Changed) {
@@ -501,6 +573,85 @@ impl TableCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file that takes stores below `limit` and records them.
+    struct Stores {
+        limit: u64,
+        got: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
+    }
+
+    impl crate::formats::BlockIo for Stores {
+        fn size(&self) -> u64 {
+            1 << 30
+        }
+        fn read<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+            unreachable!("store_dirty never reads")
+        }
+        fn write<'a>(&'a self, _: u64, _: &'a IoVec) -> IoFuture<'a> {
+            unreachable!("store_dirty never writes")
+        }
+        fn store_metadata(&self, offset: u64, bytes: &[u8]) -> Option<io::Result<()>> {
+            if offset >= self.limit {
+                return None;
+            }
+            self.got.lock().unwrap().push((offset, bytes.to_vec()));
+            Some(Ok(()))
+        }
+        fn flush(&self) -> IoFuture<'_> {
+            unreachable!()
+        }
+        fn discard(&self, _: u64, _: u64) -> IoFuture<'_> {
+            unreachable!()
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> IoFuture<'_> {
+            unreachable!()
+        }
+    }
+
+    fn stores(limit: u64) -> (Arc<Stores>, ChildRef) {
+        let s = Arc::new(Stores {
+            limit,
+            got: Default::default(),
+        });
+        (s.clone(), s)
+    }
+
+    #[test]
+    fn stored_at_once_the_changed_chunks_land_encoded_and_the_tables_are_clean() {
+        let (seen, file) = stores(u64::MAX);
+        let mut c = TableCache::new(Encoding::Be64, 16384, 4, 4096);
+        c.insert(16384, (0..2048).collect(), false);
+        c.mark_dirty(16384, 3); // chunk 0
+        c.mark_dirty(16384, 1500); // chunks 2 and 3
+        c.mark_dirty(16384, 1600);
+        assert!(c.store_dirty(&file).unwrap());
+        let got = seen.got.lock().unwrap().clone();
+        let runs: Vec<(u64, usize)> = got.iter().map(|(o, b)| (*o, b.len())).collect();
+        assert_eq!(runs, vec![(16384, 4096), (16384 + 8192, 8192)]);
+        assert_eq!(&got[0].1[24..32], &3u64.to_be_bytes());
+        assert_eq!(&got[1].1[..8], &1024u64.to_be_bytes());
+        assert!(c.dirty().is_empty());
+        assert!(c.snapshot().is_empty(), "nothing left for a write-back");
+    }
+
+    #[test]
+    fn what_the_file_cannot_store_stays_dirty_for_the_write_back() {
+        // Refcount blocks of 16-bit entries; the file takes stores below 32 KiB.
+        let (seen, file) = stores(32768);
+        let mut c = TableCache::new(Encoding::Refcounts { order: 4 }, 4096, 4, 512);
+        c.insert(16384, vec![1; 2048], false);
+        c.insert(32768, vec![2; 2048], false);
+        c.mark_dirty(32768, 5);
+        c.mark_dirty(16384, 300); // bytes 600..602: sector 1
+        assert!(!c.store_dirty(&file).unwrap());
+        let got = seen.got.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, 16384 + 512);
+        assert_eq!(&got[0].1[88..90], &[0, 1], "entry 300 encoded big-endian");
+        assert_eq!(c.dirty(), vec![32768], "the one not stored");
+        let snap = c.snapshot();
+        assert_eq!(runs_of(&snap[0]), vec![(32768, 512)]);
+    }
 
     /// (file offset, length) of each write a snapshot of one table makes.
     fn runs_of(t: &TableWrite) -> Vec<(u64, usize)> {

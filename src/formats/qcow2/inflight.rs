@@ -2,15 +2,16 @@
 //! cluster, others that want to allocate the same cluster wait, then find
 //! it allocated and write in place. Two writers never both allocate it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
+use super::keyed::U64Map;
+
 #[derive(Default)]
 pub(super) struct ClusterLocks {
-    held: Mutex<HashMap<u64, Vec<Waker>>>,
+    held: Mutex<U64Map<Vec<Waker>>>,
 }
 
 impl ClusterLocks {

@@ -294,14 +294,29 @@ impl Meta {
 
     /// Close the open generation and take everything dirty for writing
     /// without the lock, unless generation `need` is persisted by the time
-    /// the write-back in flight is done.
-    pub(crate) async fn begin_write_back(&mut self, need: u64) -> Option<Batch> {
+    /// the write-back in flight is done, or the file took every dirty
+    /// table as stores at once (a file in memory: cheaper than a batch).
+    pub(crate) async fn begin_write_back(
+        &mut self,
+        file: &ChildRef,
+        need: u64,
+    ) -> io::Result<Option<Batch>> {
         self.settle_write_back().await;
         if self.gens.is_persisted(need) {
-            return None;
+            return Ok(None);
         }
         let gen = self.gen;
         self.gen += 1;
+        // Refcounts before L2 tables, here as in a batch: L2 tables are
+        // stored only once every refcount block is.
+        let refcounts_stored = match self.refcounts.as_mut() {
+            Some(r) => r.store_dirty(file)?,
+            None => true,
+        };
+        if refcounts_stored && self.l2.store_dirty(file)? {
+            self.gens.mark_persisted(gen);
+            return Ok(None);
+        }
         let refcounts = self
             .refcounts
             .as_mut()
@@ -309,14 +324,14 @@ impl Meta {
             .unwrap_or_default();
         let l2 = self.l2.snapshot();
         self.wb.begin();
-        Some(Batch {
+        Ok(Some(Batch {
             gen,
             refcounts,
             l2,
             gens: self.gens.clone(),
             wb: self.wb.clone(),
             done: false,
-        })
+        }))
     }
 
     /// Cache the L2 table at `off`.

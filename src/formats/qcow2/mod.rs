@@ -18,6 +18,7 @@ pub mod create;
 mod fastmap;
 pub(crate) mod header;
 mod inflight;
+mod keyed;
 pub(crate) mod mapping;
 mod persist;
 pub(crate) mod refcount;
@@ -396,18 +397,21 @@ impl Qcow2Driver {
         if self.gens.is_persisted(gen) {
             return Ok(());
         }
+        let context = |e: io::Error| err(format!("{}: writing back metadata: {e}", self.name));
         let batch = {
             let mut meta = self.meta.lock().await;
             // The generation open now is at least `gen`: one batch covers it.
-            match meta.begin_write_back(gen).await {
+            match meta
+                .begin_write_back(&self.file, gen)
+                .await
+                .map_err(context)?
+            {
                 Some(b) => b,
-                None => return Ok(()), // written by whoever came before us
+                // Stored at once, or written by whoever came before us.
+                None => return Ok(()),
             }
         };
-        batch
-            .write(&self.file)
-            .await
-            .map_err(|e| err(format!("{}: writing back metadata: {e}", self.name)))
+        batch.write(&self.file).await.map_err(context)
     }
 
     /// Discard (`zeroes == None`) or write zeroes (`Some(may_unmap)`).

@@ -157,6 +157,12 @@ impl Refcounts {
         self.blocks.snapshot()
     }
 
+    /// The dirty blocks stored at once where the file takes stores
+    /// (`TableCache::store_dirty`); the caller has settled as above.
+    pub(crate) fn store_dirty(&mut self, file: &ChildRef) -> io::Result<bool> {
+        self.blocks.store_dirty(file)
+    }
+
     /// Make the block at `off` cached, evicting (and writing back) another.
     async fn cache_block(&mut self, file: &ChildRef, off: u64) -> io::Result<()> {
         if self.blocks.contains(off) {
