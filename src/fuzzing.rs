@@ -156,6 +156,8 @@ pub fn qmp_input(data: &[u8]) {
                 continue;
             }
             let (reply, _quit) = server::respond(mon, &negotiated, &mut sections, &t, 0);
+            let reply: serde_json::Value =
+                serde_json::from_str(&reply).expect("every reply is JSON");
             assert!(reply.get("return").is_some() || reply.get("error").is_some());
         }
     }

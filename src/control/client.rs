@@ -72,7 +72,12 @@ impl Client {
 
     /// Queue one message; never blocks.
     pub(super) fn send(&self, v: &Value) {
-        let mut text = v.to_string().into_bytes();
+        self.send_text(v.to_string());
+    }
+
+    /// Queue one JSON text (a newline is added).
+    pub(super) fn send_text(&self, text: String) {
+        let mut text = text.into_bytes();
         text.push(b'\n');
         {
             let mut o = self.outbox();

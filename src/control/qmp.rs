@@ -132,7 +132,7 @@ pub(crate) fn greeting() -> Value {
     json!({"QMP": {"version": version(), "capabilities": []}})
 }
 
-pub(crate) fn response(result: &CmdResult, id: Option<Value>) -> Value {
+pub(crate) fn response(result: CmdResult, id: Option<Value>) -> Value {
     let mut v = match result {
         Ok(r) => json!({ "return": r }),
         Err(e) => json!({"error": {"class": e.class.name(), "desc": e.desc}}),
@@ -141,6 +141,34 @@ pub(crate) fn response(result: &CmdResult, id: Option<Value>) -> Value {
         m.insert("id".into(), id);
     }
     v
+}
+
+/// What a command returns: a JSON value, or JSON text written straight
+/// from typed data (a reply too large to build as a `Value` first).
+pub(crate) enum Return {
+    Value(Value),
+    Text(String),
+}
+
+/// The text of the reply to a command, as `response` would make it, with
+/// a text return spliced in as it is.
+pub(crate) fn reply_text(result: Result<Return, QmpError>, id: Option<Value>) -> String {
+    match result {
+        Ok(Return::Text(t)) => {
+            let id = id.map(|id| id.to_string());
+            let mut s = String::with_capacity(t.len() + 16 + id.as_ref().map_or(0, |i| i.len()));
+            s.push_str("{\"return\":");
+            s.push_str(&t);
+            if let Some(id) = id {
+                s.push_str(",\"id\":");
+                s.push_str(&id);
+            }
+            s.push('}');
+            s
+        }
+        Ok(Return::Value(v)) => response(Ok(v), id).to_string(),
+        Err(e) => response(Err(e), id).to_string(),
+    }
 }
 
 pub(crate) fn event(name: &str, data: Value) -> Value {
@@ -181,9 +209,24 @@ mod tests {
 
     #[test]
     fn responses_echo_the_id() {
-        let r = response(&Ok(json!({})), Some(json!("a")));
+        let r = response(Ok(json!({})), Some(json!("a")));
         assert_eq!(r, json!({"return": {}, "id": "a"}));
-        let r = response(&Err(QmpError::not_found("no such export")), None);
+        let r = response(Err(QmpError::not_found("no such export")), None);
         assert_eq!(r["error"]["class"], "DeviceNotFound");
+    }
+
+    #[test]
+    fn a_text_return_is_spliced_in_with_the_id() {
+        let parse = |t: String| serde_json::from_str::<Value>(&t).unwrap();
+        let text = Return::Text(r#"[{"device":"e0"}]"#.into());
+        let r = parse(reply_text(Ok(text), Some(json!({"n": [1, "two"]}))));
+        assert_eq!(
+            r,
+            json!({"return": [{"device": "e0"}], "id": {"n": [1, "two"]}})
+        );
+        let r = parse(reply_text(Ok(Return::Text("[]".into())), None));
+        assert_eq!(r, json!({"return": []}));
+        let r = parse(reply_text(Ok(Return::Value(json!(7))), Some(json!(3))));
+        assert_eq!(r, json!({"return": 7, "id": 3}));
     }
 }

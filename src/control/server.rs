@@ -237,7 +237,7 @@ fn refuse(stream: UnixStream, max_clients: usize) {
     let err = QmpError::generic(format!(
         "too many control clients (at most {max_clients}); try again later"
     ));
-    let mut text = qmp::response(&Err(err), None).to_string();
+    let mut text = qmp::response(Err(err), None).to_string();
     text.push('\n');
     if stream.set_nonblocking(true).is_ok() {
         let _ = (&stream).write(text.as_bytes());
@@ -256,14 +256,14 @@ fn serve_client(mon: Arc<Monitor>, client: Arc<Client>, stream: UnixStream) {
             match piece {
                 Piece::Text(t) => handle_text(&mon, &client, &mut sections, &t),
                 Piece::Garbage(g) => client.send(&qmp::response(
-                    &Err(QmpError::generic(format!(
+                    Err(QmpError::generic(format!(
                         "JSON parse error, invalid keyword '{g}'"
                     ))),
                     None,
                 )),
                 Piece::TooLong => {
                     client.send(&qmp::response(
-                        &Err(QmpError::generic("JSON parse error, message too long")),
+                        Err(QmpError::generic("JSON parse error, message too long")),
                         None,
                     ));
                     return false;
@@ -281,7 +281,7 @@ fn serve_client(mon: Arc<Monitor>, client: Arc<Client>, stream: UnixStream) {
 
 fn handle_text(mon: &Arc<Monitor>, client: &Client, sections: &mut Sections, text: &[u8]) {
     let (reply, quit) = respond(mon, &client.negotiated, sections, text, client.id);
-    client.send(&reply);
+    client.send_text(reply);
     if quit {
         mon.request_shutdown();
     }
@@ -296,23 +296,23 @@ pub(crate) fn respond(
     sections: &mut Sections,
     text: &[u8],
     client_id: u64,
-) -> (Value, bool) {
+) -> (String, bool) {
     let value: Value = match serde_json::from_slice(text) {
         Ok(v) => v,
         Err(e) => {
             let err = QmpError::generic(format!("JSON parse error, {e}"));
-            return (qmp::response(&Err(err), None), false);
+            return (qmp::reply_text(Err(err), None), false);
         }
     };
     let req = match qmp::parse_request(value) {
         Ok(r) => r,
-        Err((err, id)) => return (qmp::response(&Err(err), id), false),
+        Err((err, id)) => return (qmp::reply_text(Err(err), id), false),
     };
     let result = if !negotiated.load(Ordering::SeqCst) {
         if req.execute == "qmp_capabilities" {
-            negotiate(Args::new(req.arguments)).inspect(|_| {
-                negotiated.store(true, Ordering::SeqCst);
-            })
+            negotiate(Args::new(req.arguments))
+                .inspect(|_| negotiated.store(true, Ordering::SeqCst))
+                .map(qmp::Return::Value)
         } else {
             Err(QmpError::command_not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
@@ -324,7 +324,7 @@ pub(crate) fn respond(
         commands::execute(mon, sections, &req.execute, Args::new(req.arguments))
     };
     let quit = result.is_ok() && req.execute == "quit";
-    (qmp::response(&result, req.id), quit)
+    (qmp::reply_text(result, req.id), quit)
 }
 
 /// `qmp_capabilities`: we offer no optional capabilities.

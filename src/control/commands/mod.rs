@@ -2,6 +2,7 @@
 //! big control lock, so graph changes never interleave.
 
 mod blockdev;
+mod blockstats;
 mod drain;
 mod export;
 mod job;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::args::Args;
-use super::qmp::{self, CmdResult, QmpError};
+use super::qmp::{self, CmdResult, QmpError, Return};
 use super::server::{Monitor, Sections};
 
 /// Every command after negotiation, for `query-commands` (and the man
@@ -87,7 +88,17 @@ pub(super) fn execute(
     sections: &mut Sections,
     name: &str,
     mut args: Args,
-) -> CmdResult {
+) -> Result<Return, QmpError> {
+    if name == "query-blockstats" {
+        let nodes = args.opt_bool("query-nodes")?.unwrap_or(false);
+        return args
+            .finish()
+            .map(|_| Return::Text(blockstats::blockstats(mon, nodes)));
+    }
+    run(mon, sections, name, args).map(Return::Value)
+}
+
+fn run(mon: &Arc<Monitor>, sections: &mut Sections, name: &str, mut args: Args) -> CmdResult {
     // Commands without arguments refuse any before running.
     let no_args = |args: Args| args.finish();
     match name {
@@ -102,10 +113,6 @@ pub(super) fn execute(
             let flat = args.opt_bool("flat")?.unwrap_or(false);
             args.finish()
                 .map(|_| query::named_block_nodes(mon.state.graph(), flat))
-        }
-        "query-blockstats" => {
-            let nodes = args.opt_bool("query-nodes")?.unwrap_or(false);
-            args.finish().map(|_| query::blockstats(mon, nodes))
         }
         "query-iothreads" => no_args(args).map(|_| query::iothreads(mon)),
         "blockdev-add" => blockdev::add(mon.state.graph(), args),
