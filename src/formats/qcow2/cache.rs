@@ -114,6 +114,18 @@ fn set_bits(raw: &mut [u8], i: usize, bits: usize, v: u64) {
     }
 }
 
+/// The runs of changed chunks of a table, in order: (first chunk, count).
+fn runs(chunks: &[bool]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut c = 0;
+    std::iter::from_fn(move || {
+        c += chunks.get(c..)?.iter().take_while(|d| !**d).count();
+        let run = chunks.get(c..)?.iter().take_while(|d| **d).count();
+        let start = c;
+        c += run;
+        (run > 0).then_some((start, run))
+    })
+}
+
 /// Read `len` bytes at `offset` of `file` into a fresh buffer.
 pub(crate) async fn read_bytes(file: &ChildRef, offset: u64, len: usize) -> io::Result<AlignedBuf> {
     let buf = IoVec::from_buf(AlignedBuf::zeroed(len, 4096));
@@ -459,19 +471,12 @@ impl TableCache {
             let slot = &mut self.slots[i];
             // One write per run of changed chunks, encoding only those.
             let mut writes = Vec::new();
-            let mut c = 0;
-            while c < slot.dirty_chunks.len() {
-                if !slot.dirty_chunks[c] {
-                    c += 1;
-                    continue;
-                }
-                let run = slot.dirty_chunks[c..].iter().take_while(|d| **d).count();
+            for (c, run) in runs(&slot.dirty_chunks) {
                 let mut raw = AlignedBuf::zeroed(run * chunk, 4096);
                 let entries = entry_at(c * chunk)..entry_at((c + run) * chunk);
                 self.encoding
                     .encode(&slot.table.values_in(entries), raw.as_mut_slice());
                 writes.push((off + (c * chunk) as u64, IoVec::from_buf(raw)));
-                c += run;
             }
             slot.dirty = false;
             slot.table.writing.store(true, Ordering::Release);
@@ -505,30 +510,27 @@ impl TableCache {
                 continue;
             };
             let slot = &mut self.slots[i];
-            let mut c = 0;
-            while c < slot.dirty_chunks.len() {
-                if !slot.dirty_chunks[c] {
-                    c += 1;
-                    continue;
-                }
-                let run = slot.dirty_chunks[c..].iter().take_while(|d| **d).count();
+            // Chunks below this are in the file (runs go in order).
+            let mut stored_to = slot.dirty_chunks.len();
+            let mut failed = None;
+            for (c, run) in runs(&slot.dirty_chunks) {
                 raw.clear();
                 raw.resize(run * chunk, 0);
                 let entries = enc.entry_at_byte(c * chunk)..enc.entry_at_byte((c + run) * chunk);
                 enc.encode_from(slot.table.iter_in(entries), &mut raw);
                 match file.store_metadata(off + (c * chunk) as u64, &raw) {
-                    Some(Ok(())) => slot.dirty_chunks[c..c + run].fill(false),
-                    Some(Err(e)) => {
-                        self.scratch = raw;
-                        self.dirty_list = dirty;
-                        return Err(e);
-                    }
-                    None => {
-                        all = false;
-                        break;
-                    }
+                    Some(Ok(())) => continue,
+                    Some(Err(e)) => failed = Some(e),
+                    None => all = false,
                 }
-                c += run;
+                stored_to = c;
+                break;
+            }
+            slot.dirty_chunks[..stored_to].fill(false);
+            if let Some(e) = failed {
+                self.scratch = raw;
+                self.dirty_list = dirty;
+                return Err(e);
             }
             if !all {
                 break;
