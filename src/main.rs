@@ -23,7 +23,7 @@ use ringblk::formats::qcow2::Qcow2Options;
 use ringblk::formats::CacheMode;
 use ringblk::graph::{open_image, BackingPolicy, BlockBackend, Graph, ImageFormat, ImageOptions};
 use ringblk::os::activation::PassedFds;
-use ringblk::os::journal;
+use ringblk::os::{huge_pages, journal};
 use ringblk::vhost::handoff::HandedOver;
 
 // mimalloc instead of glibc's malloc: a qcow2 request boxes three futures
@@ -32,6 +32,8 @@ use ringblk::vhost::handoff::HandedOver;
 // every allocation takes its locked slow path; mimalloc's per-thread free
 // lists do not. Measured with 2 queues at QD32 on a qcow2 with allocated
 // clusters: +9% IOPS on writes, +11% on reads; raw +0-6%, null unchanged.
+// Its per-thread pages come out of huge pages where the kernel allows
+// them, 2 MiB for a thread that touches a few KiB: see os::huge_pages.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -54,6 +56,9 @@ fn main() -> ExitCode {
         });
     }
     logger.init();
+    if let Err(e) = huge_pages::decline() {
+        log::warn!("cannot decline transparent huge pages ({e}): memory per export will be higher");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let qsd_form = args.first().is_some_and(|a| {
         let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
