@@ -3,15 +3,16 @@
 //! from the command line and by QMP `block-export-add`, and removed by
 //! `block-export-del` and at shutdown.
 
+use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
 
 use serde_json::{Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::acceptor::{Acceptor, Token};
 use super::blk::config::{seg_max_for, BlkGeometry, SIZE_MAX};
 use super::blk::export::BlkExport;
 use super::blk::request::{Limits, VIRTIO_BLK_ID_BYTES};
@@ -162,17 +163,21 @@ struct RunningExport {
     stopper: EventFd,
     /// Set before stopping to hand the session over (an upgrade).
     handoff: Arc<OnceLock<Arc<Notifier>>>,
-    server: JoinHandle<()>,
+    /// Its listening socket in the acceptor's set.
+    token: Token,
 }
 
 impl RunningExport {
     /// Stop accepting frontends, let the connected one's in-flight requests
     /// complete, disconnect it, and let go of the node.
-    fn stop(self) -> Result<Arc<BlockBackend>, Error> {
+    fn stop(self, acceptor: &Acceptor) -> Result<Arc<BlockBackend>, Error> {
         let _ = self.stopper.write(1);
-        let joined = self.server.join();
-        let id = &self.export.id;
-        joined.map_err(|_| Error::io(format!("export {id}: its vhost thread panicked")))?;
+        if let Some(session) = acceptor.remove(self.token) {
+            let id = &self.export.id;
+            session
+                .join()
+                .map_err(|_| Error::io(format!("export {id}: its vhost thread panicked")))?;
+        }
         Ok(self.backend)
     }
 }
@@ -184,11 +189,23 @@ pub struct ExportTable {
     /// Sessions the previous daemon handed over, until their exports
     /// start (see handoff.rs).
     handed_over: Mutex<HandedOver>,
+    /// Takes new frontends for every export (started with the first).
+    acceptor: OnceLock<Acceptor>,
 }
 
 impl ExportTable {
     fn lock(&self) -> MutexGuard<'_, Vec<RunningExport>> {
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn acceptor(&self) -> io::Result<&Acceptor> {
+        if let Some(a) = self.acceptor.get() {
+            return Ok(a);
+        }
+        let started = Acceptor::start()?;
+        // Exports are added one at a time (under the graph lock); should
+        // two race, the loser's acceptor just ends.
+        Ok(self.acceptor.get_or_init(|| started))
     }
 
     /// Start serving `cfg`; queue k runs on `iothreads[k mod n]`.
@@ -267,12 +284,15 @@ impl ExportTable {
         let started = server.and_then(|server| {
             let stopper = server.stopper()?;
             let handoff = server.handoff();
-            let thread = std::thread::Builder::new()
-                .name("vhost".into())
-                .spawn(move || server.serve(restored))?;
-            Ok((stopper, handoff, thread))
+            let server = Arc::new(server);
+            let first = restored.map(|r| {
+                let server = server.clone();
+                Box::new(move || server.serve_restored(r)) as Box<dyn FnOnce() + Send>
+            });
+            let token = self.acceptor()?.add(server, first)?;
+            Ok((stopper, handoff, token))
         });
-        let (stopper, handoff, server) = match started {
+        let (stopper, handoff, token) = match started {
             Ok(s) => s,
             Err(e) => {
                 backend.eject();
@@ -284,7 +304,7 @@ impl ExportTable {
             backend: backend.clone(),
             stopper,
             handoff,
-            server,
+            token,
         });
         Ok(backend)
     }
@@ -319,7 +339,10 @@ impl ExportTable {
         };
         // Outside the table's lock: stopping waits for the frontend's
         // requests, and queries must not wait meanwhile.
-        running.stop()
+        match self.acceptor.get() {
+            Some(a) => running.stop(a),
+            None => Ok(running.backend),
+        }
     }
 
     fn handed_over(&self) -> MutexGuard<'_, HandedOver> {
@@ -354,8 +377,11 @@ impl ExportTable {
             let _ = e.stopper.write(1);
         }
         let (mut backends, mut failed) = (Vec::new(), Vec::new());
+        let Some(acceptor) = self.acceptor.get() else {
+            return (all.into_iter().map(|e| e.backend).collect(), Vec::new());
+        };
         for e in all {
-            match e.stop() {
+            match e.stop(acceptor) {
                 Ok(b) => backends.push(b),
                 Err(err) => failed.push(err),
             }

@@ -2,6 +2,7 @@
 //! guest memory, the inflight region, the dirty log) talks to a device
 //! through the [`device::Device`] trait; `blk` is the virtio-blk device.
 
+mod acceptor;
 pub(crate) mod blk;
 pub(crate) mod device;
 pub(crate) mod dirty_log;

@@ -1,5 +1,7 @@
-//! The listening socket: one frontend at a time, the next one accepted when
-//! the previous leaves. The daemon never exits because a client left.
+//! An export's listening socket and what serves a frontend on it: one
+//! frontend at a time, the next one accepted (by the acceptor, see
+//! acceptor.rs) when the previous leaves. The daemon never exits because a
+//! client left.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -9,12 +11,12 @@ use std::sync::{Arc, OnceLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::acceptor::Listening;
 use super::device::Device;
 use super::handoff::Restored;
 use super::session::Session;
-use crate::os::listen::{bind_listener, AcceptBackoff, SocketFile};
+use crate::os::listen::{bind_listener, SocketFile};
 use crate::os::notify::Notifier;
-use crate::os::wait::{wait_for, Wake};
 
 pub(crate) struct VhostServer<D> {
     listener: UnixListener,
@@ -104,7 +106,7 @@ impl<D: Device> VhostServer<D> {
     /// Go on serving the frontend of a session the previous daemon handed
     /// over; if it cannot be rebuilt, its connection closes (the frontend
     /// reconnects as after any restart).
-    fn serve_restored(&self, r: Restored) {
+    pub(crate) fn serve_restored(&self, r: Restored) {
         let id = self.device.id();
         let stream = match r.fd(r.state.socket) {
             Ok(fd) => UnixStream::from(fd),
@@ -126,42 +128,30 @@ impl<D: Device> VhostServer<D> {
         self.device.set_backend_channel(None);
         self.device.set_connected(false);
     }
+}
 
-    /// Accept and serve frontends until stopped, after the session handed
-    /// over by the previous daemon, if any.
-    pub(crate) fn serve(&self, restored: Option<Restored>) {
-        if let Some(r) = restored {
-            self.serve_restored(r);
+impl<D: Device + 'static> Listening for VhostServer<D> {
+    fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().map(|(s, _)| s)
+    }
+
+    fn serve_stream(&self, stream: UnixStream) {
+        let id = self.device.id();
+        log::info!("export {id}: frontend connected");
+        self.device.set_connected(true);
+        match Session::new(&*self.device, &stream) {
+            Ok(mut session) => session.run(self.stop.as_raw_fd(), &self.handoff),
+            Err(e) => log::error!("export {id}: cannot serve the frontend: {e}"),
         }
-        let mut backoff = AcceptBackoff::default();
-        loop {
-            match wait_for(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
-                Ok(Wake::Ready) => {}
-                Ok(Wake::Stop) => return,
-                Err(e) => {
-                    log::error!("{}: poll failed: {e}", self.path.display());
-                    return;
-                }
-            }
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    if !backoff.failed(&self.path, &e, self.stop.as_raw_fd()) {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            backoff.succeeded();
-            let id = self.device.id();
-            log::info!("export {id}: frontend connected");
-            self.device.set_connected(true);
-            match Session::new(&*self.device, &stream) {
-                Ok(mut session) => session.run(self.stop.as_raw_fd(), &self.handoff),
-                Err(e) => log::error!("export {id}: cannot serve the frontend: {e}"),
-            }
-            self.device.set_backend_channel(None);
-            self.device.set_connected(false);
-        }
+        self.device.set_backend_channel(None);
+        self.device.set_connected(false);
     }
 }
