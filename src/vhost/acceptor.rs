@@ -49,6 +49,20 @@ struct Entry {
     retry_at: Option<Instant>,
 }
 
+impl Entry {
+    /// Leave the socket disarmed for a while (the next wait doubles), and
+    /// say why.
+    fn back_off(&mut self, what: &str, e: &io::Error) {
+        self.delay = (self.delay * 2).clamp(FIRST_RETRY, MAX_RETRY);
+        self.retry_at = Some(Instant::now() + self.delay);
+        log::warn!(
+            "{}: {what}: {e}; retrying in {:?}",
+            self.server.path().display(),
+            self.delay
+        );
+    }
+}
+
 struct Inner {
     epoll: OwnedFd,
     /// Ends the acceptor's thread.
@@ -275,16 +289,7 @@ impl Inner {
                 self.rearm(token);
                 return;
             }
-            Err(e) => {
-                entry.delay = (entry.delay * 2).clamp(FIRST_RETRY, MAX_RETRY);
-                entry.retry_at = Some(Instant::now() + entry.delay);
-                log::warn!(
-                    "{}: cannot take a new connection: {e}; retrying in {:?}",
-                    entry.server.path().display(),
-                    entry.delay
-                );
-                return;
-            }
+            Err(e) => return entry.back_off("cannot take a new connection", &e),
         };
         entry.delay = Duration::ZERO;
         // The previous connection's thread has ended (it armed the socket).
@@ -301,16 +306,8 @@ impl Inner {
             });
         match started {
             Ok(t) => entry.session = Some(t),
-            Err(e) => {
-                // The connection closes; the frontend may try again.
-                entry.delay = (entry.delay * 2).clamp(FIRST_RETRY, MAX_RETRY);
-                entry.retry_at = Some(Instant::now() + entry.delay);
-                log::warn!(
-                    "{}: no thread for a new frontend: {e}; retrying in {:?}",
-                    entry.server.path().display(),
-                    entry.delay
-                );
-            }
+            // The connection closes; the frontend may try again.
+            Err(e) => entry.back_off("no thread for a new frontend", &e),
         }
     }
 }
