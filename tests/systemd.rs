@@ -323,10 +323,13 @@ fn socket_activation_serves_the_client_that_started_the_daemon() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("systemd-socket-activate (Debian's systemd package)");
-        poll_until(Duration::from_secs(30), "the activation socket", || {
-            sock.exists()
-        });
-        let mut c = connect(&sock, 1).expect("a client on the passed socket");
+        // The socket file appears at bind(), a moment before
+        // systemd-socket-activate listens: until then a connect is refused.
+        let mut c = poll_for(
+            Duration::from_secs(30),
+            "a client on the passed socket",
+            || connect(&sock, 1).ok(),
+        );
         c.buf()[..4096].fill(0x5a);
         assert_eq!(c.run(0, Req::Write(8192, 0, 4096)), 0);
         c.buf()[..4096].fill(0);
