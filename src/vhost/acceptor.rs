@@ -16,6 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ pub(crate) trait Listening: Send + Sync + 'static {
 }
 
 /// The acceptor's handle for one export.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Token(u64);
 
 /// Waits after a failed accept (out of fds or memory: the connection stays
@@ -75,7 +76,7 @@ const QUIT: u64 = 0;
 
 pub(crate) struct Acceptor {
     inner: Arc<Inner>,
-    next: Mutex<u64>,
+    next: AtomicU64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -116,7 +117,7 @@ impl Acceptor {
             .spawn(move || worker.run())?;
         Ok(Acceptor {
             inner,
-            next: Mutex::new(1),
+            next: AtomicU64::new(1),
             thread: Some(thread),
         })
     }
@@ -129,11 +130,7 @@ impl Acceptor {
         server: Arc<dyn Listening>,
         first: Option<Box<dyn FnOnce() + Send>>,
     ) -> io::Result<Token> {
-        let token = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            *next += 1;
-            *next - 1
-        };
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
         let fd = server.listener_fd();
         set_nonblocking(fd)?;
         let mut entries = self.inner.entries();
